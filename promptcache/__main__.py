@@ -1,0 +1,5 @@
+"""``python -m promptcache serve ...``."""
+
+from promptcache.cli import main
+
+raise SystemExit(main())

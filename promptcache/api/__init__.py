@@ -1,0 +1,1 @@
+"""HTTP adapters: one package per wire protocol, plus the Starlette app and shared SSE helpers."""

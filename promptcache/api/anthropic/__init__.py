@@ -1,0 +1,197 @@
+"""Anthropic Messages routes: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
+
+Each request is checked in the order of spec §1.14 before the service sees it: (1) the credential
+(``service.authenticate``), (2) the protocol headers, then the body: size, schema and (3) marker
+shape (``decode.py``), then the model name. Steps 4-6 (breakpoint count, automatic-caching
+conflicts, TTL order) run inside ``service.generate`` / ``service.count_tokens`` and surface on
+the generator's first step, before anything is sent. Every error is rendered here in Anthropic's
+envelope, so the adapter needs no app-level exception handler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Final, Protocol
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from promptcache.api.anthropic.decode import check_version, credential, decode_messages
+from promptcache.api.anthropic.encode import (
+    StreamEncoder,
+    collect,
+    count_json,
+    message_json,
+    new_message_id,
+    new_request_id,
+)
+from promptcache.api.anthropic.errors import error_response, stream_error_json
+from promptcache.api.streaming import EventStreamResponse, close_iterator, sse_event
+from promptcache.core.request import ChatRequest
+from promptcache.core.response import ChatEvent
+from promptcache.errors import EngineFailure, PromptCacheError, RequestTooLarge
+from promptcache.types import TenantId
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES: Final = 32 * 1024 * 1024
+"""Larger bodies get 413 ``request_too_large`` (spec §3.5)."""
+
+KEEPALIVE_S: Final = 15.0
+"""Seconds of silence after which a stream sends a ``ping`` event."""
+
+_PING: Final = sse_event({"type": "ping"}, event="ping")
+
+
+class MessagesService(Protocol):
+    """What the routes need from ``promptcache.service.Service``."""
+
+    def authenticate(self, credential: str | None) -> TenantId:
+        """The tenant of ``credential``; raises ``AuthenticationFailed``."""
+        ...
+
+    def resolve_model(self, name: str) -> str:
+        """The served model id for ``name``; raises ``NotFound``."""
+        ...
+
+    def generate(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+        """``Started``, output pieces, ``Finished``; validation errors on the first step."""
+        ...
+
+    async def count_tokens(self, request: ChatRequest) -> int:
+        """The prompt's token count ``N``; applies the caching validation, touches no entry."""
+        ...
+
+
+def routes(
+    service: MessagesService,
+    *,
+    keepalive_s: float = KEEPALIVE_S,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> list[BaseRoute]:
+    """The Anthropic Messages routes served by ``service``."""
+    handlers = _Handlers(service, keepalive_s=keepalive_s, max_body_bytes=max_body_bytes)
+    return [
+        Route("/v1/messages", handlers.messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", handlers.count_tokens, methods=["POST"]),
+    ]
+
+
+class _Handlers:
+    def __init__(
+        self, service: MessagesService, *, keepalive_s: float, max_body_bytes: int
+    ) -> None:
+        self.service = service
+        self.keepalive_s = keepalive_s
+        self.max_body_bytes = max_body_bytes
+
+    async def messages(self, request: Request) -> Response:
+        request_id = new_request_id()
+        try:
+            chat = await self._admit(request, count_only=False)
+            events = self.service.generate(chat)
+            if chat.stream:
+                return await self._stream(chat, events, request_id)
+            return await self._complete(chat, events, request_id)
+        except Exception as exc:
+            return _error(exc, request_id)
+
+    async def count_tokens(self, request: Request) -> Response:
+        request_id = new_request_id()
+        try:
+            chat = await self._admit(request, count_only=True)
+            input_tokens = await self.service.count_tokens(chat)
+            return JSONResponse(count_json(input_tokens), headers={"request-id": request_id})
+        except Exception as exc:
+            return _error(exc, request_id)
+
+    async def _admit(self, request: Request, *, count_only: bool) -> ChatRequest:
+        """Validation steps 1-3 of spec §1.14, then the model name."""
+        tenant = self.service.authenticate(credential(request.headers))
+        check_version(request.headers)
+        body = await _read_body(request, self.max_body_bytes)
+        chat = decode_messages(body, tenant=tenant, count_only=count_only)
+        self.service.resolve_model(chat.model)  # 404 for an unknown name; chat keeps the alias
+        return chat
+
+    async def _complete(
+        self, chat: ChatRequest, events: AsyncIterator[ChatEvent], request_id: str
+    ) -> Response:
+        try:
+            collected = [event async for event in events]
+        finally:
+            await close_iterator(events)
+        body = message_json(collect(collected), model=chat.model, message_id=new_message_id())
+        return JSONResponse(body, headers={"request-id": request_id})
+
+    async def _stream(
+        self, chat: ChatRequest, events: AsyncIterator[ChatEvent], request_id: str
+    ) -> Response:
+        # Validation errors arrive on the first step: take it before the status line is sent,
+        # so they are ordinary HTTP errors rather than in-stream error events.
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            await close_iterator(events)
+            raise EngineFailure("generation produced no events") from None
+        except BaseException:
+            await close_iterator(events)
+            raise
+        encoder = StreamEncoder(model=chat.model, message_id=new_message_id())
+        return EventStreamResponse(
+            _sse(first, events, encoder),
+            headers={"request-id": request_id},
+            keepalive=_PING,
+            keepalive_s=self.keepalive_s,
+        )
+
+
+async def _sse(
+    first: ChatEvent, events: AsyncIterator[ChatEvent], encoder: StreamEncoder
+) -> AsyncIterator[bytes]:
+    """The SSE frames of one stream; a failure after the first byte ends it with ``error``."""
+    try:
+        for name, data in encoder.feed(first):
+            yield sse_event(data, event=name)
+        async for event in events:
+            for name, data in encoder.feed(event):
+                yield sse_event(data, event=name)
+        if not encoder.is_finished:
+            raise EngineFailure("generation ended without a stop reason")
+    except Exception as exc:
+        _log_unexpected(exc)
+        yield sse_event(stream_error_json(exc), event="error")
+    finally:
+        await close_iterator(events)  # on disconnect too: closing the generator stops generation
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading them all."""
+    too_large = RequestTooLarge(f"request body exceeds the maximum of {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(exc: Exception, request_id: str) -> Response:
+    _log_unexpected(exc)
+    return error_response(exc, request_id)
+
+
+def _log_unexpected(exc: Exception) -> None:
+    # Client errors are expected; a vanished client is nobody's bug. Anything else is ours.
+    if not isinstance(exc, PromptCacheError | ClientDisconnect):
+        logger.exception("unexpected error in an Anthropic Messages request", exc_info=exc)
+
+
+__all__ = ["KEEPALIVE_S", "MAX_BODY_BYTES", "MessagesService", "routes"]

@@ -1,0 +1,196 @@
+"""Pydantic wire models for Anthropic Messages request bodies (spec §3).
+
+The models check the types of the fields promptcache uses and ignore every other field, so a body
+the hosted API accepts is never rejected for a feature a local model cannot honour (``container``,
+``mcp_servers``, ``service_tier``, ``context_management``, citations, ...). Validation is strict: a
+string is not an integer, so ``"max_tokens": "10"`` is a 400 as it is on the hosted API.
+
+Content blocks are kept as raw dicts at the top level and validated one at a time by
+``decode.py`` with the model its block table names for their ``type``. That keeps error
+paths in the hosted style (``messages.0.content.1.text: Field required``) instead of pydantic's
+union-member labels, and keeps JSON key order for tool definitions and ``tool_use`` input.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
+
+from promptcache.types import Ttl
+
+RawBlock = dict[str, Any]
+
+
+def _one_of(message: str) -> WrapValidator:
+    """Report a failed ``str | list`` union as one error at the field, not one per member."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            raise PydanticCustomError("union_type", message) from exc
+
+    return WrapValidator(validate)
+
+
+Content = Annotated[
+    str | list[RawBlock], _one_of("Input should be a valid string or a list of content blocks")
+]
+SystemContent = Annotated[
+    str | list[RawBlock], _one_of("Input should be a valid string or a list of text blocks")
+]
+
+
+class _Wire(BaseModel):
+    """Strict types for the fields we read; unknown fields are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class CacheControl(BaseModel):
+    """``{"type": "ephemeral", "ttl"?: "5m" | "1h"}`` (spec §3.2). Extra keys are an error."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["ephemeral"]
+    ttl: Ttl = "5m"
+
+
+class Marked(_Wire):
+    """Any block that may carry a marker; also validates blocks we only render as JSON."""
+
+    cache_control: CacheControl | None = None
+
+
+class TextBlock(Marked):
+    type: Literal["text"]
+    text: str
+
+
+class ToolUseBlock(Marked):
+    """``tool_use``, ``server_tool_use`` and ``mcp_tool_use``: a call with JSON input."""
+
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(Marked):
+    tool_use_id: str
+    content: str | list[RawBlock] | None = None
+    is_error: bool | None = None
+
+
+class TextSource(_Wire):
+    type: Literal["text"]
+    data: str
+
+
+class ContentSource(_Wire):
+    type: Literal["content"]
+    content: Content
+
+
+class DocumentBlock(Marked):
+    source: dict[str, Any]
+    title: str | None = None
+    context: str | None = None
+
+
+class SearchResultBlock(Marked):
+    source: str
+    title: str
+    content: list[TextBlock]
+
+
+class ServerToolResultBlock(Marked):
+    """``web_search_tool_result``, ``mcp_tool_result`` and the other ``*_tool_result`` blocks."""
+
+    tool_use_id: str
+    content: Any = None
+
+
+class ThinkingBlock(_Wire):
+    # The hosted API requires ``signature``; a local model cannot check it, so it may be absent.
+    thinking: str
+
+
+class RedactedThinkingBlock(_Wire):
+    data: str
+
+
+class CustomTool(Marked):
+    """A client tool: ``type`` absent or ``"custom"``."""
+
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+class ServerTool(Marked):
+    """A server or builtin tool (``web_search_20250305``, ``mcp_toolset``, ...): kept as JSON."""
+
+    type: str
+    name: str = ""
+
+
+class MessageParam(_Wire):
+    # ``system`` is accepted as a role because some clients send it; decode.py explains the mapping.
+    role: Literal["user", "assistant", "system"]
+    content: Content
+
+
+class CountTokensBody(_Wire):
+    """The body of ``POST /v1/messages/count_tokens``: a Messages body without ``max_tokens``."""
+
+    model: str
+    messages: list[MessageParam] = Field(min_length=1)
+    system: SystemContent | None = None
+    tools: list[RawBlock] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    cache_control: CacheControl | None = None
+
+
+class MessagesBody(CountTokensBody):
+    """The body of ``POST /v1/messages``. ``max_tokens: 0`` asks for cache pre-warming (§3.8)."""
+
+    max_tokens: int = Field(ge=0)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool | None = None
+    metadata: dict[str, Any] | None = None
+
+
+__all__ = [
+    "CacheControl",
+    "ContentSource",
+    "CountTokensBody",
+    "CustomTool",
+    "DocumentBlock",
+    "Marked",
+    "MessageParam",
+    "MessagesBody",
+    "RawBlock",
+    "RedactedThinkingBlock",
+    "SearchResultBlock",
+    "ServerTool",
+    "ServerToolResultBlock",
+    "TextBlock",
+    "TextSource",
+    "ThinkingBlock",
+    "ToolResultBlock",
+    "ToolUseBlock",
+]

@@ -1,0 +1,131 @@
+"""Server-sent events shared by the protocol adapters: wire format, keep-alives, disconnects.
+
+An adapter turns its ``ChatEvent`` stream into an async iterator of encoded SSE bytes and hands it
+to ``EventStreamResponse``, which
+
+- drives that iterator in one task and writes its chunks in another, so a keep-alive can be sent
+  while the model is busy without ever cancelling a pending ``__anext__`` of the service;
+- cancels everything when the client disconnects (it listens for ``http.disconnect`` itself,
+  whatever ASGI version the server speaks), and
+- always closes the iterator, so the adapter's ``finally`` closes the service's generator and the
+  generation stops (Starlette's ``StreamingResponse`` leaves an abandoned iterator to the GC).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+_BUFFERED_CHUNKS = 16
+
+
+def sse_event(data: Mapping[str, Any] | str, *, event: str | None = None) -> bytes:
+    """One SSE frame: ``event: <name>`` (when named), ``data: <json or text>``, a blank line.
+
+    JSON is written compactly on one line; ``json.dumps`` escapes newlines inside strings, so
+    the ``data`` field never needs splitting.
+    """
+    payload = (
+        data
+        if isinstance(data, str)
+        else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    )
+    head = f"event: {event}\n" if event is not None else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+async def close_iterator(iterator: AsyncIterator[Any]) -> None:
+    """``aclose()`` an async generator, shielded so it completes even inside a cancelled scope."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with anyio.CancelScope(shield=True):
+            await aclose()
+
+
+class EventStreamResponse(Response):
+    """A ``text/event-stream`` response over an async iterator of encoded SSE frames.
+
+    ``keepalive`` (an encoded frame, e.g. an Anthropic ``ping``) is sent whenever nothing has
+    been written for ``keepalive_s`` seconds.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        headers: Mapping[str, str] | None = None,
+        keepalive: bytes | None = None,
+        keepalive_s: float = 15.0,
+    ) -> None:
+        self.body_iterator = content
+        self.status_code = 200
+        self.background = None
+        self.keepalive = keepalive
+        self.keepalive_s = keepalive_s
+        self._last_write = 0.0
+        self.init_headers({"cache-control": "no-cache", **(headers or {})})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sender, chunks = anyio.create_memory_object_stream[bytes](_BUFFERED_CHUNKS)
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._pump, sender)
+                tasks.start_soon(self._watch, receive, tasks.cancel_scope)
+                if self.keepalive is not None:
+                    tasks.start_soon(self._tick, sender, self.keepalive)
+                await self._write(send, chunks)
+                tasks.cancel_scope.cancel()
+        finally:
+            await close_iterator(self.body_iterator)
+
+    async def _pump(self, sender: MemoryObjectSendStream[bytes]) -> None:
+        try:
+            async with sender:
+                async for chunk in self.body_iterator:
+                    await sender.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # the writer is gone: the client disconnected
+
+    async def _write(self, send: Send, chunks: MemoryObjectReceiveStream[bytes]) -> None:
+        self._last_write = anyio.current_time()
+        start = {"type": "http.response.start", "status": self.status_code}
+        try:
+            await send({**start, "headers": self.raw_headers})
+            async with chunks:
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    self._last_write = anyio.current_time()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            return  # ASGI 2.4 servers report a vanished client this way
+
+    async def _tick(self, sender: MemoryObjectSendStream[bytes], keepalive: bytes) -> None:
+        while True:
+            await anyio.sleep_until(self._last_write + self.keepalive_s)
+            if anyio.current_time() < self._last_write + self.keepalive_s:
+                continue  # something was written meanwhile
+            try:
+                # Never wait: a full buffer means data is flowing and no keep-alive is needed.
+                sender.send_nowait(keepalive)
+            except anyio.WouldBlock:
+                pass
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+            self._last_write = anyio.current_time()
+
+    @staticmethod
+    async def _watch(receive: Receive, cancel_scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        cancel_scope.cancel()
+
+
+__all__ = ["EventStreamResponse", "close_iterator", "sse_event"]

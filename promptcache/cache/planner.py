@@ -1,0 +1,112 @@
+"""The lookup and write plan of spec §1.6, and the usage it implies (§0, §3.6).
+
+Given the prompt's block offsets and keys and the validated breakpoints, the planner probes the
+store with a 20-block lookback per breakpoint, takes the deepest hit ``A``, and writes every
+remaining breakpoint beyond it::
+
+    blocks:   b0 b1 b2 ... b15 ... b34 b35
+    entry:              ^h15 (written earlier)
+    bp on b34 probes h34, h33, ..., h15  -> hit, A = offset(b15)
+    bp on b35 probes h35, ..., h16       -> no hit
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from promptcache.cache.policy import Breakpoint, ModelCachePolicy
+from promptcache.cache.store import Entry, PrefixStore
+from promptcache.core.response import CacheUsage
+from promptcache.types import BlockHash, Ttl
+
+LOOKBACK_BLOCKS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSpan:
+    """A breakpoint that will be written: its key, offset and TTL class."""
+
+    key: BlockHash
+    offset: int
+    ttl: Ttl
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """What one request reads and writes. ``hit`` is pinned until the service unpins it."""
+
+    hit: Entry | None
+    writes: tuple[CacheSpan, ...]
+    usage: CacheUsage
+
+    @property
+    def read_tokens(self) -> int:
+        return self.usage.read_tokens
+
+
+def eligible_breakpoints(
+    breakpoints: Sequence[Breakpoint], block_ends: Sequence[int], policy: ModelCachePolicy
+) -> list[Breakpoint]:
+    """Breakpoints that may read or write: within the model's min/max, tools allowed (§1.8)."""
+    kept = []
+    for bp in breakpoints:
+        offset = block_ends[bp.block_index]
+        if offset < policy.min_cacheable_tokens or offset <= 0:
+            continue
+        if policy.max_cacheable_tokens is not None and offset > policy.max_cacheable_tokens:
+            continue
+        if bp.is_tool and not policy.tool_cache_points:
+            continue
+        kept.append(bp)
+    return kept
+
+
+def plan(
+    *,
+    keys: Sequence[BlockHash],
+    block_ends: Sequence[int],
+    num_tokens: int,
+    breakpoints: Sequence[Breakpoint],
+    policy: ModelCachePolicy,
+    store: PrefixStore,
+    t0: float,
+    now: float,
+) -> CachePlan:
+    """Probe, refresh and pin (spec §1.6 steps 2-5). Mutates the store: every live entry found
+    is refreshed from ``t0``, and the deepest one is pinned for the caller."""
+    candidates = eligible_breakpoints(breakpoints, block_ends, policy)
+    hits: list[Entry] = []
+    for bp in candidates:
+        for index in range(bp.block_index, max(-1, bp.block_index - LOOKBACK_BLOCKS), -1):
+            entry = store.get(keys[index], now)
+            if entry is not None:
+                hits.append(entry)
+                break
+    for entry in {id(e): e for e in hits}.values():
+        store.touch(entry, t0)
+    hit = max(hits, key=lambda e: e.num_tokens, default=None)
+    if hit is not None:
+        store.pin(hit)
+    else:
+        store.stats.num_misses += 1
+    read = hit.num_tokens if hit is not None else 0
+    writes: dict[BlockHash, CacheSpan] = {}
+    for bp in candidates:
+        offset = block_ends[bp.block_index]
+        if offset > read:
+            ttl: Ttl = bp.ttl if policy.ttl_1h else "5m"
+            writes[keys[bp.block_index]] = CacheSpan(keys[bp.block_index], offset, ttl)
+    spans = tuple(sorted(writes.values(), key=lambda s: s.offset))
+    # B: end of the last 1h write, C: end of the last write (§3.6); 1h writes precede 5m ones.
+    last_1h = max((s.offset for s in spans if s.ttl == "1h"), default=read)
+    last = max((s.offset for s in spans), default=read)
+    usage = CacheUsage(
+        prompt_tokens=num_tokens,
+        read_tokens=read,
+        written_tokens={"1h": last_1h - read, "5m": last - last_1h},
+    )
+    return CachePlan(hit, spans, usage)
+
+
+__all__ = ["LOOKBACK_BLOCKS", "CachePlan", "CacheSpan", "eligible_breakpoints", "plan"]

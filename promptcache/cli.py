@@ -1,0 +1,75 @@
+"""``promptcache`` command line: ``promptcache serve [--model ...] [--port ...] [--config F]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from promptcache import config as config_mod
+
+_HELP = {
+    "host": "address to bind (default 127.0.0.1)",
+    "port": "port to listen on (default 8000)",
+    "model": "local Hugging Face model directory or GGUF file (default: embedded Gemma 3 270M)",
+    "served_model_name": "model id reported to clients (default: gemma-3-270m or the model name)",
+    "aliases": "other model names clients may send, e.g. 'claude-sonnet-5=gemma-3-270m,...'",
+    "api_keys": "credentials and their tenants, 'key=tenant,...' (default: open server)",
+    "admin_keys": "credentials allowed to call admin endpoints, 'key1,key2'",
+    "engine": "engine implementation: hf (default) or fake",
+    "device": "cpu (default) or cuda",
+    "dtype": "float32 (default), bfloat16 or float16",
+    "chat_format": "chat format: gemma, chatml or plain (default: detected)",
+    "max_context_tokens": "context window (default: from the model config)",
+    "model_cache_dir": "where converted models are kept (default ~/.cache/promptcache)",
+    "cache_memory": "KV cache memory budget, e.g. 4GiB (default 4GiB)",
+    "min_cacheable_tokens": "minimum cacheable prefix in tokens (default 1024)",
+    "max_cacheable_tokens": "maximum cacheable prefix in tokens (default: none)",
+    "tool_cache_points": "allow breakpoints on tool definitions (default true)",
+    "ttl_1h": "honour 1h TTLs; when false they act as 5m (default true)",
+    "log_level": "debug, info (default), warning or error",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="promptcache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", type=Path, help="TOML file with any of the options below")
+    for name in config_mod.option_names():
+        serve.add_argument(f"--{name.replace('_', '-')}", dest=name, help=_HELP.get(name))
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from promptcache.api.app import build_app
+    from promptcache.engine.registry import engine_factory
+    from promptcache.service import Service
+
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        cfg = config_mod.load(cli, config_file=args.config)
+        factory = engine_factory(cfg.engine)
+    except (config_mod.ConfigError, ValueError) as exc:
+        print(f"promptcache: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = build_app(Service(factory, cfg))
+    uvicorn.run(app, host=cfg.api.host, port=cfg.api.port, log_level=cfg.log_level)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+__all__ = ["main"]

@@ -1,0 +1,235 @@
+"""Server configuration: frozen value objects built once from CLI flags, ``PROMPTCACHE_*``
+environment variables and a TOML file (in that order of precedence), then passed down.
+
+TOML keys are the flag names with underscores, at the top level or in ``[server]``; the tables
+``[api_keys]`` (key = tenant) and ``[aliases]`` (name = served model) map credentials and names::
+
+    port = 8000
+    model = "/models/my-model"
+    cache_memory = "4GiB"
+    [api_keys]
+    sk-team-a-1 = "team-a"
+    [aliases]
+    claude-sonnet-5 = "gemma-3-270m"
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from promptcache.errors import PromptCacheError
+
+DEFAULT_MODEL_NAME = "gemma-3-270m"
+
+
+class ConfigError(PromptCacheError):
+    """A configuration value is missing or malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Which model runs where. ``model=None`` is the embedded default (Gemma 3 270M)."""
+
+    kind: str = "hf"
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    chat_format: str | None = None
+    max_context_tokens: int | None = None
+    model_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "promptcache")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The prefix store's budget and the served model's caching limits (spec §1.8, §1.13)."""
+
+    capacity_bytes: int = 4 << 30
+    min_cacheable_tokens: int = 1024
+    max_cacheable_tokens: int | None = None
+    tool_cache_points: bool = True
+    ttl_1h: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The HTTP edge: address, model names, credentials."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    api_keys: Mapping[str, str] = field(default_factory=dict)
+    admin_keys: frozenset[str] = frozenset()
+    max_body_bytes: int = 32 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything ``promptcache serve`` needs."""
+
+    api: ApiConfig = field(default_factory=ApiConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log_level: str = "info"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_bytes(value: str | int) -> int:
+    """``"4GiB"`` -> 4294967296; ``"512MB"`` -> 512000000; plain integers are bytes."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if match is None:
+        raise ConfigError(f"not a size: {value!r} (use e.g. 512MiB or 4GiB)")
+    unit = (match.group(2) or "").lower()
+    base = 1024 if "i" in unit else 1000
+    scale = base ** "bkmgt".index(unit[0]) if unit and unit[0] != "b" else 1
+    return int(float(match.group(1)) * scale)
+
+
+def _bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {value!r}")
+
+
+def _pairs(value: str | Mapping[str, str]) -> dict[str, str]:
+    """``"a=x,b=y"`` (or ``a:x``) or a TOML table -> dict."""
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    result: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in value.split(","))):
+        key, sep, val = item.replace(":", "=", 1).partition("=")
+        if not sep:
+            raise ConfigError(f"expected name=value, got {item!r}")
+        result[key.strip()] = val.strip()
+    return result
+
+
+def _keyset(value: str | list[str]) -> frozenset[str]:
+    items = value if isinstance(value, list) else value.split(",")
+    return frozenset(s.strip() for s in items if s.strip())
+
+
+def _opt_int(value: str | int | None) -> int | None:
+    return None if value in (None, "", "none") else int(value)
+
+
+# option name -> (section, field, parser). The option name is the CLI flag, TOML key and
+# environment variable suffix (PROMPTCACHE_<NAME>).
+OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "host": ("api", "host", str),
+    "port": ("api", "port", int),
+    "served_model_name": ("api", "served_model_name", str),
+    "aliases": ("api", "aliases", _pairs),
+    "api_keys": ("api", "api_keys", _pairs),
+    "admin_keys": ("api", "admin_keys", _keyset),
+    "engine": ("engine", "kind", str),
+    "model": ("engine", "model", str),
+    "device": ("engine", "device", str),
+    "dtype": ("engine", "dtype", str),
+    "chat_format": ("engine", "chat_format", str),
+    "max_context_tokens": ("engine", "max_context_tokens", _opt_int),
+    "model_cache_dir": ("engine", "model_cache_dir", Path),
+    "cache_memory": ("cache", "capacity_bytes", parse_bytes),
+    "min_cacheable_tokens": ("cache", "min_cacheable_tokens", int),
+    "max_cacheable_tokens": ("cache", "max_cacheable_tokens", _opt_int),
+    "tool_cache_points": ("cache", "tool_cache_points", _bool),
+    "ttl_1h": ("cache", "ttl_1h", _bool),
+    "log_level": ("", "log_level", str),
+}
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    flat = dict(data.pop("server", {}))
+    flat.update(data)
+    unknown = sorted(set(flat) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown keys in {path}: {', '.join(unknown)}")
+    return flat
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        name: env[f"PROMPTCACHE_{name.upper()}"]
+        for name in OPTIONS
+        if f"PROMPTCACHE_{name.upper()}" in env
+    }
+
+
+def load(
+    cli: Mapping[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ServerConfig:
+    """Merge TOML < environment < CLI into a ``ServerConfig``. ``None`` CLI values are unset."""
+    env = os.environ if env is None else env
+    if config_file is None and env.get("PROMPTCACHE_CONFIG"):
+        config_file = Path(env["PROMPTCACHE_CONFIG"])
+    merged: dict[str, Any] = _from_toml(config_file) if config_file else {}
+    merged.update(_from_env(env))
+    merged.update({k: v for k, v in (cli or {}).items() if v is not None})
+    sections: dict[str, dict[str, Any]] = {"api": {}, "cache": {}, "engine": {}, "": {}}
+    for name, value in merged.items():
+        if name not in OPTIONS:
+            raise ConfigError(f"unknown option: {name}")
+        section, attr, parse = OPTIONS[name]
+        try:
+            sections[section][attr] = parse(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad value for {name}: {value!r} ({exc})") from exc
+    base = ServerConfig()
+    return replace(
+        base,
+        api=replace(base.api, **sections["api"]),
+        cache=replace(base.cache, **sections["cache"]),
+        engine=replace(base.engine, **sections["engine"]),
+        **sections[""],
+    )
+
+
+def option_names() -> list[str]:
+    """Every option, for the CLI."""
+    return list(OPTIONS)
+
+
+def _check_fields() -> None:
+    # Keep the option table honest: every target attribute must exist.
+    targets = {"api": ApiConfig, "cache": CacheConfig, "engine": EngineConfig, "": ServerConfig}
+    for name, (section, attr, _) in OPTIONS.items():
+        if attr not in {f.name for f in fields(targets[section])}:
+            raise AssertionError(f"option {name} targets a missing field {attr}")
+
+
+_check_fields()
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "OPTIONS",
+    "ApiConfig",
+    "CacheConfig",
+    "ConfigError",
+    "EngineConfig",
+    "ServerConfig",
+    "load",
+    "option_names",
+    "parse_bytes",
+]

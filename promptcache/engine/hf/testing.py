@@ -1,0 +1,142 @@
+"""Tiny random-weight engines for tests: real transformers models, built in process, no files.
+
+``build_tiny_engine("llama")`` is full attention only; ``build_tiny_engine("gemma3")`` mixes
+sliding-window and full-attention layers (window 16), the case that makes snapshots subtle.
+Both use ``ByteTokenizer`` and the PLAIN chat format and stop on ``<end_of_turn>`` / ``<eos>``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Sequence
+from typing import Any, Literal
+
+import torch
+
+from promptcache.core.chatformat import PLAIN
+from promptcache.core.tokenizer import ByteTokenizer
+from promptcache.engine.base import Engine, EngineEvent, EngineRequest, Prefilled, Stopped, TokenOut
+from promptcache.engine.hf.engine import HFEngine
+
+TinyKind = Literal["llama", "gemma3"]
+TINY_SLIDING_WINDOW = 16
+TINY_LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention")
+
+
+def build_tiny_model(kind: str, *, seed: int = 0, **config: Any) -> Any:
+    """A tiny ``LlamaForCausalLM`` or ``Gemma3ForCausalLM`` in float32, weights from ``seed``.
+
+    ``config`` overrides config fields (``vocab_size``, special token ids, ...); the defaults fit
+    ``ByteTokenizer``.
+    """
+    byte = ByteTokenizer()
+    # A wide init spreads the logits, so greedy argmax is never a near-tie that float noise
+    # between a cold and a warm run could flip.
+    common: dict[str, Any] = {
+        "vocab_size": byte.vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 4096,
+        "initializer_range": 0.5,
+        "attn_implementation": "sdpa",
+        "pad_token_id": byte.token_id("<pad>"),
+        "eos_token_id": byte.token_id("<eos>"),
+        "bos_token_id": byte.token_id("<bos>"),
+    }
+    common.update(config)
+    # fork_rng: seed the weights without disturbing the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(kind, common)
+
+
+def _build(kind: str, common: dict[str, Any]) -> Any:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**{"num_hidden_layers": 2, **common})).eval()
+    if kind == "gemma3":
+        gemma: dict[str, Any] = {
+            "num_hidden_layers": len(TINY_LAYER_TYPES),
+            "sliding_window": TINY_SLIDING_WINDOW,
+            "layer_types": list(TINY_LAYER_TYPES),
+            # Tied embeddings plus Gemma's sqrt(hidden) input scale make a random model echo its
+            # last input token forever; untied, its greedy output varies.
+            "tie_word_embeddings": False,
+        }
+        return Gemma3ForCausalLM(Gemma3TextConfig(**{**gemma, **common})).eval()
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def build_tiny_engine(
+    kind: str,
+    *,
+    seed: int = 0,
+    max_context_tokens: int = 4096,
+    stop_token_ids: Collection[int] | None = None,
+    device: str = "cpu",
+    prefill_chunk_tokens: int = 64,
+) -> HFEngine:
+    """An ``HFEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``)."""
+    tokenizer = ByteTokenizer()
+    model = build_tiny_model(kind, seed=seed)
+    if stop_token_ids is None:
+        stop_token_ids = (tokenizer.token_id("<end_of_turn>"), tokenizer.token_id("<eos>"))
+    return HFEngine(
+        model,
+        tokenizer,
+        PLAIN,
+        model_id=f"tiny-{kind}",
+        revision=None,
+        max_context_tokens=max_context_tokens,
+        stop_token_ids=stop_token_ids,
+        device=device,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+    )
+
+
+def random_prompt(n: int, seed: int = 1) -> list[int]:
+    """``n`` pseudo-random byte tokens (valid ids for every tiny model)."""
+    rng = random.Random(seed)
+    return [rng.randrange(256) for _ in range(n)]
+
+
+def run_all(engine: Engine, request: EngineRequest) -> list[EngineEvent]:
+    """Every event of one generation."""
+    return list(engine.generate(request))
+
+
+def prefilled(events: Sequence[EngineEvent]) -> Prefilled:
+    """The leading ``Prefilled`` event (asserting it is there)."""
+    first = events[0]
+    if not isinstance(first, Prefilled):
+        raise AssertionError(f"first event is {first!r}, not Prefilled")
+    return first
+
+
+def token_ids(events: Sequence[EngineEvent]) -> list[int]:
+    return [e.token_id for e in events if isinstance(e, TokenOut)]
+
+
+def stop_reason(events: Sequence[EngineEvent]) -> str:
+    """The reason of the final ``Stopped`` event (asserting it is there)."""
+    last = events[-1]
+    if not isinstance(last, Stopped):
+        raise AssertionError(f"last event is {last!r}, not Stopped")
+    return last.reason
+
+
+__all__ = [
+    "TINY_SLIDING_WINDOW",
+    "TinyKind",
+    "build_tiny_engine",
+    "build_tiny_model",
+    "prefilled",
+    "random_prompt",
+    "run_all",
+    "stop_reason",
+    "token_ids",
+]

@@ -1,0 +1,68 @@
+"""Logits to a token id: greedy, or temperature -> top-k -> top-p (nucleus) sampling.
+
+Pure torch functions, independent of any model runtime. A request with a ``seed`` gets its own
+``torch.Generator`` so that two runs of the same request draw the same tokens; without one the
+process-wide RNG is used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from promptcache.core.request import Sampling
+
+
+def make_generator(sampling: Sampling, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded from ``sampling.seed`` on ``device``; ``None`` when unseeded or greedy."""
+    if sampling.is_greedy or sampling.seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(sampling.seed)
+    return generator
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Mask everything below the ``top_k``-th largest logit (ties at the threshold are kept)."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    threshold = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p``.
+
+    The most likely token is always kept, so ``top_p`` close to 0 degenerates to greedy.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Probability mass strictly before each token: a token is dropped once the mass before it
+    # already reaches top_p.
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False  # top_p == 0 would otherwise drop every token
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_token(
+    logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
+) -> int:
+    """Pick the next token from the 1-D ``logits`` of the last position."""
+    if logits.dim() != 1:
+        raise ValueError(f"expected 1-D logits, got shape {tuple(logits.shape)}")
+    if sampling.is_greedy:
+        return int(torch.argmax(logits).item())
+    # Sampling maths in float32: bfloat16 softmax/cumsum over a 262k vocabulary is too coarse.
+    scaled = logits.float() / sampling.temperature
+    if sampling.top_k is not None:
+        scaled = apply_top_k(scaled, sampling.top_k)
+    if sampling.top_p is not None:
+        scaled = apply_top_p(scaled, sampling.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, num_samples=1, generator=generator).item())
+
+
+__all__ = ["apply_top_k", "apply_top_p", "make_generator", "sample_token"]

@@ -1,0 +1,26 @@
+"""Fixtures: tiny random-weight engines, real transformers models built in process (no files)."""
+
+from __future__ import annotations
+
+import pytest
+
+from promptcache.engine.hf.engine import HFEngine
+from promptcache.engine.hf.testing import build_tiny_engine
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def engine(request: pytest.FixtureRequest) -> HFEngine:
+    """Each tiny model in turn: Llama (full attention) and Gemma 3 (sliding + full layers)."""
+    return build_tiny_engine(request.param)
+
+
+@pytest.fixture(scope="module")
+def gemma_engine() -> HFEngine:
+    """Gemma 3 text model: layers sliding(16) / full / sliding(16)."""
+    return build_tiny_engine("gemma3")
+
+
+@pytest.fixture(scope="module")
+def llama_engine() -> HFEngine:
+    """Llama: two full-attention layers."""
+    return build_tiny_engine("llama")

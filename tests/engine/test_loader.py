@@ -1,0 +1,220 @@
+"""load_engine on tiny saved model directories; the GGUF convert-once path; the real default."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from promptcache.core.chatformat import CHATML, GEMMA, PLAIN
+from promptcache.core.request import Sampling
+from promptcache.engine.base import EngineRequest
+from promptcache.engine.hf import loader
+from promptcache.engine.hf.engine import HFEngine
+from promptcache.engine.hf.testing import build_tiny_model, run_all, stop_reason, token_ids
+from promptcache.engine.hf.tokenizer import HFTokenizer
+
+WORDS = ["hello", "world", "the", "cat", "sat", "<", ">", "start_of_turn", "im_start", "|"]
+GEMMA_SPECIALS = ["<start_of_turn>", "<end_of_turn>"]
+CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+
+
+def save_tiny_model(path: Path, kind: str, extra_specials: list[str]) -> Path:
+    """A tiny random model plus a word-level tokenizer built with ``tokenizers``, saved to disk."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", *extra_specials]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        additional_special_tokens=extra_specials,
+    )
+    model = build_tiny_model(
+        kind, vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, bos_token_id=2
+    )
+    model.save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "gemma": save_tiny_model(root / "tiny-gemma", "gemma3", GEMMA_SPECIALS),
+        "chatml": save_tiny_model(root / "tiny-chatml", "llama", CHATML_SPECIALS),
+        "plain": save_tiny_model(root / "tiny-plain", "llama", []),
+    }
+
+
+def load(path: Path, tmp_path: Path, **kwargs: Any) -> HFEngine:
+    return loader.load_engine(str(path), cache_dir=tmp_path / "cache", **kwargs)
+
+
+def ids(engine: HFEngine, *tokens: str) -> set[int]:
+    tok = engine.tokenizer
+    assert isinstance(tok, HFTokenizer)
+    return {tok.token_id(t) for t in tokens}  # type: ignore[misc]
+
+
+def test_detects_gemma(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    engine = load(model_dirs["gemma"], tmp_path)
+    assert engine.chat_format is GEMMA
+    assert engine.stop_token_ids == ids(engine, "<end_of_turn>", "<eos>")
+    assert engine.info.model_id == "tiny-gemma"
+    assert engine.info.max_context_tokens == 4096  # max_position_embeddings
+    assert engine.kv_layout.windows == (16, None, 16)
+
+
+def test_detects_chatml(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    engine = load(model_dirs["chatml"], tmp_path)
+    assert engine.chat_format is CHATML
+    assert engine.stop_token_ids == ids(engine, "<|im_end|>", "<eos>")
+
+
+def test_falls_back_to_plain(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    engine = load(model_dirs["plain"], tmp_path)
+    assert engine.chat_format is PLAIN
+    assert engine.stop_token_ids == ids(engine, "<eos>")
+
+
+def test_overrides(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    engine = load(model_dirs["gemma"], tmp_path, chat_format="chatml", max_context_tokens=100)
+    assert engine.chat_format is CHATML
+    assert engine.info.max_context_tokens == 100
+    # The Gemma vocabulary has no <|im_end|>: only EOS stops.
+    assert engine.stop_token_ids == ids(engine, "<eos>")
+
+
+def test_revision_is_stable_and_tracks_format_and_dtype(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    base = load(model_dirs["gemma"], tmp_path).info
+    assert load(model_dirs["gemma"], tmp_path).info.revision == base.revision
+    assert load(model_dirs["gemma"], tmp_path, chat_format="plain").info.revision != base.revision
+    bf16 = load(model_dirs["gemma"], tmp_path, dtype="bfloat16").info
+    assert bf16.dtype == "bfloat16" and bf16.revision != base.revision
+    assert bf16.kv_bytes_per_token * 2 == base.kv_bytes_per_token
+    assert load(model_dirs["chatml"], tmp_path).info.revision != base.revision
+
+
+def test_hf_tokenizer_keeps_user_text_out_of_special_tokens(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    engine = load(model_dirs["gemma"], tmp_path)
+    tok = engine.tokenizer
+    special = ids(engine, "<start_of_turn>", "<bos>")
+    structural = tok.encode("<bos><start_of_turn>hello world", allow_special=True)
+    assert structural[:2] == [ids(engine, "<bos>").pop(), ids(engine, "<start_of_turn>").pop()]
+    content = tok.encode("<bos><start_of_turn>hello world", allow_special=False)
+    assert not special & set(content)
+    assert tok.encode("", allow_special=False) == []
+    assert tok.decode(structural) == "hello world"  # specials dropped
+
+
+def test_loaded_engine_generates(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    engine = load(model_dirs["gemma"], tmp_path)
+    tokens = engine.tokenizer.encode("<bos><start_of_turn>the cat sat", allow_special=True)
+    events = run_all(engine, EngineRequest(tokens, Sampling(max_tokens=3, temperature=0.0)))
+    assert len(token_ids(events)) <= 3
+    assert stop_reason(events) in ("max_tokens", "end_turn")
+
+
+def test_bad_arguments(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing", tmp_path)
+    with pytest.raises(ValueError, match="dtype"):
+        load(model_dirs["plain"], tmp_path, dtype="int3")
+    with pytest.raises(ValueError, match="chat format"):
+        load(model_dirs["plain"], tmp_path, chat_format="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            load(model_dirs["plain"], tmp_path, device="cuda")
+
+
+# --- GGUF: convert once, atomically (the conversion itself is faked: real GGUFs are slow) --------
+
+
+@pytest.fixture
+def fake_gguf(tmp_path: Path) -> Path:
+    path = tmp_path / "src" / "model.gguf"
+    path.parent.mkdir()
+    path.write_bytes(b"GGUF fake bytes")
+    return path
+
+
+def test_gguf_converts_once(
+    fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+
+    def fake_steps(gguf: Path, sha: str, tmp: Path, target: Path, steps: Any) -> None:
+        calls.append(gguf)
+        tmp.mkdir()
+        (tmp / loader.MARKER).write_text(json.dumps({"gguf_sha256": sha}))
+        loader.os.rename(tmp, target)
+
+    monkeypatch.setattr(loader, "_convert_steps", fake_steps)
+    cache = tmp_path / "cache"
+    first, sha = loader.ensure_converted(fake_gguf, cache)
+    second, sha2 = loader.ensure_converted(fake_gguf, cache)
+    assert first == second and sha == sha2 and len(calls) == 1
+    assert first == cache / "converted" / sha[:16]
+    assert json.loads((cache / "sha256.json").read_text())  # hash remembered
+
+
+def test_interrupted_conversion_leaves_nothing(
+    fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(gguf: Path, sha: str, tmp: Path, target: Path, steps: Any) -> None:
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(b"half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "_convert_steps", crash)
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        loader.ensure_converted(fake_gguf, cache)
+    assert list((cache / "converted").iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("PROMPTCACHE_TEST_REAL_MODEL") != "1",
+    reason="loads the real Gemma 3 270M (minutes); set PROMPTCACHE_TEST_REAL_MODEL=1",
+)
+def test_real_default_model(tmp_path_factory: pytest.TempPathFactory) -> None:
+    cache_dir = Path(
+        os.environ.get("PROMPTCACHE_MODEL_CACHE") or tmp_path_factory.mktemp("modelcache")
+    )
+    engine = loader.load_engine(None, cache_dir=cache_dir)
+    assert engine.chat_format is GEMMA
+    assert engine.info.max_context_tokens == 32768
+    tok = engine.tokenizer
+    assert engine.stop_token_ids == {
+        tok.encode("<end_of_turn>", allow_special=True)[0],
+        tok.encode("<eos>", allow_special=True)[0],
+    }
+    prompt = tok.encode("<bos>", allow_special=True) + tok.encode(
+        "The capital of France is", allow_special=False
+    )
+    events = run_all(
+        engine, EngineRequest(prompt, Sampling(max_tokens=12, temperature=0.0), snapshot_at=(4,))
+    )
+    text = tok.decode(token_ids(events))
+    assert "France" in text or "Paris" in text, text
+    snap = events[0].snapshots[4]  # type: ignore[union-attr]
+    warm = run_all(engine, EngineRequest(prompt, Sampling(max_tokens=12, temperature=0.0), snap, 4))
+    assert token_ids(warm) == token_ids(events)
