@@ -66,6 +66,7 @@ class EngineWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._num_active = 0
 
     def start(self) -> None:
         self._stopping = False
@@ -81,15 +82,17 @@ class EngineWorker:
 
     @property
     def num_jobs(self) -> int:
-        return len(self._jobs)
+        """Jobs submitted and not yet finished (queued or being stepped)."""
+        return self._num_active
 
     def submit(self, generator: Generator[EngineEvent, None, None]) -> Job:
         """Queue ``generator``; raises ``Overloaded`` when ``max_jobs`` are already running."""
         job = Job(generator, asyncio.get_running_loop())
         with self._cond:
-            if len(self._jobs) >= self.max_jobs:
+            if self._num_active >= self.max_jobs:
                 raise Overloaded("Overloaded")
             self._jobs.append(job)
+            self._num_active += 1
             self._cond.notify()
         return job
 
@@ -101,14 +104,18 @@ class EngineWorker:
                 if self._stopping:
                     jobs = list(self._jobs)
                     self._jobs.clear()
+                    self._num_active = 0
                     for job in jobs:
                         job.generator.close()
                         job._push(_END)
                     return
                 job = self._jobs.popleft()
-            if self._step(job):
-                with self._cond:
+            more = self._step(job)
+            with self._cond:
+                if more:
                     self._jobs.append(job)
+                else:
+                    self._num_active -= 1
 
     def _step(self, job: Job) -> bool:
         """Advance ``job`` once; True while it has more to do."""

@@ -14,15 +14,17 @@ to ``EventStreamResponse``, which
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 _BUFFERED_CHUNKS = 16
+_T = TypeVar("_T")
 
 
 def sse_event(data: Mapping[str, Any] | str, *, event: str | None = None) -> bytes:
@@ -46,6 +48,34 @@ async def close_iterator(iterator: AsyncIterator[Any]) -> None:
     if aclose is not None:
         with anyio.CancelScope(shield=True):
             await aclose()
+
+
+async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[_T]]) -> _T:
+    """Run ``work()``; if the client disconnects first, cancel it and raise ``ClientDisconnect``.
+
+    For non-streaming responses: without it, a client that gives up on a long generation keeps
+    the engine busy until the end. Call it only once the request body has been read.
+    """
+    result: list[_T] = []
+    failure: list[Exception] = []
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(_watch_disconnect, receive, tasks.cancel_scope)
+        try:
+            result.append(await work())
+        except Exception as exc:  # re-raised below as itself, not inside an ExceptionGroup
+            failure.append(exc)
+        tasks.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    if not result:
+        raise ClientDisconnect()
+    return result[0]
+
+
+async def _watch_disconnect(receive: Receive, cancel_scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    cancel_scope.cancel()
 
 
 class EventStreamResponse(Response):
@@ -78,7 +108,7 @@ class EventStreamResponse(Response):
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._pump, sender)
-                tasks.start_soon(self._watch, receive, tasks.cancel_scope)
+                tasks.start_soon(_watch_disconnect, receive, tasks.cancel_scope)
                 if self.keepalive is not None:
                     tasks.start_soon(self._tick, sender, self.keepalive)
                 await self._write(send, chunks)
@@ -121,11 +151,5 @@ class EventStreamResponse(Response):
                 return
             self._last_write = anyio.current_time()
 
-    @staticmethod
-    async def _watch(receive: Receive, cancel_scope: anyio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        cancel_scope.cancel()
 
-
-__all__ = ["EventStreamResponse", "close_iterator", "sse_event"]
+__all__ = ["EventStreamResponse", "close_iterator", "sse_event", "until_disconnect"]

@@ -115,7 +115,7 @@ class FakeEngine:
         yield from self._decode(states[-1], len(tokens), request.sampling.max_tokens)
 
     def _decode(self, state: bytes, position: int, max_tokens: int) -> Iterator[EngineEvent]:
-        length = 1 + state[0] % self.reply_tokens
+        length = 1 + int.from_bytes(state[:8], "big") % self.reply_tokens
         for i in range(max_tokens):
             if position >= self._info.max_context_tokens:
                 yield Stopped("model_context_window_exceeded")

@@ -33,7 +33,7 @@ def save_tiny_model(path: Path, kind: str, extra_specials: list[str]) -> Path:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece()
-    hf_tok = PreTrainedTokenizerFast(
+    hf_tok = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=backend,
         pad_token="<pad>",
         eos_token="<eos>",
@@ -164,7 +164,7 @@ def test_gguf_converts_once(
         calls.append(gguf)
         tmp.mkdir()
         (tmp / loader.MARKER).write_text(json.dumps({"gguf_sha256": sha}))
-        loader.os.rename(tmp, target)
+        tmp.rename(target)
 
     monkeypatch.setattr(loader, "_convert_steps", fake_steps)
     cache = tmp_path / "cache"

@@ -95,7 +95,7 @@ def test_top_p_nucleus_property(probs: list[float], top_p: float) -> None:
     logits = logits_of([p / total for p in probs])
     kept = torch.isfinite(apply_top_p(logits, top_p))
     p = torch.softmax(logits, dim=-1)
-    assert kept[int(torch.argmax(logits))]  # the mode always survives
+    assert float(p[kept].max()) == float(p.max())  # a mode always survives (ties: any of them)
     kept_mass = float(p[kept].sum())
     assert kept_mass >= min(top_p, 1.0) - 1e-5 or kept.all()
     # Minimal: dropping the least likely kept token falls below top_p (unless only one is kept).

@@ -28,7 +28,12 @@ from promptcache.api.anthropic.encode import (
     new_request_id,
 )
 from promptcache.api.anthropic.errors import error_response, stream_error_json
-from promptcache.api.streaming import EventStreamResponse, close_iterator, sse_event
+from promptcache.api.streaming import (
+    EventStreamResponse,
+    close_iterator,
+    sse_event,
+    until_disconnect,
+)
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
 from promptcache.errors import EngineFailure, PromptCacheError, RequestTooLarge
@@ -93,8 +98,8 @@ class _Handlers:
             chat = await self._admit(request, count_only=False)
             events = self.service.generate(chat)
             if chat.stream:
-                return await self._stream(chat, events, request_id)
-            return await self._complete(chat, events, request_id)
+                return await self._stream(request, chat, events, request_id)
+            return await self._complete(request, chat, events, request_id)
         except Exception as exc:
             return _error(exc, request_id)
 
@@ -117,22 +122,34 @@ class _Handlers:
         return chat
 
     async def _complete(
-        self, chat: ChatRequest, events: AsyncIterator[ChatEvent], request_id: str
+        self,
+        request: Request,
+        chat: ChatRequest,
+        events: AsyncIterator[ChatEvent],
+        request_id: str,
     ) -> Response:
-        try:
-            collected = [event async for event in events]
-        finally:
-            await close_iterator(events)
+        async def drain() -> list[ChatEvent]:
+            try:
+                return [event async for event in events]
+            finally:
+                await close_iterator(events)
+
+        collected = await until_disconnect(request.receive, drain)
         body = message_json(collect(collected), model=chat.model, message_id=new_message_id())
         return JSONResponse(body, headers={"request-id": request_id})
 
     async def _stream(
-        self, chat: ChatRequest, events: AsyncIterator[ChatEvent], request_id: str
+        self,
+        request: Request,
+        chat: ChatRequest,
+        events: AsyncIterator[ChatEvent],
+        request_id: str,
     ) -> Response:
         # Validation errors arrive on the first step: take it before the status line is sent,
-        # so they are ordinary HTTP errors rather than in-stream error events.
+        # so they are ordinary HTTP errors rather than in-stream error events. The step can be
+        # long (a single-flight wait, the prefill), so a client that leaves meanwhile cancels it.
         try:
-            first = await anext(events)
+            first = await until_disconnect(request.receive, lambda: anext(events))
         except StopAsyncIteration:
             await close_iterator(events)
             raise EngineFailure("generation produced no events") from None

@@ -10,7 +10,7 @@ query offset from the cache length, which a restored cache sets to ``reuse_token
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Generator, Sequence
 from typing import Any
 
 import torch
@@ -139,7 +139,7 @@ class HFEngine:
     def kv_layout(self) -> KVLayout:
         return self._layout
 
-    def generate(self, request: EngineRequest) -> Iterator[EngineEvent]:
+    def generate(self, request: EngineRequest) -> Generator[EngineEvent, None, None]:
         """Prefill (restoring ``request.reuse``), export snapshots, then decode.
 
         A generator function: nothing runs until it is first advanced, and closing it simply

@@ -131,7 +131,9 @@ def export_snapshot(cache: DynamicCache, offset: int, layout: KVLayout) -> HFKVP
         raise ValueError(f"cache has {len(cache.layers)} layers, layout {len(layout.windows)}")
     layers: list[LayerKV] = []
     for layer, window in zip(cache.layers, layout.windows, strict=True):
-        keys, values = layer.keys, layer.values
+        # Plain DynamicLayers: attention layers only (no linear-attention or KV-sharing layers).
+        keys: torch.Tensor | None = getattr(layer, "keys", None)
+        values: torch.Tensor | None = getattr(layer, "values", None)
         if keys is None or values is None or keys.shape[-2] < offset:
             raise ValueError(f"cache holds fewer than {offset} tokens")
         # Sliding layers keep only the tail a later query can attend to (see module docstring).

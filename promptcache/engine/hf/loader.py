@@ -25,11 +25,11 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from promptcache.core.chatformat import CHATML, FORMATS, GEMMA, ChatFormat  # noqa: E402
-from promptcache.engine.hf.engine import KV_FORMAT, HFEngine, resolve_device  # noqa: E402
-from promptcache.engine.hf.tokenizer import HFTokenizer  # noqa: E402
+from promptcache.core.chatformat import CHATML, FORMATS, GEMMA, ChatFormat
+from promptcache.engine.hf.engine import KV_FORMAT, HFEngine, resolve_device
+from promptcache.engine.hf.tokenizer import HFTokenizer
 
 log = logging.getLogger("promptcache.engine")
 
@@ -106,7 +106,7 @@ def load_engine(
 
 
 def detect_chat_format(config: Any, tokenizer: HFTokenizer) -> ChatFormat:
-    """Gemma for ``gemma*`` model types, ChatML if the vocabulary has ``<|im_start|>``, else PLAIN."""
+    """GEMMA for ``gemma*`` model types, CHATML if the vocabulary has ``<|im_start|>``, or PLAIN."""
     if str(getattr(config, "model_type", "")).startswith("gemma"):
         return GEMMA
     if tokenizer.token_id("<|im_start|>") is not None:
@@ -199,9 +199,7 @@ def _convert(gguf: Path, sha: str, target: Path) -> None:
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
     log.info("converting %s once into %s (about a minute on a small CPU)", gguf, target)
-    steps = tqdm(
-        total=3, desc="converting GGUF", file=sys.stderr, disable=not sys.stderr.isatty()
-    )
+    steps = tqdm(total=3, desc="converting GGUF", file=sys.stderr, disable=not sys.stderr.isatty())
     try:
         _convert_steps(gguf, sha, tmp, target, steps)
     finally:
@@ -219,7 +217,7 @@ def _convert_steps(gguf: Path, sha: str, tmp: Path, target: Path, steps: Any) ->
         steps.update()
         log.info("GGUF tokenizer read; dequantizing weights")
         steps.set_postfix_str("weights")
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
         )
         steps.update()
@@ -259,7 +257,9 @@ def _atomic_write(path: Path, text: str) -> None:
 @contextlib.contextmanager
 def _quiet_transformers_bars() -> Iterator[None]:
     """Hide transformers' own progress bars when stderr is not a terminal (logs, services)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging
+
+    hf_logging: Any = logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     if was_enabled and not sys.stderr.isatty():

@@ -57,7 +57,8 @@ def _build(kind: str, common: dict[str, Any]) -> Any:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**{"num_hidden_layers": 2, **common})).eval()
+        model: Any = LlamaForCausalLM(LlamaConfig(**{"num_hidden_layers": 2, **common}))
+        return model.eval()
     if kind == "gemma3":
         gemma: dict[str, Any] = {
             "num_hidden_layers": len(TINY_LAYER_TYPES),
@@ -67,7 +68,8 @@ def _build(kind: str, common: dict[str, Any]) -> Any:
             # last input token forever; untied, its greedy output varies.
             "tie_word_embeddings": False,
         }
-        return Gemma3ForCausalLM(Gemma3TextConfig(**{**gemma, **common})).eval()
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**{**gemma, **common}))
+        return model.eval()
     raise ValueError(f"unknown tiny model kind {kind!r}")
 
 

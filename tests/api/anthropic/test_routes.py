@@ -256,6 +256,54 @@ def test_client_disconnect_closes_the_service_generator() -> None:
     anyio.run(main)
 
 
+def test_vanished_client_closes_the_service_generator() -> None:
+    """ASGI 2.4 servers report a gone client by failing ``send`` with an OSError."""
+
+    async def main() -> None:
+        service = FakeService()
+        service.steps = [Started(PROMPT_USAGE), TextOut("a"), anyio.sleep_forever]
+
+        async def on_send(message: Message) -> None:
+            if b"text_delta" in message.get("body", b""):
+                raise OSError("connection reset")
+
+        await drive(Starlette(routes=routes(service)), body(stream=True), on_send, anyio.Event())
+        assert service.num_closed == 1
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("stream", "hang_after"),
+    [(False, 2), (False, 0), (True, 0)],
+    ids=["json", "json-wait", "sse-wait"],
+)
+def test_disconnect_before_the_response_cancels_the_generation(
+    stream: bool, hang_after: int
+) -> None:
+    """A client that leaves during a long first step (prefill) or a non-streaming generation."""
+
+    async def main() -> None:
+        service = FakeService()
+        disconnect = anyio.Event()
+        sent: list[Message] = []
+
+        async def hang_up() -> None:
+            disconnect.set()
+            await anyio.sleep_forever()
+
+        service.steps = [*[Started(PROMPT_USAGE), TextOut("a")][:hang_after], hang_up]
+
+        async def on_send(message: Message) -> None:
+            sent.append(message)
+
+        await drive(Starlette(routes=routes(service)), body(stream=stream), on_send, disconnect)
+        assert service.num_closed == 1  # the generation did not run on after the client left
+        assert sent[0]["type"] == "http.response.start"  # an answer nobody reads, no crash
+
+    anyio.run(main)
+
+
 def test_keepalive_ping_while_the_model_is_busy() -> None:
     async def main() -> None:
         service = FakeService()

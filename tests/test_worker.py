@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator
+
+import pytest
+
+from promptcache.engine.base import EngineEvent, Prefilled, Stopped, TokenOut
+from promptcache.errors import Overloaded
+from promptcache.worker import EngineWorker
+
+
+def counting(
+    name: str, log: list[str], steps: int, closed: list[str]
+) -> Generator[EngineEvent, None, None]:
+    try:
+        log.append(f"{name}:prefill")
+        yield Prefilled({}, 0)
+        for i in range(steps):
+            log.append(f"{name}:{i}")
+            yield TokenOut(i)
+        yield Stopped("end_turn")
+    finally:
+        closed.append(name)
+
+
+def test_jobs_progress_together_round_robin() -> None:
+    log: list[str] = []
+    closed: list[str] = []
+
+    async def main() -> None:
+        worker = EngineWorker()
+        worker.start()
+        try:
+            a = worker.submit(counting("a", log, 3, closed))
+            b = worker.submit(counting("b", log, 3, closed))
+
+            async def drain(job: object) -> list[EngineEvent]:
+                out = []
+                while (event := await job.next()) is not None:  # type: ignore[attr-defined]
+                    out.append(event)
+                return out
+
+            ra, rb = await asyncio.gather(drain(a), drain(b))
+            assert [type(e) for e in ra] == [Prefilled, TokenOut, TokenOut, TokenOut, Stopped]
+            assert len(rb) == 5
+        finally:
+            worker.stop()
+
+    asyncio.run(main())
+    # Neither job ran to completion before the other started: steps interleave.
+    assert log.index("b:prefill") < log.index("a:2")
+    assert log.index("a:prefill") < log.index("b:2")
+    assert sorted(closed) == ["a", "b"]
+
+
+def test_cancel_closes_the_generator_and_stops_work() -> None:
+    log: list[str] = []
+    closed: list[str] = []
+
+    async def main() -> None:
+        worker = EngineWorker()
+        worker.start()
+        try:
+            job = worker.submit(counting("a", log, 10_000_000, closed))
+            assert isinstance(await job.next(), Prefilled)
+            job.cancel()
+            while await job.next() is not None:
+                pass
+        finally:
+            worker.stop()
+
+    asyncio.run(main())
+    assert closed == ["a"]
+    assert len(log) < 10_000_000
+
+
+def test_engine_errors_reach_only_their_request() -> None:
+    def failing() -> Generator[EngineEvent, None, None]:
+        yield Prefilled({}, 0)
+        raise RuntimeError("boom")
+
+    async def main() -> None:
+        worker = EngineWorker()
+        worker.start()
+        try:
+            bad = worker.submit(failing())
+            good = worker.submit(counting("g", [], 2, []))
+            assert isinstance(await bad.next(), Prefilled)
+            with pytest.raises(RuntimeError, match="boom"):
+                await bad.next()
+            events = []
+            while (e := await good.next()) is not None:
+                events.append(e)
+            assert isinstance(events[-1], Stopped)
+        finally:
+            worker.stop()
+
+    asyncio.run(main())
+
+
+def test_queue_limit_is_overloaded() -> None:
+    async def main() -> None:
+        worker = EngineWorker(max_jobs=1)  # not started: jobs stay queued
+        worker.submit(counting("a", [], 1, []))
+        with pytest.raises(Overloaded):
+            worker.submit(counting("b", [], 1, []))
+
+    asyncio.run(main())
