@@ -51,12 +51,17 @@ class Bench:
         return int(r.json()["input_tokens"])
 
     def prefix(self, tokens: int, seed: int) -> str:
-        """A text of about ``tokens`` tokens; ``seed`` makes it unique (so it is cold)."""
+        """A text of at least ``tokens`` tokens (rendered as the system prompt); ``seed`` makes it
+        unique, so it is cold."""
         words = tokens
-        body = self.body(f"[{seed}] " + text_of(words, seed), "q", cached=False)
-        n = self.count(body)
-        words = max(1, int(words * tokens / max(n, 1)))
-        return f"[{seed}] " + text_of(words, seed)
+        while True:
+            text = f"[{seed}] " + text_of(words, seed)
+            body = self.body(text, "", cached=False)
+            body["messages"] = [{"role": "user", "content": "?"}]
+            n = self.count(body)
+            if n >= tokens + 8:
+                return text
+            words = int(words * (tokens + 16) / max(n, 1)) + 1
 
     @staticmethod
     def body(system: str, question: str, *, cached: bool) -> dict[str, Any]:

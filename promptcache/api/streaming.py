@@ -9,6 +9,8 @@ to ``EventStreamResponse``, which
   whatever ASGI version the server speaks), and
 - always closes the iterator, so the adapter's ``finally`` closes the service's generator and the
   generation stops (Starlette's ``StreamingResponse`` leaves an abandoned iterator to the GC).
+
+``until_disconnect`` gives the same cancellation to work done before any response exists.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ async def close_iterator(iterator: AsyncIterator[Any]) -> None:
 async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[_T]]) -> _T:
     """Run ``work()``; if the client disconnects first, cancel it and raise ``ClientDisconnect``.
 
-    For non-streaming responses: without it, a client that gives up on a long generation keeps
-    the engine busy until the end. Call it only once the request body has been read.
+    For work done before a response starts (a whole non-streaming generation, the first step of
+    a stream): without it, a client that gives up keeps the engine busy until the end. Call it
+    only once the request body has been read. ``work``'s own exceptions propagate unchanged.
     """
     result: list[_T] = []
     failure: list[Exception] = []

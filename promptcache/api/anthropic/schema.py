@@ -3,10 +3,10 @@
 The models check the types of the fields promptcache uses and ignore every other field, so a body
 the hosted API accepts is never rejected for a feature a local model cannot honour (``container``,
 ``mcp_servers``, ``service_tier``, ``context_management``, citations, ...). Validation is strict: a
-string is not an integer, so ``"max_tokens": "10"`` is a 400 as it is on the hosted API.
+string is not an integer, so ``"max_tokens": "10"`` is a 400 rather than silently coerced.
 
 Content blocks are kept as raw dicts at the top level and validated one at a time by
-``decode.py`` with the model its block table names for their ``type``. That keeps error
+``blocks.py`` with the model its block table names for their ``type``. That keeps error
 paths in the hosted style (``messages.0.content.1.text: Field required``) instead of pydantic's
 union-member labels, and keeps JSON key order for tool definitions and ``tool_use`` input.
 """

@@ -20,7 +20,7 @@ from promptcache.core.response import Started, TextOut
 from promptcache.errors import EngineFailure, Overloaded
 from promptcache.types import TenantId
 
-from .conftest import FINAL_USAGE, HEADERS, PROMPT_USAGE, FakeService, body, sse_events
+from .conftest import FINAL_USAGE, HEADERS, PROMPT_USAGE, FakeService, Step, body, sse_events
 
 REQUEST_ID = re.compile(r"req_[A-Za-z0-9]{24,}")
 
@@ -292,7 +292,8 @@ def test_disconnect_before_the_response_cancels_the_generation(
             disconnect.set()
             await anyio.sleep_forever()
 
-        service.steps = [*[Started(PROMPT_USAGE), TextOut("a")][:hang_after], hang_up]
+        before: list[Step] = [Started(PROMPT_USAGE), TextOut("a")]
+        service.steps = [*before[:hang_after], hang_up]
 
         async def on_send(message: Message) -> None:
             sent.append(message)
