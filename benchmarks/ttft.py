@@ -127,7 +127,7 @@ def run(url: str, sizes: list[int], repeats: int) -> None:
         usage_hit: dict[str, Any] = {}
         for r in range(repeats):
             seed += 1
-            question = text_of(question_words, seed)[: SUFFIX_TOKENS * 5]
+            question = text_of(question_words, seed)[: SUFFIX_TOKENS * 5 // 2]
             system = bench.prefix(size, seed)
             t, _ = bench.ttft(bench.body(system, question, cached=True))
             cold_w.append(t)

@@ -10,13 +10,15 @@ to ``EventStreamResponse``, which
 - always closes the iterator, so the adapter's ``finally`` closes the service's generator and the
   generation stops (Starlette's ``StreamingResponse`` leaves an abandoned iterator to the GC).
 
-``until_disconnect`` gives the same cancellation to work done before any response exists.
+``until_disconnect`` gives the same cancellation to work done before any response exists;
+``drain`` and ``first_event`` apply it to a whole non-streaming generation and to the first step of
+a stream, and ``event_frames`` is the loop that turns a stream's events into its frames.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import anyio
@@ -24,6 +26,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from promptcache.errors import EngineFailure
 
 _BUFFERED_CHUNKS = 16
 _T = TypeVar("_T")
@@ -73,6 +77,66 @@ async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[_T]]) 
     if not result:
         raise ClientDisconnect()
     return result[0]
+
+
+async def drain(receive: Receive, events: AsyncIterator[_T]) -> list[_T]:
+    """Every event of a non-streaming generation; a client that leaves cancels it."""
+
+    async def work() -> list[_T]:
+        try:
+            return [event async for event in events]
+        finally:
+            await close_iterator(events)
+
+    return await until_disconnect(receive, work)
+
+
+async def first_event(receive: Receive, events: AsyncIterator[_T]) -> _T:
+    """The first event of a stream, taken before the status line is sent.
+
+    Validation errors arrive on the first step, so they become ordinary HTTP errors rather than
+    in-stream error events. The step can be long (a single-flight wait, the prefill), so a client
+    that leaves meanwhile cancels it. On any failure ``events`` is closed.
+    """
+    try:
+        return await until_disconnect(receive, lambda: anext(events))
+    except StopAsyncIteration:
+        await close_iterator(events)
+        raise EngineFailure("generation produced no events") from None
+    except BaseException:
+        await close_iterator(events)
+        raise
+
+
+async def event_frames(
+    first: _T,
+    events: AsyncIterator[_T],
+    encode: Callable[[_T], Iterable[bytes]],
+    *,
+    is_finished: Callable[[], bool],
+    fail: Callable[[Exception], bytes],
+    trailer: bytes = b"",
+) -> AsyncIterator[bytes]:
+    """The frames of one stream: ``encode`` of ``first`` and every later event, then ``trailer``.
+
+    A failure after the first byte, including events that end before ``is_finished()`` holds,
+    ends the stream with the single frame ``fail(exc)``. ``events`` is always closed, on
+    disconnect too: closing the service's generator stops the generation.
+    """
+    try:
+        for frame in encode(first):
+            yield frame
+        async for event in events:
+            for frame in encode(event):
+                yield frame
+        if not is_finished():
+            raise EngineFailure("generation ended without a stop reason")
+        if trailer:
+            yield trailer
+    except Exception as exc:
+        yield fail(exc)
+    finally:
+        await close_iterator(events)
 
 
 async def _watch_disconnect(receive: Receive, cancel_scope: anyio.CancelScope) -> None:
@@ -155,4 +219,12 @@ class EventStreamResponse(Response):
             self._last_write = anyio.current_time()
 
 
-__all__ = ["EventStreamResponse", "close_iterator", "sse_event", "until_disconnect"]
+__all__ = [
+    "EventStreamResponse",
+    "close_iterator",
+    "drain",
+    "event_frames",
+    "first_event",
+    "sse_event",
+    "until_disconnect",
+]

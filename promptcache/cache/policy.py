@@ -41,6 +41,9 @@ class MarkRules:
 
 
 ANTHROPIC_RULES = MarkRules()
+OPENAI_RULES = MarkRules(auto_mode="implicit")
+"""OpenAI Chat (spec §4.2-§4.3, §4.8): the Anthropic count and order texts, with OpenAI paths in
+the marks; the implicit breakpoint only takes a free slot and never breaks the order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,7 @@ def resolve_breakpoints(
 
 __all__ = [
     "ANTHROPIC_RULES",
+    "OPENAI_RULES",
     "Breakpoint",
     "MarkRules",
     "ModelCachePolicy",

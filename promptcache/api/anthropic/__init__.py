@@ -28,15 +28,17 @@ from promptcache.api.anthropic.encode import (
     new_request_id,
 )
 from promptcache.api.anthropic.errors import error_response, stream_error_json
+from promptcache.api.http import read_body
 from promptcache.api.streaming import (
     EventStreamResponse,
-    close_iterator,
+    drain,
+    event_frames,
+    first_event,
     sse_event,
-    until_disconnect,
 )
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
-from promptcache.errors import EngineFailure, PromptCacheError, RequestTooLarge
+from promptcache.errors import PromptCacheError
 from promptcache.types import TenantId
 
 logger = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ class _Handlers:
         """Validation steps 1-3 of spec §1.14, then the model name."""
         tenant = self.service.authenticate(credential(request.headers))
         check_version(request.headers)
-        body = await _read_body(request, self.max_body_bytes)
+        body = await read_body(request, self.max_body_bytes)
         chat = decode_messages(body, tenant=tenant, count_only=count_only)
         self.service.resolve_model(chat.model)  # 404 for an unknown name; chat keeps the alias
         return chat
@@ -128,13 +130,7 @@ class _Handlers:
         events: AsyncIterator[ChatEvent],
         request_id: str,
     ) -> Response:
-        async def drain() -> list[ChatEvent]:
-            try:
-                return [event async for event in events]
-            finally:
-                await close_iterator(events)
-
-        collected = await until_disconnect(request.receive, drain)
+        collected = await drain(request.receive, events)
         body = message_json(collect(collected), model=chat.model, message_id=new_message_id())
         return JSONResponse(body, headers={"request-id": request_id})
 
@@ -145,17 +141,8 @@ class _Handlers:
         events: AsyncIterator[ChatEvent],
         request_id: str,
     ) -> Response:
-        # Validation errors arrive on the first step: take it before the status line is sent,
-        # so they are ordinary HTTP errors rather than in-stream error events. The step can be
-        # long (a single-flight wait, the prefill), so a client that leaves meanwhile cancels it.
-        try:
-            first = await until_disconnect(request.receive, lambda: anext(events))
-        except StopAsyncIteration:
-            await close_iterator(events)
-            raise EngineFailure("generation produced no events") from None
-        except BaseException:
-            await close_iterator(events)
-            raise
+        # Validation errors arrive on the first step: taken before the status line is sent.
+        first = await first_event(request.receive, events)
         encoder = StreamEncoder(model=chat.model, message_id=new_message_id())
         return EventStreamResponse(
             _sse(first, events, encoder),
@@ -165,39 +152,19 @@ class _Handlers:
         )
 
 
-async def _sse(
+def _sse(
     first: ChatEvent, events: AsyncIterator[ChatEvent], encoder: StreamEncoder
 ) -> AsyncIterator[bytes]:
     """The SSE frames of one stream; a failure after the first byte ends it with ``error``."""
-    try:
-        for name, data in encoder.feed(first):
-            yield sse_event(data, event=name)
-        async for event in events:
-            for name, data in encoder.feed(event):
-                yield sse_event(data, event=name)
-        if not encoder.is_finished:
-            raise EngineFailure("generation ended without a stop reason")
-    except Exception as exc:
+
+    def encode(event: ChatEvent) -> list[bytes]:
+        return [sse_event(data, event=name) for name, data in encoder.feed(event)]
+
+    def fail(exc: Exception) -> bytes:
         _log_unexpected(exc)
-        yield sse_event(stream_error_json(exc), event="error")
-    finally:
-        await close_iterator(events)  # on disconnect too: closing the generator stops generation
+        return sse_event(stream_error_json(exc), event="error")
 
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes without reading them all."""
-    too_large = RequestTooLarge(f"request body exceeds the maximum of {limit} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return event_frames(first, events, encode, is_finished=lambda: encoder.is_finished, fail=fail)
 
 
 def _error(exc: Exception, request_id: str) -> Response:

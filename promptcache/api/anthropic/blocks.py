@@ -8,12 +8,9 @@ blocks and empty text are checked here, with the hosted error texts (validation 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Final, TypeVar
-
-from pydantic import BaseModel, ValidationError
+from typing import Any, Final
 
 from promptcache.api.anthropic.schema import (
     CacheControl,
@@ -30,10 +27,10 @@ from promptcache.api.anthropic.schema import (
     ToolResultBlock,
     ToolUseBlock,
 )
+from promptcache.api.wire import to_json, validate
 from promptcache.core.request import Block, CacheMark
 from promptcache.errors import InvalidRequest
 
-_M = TypeVar("_M", bound=BaseModel)
 _Render = Callable[[RawBlock, str], list[Block]]
 
 
@@ -194,24 +191,6 @@ def cache_mark(cache_control: CacheControl | None, path: str) -> CacheMark | Non
         return None
     prefix = f"{path}." if path else ""
     return CacheMark(cache_control.ttl, f"{prefix}cache_control.ttl")
-
-
-def to_json(value: Any) -> str:
-    """The JSON a tool definition or call input renders as."""
-    # Key order as received (spec §1.2); json.dumps' default separators match how the chat
-    # format writes the tool calls the model itself emits.
-    return json.dumps(value, ensure_ascii=False)
-
-
-def validate(model: type[_M], data: Any, path: str) -> _M:
-    """``model.model_validate(data)``, turning the first error into a hosted-style 400."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        where = ".".join([path, *map(str, error["loc"])] if path else map(str, error["loc"]))
-        message = f"{where}: {error['msg']}" if where else error["msg"]
-        raise InvalidRequest(message) from None
 
 
 __all__ = ["cache_mark", "content_blocks", "text_block", "to_json", "validate"]

@@ -12,7 +12,6 @@ block, and an array gives the blocks of each item (``blocks.py``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Final
@@ -32,6 +31,8 @@ from promptcache.api.anthropic.schema import (
     ServerTool,
     TextBlock,
 )
+from promptcache.api.http import bearer_token
+from promptcache.api.wire import json_object
 from promptcache.core.request import Block, ChatRequest, Message, Sampling
 from promptcache.errors import InvalidRequest
 from promptcache.types import Role, TenantId
@@ -47,10 +48,7 @@ def credential(headers: Mapping[str, str]) -> str | None:
     """The client's credential: ``x-api-key``, else an ``Authorization: Bearer`` token."""
     if key := headers.get("x-api-key"):
         return key
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
+    return bearer_token(headers)
 
 
 def check_version(headers: Mapping[str, str]) -> None:
@@ -74,12 +72,7 @@ def decode_messages(body: bytes, *, tenant: TenantId, count_only: bool = False) 
     ``model`` is the name the client sent; responses echo it. Raises ``InvalidRequest`` with a
     hosted-style ``<path>: <problem>`` message for the first thing wrong with the body.
     """
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("request body must be a JSON object")
+    data = json_object(body)
     wire = validate(CountTokensBody if count_only else MessagesBody, data, "")
     # Built in render order, so the first bad block reported is the first in the prompt.
     tools = tuple(_tool(raw, f"tools.{i}") for i, raw in enumerate(wire.tools or ()))

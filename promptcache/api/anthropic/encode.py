@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import secrets
 import string
-from collections.abc import Iterable
 from typing import Any, Final, Literal
 
+from promptcache.api.events import collect
 from promptcache.core.response import (
     CacheUsage,
     ChatEvent,
     ChatResult,
-    Finished,
     Started,
     TextOut,
     ToolCallOut,
@@ -82,25 +81,6 @@ def delta_usage_json(usage: CacheUsage) -> Json:
 def count_json(input_tokens: int) -> Json:
     """The count_tokens response: exactly ``{"input_tokens": N}`` (spec §3.9)."""
     return {"input_tokens": input_tokens}
-
-
-def collect(events: Iterable[ChatEvent]) -> ChatResult:
-    """Fold a whole event sequence into a ``ChatResult``; adjacent text pieces join into one block.
-
-    Raises ``EngineFailure`` when the sequence has no ``Finished`` event.
-    """
-    content: list[TextOut | ToolCallOut] = []
-    for event in events:
-        if isinstance(event, TextOut):
-            if content and isinstance(content[-1], TextOut):
-                content[-1] = TextOut(content[-1].text + event.text)
-            elif event.text:
-                content.append(event)
-        elif isinstance(event, ToolCallOut):
-            content.append(event)
-        elif isinstance(event, Finished):
-            return ChatResult(content, event.stop_reason, event.stop_sequence, event.usage)
-    raise EngineFailure("generation ended without a stop reason")
 
 
 def content_json(piece: TextOut | ToolCallOut) -> Json:

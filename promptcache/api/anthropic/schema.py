@@ -15,38 +15,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidatorFunctionWrapHandler,
-    WrapValidator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field
 
+from promptcache.api.wire import one_of
 from promptcache.types import Ttl
 
 RawBlock = dict[str, Any]
 
 
-def _one_of(message: str) -> WrapValidator:
-    """Report a failed ``str | list`` union as one error at the field, not one per member."""
-
-    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        try:
-            return handler(value)
-        except ValidationError as exc:
-            raise PydanticCustomError("union_type", message) from exc
-
-    return WrapValidator(validate)
-
-
 Content = Annotated[
-    str | list[RawBlock], _one_of("Input should be a valid string or a list of content blocks")
+    str | list[RawBlock], one_of("Input should be a valid string or a list of content blocks")
 ]
 SystemContent = Annotated[
-    str | list[RawBlock], _one_of("Input should be a valid string or a list of text blocks")
+    str | list[RawBlock], one_of("Input should be a valid string or a list of text blocks")
 ]
 
 

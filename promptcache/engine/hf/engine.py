@@ -26,12 +26,18 @@ from promptcache.engine.base import (
     Stopped,
     TokenOut,
 )
-from promptcache.engine.hf.kv import HFKVPayload, KVLayout, export_snapshot, restore_cache
+from promptcache.engine.hf.kv import (
+    HFKVPayload,
+    KVLayout,
+    export_snapshot,
+    new_cache,
+    restore_cache,
+)
 from promptcache.engine.sampling import make_generator, sample_token
 from promptcache.errors import PromptTooLong
 
 DEFAULT_PREFILL_CHUNK = 512
-KV_FORMAT = "hf-kv-1"
+KV_FORMAT = "hf-kv-2"
 """Bumped whenever the payload layout or KV numerics of this engine change (part of revisions)."""
 
 
@@ -153,8 +159,7 @@ class HFEngine:
         end = len(tokens) if decode else max(request.snapshot_at, default=request.reuse_tokens)
 
         with torch.inference_mode():
-            cache, logits = self._prefill(request, tokens, end)
-            snapshots = {x: export_snapshot(cache, x, self._layout) for x in request.snapshot_at}
+            cache, logits, snapshots = self._prefill(request, tokens, end)
         yield Prefilled(snapshots=snapshots, num_computed_tokens=end - request.reuse_tokens)
         if not decode:
             yield Stopped("max_tokens")
@@ -194,7 +199,7 @@ class HFEngine:
         if request.reuse_tokens >= len(tokens):
             raise ValueError("prompt_logits needs at least one token to compute")
         with torch.inference_mode():
-            _, logits = self._prefill(request, tokens, len(tokens))
+            _, logits, _ = self._prefill(request, tokens, len(tokens))
             assert logits is not None
             return logits.float().cpu().clone()
 
@@ -224,28 +229,33 @@ class HFEngine:
 
     def _prefill(
         self, request: EngineRequest, tokens: Sequence[int], end: int
-    ) -> tuple[DynamicCache, torch.Tensor | None]:
-        """Restore ``tokens[:reuse_tokens]`` and run ``tokens[reuse_tokens:end]`` in chunks.
+    ) -> tuple[DynamicCache, torch.Tensor | None, dict[int, HFKVPayload]]:
+        """Restore ``tokens[:reuse_tokens]``, run ``tokens[reuse_tokens:end]`` in chunks, and
+        export a snapshot at each requested offset.
 
-        Chunks also break at snapshot offsets, so each snapshot is a chunk boundary (§2.4),
-        though with full-length KV in every layer slicing afterwards would be just as exact.
+        Chunks break at snapshot offsets: a sliding layer holds only its window, so its state at
+        an offset exists only at the moment that offset is a chunk boundary (spec §2.4).
         """
         start = request.reuse_tokens
-        if 0 < start < end:
+        if start > 0:
             assert isinstance(request.reuse, HFKVPayload)
             cache = restore_cache(request.reuse, start, self._layout)
         else:
-            cache = DynamicCache()
+            cache = new_cache(self._layout)
+        wanted = set(request.snapshot_at)
         cuts = set(range(start + self._chunk, end, self._chunk))
-        cuts.update(x for x in request.snapshot_at if start < x < end)
+        cuts.update(x for x in wanted if start < x < end)
         cuts.add(end)
         logits: torch.Tensor | None = None
+        snapshots: dict[int, HFKVPayload] = {}
         pos = start
         for cut in sorted(c for c in cuts if c > start):
             logits = self._forward(cache, tokens[pos:cut], pos)
             self.num_prefill_tokens_total += cut - pos
             pos = cut
-        return cache, logits
+            if cut in wanted:
+                snapshots[cut] = export_snapshot(cache, cut, self._layout)
+        return cache, logits, snapshots
 
     def _forward(self, cache: DynamicCache, ids: Sequence[int], position: int) -> torch.Tensor:
         """Run ``ids`` at ``position`` onwards through the model; the last position's logits."""

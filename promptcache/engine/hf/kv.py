@@ -1,18 +1,17 @@
 """KV snapshots of a transformers ``DynamicCache``: export at a token offset, restore a prefix.
 
-The live cache is a ``DynamicCache()`` built without a config, so every layer is a plain
-``DynamicLayer`` that keeps full-length KV, sliding-window layers included. Sliding-window
-attention stays exact because transformers builds those masks from absolute positions
-(``kv_idx > q_idx - window``), not from what the cache holds. Hence a snapshot may be sliced out
-of the cache after the whole prefill (spec §2.4, full-length KV), and a restored prefix may hold
-zeros where a window can no longer look::
+The live cache keeps full-length KV in full-attention layers and only a window's tail in
+sliding-window layers (``WindowLayer``), so attention over a long restored prefix costs only
+what the model really attends to. Snapshots are exported at chunk boundaries during prefill
+(spec §2.4): once a window has rolled past, the positions before it are gone::
 
-    full layer     payload [0, X)            restore R: K[:, :, :R]
-    sliding layer  payload [X - w, X)        restore R: zeros[0, R - w) + tail   (R >= X - 1)
+    full layer     payload [0, X)                 restore R: K[:, :, :R]
+    sliding layer  payload [X - w, X)             restore R: K[:, :, R - w .. R) (or from X - w)
 
 A query at position ``q`` of a sliding layer sees positions ``(q - w, q]``. The first query after
-a restore sits at ``R >= X - 1`` (``X - 1`` for a whole-prompt hit, spec §2.5), so the last ``w``
-positions before ``X`` are all it, or any later query, can attend: older ones are never stored.
+a restore sits at ``R >= X - 1`` (``X - 1`` for a whole-prompt hit, spec §2.5), and needs
+``[R - w + 1, R)``; ``WindowLayer`` keeps ``w`` positions, one more than transformers' own
+sliding layer, so that the stored tail covers ``R = X - 1`` too.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,31 +121,76 @@ class HFKVPayload:
         return f"HFKVPayload(num_tokens={self._num_tokens}, nbytes={self._nbytes})"
 
 
+class WindowLayer(DynamicSlidingWindowLayer):  # type: ignore[no-untyped-call]
+    """A sliding-window layer that keeps the last ``window`` positions after each update.
+
+    transformers' ``DynamicSlidingWindowLayer`` keeps ``window - 1``, all the next query needs;
+    one more lets a snapshot restore the state one token earlier (spec §2.5). The mask sizes come
+    from what the layer really holds, so a restored layer may hold ``window - 1`` positions.
+    """
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        # torch.cat makes new tensors: a restored layer never writes into a payload's tensors.
+        assert self.keys is not None and self.values is not None
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        self.keys = keys[:, :, -self.sliding_window :]
+        self.values = values[:, :, -self.sliding_window :]
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = int(self.keys.shape[-2]) if self.is_initialized and self.keys is not None else 0
+        return held + query_length, self.cumulative_length - held
+
+
+def new_cache(layout: KVLayout) -> DynamicCache:
+    """An empty live cache: full layers keep everything, sliding layers their window."""
+    cache = DynamicCache()
+    layers: list[Any] = [DynamicLayer() if w is None else WindowLayer(w) for w in layout.windows]  # type: ignore[no-untyped-call]
+    cache.layers = layers
+    return cache
+
+
+def _fill(layer: Any, keys: torch.Tensor, values: torch.Tensor, num_tokens: int) -> None:
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    if isinstance(layer, WindowLayer):
+        layer.cumulative_length = num_tokens
+
+
 def _copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
 def export_snapshot(cache: DynamicCache, offset: int, layout: KVLayout) -> HFKVPayload:
-    """Copy the state after ``offset`` tokens out of a full-length live ``cache``."""
+    """Copy the state of a live ``cache`` that has processed exactly ``offset`` tokens."""
     if len(cache.layers) != len(layout.windows):
         raise ValueError(f"cache has {len(cache.layers)} layers, layout {len(layout.windows)}")
+    if cache.get_seq_length() != offset:
+        raise ValueError(f"cache holds {cache.get_seq_length()} tokens, not {offset}")
     layers: list[LayerKV] = []
-    for layer, window in zip(cache.layers, layout.windows, strict=True):
-        # Plain DynamicLayers: attention layers only (no linear-attention or KV-sharing layers).
-        keys: torch.Tensor | None = getattr(layer, "keys", None)
-        values: torch.Tensor | None = getattr(layer, "values", None)
-        if keys is None or values is None or keys.shape[-2] < offset:
-            raise ValueError(f"cache holds fewer than {offset} tokens")
-        # Sliding layers keep only the tail a later query can attend to (see module docstring).
-        start = 0 if window is None else max(0, offset - window)
-        layers.append(
-            LayerKV(_copy(keys[:, :, start:offset]), _copy(values[:, :, start:offset]), start)
-        )
+    live: list[Any] = list(cache.layers)
+    for layer, window in zip(live, layout.windows, strict=True):
+        keys: torch.Tensor = layer.keys
+        values: torch.Tensor = layer.values
+        held = int(keys.shape[-2])
+        if window is None and held != offset:
+            raise ValueError(f"full layer holds {held} tokens, not {offset}")
+        layers.append(LayerKV(_copy(keys), _copy(values), offset - held))
     return HFKVPayload(layers, offset, layout)
 
 
 def restore_cache(payload: HFKVPayload, reuse_tokens: int, layout: KVLayout) -> DynamicCache:
-    """A fresh full-length ``DynamicCache`` holding the state after ``reuse_tokens`` tokens."""
+    """A live cache holding the state after ``reuse_tokens`` tokens of ``payload``.
+
+    The layers point into the payload's tensors without copying them: every update concatenates
+    into new tensors, so the payload stays unchanged (spec §1.5) and a restore costs no copy.
+    """
     if payload.layout != layout:
         raise ValueError("payload was exported by a model with another layer layout")
     if not payload.min_restore_tokens <= reuse_tokens <= payload.num_tokens:
@@ -153,29 +198,22 @@ def restore_cache(payload: HFKVPayload, reuse_tokens: int, layout: KVLayout) -> 
             f"payload of {payload.num_tokens} tokens cannot restore {reuse_tokens} "
             f"(at least {payload.min_restore_tokens})"
         )
+    cache = new_cache(layout)
     if reuse_tokens == 0:
-        return DynamicCache()
-    data: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for layer in payload.layers:
-        if layer.start == 0:
-            keys = layer.keys[:, :, :reuse_tokens]
-            values = layer.values[:, :, :reuse_tokens]
-        else:
-            # Positions before the stored tail are masked for every query from R on, so zeros
-            # there never reach an attention output; they only keep all layers the same length.
-            keys = _padded(layer.keys, layer.start, reuse_tokens)
-            values = _padded(layer.values, layer.start, reuse_tokens)
-        data.append((keys, values))
-    # DynamicLayer.update concatenates onto an empty tensor: the live cache gets its own copy,
-    # and decoding (torch.cat again) never writes into the payload's tensors.
-    return DynamicCache(data)
+        return cache
+    for live, layer, window in zip(cache.layers, payload.layers, layout.windows, strict=True):
+        first = layer.start if window is None else max(layer.start, reuse_tokens - window)
+        lo, hi = first - layer.start, reuse_tokens - layer.start
+        _fill(live, layer.keys[:, :, lo:hi], layer.values[:, :, lo:hi], reuse_tokens)
+    return cache
 
 
-def _padded(tail: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    shape = (*tail.shape[:-2], length, tail.shape[-1])
-    out = tail.new_zeros(shape)
-    out[:, :, start:length] = tail[:, :, : length - start]
-    return out
-
-
-__all__ = ["HFKVPayload", "KVLayout", "LayerKV", "export_snapshot", "restore_cache"]
+__all__ = [
+    "HFKVPayload",
+    "KVLayout",
+    "LayerKV",
+    "WindowLayer",
+    "export_snapshot",
+    "new_cache",
+    "restore_cache",
+]

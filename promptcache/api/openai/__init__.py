@@ -1,0 +1,200 @@
+"""OpenAI Chat Completions route: ``POST /v1/chat/completions``, streaming and not (spec §4).
+
+Each request is checked in the order of spec §1.14 before the service sees it: (1) the credential,
+then the body: size, schema and (3) marker shape (``decode.py``), then the model name. Steps 4-6
+(breakpoint count, TTL order) run inside ``service.generate`` with ``OPENAI_RULES`` and surface on
+the generator's first step, before anything is sent. Every error is rendered here in OpenAI's
+envelope, and every response carries ``x-request-id``.
+
+``GET /v1/models`` is protocol-neutral and lives in ``app.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Final, Protocol
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from promptcache.api.events import collect
+from promptcache.api.http import read_body
+from promptcache.api.openai.decode import ChatCall, credentials, decode_chat, wants_rounding
+from promptcache.api.openai.encode import ChunkEncoder, completion_json, new_completion_id
+from promptcache.api.openai.errors import error_json, error_response
+from promptcache.api.streaming import (
+    EventStreamResponse,
+    drain,
+    event_frames,
+    first_event,
+    sse_event,
+)
+from promptcache.cache.policy import OPENAI_RULES, MarkRules
+from promptcache.core.output import new_id
+from promptcache.core.request import ChatRequest
+from promptcache.core.response import ChatEvent
+from promptcache.errors import AuthenticationFailed, NotFound, PromptCacheError
+from promptcache.types import TenantId
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES: Final = 32 * 1024 * 1024
+"""Larger bodies get 413."""
+
+KEEPALIVE_S: Final = 15.0
+"""Seconds of silence after which a stream sends an SSE comment, which clients skip."""
+
+_KEEPALIVE: Final = b": keepalive\n\n"
+_DONE: Final = sse_event("[DONE]")
+_NO_KEY: Final = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+_BAD_KEY: Final = "Incorrect API key provided."
+
+
+class ChatService(Protocol):
+    """What the route needs from ``promptcache.service.Service``."""
+
+    def authenticate(self, credential: str | None) -> TenantId:
+        """The tenant of ``credential``; raises ``AuthenticationFailed``."""
+        ...
+
+    def resolve_model(self, name: str) -> str:
+        """The served model id for ``name``; raises ``NotFound``."""
+        ...
+
+    def generate(self, request: ChatRequest, rules: MarkRules) -> AsyncIterator[ChatEvent]:
+        """``Started``, output pieces, ``Finished``; validation errors on the first step."""
+        ...
+
+
+def routes(
+    service: ChatService,
+    *,
+    round_cached_tokens: bool = False,
+    keepalive_s: float = KEEPALIVE_S,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> list[BaseRoute]:
+    """The OpenAI Chat Completions route served by ``service``.
+
+    ``round_cached_tokens`` is the deployment option of spec §4.6: report ``cached_tokens`` in
+    whole 128-token units, as the classic hosted models do, for every request.
+    """
+    handlers = _Handlers(
+        service,
+        round_cached_tokens=round_cached_tokens,
+        keepalive_s=keepalive_s,
+        max_body_bytes=max_body_bytes,
+    )
+    return [Route("/v1/chat/completions", handlers.chat_completions, methods=["POST"])]
+
+
+class _Handlers:
+    def __init__(
+        self,
+        service: ChatService,
+        *,
+        round_cached_tokens: bool,
+        keepalive_s: float,
+        max_body_bytes: int,
+    ) -> None:
+        self.service = service
+        self.round_cached_tokens = round_cached_tokens
+        self.keepalive_s = keepalive_s
+        self.max_body_bytes = max_body_bytes
+
+    async def chat_completions(self, request: Request) -> Response:
+        request_id = new_id("req_")
+        try:
+            call = await self._admit(request)
+            encoder = ChunkEncoder(
+                model=call.request.model,
+                completion_id=new_completion_id(),
+                created=int(time.time()),
+                include_usage=call.include_usage,
+                round_cached=self.round_cached_tokens or wants_rounding(request.headers),
+            )
+            events = self.service.generate(call.request, OPENAI_RULES)
+            headers = {"x-request-id": request_id}
+            if call.request.stream:
+                # Validation errors arrive on the first step: taken before the status line.
+                first = await first_event(request.receive, events)
+                return EventStreamResponse(
+                    _frames(first, events, encoder),
+                    headers=headers,
+                    keepalive=_KEEPALIVE,
+                    keepalive_s=self.keepalive_s,
+                )
+            result = collect(await drain(request.receive, events))
+            body = completion_json(
+                result,
+                model=encoder.model,
+                completion_id=encoder.completion_id,
+                created=encoder.created,
+                round_cached=encoder.round_cached,
+            )
+            return JSONResponse(body, headers=headers)
+        except Exception as exc:
+            _log_unexpected(exc)
+            return error_response(exc, request_id)
+
+    async def _admit(self, request: Request) -> ChatCall:
+        """Validation steps 1 and 3 of spec §1.14 (OpenAI has no protocol headers), then the
+        model name."""
+        tenant = self._authenticate(request.headers)
+        call = decode_chat(await read_body(request, self.max_body_bytes), tenant=tenant)
+        name = call.request.model
+        try:
+            self.service.resolve_model(name)  # the request keeps the name the client sent
+        except NotFound:
+            raise NotFound(
+                f"The model `{name}` does not exist or you do not have access to it.",
+                code="model_not_found",
+            ) from None
+        return call
+
+    def _authenticate(self, headers: Mapping[str, str]) -> TenantId:
+        token, portkey_key = credentials(headers)
+        # ``x-portkey-api-key`` is the credential when ``Authorization`` is absent (§4.1). The
+        # portkey-ai SDK always sends its inner OpenAI client's placeholder bearer token
+        # ("OPENAI_API_KEY") beside it, so it is also tried when the bearer token is unknown.
+        # Either way the key must be a configured one: no header can pick a tenant (§1.12).
+        candidates = [key for key in (token, portkey_key) if key is not None] or [None]
+        for credential in candidates:
+            try:
+                return self.service.authenticate(credential)
+            except AuthenticationFailed:
+                continue
+        message = _NO_KEY if candidates == [None] else _BAD_KEY
+        raise AuthenticationFailed(message, code="invalid_api_key")
+
+
+def _frames(
+    first: ChatEvent, events: AsyncIterator[ChatEvent], encoder: ChunkEncoder
+) -> AsyncIterator[bytes]:
+    """The ``data:`` frames of one stream, then ``data: [DONE]``; a failure after the first byte
+    ends it with an ``{"error": ...}`` frame instead."""
+
+    def encode(event: ChatEvent) -> list[bytes]:
+        return [sse_event(chunk) for chunk in encoder.feed(event)]
+
+    def fail(exc: Exception) -> bytes:
+        _log_unexpected(exc)
+        return sse_event(error_json(exc))
+
+    return event_frames(
+        first, events, encode, is_finished=lambda: encoder.is_finished, fail=fail, trailer=_DONE
+    )
+
+
+def _log_unexpected(exc: Exception) -> None:
+    # Client errors are expected; a vanished client is nobody's bug. Anything else is ours.
+    if not isinstance(exc, PromptCacheError | ClientDisconnect):
+        logger.exception("unexpected error in an OpenAI Chat Completions request", exc_info=exc)
+
+
+__all__ = ["KEEPALIVE_S", "MAX_BODY_BYTES", "ChatService", "routes"]
