@@ -54,6 +54,7 @@ class CacheConfig:
     max_cacheable_tokens: int | None = None
     tool_cache_points: bool = True
     ttl_1h: bool = True
+    inflight_wait_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,7 @@ class ApiConfig:
     api_keys: Mapping[str, str] = field(default_factory=dict)
     admin_keys: frozenset[str] = frozenset()
     max_body_bytes: int = 32 << 20
+    openai_round_cached_tokens: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,8 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "max_cacheable_tokens": ("cache", "max_cacheable_tokens", _opt_int),
     "tool_cache_points": ("cache", "tool_cache_points", _bool),
     "ttl_1h": ("cache", "ttl_1h", _bool),
+    "inflight_wait_timeout_s": ("cache", "inflight_wait_timeout_s", float),
+    "openai_round_cached_tokens": ("api", "openai_round_cached_tokens", _bool),
     "log_level": ("", "log_level", str),
 }
 

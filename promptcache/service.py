@@ -23,6 +23,7 @@ from pathlib import Path
 from promptcache.cache import planner
 from promptcache.cache.clock import Clock, WallClock
 from promptcache.cache.hashing import Namespace, block_hashes
+from promptcache.cache.inflight import InFlight
 from promptcache.cache.policy import (
     ANTHROPIC_RULES,
     Breakpoint,
@@ -45,7 +46,7 @@ from promptcache.errors import (
     PromptCacheError,
     PromptTooLong,
 )
-from promptcache.types import DEFAULT_TENANT, TenantId
+from promptcache.types import DEFAULT_TENANT, BlockHash, TenantId
 from promptcache.worker import EngineWorker, Job
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Service:
             ttl_1h=config.cache.ttl_1h,
         )
         self.store = PrefixStore(config.cache.capacity_bytes)
+        self.inflight = InFlight()
         self.worker = EngineWorker()
         self._sweeper: asyncio.Task[None] | None = None
         self._loader: asyncio.Task[None] | None = None
@@ -190,16 +192,9 @@ class Service:
         prepared = self.prepare(request, rules)
         layout = prepared.layout
         keys = block_hashes(layout.blocks, self.namespace(request))
-        plan = planner.plan(
-            keys=keys,
-            block_ends=[b.end for b in layout.blocks],
-            num_tokens=layout.num_tokens,
-            breakpoints=prepared.breakpoints,
-            policy=self.policy,
-            store=self.store,
-            t0=t0,
-            now=self.clock.now(),
-        )
+        plan = await self._plan(prepared, keys, t0)
+        # Plan and registration happen in one event-loop step: no other lookup misses between.
+        owned = self.inflight.begin(span.key for span in plan.writes)
         hit = plan.hit
         # Logits are needed for the last prompt token: restore at most N - 1 tokens (§2.5).
         reuse_tokens = min(plan.read_tokens, layout.num_tokens - 1) if hit else 0
@@ -217,6 +212,8 @@ class Service:
             if not isinstance(first, Prefilled):
                 raise EngineFailure("engine did not prefill")
             self._commit(plan, first, request.tenant, t0)
+            for key in owned:
+                self.inflight.finish(key)
             if hit is not None:
                 self.store.unpin(hit)
                 hit = None
@@ -228,10 +225,41 @@ class Service:
         except Exception as exc:
             raise EngineFailure(f"generation failed: {exc}") from exc
         finally:
+            for key in owned:  # a failed or cancelled writer: its waiters plan again
+                self.inflight.finish(key)
             if hit is not None:
                 self.store.unpin(hit)
             if job is not None:
                 job.cancel()
+
+    async def _plan(
+        self, prepared: Prepared, keys: list[BlockHash], t0: float
+    ) -> planner.CachePlan:
+        """Plan, waiting first for any deeper prefix another request is computing (§1.11).
+
+        A waiter whose writer fails, is cancelled or takes longer than the timeout plans again
+        without that key, and may become the writer itself.
+        """
+        layout = prepared.layout
+        ignored: set[BlockHash] = set()
+        while True:
+            plan = planner.plan(
+                keys=keys,
+                block_ends=[b.end for b in layout.blocks],
+                num_tokens=layout.num_tokens,
+                breakpoints=prepared.breakpoints,
+                policy=self.policy,
+                store=self.store,
+                t0=t0,
+                now=self.clock.now(),
+                pending=_Pending(self.inflight, ignored),
+            )
+            if plan.wait_for is None:
+                return plan
+            timeout = self.config.cache.inflight_wait_timeout_s
+            if not await self.inflight.wait(plan.wait_for, timeout):
+                log.warning("single-flight wait timed out after %.0f s; computing it too", timeout)
+                ignored.add(plan.wait_for)
 
     def _commit(
         self, plan: planner.CachePlan, prefilled: Prefilled, tenant: TenantId, t0: float
@@ -273,6 +301,17 @@ class Service:
             reason = "tool_use" if parser.stop.reason == "tool_use" else "stop_sequence"
             stop_sequence = parser.stop.sequence
         yield Finished(reason, stop_sequence, usage.with_output(len(token_ids)))
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """In-flight keys, less those a timed-out waiter no longer waits for."""
+
+    inflight: InFlight
+    ignored: set[BlockHash]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.inflight and key not in self.ignored
 
 
 __all__ = ["Prepared", "Service"]

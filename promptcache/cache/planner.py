@@ -12,7 +12,7 @@ remaining breakpoint beyond it::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 from promptcache.cache.policy import Breakpoint, ModelCachePolicy
@@ -34,11 +34,16 @@ class CacheSpan:
 
 @dataclass(frozen=True, slots=True)
 class CachePlan:
-    """What one request reads and writes. ``hit`` is pinned until the service unpins it."""
+    """What one request reads and writes. ``hit`` is pinned until the service unpins it.
+
+    ``wait_for`` names an in-flight key deeper than any live hit: the request must wait for it
+    and plan again (single flight, §1.11); such a plan pins and refreshes nothing.
+    """
 
     hit: Entry | None
     writes: tuple[CacheSpan, ...]
     usage: CacheUsage
+    wait_for: BlockHash | None = None
 
     @property
     def read_tokens(self) -> int:
@@ -72,17 +77,30 @@ def plan(
     store: PrefixStore,
     t0: float,
     now: float,
+    pending: Container[BlockHash] = (),
 ) -> CachePlan:
     """Probe, refresh and pin (spec §1.6 steps 2-5). Mutates the store: every live entry found
-    is refreshed from ``t0``, and the deepest one is pinned for the caller."""
+    is refreshed from ``t0``, and the deepest one is pinned for the caller.
+
+    A probe that meets a ``pending`` key (being written by another request) stops there; when
+    such a key lies deeper than every live hit, the plan only says to wait for it.
+    """
     candidates = eligible_breakpoints(breakpoints, block_ends, policy)
     hits: list[Entry] = []
+    waits: list[tuple[int, BlockHash]] = []
     for bp in candidates:
         for index in range(bp.block_index, max(-1, bp.block_index - LOOKBACK_BLOCKS), -1):
             entry = store.get(keys[index], now)
             if entry is not None:
                 hits.append(entry)
                 break
+            if keys[index] in pending:
+                waits.append((block_ends[index], keys[index]))
+                break
+    deepest = max((e.num_tokens for e in hits), default=0)
+    wait = max(waits, default=None)
+    if wait is not None and wait[0] > deepest:
+        return CachePlan(None, (), CacheUsage(num_tokens), wait_for=wait[1])
     for entry in {id(e): e for e in hits}.values():
         store.touch(entry, t0)
     hit = max(hits, key=lambda e: e.num_tokens, default=None)

@@ -8,6 +8,7 @@ text depends on every prompt token, exactly as with a real model. It counts pref
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ class FakeEngine:
         kv_bytes_per_token: int = 64,
         reply_tokens: int = 12,
         fail_after_prefill: bool = False,
+        prefill_gate: threading.Event | None = None,
     ) -> None:
         self._tokenizer = ByteTokenizer()
         self._info = EngineInfo(
@@ -68,6 +70,8 @@ class FakeEngine:
         )
         self.reply_tokens = reply_tokens
         self.fail_after_prefill = fail_after_prefill
+        self.prefill_gate = prefill_gate
+        """When set, every prefill waits for this event: tests use it to hold a writer mid-flight."""
         self.num_prefill_tokens_total = 0
         self.eos_id = self._tokenizer.token_id("<end_of_turn>")
 
@@ -84,6 +88,8 @@ class FakeEngine:
         return PLAIN
 
     def generate(self, request: EngineRequest) -> Generator[EngineEvent, None, None]:
+        if self.prefill_gate is not None:
+            self.prefill_gate.wait(timeout=60)
         tokens = list(request.tokens)
         states: list[bytes] = [b"\x00" * 32]
         if request.reuse is not None and request.reuse_tokens > 0:
