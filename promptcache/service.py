@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from promptcache.cache.policy import (
     resolve_breakpoints,
 )
 from promptcache.cache.store import PrefixStore
-from promptcache.config import DEFAULT_MODEL_NAME, ServerConfig
+from promptcache.config import DEFAULT_MODEL_NAME, AwsCredential, ServerConfig
 from promptcache.core.layout import PromptLayout, render
 from promptcache.core.output import OutputParser
 from promptcache.core.request import ChatRequest
@@ -46,6 +47,7 @@ from promptcache.errors import (
     PromptCacheError,
     PromptTooLong,
 )
+from promptcache.metrics import Metrics
 from promptcache.types import DEFAULT_TENANT, BlockHash, TenantId
 from promptcache.worker import EngineWorker, Job
 
@@ -89,6 +91,7 @@ class Service:
         )
         self.store = PrefixStore(config.cache.capacity_bytes)
         self.inflight = InFlight()
+        self.metrics = Metrics(lambda: {"memory": self.store})
         self.worker = EngineWorker()
         self._sweeper: asyncio.Task[None] | None = None
         self._loader: asyncio.Task[None] | None = None
@@ -137,13 +140,25 @@ class Service:
 
     # -- identity ----------------------------------------------------------------------------
 
+    @property
+    def is_open(self) -> bool:
+        """No credentials configured: everyone is the default tenant on every surface (§1.12)."""
+        return not self._tenants and not self.config.api.aws_credentials
+
     def authenticate(self, credential: str | None) -> TenantId:
         """The tenant of ``credential``; everyone is the default tenant when no keys are set."""
-        if not self._tenants:
+        if self.is_open:
             return DEFAULT_TENANT
         if credential is None or credential not in self._tenants:
             raise AuthenticationFailed("invalid x-api-key")
         return TenantId(self._tenants[credential])
+
+    def aws_credential(self, access_key_id: str) -> AwsCredential:
+        """The SigV4 secret and tenant of ``access_key_id``; raises ``AuthenticationFailed``."""
+        credential = self.config.api.aws_credentials.get(access_key_id)
+        if credential is None:
+            raise AuthenticationFailed(f"unknown access key id {access_key_id!r}")
+        return credential
 
     def is_admin(self, credential: str | None) -> bool:
         return credential is not None and credential in self.config.api.admin_keys
@@ -189,6 +204,7 @@ class Service:
         Validation errors are raised before the first event and touch no entry (§1.14).
         """
         t0 = self.clock.now()
+        started_at = time.perf_counter()
         prepared = self.prepare(request, rules)
         layout = prepared.layout
         keys = block_hashes(layout.blocks, self.namespace(request))
@@ -218,7 +234,16 @@ class Service:
                 self.store.unpin(hit)
                 hit = None
             yield Started(plan.usage)
+            observed = False
             async for event in self._decode(job, request, plan.usage):
+                if not observed:  # the first output, or the end of a pre-warm
+                    observed = True
+                    self.metrics.observe(
+                        plan.usage,
+                        restored=reuse_tokens,
+                        computed=first.num_computed_tokens,
+                        ttft_s=time.perf_counter() - started_at,
+                    )
                 yield event
         except PromptCacheError:
             raise

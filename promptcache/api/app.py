@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from promptcache.api import anthropic
+from promptcache.api import admin, anthropic, openai
 from promptcache.service import Service
 
 _STARTED = int(time.time())
@@ -74,7 +74,11 @@ def build_app(service: Service) -> Starlette:
         finally:
             await service.stop()
 
-    routes: list[BaseRoute] = [_health(service), _models(service), *anthropic.routes(service)]
+    routes: list[BaseRoute] = [_health(service), _models(service), *admin.routes(service)]
+    routes += anthropic.routes(service)
+    routes += openai.routes(
+        service, round_cached_tokens=service.config.api.openai_round_cached_tokens
+    )
     return Starlette(routes=routes, lifespan=lifespan)
 
 

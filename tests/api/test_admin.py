@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+from starlette.testclient import TestClient
+
+from promptcache.api.app import build_app
+from promptcache.config import ApiConfig, ServerConfig
+from promptcache.engine.fake import FakeEngine
+from promptcache.service import Service
+from tests.conftest import words
+
+HEADERS = {"anthropic-version": "2023-06-01"}
+BODY = {
+    "model": "m",
+    "max_tokens": 4,
+    "system": [{"type": "text", "text": words(1500), "cache_control": {"type": "ephemeral"}}],
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+def service(**api: object) -> Service:
+    return Service(FakeEngine(), replace(ServerConfig(), api=replace(ApiConfig(), **api)))
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def test_metrics_count_hits_misses_tokens_and_ttft() -> None:
+    with TestClient(build_app(service())) as client:
+        first = client.post("/v1/messages", headers=HEADERS, json=BODY).json()["usage"]
+        client.post("/v1/messages", headers=HEADERS, json=BODY)
+        text = client.get("/metrics").text
+    written = first["cache_creation_input_tokens"]
+    assert metric(text, 'promptcache_requests_total{outcome="miss"}') == 1
+    assert metric(text, 'promptcache_requests_total{outcome="hit"}') == 1
+    assert metric(text, "promptcache_cache_read_tokens_total") == written
+    assert metric(text, 'promptcache_cache_written_tokens_total{ttl="5m"}') == written
+    assert metric(text, "promptcache_prefill_tokens_saved_total") == written
+    assert metric(text, 'promptcache_time_to_first_token_seconds_count{outcome="hit"}') == 1
+    assert metric(text, 'promptcache_cache_entries{tier="memory"}') == 1
+    assert metric(text, 'promptcache_cache_bytes{tier="memory"}') > 0
+
+
+def test_entries_listing_and_clear_need_an_admin_key() -> None:
+    svc = service(admin_keys=frozenset({"root"}))
+    with TestClient(build_app(svc)) as client:
+        client.post("/v1/messages", headers=HEADERS, json=BODY)
+        assert client.get("/v1/cache/entries").status_code == 403
+        assert client.get("/v1/cache/entries", headers={"x-api-key": "nope"}).status_code == 403
+        listing = client.get("/v1/cache/entries", headers={"authorization": "Bearer root"})
+        assert listing.status_code == 200
+        (entry,) = listing.json()["data"]
+        assert entry["ttl"] == "5m" and 0 < entry["ttl_left_s"] <= 300
+        assert entry["tokens"] > 1024 and entry["tier"] == "memory" and entry["hits"] == 0
+        assert entry["tenant"] != "default" and len(entry["tenant"]) == 12
+        cleared = client.delete("/v1/cache/entries", headers={"x-api-key": "root"})
+        assert cleared.json() == {"cleared": 1}
+        again = client.post("/v1/messages", headers=HEADERS, json=BODY).json()["usage"]
+        assert again["cache_read_input_tokens"] == 0
+
+
+def test_admin_is_off_without_admin_keys() -> None:
+    with TestClient(build_app(service())) as client:
+        assert client.get("/v1/cache/entries").status_code == 403
