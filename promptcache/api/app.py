@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from promptcache.api import admin, anthropic, openai
+from promptcache.api import admin, anthropic, bedrock, openai
 from promptcache.service import Service
 
 _STARTED = int(time.time())
@@ -32,6 +32,14 @@ def _health(service: Service) -> Route:
         return JSONResponse(body, status_code=503)
 
     return Route("/health", health, methods=["GET"])
+
+
+def _root(service: Service) -> Route:
+    # Clients probe the base URL before their first call (Claude Code sends ``HEAD /``).
+    async def root(request: Request) -> JSONResponse:
+        return JSONResponse({"name": "promptcache", "model": service.served_model})
+
+    return Route("/", root, methods=["GET", "HEAD"])
 
 
 def _models(service: Service) -> Route:
@@ -74,11 +82,13 @@ def build_app(service: Service) -> Starlette:
         finally:
             await service.stop()
 
-    routes: list[BaseRoute] = [_health(service), _models(service), *admin.routes(service)]
+    routes: list[BaseRoute] = [_root(service), _health(service), _models(service)]
+    routes += admin.routes(service)
     routes += anthropic.routes(service)
     routes += openai.routes(
         service, round_cached_tokens=service.config.api.openai_round_cached_tokens
     )
+    routes += bedrock.routes(service)
     return Starlette(routes=routes, lifespan=lifespan)
 
 
