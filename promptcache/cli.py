@@ -1,4 +1,5 @@
-"""``promptcache`` command line: ``promptcache serve [--model ...] [--port ...] [--config F]``."""
+"""``promptcache`` command line: ``promptcache serve [--model ...] [--port ...] [--config F]``,
+``promptcache bench WORKLOAD --target URL | --peers``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ _HELP = {
     "served_model_name": "model id reported to clients (default: gemma-3-270m or the model name)",
     "aliases": "other model names clients may send, e.g. 'claude-sonnet-5=gemma-3-270m,...'",
     "api_keys": "credentials and their tenants, 'key=tenant,...' (default: open server)",
+    "aws_credentials": "SigV4 keys of Bedrock clients, 'ACCESS_KEY_ID:SECRET=tenant,...'",
     "admin_keys": "credentials allowed to call admin endpoints, 'key1,key2'",
     "engine": "engine implementation: hf (default) or fake",
     "device": "cpu (default) or cuda",
@@ -24,11 +26,15 @@ _HELP = {
     "chat_format": "chat format: gemma, chatml or plain (default: detected)",
     "max_context_tokens": "context window (default: from the model config)",
     "model_cache_dir": "where converted models are kept (default ~/.cache/promptcache)",
-    "cache_memory": "KV cache memory budget, e.g. 4GiB (default 4GiB)",
+    "cache_memory": "KV cache budget in the engine's memory (GPU, or RAM on CPU), e.g. 4GiB",
+    "host_cache_memory": "RAM tier below the GPU for demoted entries, e.g. 16GiB (default none)",
+    "disk_cache_dir": "directory of the disk tier; entries there survive restarts (default none)",
+    "disk_cache_size": "disk tier budget, e.g. 100GiB (default 16GiB)",
     "min_cacheable_tokens": "minimum cacheable prefix in tokens (default 1024)",
     "max_cacheable_tokens": "maximum cacheable prefix in tokens (default: none)",
     "tool_cache_points": "allow breakpoints on tool definitions (default true)",
     "ttl_1h": "honour 1h TTLs; when false they act as 5m (default true)",
+    "openai_round_cached_tokens": "report OpenAI cached_tokens in 128s (default false: exact)",
     "log_level": "debug, info (default), warning or error",
 }
 
@@ -40,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML file with any of the options below")
     for name in config_mod.option_names():
         serve.add_argument(f"--{name.replace('_', '-')}", dest=name, help=_HELP.get(name))
+    # Only argparse is imported here; the benchmark's modules load when it runs.
+    from promptcache.bench import command as bench_command
+
+    bench_command.add_parser(sub)
     return parser
 
 
@@ -69,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "bench":
+        from promptcache.bench import command as bench_command
+
+        return bench_command.run(args)
     return 2
 
 

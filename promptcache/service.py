@@ -6,6 +6,7 @@ between them. One request::
     layout = render(request)                 tokens, block offsets (per-block tokenization)
     bps    = resolve_breakpoints(...)        validation steps 4-6
     plan   = planner.plan(...)               20-block lookback; refresh; pin the deepest hit
+    reuse  = hit's bytes in engine memory     read from a lower tier or file; promoted
     engine.generate(tokens, reuse=hit)       on the worker thread: restore, prefill, snapshot
     store.put(each written span)             at the exact breakpoint offsets
     Started(usage) -> TextOut... -> Finished
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from promptcache.cache import planner
 from promptcache.cache.clock import Clock, WallClock
+from promptcache.cache.entry import Entry
 from promptcache.cache.hashing import Namespace, block_hashes
 from promptcache.cache.inflight import InFlight
 from promptcache.cache.policy import (
@@ -33,12 +36,21 @@ from promptcache.cache.policy import (
     resolve_breakpoints,
 )
 from promptcache.cache.store import PrefixStore
-from promptcache.config import DEFAULT_MODEL_NAME, AwsCredential, ServerConfig
+from promptcache.cache.tiers import DiskTier, Tier, TierStack
+from promptcache.config import DEFAULT_MODEL_NAME, AwsCredential, CacheConfig, ServerConfig
 from promptcache.core.layout import PromptLayout, render
 from promptcache.core.output import OutputParser
+from promptcache.core.payload import CorruptPayload, KVPayload
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import CacheUsage, ChatEvent, Finished, Started, StopReason
-from promptcache.engine.base import Engine, EngineRequest, Prefilled, Stopped, TokenOut
+from promptcache.engine.base import (
+    Engine,
+    EngineRequest,
+    Prefilled,
+    PrefillProgress,
+    Stopped,
+    TokenOut,
+)
 from promptcache.errors import (
     AuthenticationFailed,
     EngineFailure,
@@ -89,9 +101,11 @@ class Service:
             tool_cache_points=config.cache.tool_cache_points,
             ttl_1h=config.cache.ttl_1h,
         )
-        self.store = PrefixStore(config.cache.capacity_bytes)
+        device = config.engine.device if self._engine is None else self._engine.info.device
+        self.store = PrefixStore(tiers=tier_stack(config.cache, device))
         self.inflight = InFlight()
-        self.metrics = Metrics(lambda: {"memory": self.store})
+        self.metrics = Metrics(lambda: self.store)
+        self._fetches: dict[BlockHash, asyncio.Future[KVPayload]] = {}
         self.worker = EngineWorker()
         self._sweeper: asyncio.Task[None] | None = None
         self._loader: asyncio.Task[None] | None = None
@@ -113,6 +127,8 @@ class Service:
     async def start(self) -> None:
         """Start the worker and the TTL sweeper, and load the model in the background."""
         self.worker.start()
+        if self._engine is not None:
+            await self._open_tiers(self._engine)
         self._sweeper = asyncio.create_task(self._sweep())
         if self._load_engine is not None:
             self._loader = asyncio.create_task(self._load())
@@ -120,7 +136,9 @@ class Service:
     async def _load(self) -> None:
         assert self._load_engine is not None
         try:
-            self._engine = await asyncio.to_thread(self._load_engine)
+            engine = await asyncio.to_thread(self._load_engine)
+            await self._open_tiers(engine)
+            self._engine = engine
         except Exception as exc:
             log.exception("model failed to load")
             self.load_error = f"model failed to load: {exc}"
@@ -132,6 +150,25 @@ class Service:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await asyncio.to_thread(self.worker.stop)
+        if self.store.tiers.disk is not None:
+            # Memory tiers die with the process: keep what fits on disk for the next start.
+            moved = self.store.persist(self.clock.now())
+            log.info("wrote %d cache entries to disk at shutdown", moved)
+
+    async def _open_tiers(self, engine: Engine) -> None:
+        """Hand the tiers the engine's codec, and index what an earlier run left on disk."""
+        tiers = self.store.tiers
+        tiers.codec = engine.kv_codec
+        if tiers.disk is None:
+            return
+        records = await asyncio.to_thread(tiers.disk.scan, engine.kv_codec)
+        found = self.store.restore(records, self.clock.now())
+        log.info(
+            "disk cache %s: %d entries found, %d files dropped",
+            tiers.disk.directory,
+            found,
+            len(records) - found,
+        )
 
     async def _sweep(self) -> None:
         while True:
@@ -208,23 +245,27 @@ class Service:
         prepared = self.prepare(request, rules)
         layout = prepared.layout
         keys = block_hashes(layout.blocks, self.namespace(request))
-        plan = await self._plan(prepared, keys, t0)
-        # Plan and registration happen in one event-loop step: no other lookup misses between.
-        owned = self.inflight.begin(span.key for span in plan.writes)
+        owned: list[BlockHash] = []
+        plan, reuse = await self._acquire(prepared, keys, t0, owned)
         hit = plan.hit
         # Logits are needed for the last prompt token: restore at most N - 1 tokens (§2.5).
         reuse_tokens = min(plan.read_tokens, layout.num_tokens - 1) if hit else 0
         engine_request = EngineRequest(
             tokens=layout.tokens,
             sampling=request.sampling,
-            reuse=hit.payload if hit else None,
+            reuse=reuse,
             reuse_tokens=reuse_tokens,
             snapshot_at=[span.offset for span in plan.writes],
         )
         job = None
         try:
             job = self.worker.submit(self.engine.generate(engine_request))
+            # The usage is final with the plan: a stream can start now, before a long prefill,
+            # so clients see their first byte (and keep-alives) while the prompt is computed.
+            yield Started(plan.usage)
             first = await job.next()
+            while isinstance(first, PrefillProgress):
+                first = await job.next()
             if not isinstance(first, Prefilled):
                 raise EngineFailure("engine did not prefill")
             self._commit(plan, first, request.tenant, t0)
@@ -233,7 +274,6 @@ class Service:
             if hit is not None:
                 self.store.unpin(hit)
                 hit = None
-            yield Started(plan.usage)
             observed = False
             async for event in self._decode(job, request, plan.usage):
                 if not observed:  # the first output, or the end of a pre-warm
@@ -257,16 +297,72 @@ class Service:
             if job is not None:
                 job.cancel()
 
+    async def _acquire(
+        self, prepared: Prepared, keys: list[BlockHash], t0: float, owned: list[BlockHash]
+    ) -> tuple[planner.CachePlan, KVPayload | None]:
+        """Plan, register the planned writes in flight (into ``owned``), and get the hit's bytes
+        into the engine's memory.
+
+        A hit in a lower tier is read there (a file on a worker thread) and promoted. One that
+        proves unusable (a corrupt or truncated file) is removed and the request plans again, a
+        miss of that entry; its in-flight keys stay registered meanwhile, so no other request
+        starts computing them. On an exception the hit is unpinned and ``owned`` finished.
+        """
+        try:
+            while True:
+                plan = await self._plan(prepared, keys, t0, mine=owned)
+                # Plan and registration happen in one event-loop step: no lookup misses between.
+                owned += self.inflight.begin(span.key for span in plan.writes)
+                hit = plan.hit
+                if hit is None:
+                    return plan, None
+                if self.store.is_resident(hit):
+                    return plan, hit.payload
+                try:
+                    return plan, await self._fetch(hit)
+                except CorruptPayload as exc:
+                    log.warning("cache entry unusable, counted as a miss: %s", exc)
+                    self.store.unpin(hit)
+                    self.store.discard(hit, "corrupt")
+                except BaseException:
+                    self.store.unpin(hit)
+                    raise
+        except BaseException:
+            for key in owned:
+                self.inflight.finish(key)
+            owned.clear()
+            raise
+
+    async def _fetch(self, entry: Entry) -> KVPayload:
+        """``entry``'s payload in the engine's memory, read once on a worker thread however many
+        requests want it, then promoted to the top tier if room can be made. The entry must be
+        pinned. Raises ``CorruptPayload``."""
+        task = self._fetches.get(entry.key)
+        if task is None:
+            task = asyncio.ensure_future(asyncio.to_thread(self.store.tiers.loader(entry)))
+            self._fetches[entry.key] = task
+            task.add_done_callback(functools.partial(self._fetched, entry.key))
+        payload = await asyncio.shield(task)
+        self.store.promote(entry, payload, self.clock.now())
+        return payload
+
+    def _fetched(self, key: BlockHash, task: asyncio.Future[KVPayload]) -> None:
+        if self._fetches.get(key) is task:
+            del self._fetches[key]
+        if not task.cancelled():
+            task.exception()  # every waiter gets it from its own await; none is left unread
+
     async def _plan(
-        self, prepared: Prepared, keys: list[BlockHash], t0: float
+        self, prepared: Prepared, keys: list[BlockHash], t0: float, mine: Collection[BlockHash] = ()
     ) -> planner.CachePlan:
         """Plan, waiting first for any deeper prefix another request is computing (§1.11).
 
         A waiter whose writer fails, is cancelled or takes longer than the timeout plans again
-        without that key, and may become the writer itself.
+        without that key, and may become the writer itself. Keys in ``mine`` are this request's
+        own writes (when it plans again after a corrupt file): never waited for.
         """
         layout = prepared.layout
-        ignored: set[BlockHash] = set()
+        ignored: set[BlockHash] = set(mine)
         while True:
             plan = planner.plan(
                 keys=keys,
@@ -328,6 +424,24 @@ class Service:
         yield Finished(reason, stop_sequence, usage.with_output(len(token_ids)))
 
 
+def tier_stack(config: CacheConfig, device: str) -> TierStack:
+    """The tiers for an engine on ``device``: ``device`` (CUDA memory, ``cache_memory``) and
+    ``host`` (``host_cache_memory``, if set), or on a CPU engine a single ``host`` tier (its
+    memory is host memory: ``cache_memory``), then ``disk`` when a directory is configured."""
+    tiers: list[Tier] = []
+    if device.startswith("cuda"):
+        tiers.append(Tier("device", config.capacity_bytes))
+        if config.host_capacity_bytes > 0:
+            tiers.append(Tier("host", config.host_capacity_bytes))
+    else:
+        if config.host_capacity_bytes > 0:
+            log.warning("host_cache_memory is ignored on a CPU engine: cache_memory is host RAM")
+        tiers.append(Tier("host", config.capacity_bytes))
+    if config.disk_dir is not None:
+        tiers.append(DiskTier(config.disk_dir, config.disk_capacity_bytes))
+    return TierStack(tiers)
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
     """In-flight keys, less those a timed-out waiter no longer waits for."""
@@ -339,4 +453,4 @@ class _Pending:
         return key in self.inflight and key not in self.ignored
 
 
-__all__ = ["Prepared", "Service"]
+__all__ = ["Prepared", "Service", "tier_stack"]

@@ -32,6 +32,12 @@ def json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
+def string_metadata(metadata: dict[str, Any] | None) -> dict[str, str]:
+    """The string entries of a request's ``metadata``: informational only, they never select a
+    cache namespace (spec §1.12)."""
+    return {key: value for key, value in (metadata or {}).items() if isinstance(value, str)}
+
+
 def one_of(message: str) -> WrapValidator:
     """Report a failed union (e.g. ``str | list``) as one error at the field, not one per member."""
 
@@ -63,4 +69,4 @@ def validate(model: type[_M], data: Any, path: str) -> _M:
         raise InvalidRequest(message, param=where or None, code=code) from None
 
 
-__all__ = ["json_object", "one_of", "to_json", "validate"]
+__all__ = ["json_object", "one_of", "string_metadata", "to_json", "validate"]

@@ -44,6 +44,15 @@ ANTHROPIC_RULES = MarkRules()
 OPENAI_RULES = MarkRules(auto_mode="implicit")
 """OpenAI Chat (spec §4.2-§4.3, §4.8): the Anthropic count and order texts, with OpenAI paths in
 the marks; the implicit breakpoint only takes a free slot and never breaks the order."""
+BEDROCK_RULES = MarkRules(
+    count_message="A maximum of 4 cachePoint blocks may be provided. Found {n}.",
+    order_message=(
+        "A cachePoint with ttl '1h' must not come after a cachePoint with ttl '5m'. "
+        "Cache points are processed in the order toolConfig, system, messages."
+    ),
+)
+"""Bedrock Converse (spec §5.3): cachePoint texts, rendered as ValidationException. The order
+message names no path. Converse has no request-level breakpoint, so ``auto_mode`` never applies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +130,7 @@ def resolve_breakpoints(
 
 __all__ = [
     "ANTHROPIC_RULES",
+    "BEDROCK_RULES",
     "OPENAI_RULES",
     "Breakpoint",
     "MarkRules",

@@ -6,7 +6,8 @@ opaque ``KVPayload`` handles to everyone but the engine itself. The service driv
 one step at a time from its worker thread, so the generator is the unit of scheduling::
 
     gen = engine.generate(EngineRequest(tokens, reuse, reuse_tokens, snapshot_at, sampling))
-    Prefilled(snapshots={offset: payload, ...}, num_computed_tokens)   # first item, always
+    PrefillProgress(num_done_tokens, num_total_tokens)                 # zero or more
+    Prefilled(snapshots={offset: payload, ...}, num_computed_tokens)   # always, once
     TokenOut(token_id)                                                 # zero or more
     Stopped(reason)                                                    # last item
     gen.close()                                                        # cancels at any point
@@ -20,7 +21,7 @@ from typing import Literal, Protocol
 
 from promptcache.core.chatformat import ChatFormat
 from promptcache.core.layout import Tokenizer
-from promptcache.core.payload import KVPayload
+from promptcache.core.payload import KVCodec, KVPayload
 from promptcache.core.request import Sampling
 
 
@@ -59,6 +60,15 @@ class EngineRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefillProgress:
+    """A prefill chunk is done; more follow. Long prompts prefill over many steps, so other
+    requests keep streaming meanwhile and a cancelled request stops within one chunk."""
+
+    num_done_tokens: int
+    num_total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class Prefilled:
     """The prompt is processed. ``num_computed_tokens`` counts tokens actually prefilled."""
 
@@ -80,15 +90,17 @@ class Stopped:
     reason: Literal["end_turn", "max_tokens", "model_context_window_exceeded"]
 
 
-EngineEvent = Prefilled | TokenOut | Stopped
+EngineEvent = PrefillProgress | Prefilled | TokenOut | Stopped
 
 
 class Engine(Protocol):
     """A model runtime. Not thread-safe: the service calls it from one worker thread.
 
     ``generate`` returns a generator that does no work until first advanced. Payloads it yields
-    are immutable: restoring one never changes it (spec §1.5). Closing the generator frees its
-    working state. Errors raised while advancing it are reported to that request only.
+    are immutable: restoring one never changes it (spec §1.5). A snapshot may share pages with
+    ``request.reuse`` and with the other snapshots of the same call (``KVPayload.parts``).
+    Closing the generator frees its working state. Errors raised while advancing it are reported
+    to that request only.
     """
 
     @property
@@ -100,6 +112,11 @@ class Engine(Protocol):
     @property
     def chat_format(self) -> ChatFormat: ...
 
+    @property
+    def kv_codec(self) -> KVCodec:
+        """Moves this engine's payloads between device memory, host memory and files."""
+        ...
+
     def generate(self, request: EngineRequest) -> Generator[EngineEvent, None, None]: ...
 
 
@@ -108,6 +125,7 @@ __all__ = [
     "EngineEvent",
     "EngineInfo",
     "EngineRequest",
+    "PrefillProgress",
     "Prefilled",
     "Stopped",
     "TokenOut",

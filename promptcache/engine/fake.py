@@ -3,16 +3,24 @@
 Its "KV state" is a chain of SHA-256 digests over the tokens, so a restored prefix must be the
 right one: restoring a payload whose tokens differ from the prompt raises, and the generated
 text depends on every prompt token, exactly as with a real model. It counts prefilled tokens.
+
+Like the HF engine it stores KV in pages shared by nested snapshots (``FakePayload.parts``), and
+``FakeCodec`` writes real files with a checksum, so tier and persistence tests need no torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import threading
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from promptcache.core.chatformat import PLAIN, ChatFormat
+from promptcache.core.payload import CorruptPayload, KVPayload, PartId, new_part_id
 from promptcache.core.tokenizer import ByteTokenizer
 from promptcache.engine.base import (
     EngineEvent,
@@ -28,11 +36,24 @@ _ALPHABET = b"abcdefghijklmnopqrstuvwxyz     ."
 
 @dataclass(frozen=True, slots=True)
 class FakePayload:
-    """The token ids and chained states of a prefix; ``nbytes`` is what a real KV would take."""
+    """The token ids and chained states of a prefix; ``nbytes`` is what a real KV would take.
+
+    Its bytes come in pages of ``page_tokens``: ``page_ids`` name the complete pages (shared with
+    nested payloads of the same prompt) and ``tail_id`` the partial last one (its own).
+    """
 
     tokens: tuple[int, ...]
     states: tuple[bytes, ...]
     bytes_per_token: int
+    page_ids: tuple[PartId, ...]
+    page_tokens: int
+    tail_id: PartId
+
+    def __post_init__(self) -> None:
+        if len(self.page_ids) != len(self.tokens) // self.page_tokens:
+            raise ValueError("page_ids must name every complete page")
+        if len(self.states) != len(self.tokens) + 1:
+            raise ValueError("states must hold the state before and after every token")
 
     @property
     def num_tokens(self) -> int:
@@ -41,6 +62,102 @@ class FakePayload:
     @property
     def nbytes(self) -> int:
         return self.num_tokens * self.bytes_per_token
+
+    @property
+    def parts(self) -> list[tuple[PartId, int]]:
+        page = self.page_tokens * self.bytes_per_token
+        parts = [(page_id, page) for page_id in self.page_ids]
+        rest = self.num_tokens % self.page_tokens
+        if rest:
+            parts.append((self.tail_id, rest * self.bytes_per_token))
+        return parts
+
+
+_MAGIC = b"PCFAKEKV1\n"
+
+
+class FakeCodec:
+    """Files for ``FakePayload``: a magic line, a length-prefixed JSON header (metadata, tokens,
+    page ids, body checksum) and a body of the states padded to ``nbytes``, so a file is about
+    the size a real KV would be. Memory tiers are all host memory: moves return the payload."""
+
+    suffix = ".fakekv"
+
+    def to_host(self, payload: KVPayload) -> KVPayload:
+        return payload
+
+    def to_device(self, payload: KVPayload) -> KVPayload:
+        return payload
+
+    def save(self, payload: KVPayload, path: Path, metadata: Mapping[str, str]) -> None:
+        if not isinstance(payload, FakePayload):
+            raise TypeError("FakeCodec saves only FakePayload")
+        body = b"".join(payload.states)
+        body += bytes(max(0, payload.nbytes - len(body)))
+        header = json.dumps(
+            {
+                "metadata": dict(metadata),
+                "tokens": list(payload.tokens),
+                "bytes_per_token": payload.bytes_per_token,
+                "page_ids": list(payload.page_ids),
+                "page_tokens": payload.page_tokens,
+                "tail_id": payload.tail_id,
+                "body_bytes": len(body),
+                "sha256": hashlib.sha256(body).hexdigest(),
+            }
+        ).encode()
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with tmp.open("wb") as f:
+                f.write(_MAGIC + len(header).to_bytes(8, "little") + header + body)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def read_metadata(self, path: Path) -> dict[str, str]:
+        header, _ = self._open(path, with_body=False)
+        return {str(k): str(v) for k, v in header["metadata"].items()}
+
+    def load(self, path: Path) -> FakePayload:
+        header, body = self._open(path, with_body=True)
+        if hashlib.sha256(body).hexdigest() != header["sha256"]:
+            raise CorruptPayload(f"{path.name}: checksum mismatch")
+        try:
+            n = len(header["tokens"])
+            states = tuple(body[i * 32 : (i + 1) * 32] for i in range(n + 1))
+            return FakePayload(
+                tuple(int(t) for t in header["tokens"]),
+                states,
+                int(header["bytes_per_token"]),
+                tuple(int(i) for i in header["page_ids"]),
+                int(header["page_tokens"]),
+                int(header["tail_id"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptPayload(f"{path.name}: {exc}") from exc
+
+    def _open(self, path: Path, *, with_body: bool) -> tuple[dict[str, Any], bytes]:
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                prefix = f.read(len(_MAGIC) + 8)
+                if len(prefix) < len(_MAGIC) + 8 or not prefix.startswith(_MAGIC):
+                    raise CorruptPayload(f"{path.name}: not a fake KV file")
+                length = int.from_bytes(prefix[len(_MAGIC) :], "little")
+                if length > size:
+                    raise CorruptPayload(f"{path.name}: header longer than the file")
+                header = json.loads(f.read(length))
+                if not isinstance(header, dict):
+                    raise CorruptPayload(f"{path.name}: bad header")
+                if size != len(prefix) + length + int(header["body_bytes"]):
+                    raise CorruptPayload(f"{path.name}: truncated or padded")
+                body = f.read() if with_body else b""
+        except OSError as exc:
+            raise CorruptPayload(f"{path.name}: {exc}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptPayload(f"{path.name}: bad header ({exc})") from exc
+        return header, body
 
 
 def _step(state: bytes, token: int) -> bytes:
@@ -58,22 +175,28 @@ class FakeEngine:
         reply_tokens: int = 12,
         fail_after_prefill: bool = False,
         prefill_gate: threading.Event | None = None,
+        kv_page_tokens: int = 64,
+        device: str = "cpu",
     ) -> None:
+        """``device`` is a label only (payloads are Python objects): ``"cuda"`` makes the service
+        build a device tier above host memory, for tier tests."""
         self._tokenizer = ByteTokenizer()
         self._info = EngineInfo(
             model_id="fake",
             revision="fake-1",
             max_context_tokens=max_context_tokens,
-            device="cpu",
+            device=device,
             dtype="none",
             kv_bytes_per_token=kv_bytes_per_token,
         )
         self.reply_tokens = reply_tokens
         self.fail_after_prefill = fail_after_prefill
         self.prefill_gate = prefill_gate
-        """When set, every prefill waits for this event: tests use it to hold a writer mid-flight."""
+        """When set, each prefill waits for this event: tests hold a writer mid-flight with it."""
         self.num_prefill_tokens_total = 0
         self.eos_id = self._tokenizer.token_id("<end_of_turn>")
+        self.page_tokens = kv_page_tokens
+        self._codec = FakeCodec()
 
     @property
     def info(self) -> EngineInfo:
@@ -87,11 +210,16 @@ class FakeEngine:
     def chat_format(self) -> ChatFormat:
         return PLAIN
 
+    @property
+    def kv_codec(self) -> FakeCodec:
+        return self._codec
+
     def generate(self, request: EngineRequest) -> Generator[EngineEvent, None, None]:
         if self.prefill_gate is not None:
             self.prefill_gate.wait(timeout=60)
         tokens = list(request.tokens)
         states: list[bytes] = [b"\x00" * 32]
+        pages: list[PartId] = []  # complete pages of this prompt, shared by its snapshots
         if request.reuse is not None and request.reuse_tokens > 0:
             payload = request.reuse
             if not isinstance(payload, FakePayload):
@@ -99,6 +227,8 @@ class FakeEngine:
             if list(payload.tokens[: request.reuse_tokens]) != tokens[: request.reuse_tokens]:
                 raise AssertionError("restored prefix does not match the prompt")
             states = list(payload.states[: request.reuse_tokens + 1])
+            if payload.page_tokens == self.page_tokens:
+                pages = list(payload.page_ids[: request.reuse_tokens // self.page_tokens])
         end = len(tokens)
         if request.sampling.max_tokens == 0:
             end = max(request.snapshot_at, default=len(states) - 1)
@@ -106,12 +236,18 @@ class FakeEngine:
         for token in tokens[start:end]:
             states.append(_step(states[-1], token))
         self.num_prefill_tokens_total += max(0, end - start)
-        snapshots = {
-            offset: FakePayload(
-                tuple(tokens[:offset]), tuple(states[: offset + 1]), self._info.kv_bytes_per_token
+        snapshots: dict[int, KVPayload] = {}
+        for offset in sorted(request.snapshot_at):
+            num_pages = offset // self.page_tokens
+            pages += [new_part_id() for _ in range(num_pages - len(pages))]
+            snapshots[offset] = FakePayload(
+                tuple(tokens[:offset]),
+                tuple(states[: offset + 1]),
+                self._info.kv_bytes_per_token,
+                tuple(pages[:num_pages]),
+                self.page_tokens,
+                new_part_id(),
             )
-            for offset in request.snapshot_at
-        }
         yield Prefilled(snapshots, max(0, end - start))
         if request.sampling.max_tokens == 0:
             yield Stopped("max_tokens")
@@ -144,4 +280,4 @@ def fake_tokens(tokens: Sequence[int]) -> bytes:
     return state
 
 
-__all__ = ["FakeEngine", "FakePayload", "fake_tokens"]
+__all__ = ["FakeCodec", "FakeEngine", "FakePayload", "fake_tokens"]

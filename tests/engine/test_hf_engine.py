@@ -315,3 +315,21 @@ def test_cuda_unavailable_is_a_clear_error() -> None:
         pytest.skip("CUDA is available here")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         build_tiny_engine("llama", device="cuda")
+
+
+def test_long_prefill_runs_in_steps_that_can_be_cancelled() -> None:
+    from promptcache.engine.base import PrefillProgress
+    from promptcache.engine.hf.testing import build_tiny_engine
+
+    engine = build_tiny_engine("llama", prefill_chunk_tokens=16)
+    tokens = random_prompt(70, seed=3)
+    events = run_all(engine, EngineRequest(tokens, greedy(2)), progress=True)
+    progress = [e for e in events if isinstance(e, PrefillProgress)]
+    assert [p.num_done_tokens for p in progress] == [16, 32, 48, 64]
+    assert all(p.num_total_tokens == 70 for p in progress)
+    # Closing the generator between chunks stops the prefill there.
+    before = engine.num_prefill_tokens_total
+    steps = engine.generate(EngineRequest(tokens, greedy(2)))
+    assert isinstance(next(steps), PrefillProgress)
+    steps.close()
+    assert engine.num_prefill_tokens_total - before == 16

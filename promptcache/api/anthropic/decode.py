@@ -32,7 +32,7 @@ from promptcache.api.anthropic.schema import (
     TextBlock,
 )
 from promptcache.api.http import bearer_token
-from promptcache.api.wire import json_object
+from promptcache.api.wire import json_object, string_metadata
 from promptcache.core.request import Block, ChatRequest, Message, Sampling
 from promptcache.errors import InvalidRequest
 from promptcache.types import Role, TenantId
@@ -66,13 +66,17 @@ def check_version(headers: Mapping[str, str]) -> None:
 # -- body ------------------------------------------------------------------------------------------
 
 
-def decode_messages(body: bytes, *, tenant: TenantId, count_only: bool = False) -> ChatRequest:
+def decode_messages(
+    body: bytes | Mapping[str, Any], *, tenant: TenantId, count_only: bool = False
+) -> ChatRequest:
     """Decode a Messages (or, with ``count_only``, a count_tokens) body into a ``ChatRequest``.
 
-    ``model`` is the name the client sent; responses echo it. Raises ``InvalidRequest`` with a
-    hosted-style ``<path>: <problem>`` message for the first thing wrong with the body.
+    ``body`` is the raw bytes or an already parsed object (Bedrock InvokeModel passes its body
+    with the URL's model id added). ``model`` is the name the client sent; responses echo it.
+    Raises ``InvalidRequest`` with a hosted-style ``<path>: <problem>`` message for the first
+    thing wrong with the body.
     """
-    data = json_object(body)
+    data = body if isinstance(body, Mapping) else json_object(body)
     wire = validate(CountTokensBody if count_only else MessagesBody, data, "")
     # Built in render order, so the first bad block reported is the first in the prompt.
     tools = tuple(_tool(raw, f"tools.{i}") for i, raw in enumerate(wire.tools or ()))
@@ -94,7 +98,7 @@ def decode_messages(body: bytes, *, tenant: TenantId, count_only: bool = False) 
         request,
         sampling=_sampling(wire),
         stream=bool(wire.stream),
-        metadata=_metadata(wire.metadata),
+        metadata=string_metadata(wire.metadata),
     )
 
 
@@ -109,11 +113,6 @@ def _sampling(wire: MessagesBody) -> Sampling:
         stop_sequences=tuple(wire.stop_sequences or ()),
         **{name: value for name, value in optional.items() if value is not None},
     )
-
-
-def _metadata(metadata: dict[str, Any] | None) -> dict[str, str]:
-    # Informational only (e.g. ``user_id``): it never selects a cache namespace (§1.12).
-    return {key: value for key, value in (metadata or {}).items() if isinstance(value, str)}
 
 
 _PREWARM_CONFLICTS: Final[tuple[tuple[str, Callable[[MessagesBody], bool]], ...]] = (

@@ -44,9 +44,9 @@ def _random_id(prefix: str, length: int = 24) -> str:
     return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
 
 
-def new_message_id() -> str:
-    """A fresh ``msg_<24 alphanumerics>`` id."""
-    return _random_id("msg_")
+def new_message_id(prefix: str = "msg_") -> str:
+    """A fresh ``msg_<24 alphanumerics>`` id (Bedrock InvokeModel uses ``msg_bdrk_``)."""
+    return _random_id(prefix)
 
 
 def new_request_id() -> str:

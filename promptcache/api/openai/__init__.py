@@ -12,7 +12,6 @@ envelope, and every response carries ``x-request-id``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Final, Protocol
 
@@ -23,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 from promptcache.api.events import collect
 from promptcache.api.http import read_body
 from promptcache.api.openai.decode import ChatCall, credentials, decode_chat, wants_rounding
-from promptcache.api.openai.encode import ChunkEncoder, completion_json, new_completion_id
+from promptcache.api.openai.encode import ChunkEncoder, Completion, completion_json
 from promptcache.api.openai.errors import error_json, error_response
 from promptcache.api.streaming import (
     EventStreamResponse,
@@ -111,18 +110,16 @@ class _Handlers:
         request_id = new_id("req_")
         try:
             call = await self._admit(request)
-            encoder = ChunkEncoder(
-                model=call.request.model,
-                completion_id=new_completion_id(),
-                created=int(time.time()),
-                include_usage=call.include_usage,
-                round_cached=self.round_cached_tokens or wants_rounding(request.headers),
-            )
+            completion = Completion.new(call.request.model)
+            round_cached = self.round_cached_tokens or wants_rounding(request.headers)
             events = self.service.generate(call.request, OPENAI_RULES)
             headers = {"x-request-id": request_id}
             if call.request.stream:
                 # Validation errors arrive on the first step: taken before the status line.
                 first = await first_event(request.receive, events)
+                encoder = ChunkEncoder(
+                    completion, include_usage=call.include_usage, round_cached=round_cached
+                )
                 return EventStreamResponse(
                     _frames(first, events, encoder),
                     headers=headers,
@@ -130,13 +127,7 @@ class _Handlers:
                     keepalive_s=self.keepalive_s,
                 )
             result = collect(await drain(request.receive, events))
-            body = completion_json(
-                result,
-                model=encoder.model,
-                completion_id=encoder.completion_id,
-                created=encoder.created,
-                round_cached=encoder.round_cached,
-            )
+            body = completion_json(result, completion, round_cached=round_cached)
             return JSONResponse(body, headers=headers)
         except Exception as exc:
             _log_unexpected(exc)
@@ -163,7 +154,8 @@ class _Handlers:
         # portkey-ai SDK always sends its inner OpenAI client's placeholder bearer token
         # ("OPENAI_API_KEY") beside it, so it is also tried when the bearer token is unknown.
         # Either way the key must be a configured one: no header can pick a tenant (§1.12).
-        candidates = [key for key in (token, portkey_key) if key is not None] or [None]
+        candidates: list[str | None] = [key for key in (token, portkey_key) if key is not None]
+        candidates = candidates or [None]
         for credential in candidates:
             try:
                 return self.service.authenticate(credential)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from promptcache.api.http import bearer_token
 from promptcache.api.openai.parts import Markers, sections, tool_block
 from promptcache.api.openai.schema import ChatBody
-from promptcache.api.wire import json_object, validate
+from promptcache.api.wire import json_object, string_metadata, validate
 from promptcache.core.request import CacheMark, ChatRequest, Sampling
 from promptcache.errors import InvalidRequest
 from promptcache.types import TenantId, Ttl
@@ -87,7 +87,7 @@ def decode_chat(body: bytes, *, tenant: TenantId) -> ChatCall:
         tenant=tenant,
         partition=wire.prompt_cache_key or "",
         stream=bool(wire.stream),
-        metadata=_metadata(wire.metadata),
+        metadata=string_metadata(wire.metadata),
     )
     include_usage = bool(wire.stream and wire.stream_options and wire.stream_options.include_usage)
     return ChatCall(request, include_usage=include_usage)
@@ -113,11 +113,6 @@ def _sampling(wire: ChatBody) -> Sampling:
         stop_sequences=stop,
         seed=wire.seed,
     )
-
-
-def _metadata(metadata: dict[str, Any] | None) -> dict[str, str]:
-    # Informational only: it never selects a cache namespace (§1.12).
-    return {key: value for key, value in (metadata or {}).items() if isinstance(value, str)}
 
 
 __all__ = [

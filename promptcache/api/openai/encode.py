@@ -15,6 +15,8 @@ written (checklist item 42).
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Final
 
 from promptcache.core.output import new_id
@@ -50,9 +52,22 @@ _NO_COMPLETION_DETAILS: Final = {
 }
 
 
-def new_completion_id() -> str:
-    """A fresh ``chatcmpl-<24 alphanumerics>`` id."""
-    return new_id("chatcmpl-")
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What every body or chunk of one completion repeats: its id, creation time and model."""
+
+    id: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, model: str) -> Completion:
+        """A fresh ``chatcmpl-<24 alphanumerics>`` id, created now, echoing ``model``."""
+        return cls(new_id("chatcmpl-"), int(time.time()), model)
+
+    def head(self, kind: str) -> Json:
+        """The leading fields of an object of type ``kind``."""
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
 def usage_json(usage: CacheUsage, *, round_cached: bool = False) -> Json:
@@ -87,9 +102,7 @@ def tool_call_json(call: ToolCallOut) -> Json:
     }
 
 
-def completion_json(
-    result: ChatResult, *, model: str, completion_id: str, created: int, round_cached: bool
-) -> Json:
+def completion_json(result: ChatResult, completion: Completion, *, round_cached: bool) -> Json:
     """The non-streaming response body: one choice."""
     text = "".join(piece.text for piece in result.content if isinstance(piece, TextOut))
     calls = [tool_call_json(piece) for piece in result.content if isinstance(piece, ToolCallOut)]
@@ -108,10 +121,7 @@ def completion_json(
         "finish_reason": FINISH_REASONS[result.stop_reason],
     }
     return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
+        **completion.head("chat.completion"),
         "choices": [choice],
         "usage": usage_json(result.usage, round_cached=round_cached),
     }
@@ -126,18 +136,8 @@ class ChunkEncoder:
     every other chunk has ``"usage": null``; without it no chunk has a ``usage`` key.
     """
 
-    def __init__(
-        self,
-        *,
-        model: str,
-        completion_id: str,
-        created: int,
-        include_usage: bool,
-        round_cached: bool,
-    ) -> None:
-        self.model = model
-        self.completion_id = completion_id
-        self.created = created
+    def __init__(self, completion: Completion, *, include_usage: bool, round_cached: bool) -> None:
+        self.completion = completion
         self.include_usage = include_usage
         self.round_cached = round_cached
         self.is_started = False
@@ -161,32 +161,27 @@ class ChunkEncoder:
         chunks = [self._chunk({}, finish_reason=FINISH_REASONS[event.stop_reason])]
         if self.include_usage:
             usage = usage_json(event.usage, round_cached=self.round_cached)
-            chunks.append({**self._base(), "choices": [], "usage": usage})
+            chunks.append({**self._head(), "choices": [], "usage": usage})
         return chunks
 
     def _chunk(self, delta: Json, finish_reason: str | None = None) -> Json:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        chunk = {**self._base(), "choices": [choice]}
+        chunk = {**self._head(), "choices": [choice]}
         if self.include_usage:
             chunk["usage"] = None
         return chunk
 
-    def _base(self) -> Json:
-        return {
-            "id": self.completion_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-        }
+    def _head(self) -> Json:
+        return self.completion.head("chat.completion.chunk")
 
 
 __all__ = [
     "FINISH_REASONS",
     "ROUNDING_TOKENS",
     "ChunkEncoder",
+    "Completion",
     "Json",
     "completion_json",
-    "new_completion_id",
     "tool_call_json",
     "usage_json",
 ]

@@ -135,9 +135,10 @@ def _message(raw: RawItem, path: str, markers: Markers) -> tuple[str, list[Block
             code="invalid_value",
         )
     message = validate(_MESSAGES[role], raw, path)
-    is_tool = isinstance(message, ToolMessage)
-    ref_id = message.tool_call_id if isinstance(message, ToolMessage) else ""
-    kind: BlockKind = "tool_result" if is_tool else "text"
+    kind: BlockKind = "text"
+    ref_id = ""
+    if isinstance(message, ToolMessage):
+        kind, ref_id = "tool_result", message.tool_call_id
     content = message.content
     if isinstance(message, AssistantMessage):
         if content is None and message.refusal is not None:
@@ -152,10 +153,10 @@ def _message(raw: RawItem, path: str, markers: Markers) -> tuple[str, list[Block
     if mark is not None and blocks:
         # A message-level marker marks the message's last block (project decision, §4.3).
         last = blocks[-1]
-        if last.kind == "text" and last.text == "":
-            if isinstance(content, str):
-                raise _empty_text(f"{path}.content")
-            raise _empty_text(f"{path}.content.{len(content or ()) - 1}.text")
+        if isinstance(content, list) and len(blocks) == len(content) and last.text == "":
+            raise _empty_text(f"{path}.content.{len(content) - 1}.text")
+        if isinstance(content, str) and last.kind == "text" and last.text == "":
+            raise _empty_text(f"{path}.content")
         blocks[-1] = replace(last, mark=mark)
     return role, blocks
 
@@ -180,11 +181,11 @@ def _content(
 
 def _part(raw: RawItem, path: str, markers: Markers, allowed: tuple[str, ...]) -> Block:
     kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind in allowed and kind in _MEDIA:
+        # The served models read text only; the spec's media rules (§2.2) wait for one that
+        # does not. Rejecting beats silently dropping what the client meant the model to see.
+        raise InvalidRequest(f"{path}: {kind} content is not supported by this model", param=path)
     if kind not in allowed:
-        if kind in _MEDIA:
-            raise InvalidRequest(
-                f"{path}: {kind} content is not supported by this model", param=path
-            )
         expected = " or ".join(f"'{name}'" for name in allowed)
         problem = "Field required" if kind is None else f"Input should be {expected}"
         raise InvalidRequest(f"{path}.type: {problem}", param=f"{path}.type", code="invalid_value")

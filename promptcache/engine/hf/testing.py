@@ -15,12 +15,21 @@ import torch
 
 from promptcache.core.chatformat import PLAIN
 from promptcache.core.tokenizer import ByteTokenizer
-from promptcache.engine.base import Engine, EngineEvent, EngineRequest, Prefilled, Stopped, TokenOut
+from promptcache.engine.base import (
+    Engine,
+    EngineEvent,
+    EngineRequest,
+    PrefillProgress,
+    Prefilled,
+    Stopped,
+    TokenOut,
+)
 from promptcache.engine.hf.engine import HFEngine
 
 TinyKind = Literal["llama", "gemma3"]
 TINY_SLIDING_WINDOW = 16
 TINY_LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention")
+TINY_PAGE_TOKENS = 32
 
 
 def build_tiny_model(kind: str, *, seed: int = 0, **config: Any) -> Any:
@@ -81,8 +90,12 @@ def build_tiny_engine(
     stop_token_ids: Collection[int] | None = None,
     device: str = "cpu",
     prefill_chunk_tokens: int = 64,
+    kv_page_tokens: int = TINY_PAGE_TOKENS,
 ) -> HFEngine:
-    """An ``HFEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``)."""
+    """An ``HFEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``).
+
+    Pages are small (``TINY_PAGE_TOKENS``) so that short test prompts span several.
+    """
     tokenizer = ByteTokenizer()
     model = build_tiny_model(kind, seed=seed)
     if stop_token_ids is None:
@@ -97,6 +110,7 @@ def build_tiny_engine(
         stop_token_ids=stop_token_ids,
         device=device,
         prefill_chunk_tokens=prefill_chunk_tokens,
+        kv_page_tokens=kv_page_tokens,
     )
 
 
@@ -106,17 +120,22 @@ def random_prompt(n: int, seed: int = 1) -> list[int]:
     return [rng.randrange(256) for _ in range(n)]
 
 
-def run_all(engine: Engine, request: EngineRequest) -> list[EngineEvent]:
-    """Every event of one generation."""
-    return list(engine.generate(request))
+def run_all(
+    engine: Engine, request: EngineRequest, *, progress: bool = False
+) -> list[EngineEvent]:
+    """Every event of one generation (``PrefillProgress`` only when ``progress``)."""
+    events = list(engine.generate(request))
+    return events if progress else [e for e in events if not isinstance(e, PrefillProgress)]
 
 
 def prefilled(events: Sequence[EngineEvent]) -> Prefilled:
-    """The leading ``Prefilled`` event (asserting it is there)."""
-    first = events[0]
-    if not isinstance(first, Prefilled):
-        raise AssertionError(f"first event is {first!r}, not Prefilled")
-    return first
+    """The ``Prefilled`` event, after any ``PrefillProgress`` (asserting that order)."""
+    for event in events:
+        if isinstance(event, Prefilled):
+            return event
+        if not isinstance(event, PrefillProgress):
+            raise AssertionError(f"{event!r} before Prefilled")
+    raise AssertionError("no Prefilled event")
 
 
 def token_ids(events: Sequence[EngineEvent]) -> list[int]:
@@ -132,6 +151,7 @@ def stop_reason(events: Sequence[EngineEvent]) -> str:
 
 
 __all__ = [
+    "TINY_PAGE_TOKENS",
     "TINY_SLIDING_WINDOW",
     "TinyKind",
     "build_tiny_engine",

@@ -197,7 +197,11 @@ def test_every_response_has_a_fresh_request_id(client: TestClient) -> None:
 
 
 async def drive(
-    app: Starlette, payload: dict[str, Any], on_send: Any, disconnect: anyio.Event
+    app: Starlette,
+    payload: dict[str, Any],
+    on_send: Any,
+    disconnect: anyio.Event,
+    path: str = "/v1/messages",
 ) -> None:
     """Run one request against ``app``; ``receive`` reports a disconnect once ``disconnect``."""
     raw = json.dumps(payload).encode()
@@ -207,8 +211,8 @@ async def drive(
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/v1/messages",
-        "raw_path": b"/v1/messages",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "server": ("test", 80),

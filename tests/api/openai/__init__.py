@@ -1,0 +1,1 @@
+"""Tests of the OpenAI Chat Completions adapter."""
