@@ -2,7 +2,8 @@
 environment variables and a TOML file (in that order of precedence), then passed down.
 
 TOML keys are the flag names with underscores, at the top level or in ``[server]``; the tables
-``[api_keys]`` (key = tenant) and ``[aliases]`` (name = served model) map credentials and names::
+``[api_keys]`` (key = tenant) and ``[aliases]`` (name = served model) map credentials and names,
+and ``[aws_credentials]`` (access key id = "secret=tenant") holds Bedrock clients' SigV4 keys::
 
     port = 8000
     model = "/models/my-model"
@@ -47,14 +48,30 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    """The prefix store's budget and the served model's caching limits (spec §1.8, §1.13)."""
+    """The prefix store's tiers and the served model's caching limits (spec §1.8, §1.13).
+
+    ``capacity_bytes`` is the budget in the engine's memory (GPU memory on CUDA, RAM on CPU);
+    ``host_capacity_bytes`` adds a RAM tier below the GPU (CUDA only, 0 = none); with
+    ``disk_dir`` set, entries are demoted to files there and survive a restart.
+    """
 
     capacity_bytes: int = 4 << 30
+    host_capacity_bytes: int = 0
+    disk_dir: Path | None = None
+    disk_capacity_bytes: int = 16 << 30
     min_cacheable_tokens: int = 1024
     max_cacheable_tokens: int | None = None
     tool_cache_points: bool = True
     ttl_1h: bool = True
     inflight_wait_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AwsCredential:
+    """A SigV4 secret access key and the tenant of its access key id (spec §5.1)."""
+
+    secret_access_key: str = field(repr=False)
+    tenant: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +83,7 @@ class ApiConfig:
     served_model_name: str | None = None
     aliases: Mapping[str, str] = field(default_factory=dict)
     api_keys: Mapping[str, str] = field(default_factory=dict)
+    aws_credentials: Mapping[str, AwsCredential] = field(default_factory=dict)
     admin_keys: frozenset[str] = frozenset()
     max_body_bytes: int = 32 << 20
     openai_round_cached_tokens: bool = False
@@ -121,6 +139,25 @@ def _pairs(value: str | Mapping[str, str]) -> dict[str, str]:
     return result
 
 
+def _aws_credentials(value: str | Mapping[str, str]) -> dict[str, AwsCredential]:
+    """``"AKID:SECRET=tenant,..."`` or a TOML table ``AKID = "SECRET=tenant"`` -> credentials.
+
+    Errors never quote the value: it holds secrets.
+    """
+    if isinstance(value, str):
+        items = [item.strip().partition(":") for item in value.split(",") if item.strip()]
+        if any(not sep for _, sep, _ in items):
+            raise ConfigError("aws_credentials: expected ACCESS_KEY_ID:SECRET=tenant,...")
+        value = {key_id: rest for key_id, _, rest in items}
+    credentials: dict[str, AwsCredential] = {}
+    for key_id, rest in value.items():
+        secret, sep, tenant = str(rest).rpartition("=")
+        if not (key_id.strip() and sep and secret.strip() and tenant.strip()):
+            raise ConfigError(f"aws_credentials: expected SECRET=tenant for {key_id.strip()!r}")
+        credentials[key_id.strip()] = AwsCredential(secret.strip(), tenant.strip())
+    return credentials
+
+
 def _keyset(value: str | list[str]) -> frozenset[str]:
     items = value if isinstance(value, list) else value.split(",")
     return frozenset(s.strip() for s in items if s.strip())
@@ -128,6 +165,10 @@ def _keyset(value: str | list[str]) -> frozenset[str]:
 
 def _opt_int(value: str | int | None) -> int | None:
     return None if value in (None, "", "none") else int(value)
+
+
+def _opt_path(value: str | Path | None) -> Path | None:
+    return None if value in (None, "", "none") else Path(value).expanduser()
 
 
 # option name -> (section, field, parser). The option name is the CLI flag, TOML key and
@@ -138,6 +179,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "served_model_name": ("api", "served_model_name", str),
     "aliases": ("api", "aliases", _pairs),
     "api_keys": ("api", "api_keys", _pairs),
+    "aws_credentials": ("api", "aws_credentials", _aws_credentials),
     "admin_keys": ("api", "admin_keys", _keyset),
     "engine": ("engine", "kind", str),
     "model": ("engine", "model", str),
@@ -147,6 +189,9 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "max_context_tokens": ("engine", "max_context_tokens", _opt_int),
     "model_cache_dir": ("engine", "model_cache_dir", Path),
     "cache_memory": ("cache", "capacity_bytes", parse_bytes),
+    "host_cache_memory": ("cache", "host_capacity_bytes", parse_bytes),
+    "disk_cache_dir": ("cache", "disk_dir", _opt_path),
+    "disk_cache_size": ("cache", "disk_capacity_bytes", parse_bytes),
     "min_cacheable_tokens": ("cache", "min_cacheable_tokens", int),
     "max_cacheable_tokens": ("cache", "max_cacheable_tokens", _opt_int),
     "tool_cache_points": ("cache", "tool_cache_points", _bool),
@@ -229,6 +274,7 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "OPTIONS",
     "ApiConfig",
+    "AwsCredential",
     "CacheConfig",
     "ConfigError",
     "EngineConfig",

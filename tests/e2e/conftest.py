@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
+from botocore.config import Config
 
 from promptcache.api.server import BackgroundServer
 from promptcache.service import Service
@@ -25,3 +29,36 @@ def live_server_factory() -> Iterator[Callable[[Service], BackgroundServer]]:
     yield start
     for server in running:
         server.stop()
+
+
+BedrockConnect = Callable[[BackgroundServer, str, str], Any]
+"""(server, access key id, secret) -> a boto3 ``bedrock-runtime`` client for that server."""
+
+
+@pytest.fixture
+def bedrock_connect(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[BedrockConnect]:
+    """boto3 on loopback only (no IMDS, no profile or config files, no host bearer token); every
+    client is closed after the test, so no socket is left for the garbage collector to report in
+    a later test."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    for name in ("AWS_PROFILE", "AWS_BEARER_TOKEN_BEDROCK", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    clients: list[Any] = []
+
+    def connect(server: BackgroundServer, access_key: str, secret: str) -> Any:
+        client = boto3.client(
+            "bedrock-runtime",
+            region_name="us-east-1",
+            endpoint_url=server.base_url,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret,
+            config=Config(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=120),
+        )
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()

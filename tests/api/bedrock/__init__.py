@@ -1,0 +1,1 @@
+"""Tests of the Amazon Bedrock runtime adapter."""
