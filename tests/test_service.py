@@ -122,7 +122,7 @@ def test_second_breakpoint_miss_still_reads_through_first() -> None:  # checklis
 def test_changing_a_character_misses() -> None:  # checklist 19
     service = make_service()
     altered = chat(("user", [text("hi")]), system=[text("X" + SYSTEM[1:], "5m")])
-    first, second = ask(service, sys_request(), altered)
+    _first, second = ask(service, sys_request(), altered)
     assert second.usage.read_tokens == 0 and second.usage.written_total > 0
 
 
@@ -130,7 +130,7 @@ def test_hierarchy_tools_then_system_then_messages() -> None:  # checklist 20
     from promptcache.core.request import Block
 
     def req(tool_desc: str, question: str) -> ChatRequest:
-        tool = Block("tool", '{"name": "t", "description": "%s"}' % tool_desc, name="t")
+        tool = Block("tool", f'{{"name": "t", "description": "{tool_desc}"}}', name="t")
         return chat(
             ("user", [text(words(1200, 9)), text(question, "5m")]),
             system=[text(SYSTEM, "5m")],
@@ -138,7 +138,7 @@ def test_hierarchy_tools_then_system_then_messages() -> None:  # checklist 20
         )
 
     service = make_service()
-    first, new_question, new_tool = ask(service, req("a", "q1"), req("a", "q2"), req("b", "q1"))
+    _first, new_question, new_tool = ask(service, req("a", "q1"), req("a", "q2"), req("b", "q1"))
     system_end = service.prepare(req("a", "q1")).layout.blocks[1].end
     assert new_question.usage.read_tokens == system_end  # system entry still hits
     assert new_tool.usage.read_tokens == 0  # a tool change invalidates everything after it
@@ -282,7 +282,7 @@ def test_extending_a_prefix_keeps_the_original() -> None:  # checklist 70
 def test_eviction_is_a_miss_not_an_error() -> None:
     service = make_service(capacity_bytes=64 * 2100)  # room for one entry
     other = chat(("user", [text("hi")]), system=[text(words(2000, 1), "5m")])
-    first, _, again = ask(service, sys_request(), other, sys_request())
+    _first, _, again = ask(service, sys_request(), other, sys_request())
     assert again.usage.read_tokens == 0 and again.usage.written_total > 0
     service.store.check_integrity()
 

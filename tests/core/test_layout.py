@@ -33,7 +33,7 @@ request_st = st.builds(
         messages=tuple(msgs),
         sampling=Sampling(1),
         system=tuple(system),
-        tools=tuple(Block("tool", '{"name": "%d"}' % i, name=str(i)) for i in range(tools)),
+        tools=tuple(Block("tool", f'{{"name": "{i}"}}', name=str(i)) for i in range(tools)),
     ),
     st.lists(message_st, min_size=1, max_size=4),
     st.lists(st.builds(lambda t: Block("text", t), st.text(max_size=10)), max_size=2),

@@ -37,7 +37,7 @@ def cached_system() -> list[Any]:
 
 
 def test_cached_system_prompt_write_then_read(live_server_factory: Factory) -> None:
-    server, client = start(live_server_factory)
+    _server, client = start(live_server_factory)
     calls = [
         client.messages.create(
             model="claude-sonnet-5",
@@ -69,7 +69,7 @@ def test_cached_system_prompt_write_then_read(live_server_factory: Factory) -> N
 
 
 def test_multi_turn_with_moving_breakpoint(live_server_factory: Factory) -> None:
-    server, client = start(live_server_factory)
+    _server, client = start(live_server_factory)
     history: list[Any] = []
     usages = []
     for turn in range(3):
@@ -94,7 +94,7 @@ def test_multi_turn_with_moving_breakpoint(live_server_factory: Factory) -> None
 
 
 def test_automatic_caching_moves_forward(live_server_factory: Factory) -> None:
-    server, client = start(live_server_factory)
+    _server, client = start(live_server_factory)
     messages: list[Any] = [{"role": "user", "content": words(1300, 7)}]
     first = client.messages.create(
         model="m",
@@ -119,7 +119,7 @@ def test_automatic_caching_moves_forward(live_server_factory: Factory) -> None:
 
 
 def test_streaming_usage_matches_non_streaming(live_server_factory: Factory) -> None:
-    server, client = start(live_server_factory)
+    _server, client = start(live_server_factory)
     kwargs: dict[str, Any] = {
         "model": "m",
         "max_tokens": 10,
@@ -144,7 +144,7 @@ def test_streaming_usage_matches_non_streaming(live_server_factory: Factory) -> 
 
 
 def test_errors_in_anthropic_envelope(live_server_factory: Factory) -> None:
-    server, client = start(live_server_factory)
+    _server, client = start(live_server_factory)
     five = [
         {"type": "text", "text": f"part {i}", "cache_control": {"type": "ephemeral"}}
         for i in range(5)

@@ -19,8 +19,8 @@ from promptcache.engine.base import (
     Engine,
     EngineEvent,
     EngineRequest,
-    PrefillProgress,
     Prefilled,
+    PrefillProgress,
     Stopped,
     TokenOut,
 )
@@ -120,9 +120,7 @@ def random_prompt(n: int, seed: int = 1) -> list[int]:
     return [rng.randrange(256) for _ in range(n)]
 
 
-def run_all(
-    engine: Engine, request: EngineRequest, *, progress: bool = False
-) -> list[EngineEvent]:
+def run_all(engine: Engine, request: EngineRequest, *, progress: bool = False) -> list[EngineEvent]:
     """Every event of one generation (``PrefillProgress`` only when ``progress``)."""
     events = list(engine.generate(request))
     return events if progress else [e for e in events if not isinstance(e, PrefillProgress)]
