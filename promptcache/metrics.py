@@ -1,6 +1,6 @@
-"""Prometheus metrics: request counters and TTFT histograms kept as they happen, store gauges
-and eviction counts read at scrape time. Each ``Metrics`` has its own registry, so several
-services in one process (tests) never collide."""
+"""Prometheus metrics: request counters and TTFT histograms kept as they happen, per-tier store
+gauges and eviction, demotion and promotion counts read at scrape time. Each ``Metrics`` has its
+own registry, so several services in one process (tests) never collide."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 
 
 class _StoreCollector(Collector):
-    """Entries, bytes and evictions of the store, read when Prometheus scrapes."""
+    """Entries, bytes, evictions and moves of the store per tier, read when Prometheus scrapes."""
 
-    def __init__(self, stores: Callable[[], dict[str, PrefixStore]]) -> None:
-        self._stores = stores
+    def __init__(self, store: Callable[[], PrefixStore]) -> None:
+        self._store = store
 
     def collect(self) -> Iterator[Metric]:
         entries = GaugeMetricFamily(
@@ -37,19 +37,36 @@ class _StoreCollector(Collector):
             "Entries removed, by tier and reason (capacity = before its TTL ran out)",
             labels=["tier", "reason"],
         )
-        for tier, store in self._stores().items():
-            entries.add_metric([tier], len(store))
-            used.add_metric([tier], store.used_bytes)
-            capacity.add_metric([tier], store.capacity_bytes)
-            for reason, count in sorted(store.stats.evictions.items()):
-                evictions.add_metric([tier, reason], count)
-        yield from (entries, used, capacity, evictions)
+        demotions = CounterMetricFamily(
+            "promptcache_cache_demotions",
+            "Entries moved one tier down (or further, when full), by the tier they left and reason",
+            labels=["tier", "reason"],
+        )
+        promotions = CounterMetricFamily(
+            "promptcache_cache_promotions",
+            "Entries moved to the top tier on a hit, by the tier they left",
+            labels=["tier", "reason"],
+        )
+        store = self._store()
+        for tier in store.tiers:
+            entries.add_metric([tier.name], len(tier))
+            used.add_metric([tier.name], tier.used_bytes)
+            capacity.add_metric([tier.name], tier.capacity_bytes)
+        stats = store.stats
+        for family, counts in (
+            (evictions, stats.evictions),
+            (demotions, stats.demotions),
+            (promotions, stats.promotions),
+        ):
+            for (tier_name, reason), count in sorted(counts.items()):
+                family.add_metric([tier_name, reason], count)
+        yield from (entries, used, capacity, evictions, demotions, promotions)
 
 
 class Metrics:
     """The server's metrics; ``observe`` once per served request."""
 
-    def __init__(self, stores: Callable[[], dict[str, PrefixStore]]) -> None:
+    def __init__(self, store: Callable[[], PrefixStore]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "promptcache_requests",
@@ -85,7 +102,7 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StoreCollector(stores))
+        self.registry.register(_StoreCollector(store))
 
     def observe(self, usage: CacheUsage, *, restored: int, computed: int, ttft_s: float) -> None:
         outcome = "hit" if usage.read_tokens > 0 else "miss"

@@ -19,6 +19,10 @@ TenantId = NewType("TenantId", str)
 
 DEFAULT_TENANT: Final = TenantId("default")
 
+TierName = Literal["device", "host", "disk"]
+"""Where an entry's bytes sit: the engine's accelerator memory, host RAM, or files on disk. On a
+CPU engine the engine's memory is host RAM, so its stack is ``host`` then ``disk``."""
+
 Section = Literal["tools", "system", "messages"]
 Role = Literal["user", "assistant"]
 
@@ -30,5 +34,6 @@ __all__ = [
     "Role",
     "Section",
     "TenantId",
+    "TierName",
     "Ttl",
 ]

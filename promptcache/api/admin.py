@@ -56,7 +56,7 @@ def routes(service: Service) -> list[BaseRoute]:
                 "bytes": entry.nbytes,
                 "ttl": entry.ttl,
                 "ttl_left_s": round(max(0.0, entry.expires_at - now), 3),
-                "tier": "memory",
+                "tier": entry.tier,
                 "hits": entry.num_hits,
                 "pinned": entry.ref_cnt > 0,
                 "tenant": tenant_digest(entry.tenant),

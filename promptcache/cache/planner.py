@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
+from promptcache.cache.entry import Entry
 from promptcache.cache.policy import Breakpoint, ModelCachePolicy
-from promptcache.cache.store import Entry, PrefixStore
+from promptcache.cache.store import PrefixStore
 from promptcache.core.response import CacheUsage
 from promptcache.types import BlockHash, Ttl
 

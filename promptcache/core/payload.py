@@ -1,12 +1,31 @@
-"""The opaque handle to KV bytes that the cache layer stores and the engine produces.
+"""The opaque handle to KV bytes that the cache layer stores and the engine produces, and the codec
+that moves those bytes between tiers and files.
 
-The cache layer never looks inside a payload: it only needs its size to keep the budget, and the
-number of prompt tokens whose KV state it holds. The engine supplies the implementation.
+The cache layer never looks inside a payload: it needs its size to keep each tier's budget, the
+pieces it shares with other payloads (so shared bytes are counted once), and the number of prompt
+tokens whose KV state it holds. The engine supplies the implementation and its ``KVCodec``.
 """
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+PartId = int
+"""Names one piece of KV memory. Equal ids mean the same bytes, in whatever tier they sit."""
+
+
+def new_part_id() -> PartId:
+    """A fresh part id. Random, not counted: ids are written into files and must not collide with
+    those of an earlier process when a file is read back."""
+    return secrets.randbits(63)
+
+
+class CorruptPayload(Exception):
+    """A stored payload cannot be used: its file is missing, truncated, damaged, or was written by
+    another model layout. The caller treats the entry as a miss and removes it."""
 
 
 @runtime_checkable
@@ -20,8 +39,57 @@ class KVPayload(Protocol):
 
     @property
     def nbytes(self) -> int:
-        """Bytes the payload occupies in its tier, counted against the cache budget."""
+        """Bytes the payload references; the sum of its ``parts``."""
+        ...
+
+    @property
+    def parts(self) -> Sequence[tuple[PartId, int]]:
+        """The payload's memory as ``(part id, bytes)`` pieces.
+
+        Payloads of nested prefixes may share pieces (the pages of their common prefix): a tier
+        counts each part id once however many of its entries hold it. A copy to another tier keeps
+        the ids, and the codec never keeps two copies of one part in one kind of memory, so the
+        count is exact.
+        """
         ...
 
 
-__all__ = ["KVPayload"]
+class KVCodec(Protocol):
+    """Moves an engine's payloads between device memory, host memory and files.
+
+    Supplied by the engine (it alone knows the tensors); the cache layer decides when to call it.
+    Methods may run on a worker thread while the event loop uses other payloads; none of them
+    changes the payload it is given (payloads are immutable), they return new ones.
+    """
+
+    @property
+    def suffix(self) -> str:
+        """File name suffix of saved payloads, e.g. ``".safetensors"``."""
+        ...
+
+    def to_host(self, payload: KVPayload) -> KVPayload:
+        """The payload in host memory (itself when it is there already)."""
+        ...
+
+    def to_device(self, payload: KVPayload) -> KVPayload:
+        """The payload in the engine's device memory (itself when it is there already)."""
+        ...
+
+    def save(self, payload: KVPayload, path: Path, metadata: Mapping[str, str]) -> None:
+        """Write ``payload`` and ``metadata`` to ``path`` atomically (a temporary file named
+        ``<path>.tmp``, then a rename), with a checksum of the KV bytes. Raises ``OSError`` when
+        the write fails; no partial file is left at ``path``."""
+        ...
+
+    def load(self, path: Path) -> KVPayload:
+        """Read a payload saved by ``save`` into host memory, verifying its checksum and layout.
+        Raises ``CorruptPayload`` when the file is missing, truncated, damaged or foreign."""
+        ...
+
+    def read_metadata(self, path: Path) -> dict[str, str]:
+        """The ``metadata`` given to ``save``, reading only the file's header, after checking that
+        the file is as long as its header says. Raises ``CorruptPayload`` like ``load``."""
+        ...
+
+
+__all__ = ["CorruptPayload", "KVCodec", "KVPayload", "PartId", "new_part_id"]

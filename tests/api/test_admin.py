@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from starlette.testclient import TestClient
 
 from promptcache.api.app import build_app
-from promptcache.config import ApiConfig, ServerConfig
+from promptcache.config import ApiConfig, CacheConfig, ServerConfig
 from promptcache.engine.fake import FakeEngine
 from promptcache.service import Service
 from tests.conftest import words
@@ -42,8 +43,8 @@ def test_metrics_count_hits_misses_tokens_and_ttft() -> None:
     assert metric(text, 'promptcache_cache_written_tokens_total{ttl="5m"}') == written
     assert metric(text, "promptcache_prefill_tokens_saved_total") == written
     assert metric(text, 'promptcache_time_to_first_token_seconds_count{outcome="hit"}') == 1
-    assert metric(text, 'promptcache_cache_entries{tier="memory"}') == 1
-    assert metric(text, 'promptcache_cache_bytes{tier="memory"}') > 0
+    assert metric(text, 'promptcache_cache_entries{tier="host"}') == 1
+    assert metric(text, 'promptcache_cache_bytes{tier="host"}') > 0
 
 
 def test_entries_listing_and_clear_need_an_admin_key() -> None:
@@ -56,7 +57,7 @@ def test_entries_listing_and_clear_need_an_admin_key() -> None:
         assert listing.status_code == 200
         (entry,) = listing.json()["data"]
         assert entry["ttl"] == "5m" and 0 < entry["ttl_left_s"] <= 300
-        assert entry["tokens"] > 1024 and entry["tier"] == "memory" and entry["hits"] == 0
+        assert entry["tokens"] > 1024 and entry["tier"] == "host" and entry["hits"] == 0
         assert entry["tenant"] != "default" and len(entry["tenant"]) == 12
         cleared = client.delete("/v1/cache/entries", headers={"x-api-key": "root"})
         assert cleared.json() == {"cleared": 1}
@@ -67,3 +68,26 @@ def test_entries_listing_and_clear_need_an_admin_key() -> None:
 def test_admin_is_off_without_admin_keys() -> None:
     with TestClient(build_app(service())) as client:
         assert client.get("/v1/cache/entries").status_code == 403
+
+
+def test_metrics_and_listing_show_tiers_and_moves(tmp_path: Path) -> None:
+    config = replace(
+        ServerConfig(),
+        api=replace(ApiConfig(), admin_keys=frozenset({"root"})),
+        cache=replace(CacheConfig(), capacity_bytes=64 * 1600, disk_dir=tmp_path),
+    )
+    other = {**BODY, "system": [{**BODY["system"][0], "text": words(1400, 9)}]}  # type: ignore[index]
+    with TestClient(build_app(Service(FakeEngine(), config))) as client:
+        client.post("/v1/messages", headers=HEADERS, json=BODY)
+        client.post("/v1/messages", headers=HEADERS, json=other)  # pushes BODY's entry to disk
+        hit = client.post("/v1/messages", headers=HEADERS, json=BODY).json()["usage"]
+        text = client.get("/metrics").text
+        listing = client.get("/v1/cache/entries", headers={"x-api-key": "root"}).json()["data"]
+    assert hit["cache_read_input_tokens"] > 1024
+    assert metric(text, 'promptcache_cache_entries{tier="host"}') == 1
+    assert metric(text, 'promptcache_cache_entries{tier="disk"}') == 1
+    assert metric(text, 'promptcache_cache_bytes{tier="disk"}') > 64 * 1400
+    assert metric(text, 'promptcache_cache_capacity_bytes{tier="host"}') == 64 * 1600
+    assert metric(text, 'promptcache_cache_demotions_total{reason="capacity",tier="host"}') == 2
+    assert metric(text, 'promptcache_cache_promotions_total{reason="hit",tier="disk"}') == 1
+    assert [e["tier"] for e in listing] == ["host", "disk"]  # most recently used first

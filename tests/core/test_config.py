@@ -52,3 +52,15 @@ def test_errors_are_clear(tmp_path: Path) -> None:
         load({"port": "eighty"}, env={})
     with pytest.raises(ConfigError, match="cannot read"):
         load(config_file=tmp_path / "missing.toml", env={})
+
+
+def test_tier_options(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'host_cache_memory = "16GiB"\ndisk_cache_dir = "{tmp_path / "kv"}"\n')
+    cfg = load({"disk_cache_size": "100GB"}, config_file=toml, env={})
+    assert cfg.cache.host_capacity_bytes == 16 << 30
+    assert cfg.cache.disk_dir == tmp_path / "kv"
+    assert cfg.cache.disk_capacity_bytes == 100 * 1000**3
+    defaults = load({}, env={}).cache
+    assert defaults.host_capacity_bytes == 0 and defaults.disk_dir is None
+    assert load({}, env={"PROMPTCACHE_DISK_CACHE_DIR": ""}).cache.disk_dir is None

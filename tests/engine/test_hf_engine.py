@@ -131,20 +131,32 @@ def test_chunk_size_does_not_change_output() -> None:
 
 
 def test_payloads_are_private_contiguous_copies(engine: HFEngine) -> None:
+    """Snapshot tensors own their storage (never views into the live cache). Nested snapshots
+    of one prefill share complete pages; a partial last page and sliding tails are their own."""
     tokens = random_prompt(N, seed=7)
     snaps = snapshots_of(engine, tokens)
-    pointers = set()
+    page_ids: dict[int, int] = {}
+    tails = set()
     for payload in snaps.values():
         assert payload.num_tokens in OFFSETS
-        total = 0
-        for layer in payload.layers:
-            for t in (layer.keys, layer.values):
-                assert t.is_contiguous()
-                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
-                pointers.add(t.untyped_storage().data_ptr())
-                total += t.numel() * t.element_size()
-        assert payload.nbytes == total
-    assert len(pointers) == sum(2 * len(p.layers) for p in snaps.values())
+        tensors = [t for page in payload.pages for t in (*page.keys, *page.values)]
+        tensors += [
+            t for tail in payload.tails if tail is not None for t in (tail.keys, tail.values)
+        ]
+        for t in tensors:
+            assert t.is_contiguous()
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        assert payload.nbytes == sum(t.numel() * t.element_size() for t in tensors)
+        assert payload.nbytes == sum(n for _, n in payload.parts)
+        for page in payload.pages:
+            # The same page id is the same object, whichever snapshot holds it.
+            assert page_ids.setdefault(page.page_id, id(page)) == id(page)
+        tails.update(id(t) for t in payload.tails if t is not None)
+    page = engine.kv_page_tokens
+    complete = {x // page for x in OFFSETS}  # complete pages of each snapshot
+    partial = sum(1 for x in OFFSETS if x % page)
+    assert len(page_ids) == max(complete) + partial
+    assert len(tails) == sum(1 for w in engine.kv_layout.windows if w is not None) * len(OFFSETS)
 
 
 # --- prefill only, stops, limits -----------------------------------------------------------------

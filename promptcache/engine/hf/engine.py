@@ -23,12 +23,17 @@ from promptcache.engine.base import (
     EngineInfo,
     EngineRequest,
     Prefilled,
+    PrefillProgress,
     Stopped,
     TokenOut,
 )
+from promptcache.engine.hf.codec import HFKVCodec
 from promptcache.engine.hf.kv import (
+    DEFAULT_PAGE_TOKENS,
     HFKVPayload,
     KVLayout,
+    KVPage,
+    PagePool,
     export_snapshot,
     new_cache,
     restore_cache,
@@ -37,7 +42,7 @@ from promptcache.engine.sampling import make_generator, sample_token
 from promptcache.errors import PromptTooLong
 
 DEFAULT_PREFILL_CHUNK = 512
-KV_FORMAT = "hf-kv-2"
+KV_FORMAT = "hf-kv-3"
 """Bumped whenever the payload layout or KV numerics of this engine change (part of revisions)."""
 
 
@@ -49,6 +54,13 @@ def resolve_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device!r} (use 'cpu' or 'cuda')")
     return dev
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current>``: tensors report an index, and page copies are keyed by it."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -92,14 +104,18 @@ class HFEngine:
         device: str = "cpu",
         *,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK,
+        kv_page_tokens: int = DEFAULT_PAGE_TOKENS,
     ) -> None:
         """Wrap ``model`` (moved to ``device``, set to eval).
 
         ``revision`` of ``None`` derives one from the parameters, format and dtype.
         ``stop_token_ids`` end the turn; the stop token itself is never yielded.
+        ``kv_page_tokens`` is the page size of snapshots' full-attention KV.
         """
         if prefill_chunk_tokens < 1:
             raise ValueError("prefill_chunk_tokens must be positive")
+        if kv_page_tokens < 1:
+            raise ValueError("kv_page_tokens must be positive")
         self._device = resolve_device(device)
         self._model = model.to(self._device).eval()
         self._tokenizer = tokenizer
@@ -107,6 +123,9 @@ class HFEngine:
         self._stop_ids = frozenset(int(i) for i in stop_token_ids)
         self._chunk = prefill_chunk_tokens
         self._layout = KVLayout.from_config(model.config)
+        self._page_tokens = kv_page_tokens
+        self._pool = PagePool()
+        self._codec = HFKVCodec(self._layout, _indexed(self._device), self._pool)
         dtype: torch.dtype = self._model.dtype
         if revision is None:
             revision = parameter_revision(self._model, chat_format.name, dtype_name(dtype))
@@ -145,6 +164,14 @@ class HFEngine:
     def kv_layout(self) -> KVLayout:
         return self._layout
 
+    @property
+    def kv_codec(self) -> HFKVCodec:
+        return self._codec
+
+    @property
+    def kv_page_tokens(self) -> int:
+        return self._page_tokens
+
     def generate(self, request: EngineRequest) -> Generator[EngineEvent, None, None]:
         """Prefill (restoring ``request.reuse``), export snapshots, then decode.
 
@@ -158,8 +185,7 @@ class HFEngine:
         decode = sampling.max_tokens > 0
         end = len(tokens) if decode else max(request.snapshot_at, default=request.reuse_tokens)
 
-        with torch.inference_mode():
-            cache, logits, snapshots = self._prefill(request, tokens, end)
+        cache, logits, snapshots = yield from self._prefill(request, tokens, end)
         yield Prefilled(snapshots=snapshots, num_computed_tokens=end - request.reuse_tokens)
         if not decode:
             yield Stopped("max_tokens")
@@ -198,8 +224,14 @@ class HFEngine:
         self._check(request, tokens)
         if request.reuse_tokens >= len(tokens):
             raise ValueError("prompt_logits needs at least one token to compute")
+        steps = self._prefill(request, tokens, len(tokens))
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                logits: torch.Tensor | None = done.value[1]
+                break
         with torch.inference_mode():
-            _, logits, _ = self._prefill(request, tokens, len(tokens))
             assert logits is not None
             return logits.float().cpu().clone()
 
@@ -229,7 +261,9 @@ class HFEngine:
 
     def _prefill(
         self, request: EngineRequest, tokens: Sequence[int], end: int
-    ) -> tuple[DynamicCache, torch.Tensor | None, dict[int, HFKVPayload]]:
+    ) -> Generator[
+        PrefillProgress, None, tuple[DynamicCache, torch.Tensor | None, dict[int, HFKVPayload]]
+    ]:
         """Restore ``tokens[:reuse_tokens]``, run ``tokens[reuse_tokens:end]`` in chunks, and
         export a snapshot at each requested offset.
 
@@ -237,9 +271,12 @@ class HFEngine:
         an offset exists only at the moment that offset is a chunk boundary (spec §2.4).
         """
         start = request.reuse_tokens
+        # Complete pages whose values the live cache holds: snapshots share them, not copy them.
+        shared: dict[int, KVPage] = {}
         if start > 0:
             assert isinstance(request.reuse, HFKVPayload)
             cache = restore_cache(request.reuse, start, self._layout)
+            shared = request.reuse.reusable_pages(start, self._page_tokens)
         else:
             cache = new_cache(self._layout)
         wanted = set(request.snapshot_at)
@@ -250,11 +287,22 @@ class HFEngine:
         snapshots: dict[int, HFKVPayload] = {}
         pos = start
         for cut in sorted(c for c in cuts if c > start):
-            logits = self._forward(cache, tokens[pos:cut], pos)
+            if pos > start:
+                # One chunk per step: other requests interleave and a cancel takes effect here.
+                yield PrefillProgress(pos - start, end - start)
+            with torch.inference_mode():
+                logits = self._forward(cache, tokens[pos:cut], pos)
             self.num_prefill_tokens_total += cut - pos
             pos = cut
             if cut in wanted:
-                snapshots[cut] = export_snapshot(cache, cut, self._layout)
+                snapshots[cut] = export_snapshot(
+                    cache,
+                    cut,
+                    self._layout,
+                    page_tokens=self._page_tokens,
+                    shared=shared,
+                    pool=self._pool,
+                )
         return cache, logits, snapshots
 
     def _forward(self, cache: DynamicCache, ids: Sequence[int], position: int) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""Sends a workload to a server and times every request.
+
+One ``httpx.AsyncClient`` speaks both protocols, so timings are comparable across servers: the
+clock starts just before the request is sent, time to first token (TTFT) is taken when the first
+content delta arrives (streaming), and total time when the stream ends. Up to ``concurrency``
+requests are in flight; requests of one session wait for their predecessor, as a real client
+whose next prompt contains the previous answer would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from promptcache.bench import wire
+from promptcache.bench.workloads import BenchRequest, Message, Text, Workload
+
+
+@dataclass
+class RequestRecord:
+    """The measurements of one request; token fields are ``None`` where the server was silent."""
+
+    index: int
+    label: str
+    session: str
+    repeat: bool
+    start_s: float
+    ttft_s: float | None
+    total_s: float
+    prompt_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    cache_write_1h_tokens: int | None = None
+    output_tokens: int | None = None
+    text: str = ""
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict for the JSON report."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RequestRecord:
+        """The inverse of ``to_json`` (unknown keys are ignored)."""
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to send requests."""
+
+    url: str
+    protocol: wire.Protocol = "anthropic"
+    api_key: str = "bench"
+    model: str | None = None
+    timeout_s: float = 900.0
+
+
+def _headers(target: Target) -> dict[str, str]:
+    headers = {"authorization": f"Bearer {target.api_key}"}
+    if target.protocol == "anthropic":
+        headers |= {"x-api-key": target.api_key, "anthropic-version": "2023-06-01"}
+    return headers
+
+
+async def _model_name(client: httpx.AsyncClient, target: Target) -> str:
+    """The model to ask for: ``target.model``, else the server's first listed model."""
+    if target.model:
+        return target.model
+    try:
+        r = await client.get("/v1/models", headers=_headers(target))
+        data = r.json().get("data") or []
+        if r.status_code == 200 and data and isinstance(data[0].get("id"), str):
+            return str(data[0]["id"])
+    except (httpx.HTTPError, ValueError, AttributeError):
+        pass
+    return "default"
+
+
+async def send(
+    client: httpx.AsyncClient, target: Target, req: BenchRequest, model: str, t0: float
+) -> RequestRecord:
+    """Send one request, stream the reply and time it. Errors are recorded, never raised."""
+    body = wire.body_for(target.protocol, req, model)
+    on_event = wire.anthropic_event if target.protocol == "anthropic" else wire.openai_event
+    state = wire.StreamState(wire.Usage())
+    start = time.perf_counter()
+    ttft: float | None = None
+    try:
+        async with client.stream(
+            "POST", wire.PATHS[target.protocol], json=body, headers=_headers(target)
+        ) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode("utf-8", "replace")[:500]
+                state.error = f"HTTP {response.status_code}: {detail}"
+            else:
+                async for line in response.aiter_lines():
+                    data = wire.sse_data(line)
+                    if data is not None and on_event(data, state) and ttft is None:
+                        ttft = time.perf_counter() - start
+    except httpx.HTTPError as exc:
+        state.error = f"{type(exc).__name__}: {exc}"
+    total = time.perf_counter() - start
+    u = state.usage
+    return RequestRecord(
+        index=req.index,
+        label=req.label,
+        session=req.session,
+        repeat=req.repeat,
+        start_s=start - t0,
+        ttft_s=None if state.error else ttft,
+        total_s=total,
+        prompt_tokens=u.prompt,
+        cache_read_tokens=u.cache_read,
+        cache_write_tokens=u.cache_write,
+        cache_write_1h_tokens=u.cache_write_1h,
+        output_tokens=u.output,
+        text=state.text[:200],
+        error=state.error,
+    )
+
+
+WARMUP = BenchRequest(-1, "warmup", "warmup", (), (Message("user", (Text("Hello"),)),), (), 1)
+
+
+async def run_async(
+    workload: Workload,
+    target: Target,
+    *,
+    concurrency: int = 1,
+    warmup: bool = True,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> list[RequestRecord]:
+    """Run ``workload`` against ``target``; records come back in completion order."""
+    limits = httpx.Limits(max_connections=max(1, concurrency) + 1)
+    async with httpx.AsyncClient(
+        base_url=target.url, timeout=target.timeout_s, limits=limits
+    ) as client:
+        model = await _model_name(client, target)
+        if warmup:
+            # One tiny request first, so first-use costs (connections, lazy initialisation) of
+            # any server stay out of the figures.
+            await send(client, target, WARMUP, model, time.perf_counter())
+        return await _schedule(client, target, workload, model, max(1, concurrency), on_done)
+
+
+async def _schedule(
+    client: httpx.AsyncClient,
+    target: Target,
+    workload: Workload,
+    model: str,
+    concurrency: int,
+    on_done: Callable[[RequestRecord], None] | None,
+) -> list[RequestRecord]:
+    pending = list(workload.requests)
+    busy: set[str] = set()
+    running: dict[asyncio.Task[RequestRecord], str] = {}
+    records: list[RequestRecord] = []
+    t0 = time.perf_counter()
+    while pending or running:
+        # Start requests in workload order, skipping those whose session is still busy.
+        i = 0
+        while len(running) < concurrency and i < len(pending):
+            req = pending[i]
+            if req.session in busy:
+                i += 1
+                continue
+            pending.pop(i)
+            busy.add(req.session)
+            task = asyncio.create_task(send(client, target, req, model, t0))
+            running[task] = req.session
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            busy.discard(running.pop(task))
+            record = task.result()
+            records.append(record)
+            if on_done is not None:
+                on_done(record)
+    return records
+
+
+def run(
+    workload: Workload,
+    target: Target,
+    *,
+    concurrency: int = 1,
+    warmup: bool = True,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> list[RequestRecord]:
+    """Blocking ``run_async``."""
+    return asyncio.run(
+        run_async(workload, target, concurrency=concurrency, warmup=warmup, on_done=on_done)
+    )
+
+
+__all__ = ["WARMUP", "RequestRecord", "Target", "run", "run_async", "send"]

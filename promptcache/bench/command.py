@@ -1,0 +1,273 @@
+"""The ``promptcache bench`` subcommand: its arguments and what it runs.
+
+Importing this module is cheap (argparse only): the CLI builds its parser from it on every
+invocation, and the heavy modules (httpx, matplotlib, the peer runner) load only when a
+benchmark actually runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from promptcache.bench.report import Report, Run
+    from promptcache.bench.workloads import Workload
+
+WORKLOADS = ("qa", "agent", "chat")
+
+EPILOG = """\
+examples:
+  promptcache bench qa --target http://127.0.0.1:8000             # any Anthropic-style server
+  promptcache bench agent --target http://127.0.0.1:8080 --protocol openai
+  promptcache bench qa --target http://127.0.0.1:8000 --cold      # the cold control
+  promptcache bench qa --peers                # promptcache vs llama-cpp-python vs cold control
+  promptcache bench qa --dry-run --documents 10 --scale 4         # sizes only, no server
+  promptcache bench --replay bench-out/qa.json                    # table and plots again
+"""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``bench`` to the CLI's subparsers."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "bench",
+        help="run a prompt-caching workload against a server (or peers) and report",
+        description="Drive a compatible server with a realistic prompt-caching workload and "
+        "report TTFT (hit vs miss), throughput, tokens not recomputed and hosted-price cost.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("workload", nargs="?", choices=WORKLOADS, help="qa, agent or chat")
+    where = p.add_argument_group("where")
+    where.add_argument("--target", help="base URL of the server, e.g. http://127.0.0.1:8000")
+    where.add_argument(
+        "--peers",
+        nargs="?",
+        const="promptcache,cold,llama-cpp",
+        help="start the peers on loopback and run each (default all: promptcache,cold,llama-cpp)",
+    )
+    where.add_argument(
+        "--protocol",
+        choices=("anthropic", "openai"),
+        help="wire protocol (default anthropic with --target; openai with --peers, so every "
+        "server sees the same requests)",
+    )
+    where.add_argument("--api-key", default="bench", help="credential sent (default 'bench')")
+    where.add_argument("--model-name", help="model to ask for (default: the server's first)")
+    where.add_argument("--label", help="name of the run in the report (default: the URL)")
+    where.add_argument("--cold", action="store_true", help="the cold control: caching off")
+    where.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1)")
+    where.add_argument("--timeout", type=float, default=900.0, help="per request, seconds")
+    where.add_argument("--no-warmup", action="store_true", help="skip the one tiny first request")
+
+    size = p.add_argument_group("workload size (defaults finish in minutes on 2 CPU cores)")
+    size.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    size.add_argument("--scale", type=float, default=1.0, help="multiply long-context sizes")
+    size.add_argument("--max-tokens", type=int, default=16, help="reply length cap (default 16)")
+    size.add_argument("--ttl", choices=("5m", "1h"), default="5m", help="breakpoint TTL")
+    size.add_argument("--documents", type=int, default=3, help="qa: documents (default 3)")
+    size.add_argument("--questions", type=int, default=3, help="qa: questions each (default 3)")
+    size.add_argument("--clients", type=int, default=3, help="qa: clients (default 3)")
+    size.add_argument("--tasks", type=int, default=2, help="agent: tasks (default 2)")
+    size.add_argument("--calls", type=int, default=6, help="agent: calls per task (default 6)")
+    size.add_argument("--tools", type=int, default=8, help="agent: tools (default 8)")
+    size.add_argument("--conversations", type=int, default=2, help="chat: conversations")
+    size.add_argument("--turns", type=int, default=4, help="chat: turns each (default 4)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path("bench-out"), help="default bench-out/")
+    out.add_argument("--prices", type=Path, help="price sheet (TOML/JSON; keys: see docs)")
+    out.add_argument("--price-input", type=float, help="input $/MTok (default 3)")
+    out.add_argument("--price-output", type=float, help="output $/MTok (default 15)")
+    out.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--dry-run", action="store_true", help="print the workload's sizes only")
+    out.add_argument("--replay", type=Path, help="re-render a saved JSON report")
+
+    peers = p.add_argument_group("peers")
+    peers.add_argument(
+        "--peers-python",
+        type=Path,
+        default=Path(".venv-peers/bin/python"),
+        help="python with llama-cpp-python[server] (default .venv-peers/bin/python)",
+    )
+    peers.add_argument("--gguf", type=Path, help="GGUF for llama-cpp (default: embedded Gemma)")
+    peers.add_argument("--threads", type=int, help="llama-cpp threads (default: all cores)")
+    return p
+
+
+def build_workload(args: argparse.Namespace) -> Workload:
+    """The workload the arguments describe."""
+    from promptcache.bench import workloads
+
+    common: dict[str, Any] = dict(scale=args.scale, max_tokens=args.max_tokens, ttl=args.ttl)
+    if args.workload == "qa":
+        return workloads.qa(
+            args.seed,
+            documents=args.documents,
+            questions=args.questions,
+            clients=args.clients,
+            **common,
+        )
+    if args.workload == "agent":
+        return workloads.agent(
+            args.seed, tasks=args.tasks, calls=args.calls, tools=args.tools, **common
+        )
+    return workloads.chat(args.seed, conversations=args.conversations, turns=args.turns, **common)
+
+
+def describe(workload: Workload) -> str:
+    """Request count and prompt sizes, for ``--dry-run``."""
+    from promptcache.bench.workloads import estimated_tokens
+
+    sizes = [estimated_tokens(r) for r in workload.requests]
+    repeats = sum(r.repeat for r in workload.requests)
+    params = ", ".join(f"{k}={v}" for k, v in workload.params.items())
+    return (
+        f"workload {workload.name} ({params})\n"
+        f"{len(sizes)} requests, {repeats} with a prefix sent before (ideal hits), "
+        f"~{sum(sizes):,} prompt tokens in all (largest ~{max(sizes, default=0):,}; "
+        "estimated, chat-format markup excluded)"
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"promptcache bench: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``promptcache bench`` as ``args`` say; the exit status."""
+    from promptcache.bench import prices as prices_mod
+    from promptcache.bench import report as report_mod
+
+    try:
+        prices = prices_mod.load(
+            args.prices, input_per_mtok=args.price_input, output_per_mtok=args.price_output
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        return _fail(f"bad price sheet: {exc}")
+    if args.replay:
+        report = report_mod.load(args.replay)
+        report.prices = (
+            prices if (args.prices or args.price_input or args.price_output) else report.prices
+        )
+        return _emit(report, args, stem=args.replay.stem, write_json=False)
+    if args.workload is None:
+        return _fail("name a workload (qa, agent or chat), or --replay a report")
+    if args.concurrency < 1:
+        return _fail("--concurrency must be at least 1")
+    workload = build_workload(args)
+    if args.dry_run:
+        print(describe(workload))
+        return 0
+    if bool(args.target) == bool(args.peers):
+        return _fail("give either --target URL or --peers")
+    report = report_mod.Report(workload.name, dict(workload.params), args.concurrency, prices, [])
+    try:
+        if args.peers:
+            status = _run_peers(args, workload, report)
+            if status:
+                return status
+        else:
+            label = args.label or args.target
+            if args.cold:
+                label = args.label or f"{args.target} (cold)"
+            report.runs.append(
+                _run_one(
+                    args, workload, label, args.target, args.protocol or "anthropic", args.cold
+                )
+            )
+    except KeyboardInterrupt:
+        print("interrupted; reporting what finished", file=sys.stderr)
+    stem = workload.name + ("-cold" if args.cold and not args.peers else "")
+    return _emit(report, args, stem=stem, write_json=True)
+
+
+def _run_one(
+    args: argparse.Namespace, workload: Workload, label: str, url: str, protocol: str, cold: bool
+) -> Run:
+    from tqdm import tqdm
+
+    from promptcache.bench import client, workloads
+    from promptcache.bench.report import Run
+
+    if cold:
+        workload = workloads.cold(workload)
+    target = client.Target(url.rstrip("/"), protocol, args.api_key, args.model_name, args.timeout)  # type: ignore[arg-type]
+    bar = tqdm(
+        total=len(workload.requests),
+        desc=label,
+        unit="req",
+        file=sys.stderr,
+        disable=args.no_progress,
+        dynamic_ncols=True,
+    )
+
+    def done(record: client.RequestRecord) -> None:
+        ttft = "error" if record.error else f"{record.ttft_s or 0:.2f}s"
+        bar.set_postfix_str(f"{record.label} ttft {ttft}", refresh=False)
+        bar.update(1)
+
+    records: list[client.RequestRecord] = []
+    try:
+        records = client.run(
+            workload, target, concurrency=args.concurrency, warmup=not args.no_warmup, on_done=done
+        )
+    finally:
+        bar.close()
+    return Run(label, url, protocol, cold, records, ttl=str(workload.params.get("ttl", "5m")))
+
+
+def _run_peers(args: argparse.Namespace, workload: Workload, report: Report) -> int:
+    import os
+
+    from promptcache.bench import peers
+
+    plan = peers.PeerPlan(
+        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
+        peers_python=args.peers_python,
+        gguf=args.gguf,
+        threads=args.threads or os.cpu_count() or 1,
+    )
+    problems = peers.check(plan)
+    if problems:
+        return _fail("\n".join(problems))
+    protocol = args.protocol or "openai"
+
+    def run_one(label: str, url: str, proto: str, cold: bool) -> Run:
+        run = _run_one(args, workload, label, url, proto, cold)
+        report.runs.append(run)
+        return run
+
+    started = time.monotonic()
+    peers.run_peers(plan, args.out, protocol, run_one)
+    print(f"peer runs took {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _emit(report: Report, args: argparse.Namespace, *, stem: str, write_json: bool) -> int:
+    from promptcache.bench.report import render
+
+    print(render(report))
+    written = []
+    if write_json:
+        path = args.out / f"{stem}.json"
+        report.write(path)
+        written.append(path)
+    if not args.no_plots and report.runs:
+        from promptcache.bench.plots import write_plots
+
+        written += write_plots(report, args.out, stem)
+    if written:
+        print("wrote " + ", ".join(str(p) for p in written))
+    if not write_json:
+        return 0  # a replay re-renders; failures were reported when the run happened
+    failed = any(r.error for run in report.runs for r in run.records)
+    return 1 if failed or not report.runs else 0
+
+
+__all__ = ["add_parser", "build_workload", "describe", "run"]

@@ -1,0 +1,362 @@
+"""Per-run figures from per-request records: TTFT percentiles by hit and miss, throughput, tokens
+not recomputed and hosted-price costs; the terminal table and the JSON file.
+
+Percentiles interpolate linearly between closest ranks (numpy's default, Hyndman-Fan type 7).
+A request is a *hit* when the server reports cache-read tokens for it. For a server that reports
+no cache usage the split falls back to the workload's own view (the request's stable prefix was
+sent before) and the table says so; token and cost figures it cannot know read "not reported".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from promptcache.bench.client import RequestRecord
+from promptcache.bench.prices import Prices, cost
+
+NOT_REPORTED = "not reported"
+
+
+@dataclass
+class Run:
+    """One workload run against one server."""
+
+    label: str
+    url: str
+    protocol: str
+    cold: bool
+    records: list[RequestRecord]
+    ttl: str = "5m"
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Count, mean and percentiles of a sample (``None`` when it is empty)."""
+
+    n: int
+    mean: float | None
+    p50: float | None
+    p95: float | None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0..1) of ``values`` by linear interpolation between closest ranks."""
+    if not values:
+        raise ValueError("percentile of an empty sample")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def stats(values: Sequence[float]) -> Stats:
+    """``Stats`` of ``values``."""
+    if not values:
+        return Stats(0, None, None, None)
+    return Stats(
+        len(values), sum(values) / len(values), percentile(values, 0.5), percentile(values, 0.95)
+    )
+
+
+def request_costs(
+    r: RequestRecord, prices: Prices, ttl: str = "5m"
+) -> tuple[float | None, float | None]:
+    """(cost with caching, cost without caching) of one request; ``None`` where unknowable.
+
+    Without caching every prompt token is billed as input. With caching, reads and writes are
+    billed with their multipliers; writes the server does not split by TTL are billed at the TTL
+    the workload asked for.
+    """
+    if r.error is not None or r.prompt_tokens is None or r.output_tokens is None:
+        return None, None
+    uncached = cost(prices, uncached=r.prompt_tokens, output=r.output_tokens)
+    if r.cache_read_tokens is None or r.cache_write_tokens is None:
+        return None, uncached
+    written = r.cache_write_tokens
+    w1h = r.cache_write_1h_tokens
+    if w1h is None:
+        w1h = written if ttl == "1h" else 0
+    cached = cost(
+        prices,
+        uncached=r.prompt_tokens - r.cache_read_tokens - written,
+        read=r.cache_read_tokens,
+        write_5m=written - w1h,
+        write_1h=w1h,
+        output=r.output_tokens,
+    )
+    return cached, uncached
+
+
+def _total(values: Sequence[int | float | None]) -> Any:
+    """The sum, or ``None`` when any value is unknown (a partial sum would mislead)."""
+    if any(v is None for v in values):
+        return None
+    return sum(v for v in values if v is not None)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The per-run figures."""
+
+    requests: int
+    errors: int
+    wall_s: float
+    ttft: Stats
+    hit: Stats
+    miss: Stats
+    split_basis: str
+    total_time: Stats
+    output_tokens: int | None
+    output_tokens_per_s: float | None
+    requests_per_min: float
+    prompt_tokens: int | None
+    cache_read_tokens: int | None
+    cache_write_tokens: int | None
+    cost_with_caching: float | None
+    cost_without_caching: float | None
+
+    @property
+    def saving(self) -> float | None:
+        """Fraction of the uncached cost that caching saved."""
+        if self.cost_with_caching is None or not self.cost_without_caching:
+            return None
+        return 1.0 - self.cost_with_caching / self.cost_without_caching
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict for the JSON report."""
+        return {**asdict(self), "saving": self.saving}
+
+
+def is_hit(r: RequestRecord, basis: str) -> bool:
+    """Whether ``r`` counts as a cache hit under ``basis`` ("usage" or "workload")."""
+    if basis == "usage":
+        return bool(r.cache_read_tokens)
+    return r.repeat
+
+
+def summarize(run: Run, prices: Prices) -> Summary:
+    """The figures of ``run`` priced with ``prices``."""
+    ok = sorted((r for r in run.records if r.error is None), key=lambda r: r.start_s)
+    basis = "usage" if ok and all(r.cache_read_tokens is not None for r in ok) else "workload"
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    hits = [r.ttft_s for r in ok if r.ttft_s is not None and is_hit(r, basis)]
+    misses = [r.ttft_s for r in ok if r.ttft_s is not None and not is_hit(r, basis)]
+    if run.records:
+        begin = min(r.start_s for r in run.records)
+        wall = max(r.start_s + r.total_s for r in run.records) - begin
+    else:
+        wall = 0.0
+    out_tokens = _total([r.output_tokens for r in ok])
+    costs = [request_costs(r, prices, run.ttl) for r in ok]
+    return Summary(
+        requests=len(run.records),
+        errors=len(run.records) - len(ok),
+        wall_s=wall,
+        ttft=stats(ttfts),
+        hit=stats(hits),
+        miss=stats(misses),
+        split_basis=basis,
+        total_time=stats([r.total_s for r in ok]),
+        output_tokens=out_tokens,
+        output_tokens_per_s=out_tokens / wall if out_tokens is not None and wall > 0 else None,
+        requests_per_min=60.0 * len(ok) / wall if wall > 0 else 0.0,
+        prompt_tokens=_total([r.prompt_tokens for r in ok]),
+        cache_read_tokens=_total([r.cache_read_tokens for r in ok]),
+        cache_write_tokens=_total([r.cache_write_tokens for r in ok]),
+        cost_with_caching=_total([c for c, _ in costs]),
+        cost_without_caching=_total([u for _, u in costs]),
+    )
+
+
+@dataclass
+class Report:
+    """Everything one ``promptcache bench`` invocation measured."""
+
+    workload: str
+    params: dict[str, Any]
+    concurrency: int
+    prices: Prices
+    runs: list[Run]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document, with each run's summary next to its records."""
+        return {
+            "version": 1,
+            "workload": self.workload,
+            "params": self.params,
+            "concurrency": self.concurrency,
+            "prices": self.prices.to_json(),
+            "runs": [
+                {
+                    "label": run.label,
+                    "url": run.url,
+                    "protocol": run.protocol,
+                    "cold": run.cold,
+                    "ttl": run.ttl,
+                    "notes": run.notes,
+                    "summary": summarize(run, self.prices).to_json(),
+                    "requests": [r.to_json() for r in run.records],
+                }
+                for run in self.runs
+            ],
+        }
+
+    def write(self, path: Path) -> None:
+        """Write the JSON document to ``path``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def load(path: Path) -> Report:
+    """Read a report written by ``Report.write`` (summaries are recomputed from the records)."""
+    data = json.loads(path.read_text())
+    runs = [
+        Run(
+            label=r["label"],
+            url=r.get("url", ""),
+            protocol=r.get("protocol", ""),
+            cold=bool(r.get("cold", False)),
+            records=[RequestRecord.from_json(q) for q in r["requests"]],
+            ttl=r.get("ttl", "5m"),
+            notes=list(r.get("notes", [])),
+        )
+        for r in data["runs"]
+    ]
+    return Report(
+        workload=data["workload"],
+        params=dict(data.get("params", {})),
+        concurrency=int(data.get("concurrency", 1)),
+        prices=Prices(**data["prices"]),
+        runs=runs,
+    )
+
+
+def _s(x: float | None) -> str:
+    return NOT_REPORTED if x is None else f"{x:.2f} s"
+
+
+def _n(x: int | None) -> str:
+    return NOT_REPORTED if x is None else f"{x:,}"
+
+
+def _usd(x: float | None) -> str:
+    return NOT_REPORTED if x is None else f"${x:.4f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        cells = zip(row, widths, strict=True)
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+        )
+    return lines
+
+
+def compare(a: str, a_mean: float, b: str, b_mean: float) -> str:
+    """One line saying which of two mean TTFTs is lower, and by what factor."""
+    faster, factor = (a, b_mean / a_mean) if a_mean <= b_mean else (b, a_mean / b_mean)
+    return (
+        f"mean TTFT: {a} {a_mean:.2f} s vs {b} {b_mean:.2f} s: "
+        f"{faster} is {factor:.1f}x faster to the first token"
+    )
+
+
+def render(report: Report) -> str:
+    """The terminal table: latency, then tokens and cost, then how the runs compare."""
+    sums = [(run, summarize(run, report.prices)) for run in report.runs]
+    n_req = max((s.requests for _, s in sums), default=0)
+    out = [
+        f"workload {report.workload}: {n_req} requests per run, concurrency {report.concurrency}, "
+        + ", ".join(f"{k}={v}" for k, v in report.params.items() if k != "cold"),
+        "",
+    ]
+    lat_header = ["run", "ok", "TTFT mean", "hit p50", "hit p95", "miss p50", "miss p95"]
+    lat_header += ["total mean", "out tok/s", "wall"]
+    lat_rows = []
+    for run, s in sums:
+        star = "" if s.split_basis == "usage" else "*"
+        lat_rows.append(
+            [
+                run.label + star,
+                f"{s.requests - s.errors}/{s.requests}",
+                _s(s.ttft.mean),
+                f"{_s(s.hit.p50)} ({s.hit.n})",
+                _s(s.hit.p95),
+                f"{_s(s.miss.p50)} ({s.miss.n})",
+                _s(s.miss.p95),
+                _s(s.total_time.mean),
+                "-" if s.output_tokens_per_s is None else f"{s.output_tokens_per_s:.1f}",
+                f"{s.wall_s:.0f} s",
+            ]
+        )
+    out += _table(lat_header, lat_rows)
+    out.append("")
+    cost_header = ["run", "prompt tokens", "not recomputed", "written", "cost cached"]
+    cost_header += ["cost uncached", "saving"]
+    cost_rows = []
+    for run, s in sums:
+        saving = s.saving
+        cost_rows.append(
+            [
+                run.label,
+                _n(s.prompt_tokens),
+                _n(s.cache_read_tokens),
+                _n(s.cache_write_tokens),
+                _usd(s.cost_with_caching),
+                _usd(s.cost_without_caching),
+                "-" if saving is None else f"{saving:.0%}",
+            ]
+        )
+    out += _table(cost_header, cost_rows)
+    out.append(
+        f"costs: what this traffic would cost at {report.prices.name} prices "
+        f"(${report.prices.input_per_mtok:g}/${report.prices.output_per_mtok:g} per MTok in/out)"
+    )
+    if any(s.split_basis != "usage" for _, s in sums):
+        out.append(
+            "* the server reports no cache usage: hit/miss is the workload's view "
+            "(a hit = its documents or tools were sent before)"
+        )
+    if len(sums) > 1:
+        base_run, base = sums[0]
+        for run, s in sums[1:]:
+            if base.ttft.mean and s.ttft.mean:
+                out.append(compare(base_run.label, base.ttft.mean, run.label, s.ttft.mean))
+    for run, _ in sums:
+        out += [f"note ({run.label}): {note}" for note in run.notes]
+        errors = [r for r in run.records if r.error]
+        if errors:
+            out.append(f"{run.label}: {len(errors)} failed, first: {errors[0].error}")
+    return "\n".join(out)
+
+
+__all__ = [
+    "NOT_REPORTED",
+    "Report",
+    "Run",
+    "Stats",
+    "Summary",
+    "compare",
+    "is_hit",
+    "load",
+    "percentile",
+    "render",
+    "request_costs",
+    "stats",
+    "summarize",
+]

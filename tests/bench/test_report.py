@@ -1,0 +1,124 @@
+"""Report maths on recorded runs: percentiles, hit/miss split, costs, "not reported"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from promptcache.bench import prices, report
+from promptcache.bench.client import RequestRecord
+
+FIXTURE = Path(__file__).parent / "fixtures" / "recorded.json"
+IN, OUT = 3e-6, 15e-6  # default sheet, dollars per token
+
+
+def approx(x: float) -> Any:
+    return pytest.approx(x, rel=0, abs=1e-12)
+
+
+@pytest.fixture
+def recorded() -> report.Report:
+    return report.load(FIXTURE)
+
+
+def test_percentile_interpolates_between_closest_ranks() -> None:
+    assert report.percentile([5.0], 0.95) == 5.0
+    assert report.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert report.percentile([4.0, 1.0, 3.0, 2.0], 0.95) == approx(3.85)
+    assert report.percentile([0.0, 10.0], 0.0) == 0.0
+    assert report.percentile([0.0, 10.0], 1.0) == 10.0
+    with pytest.raises(ValueError):
+        report.percentile([], 0.5)
+    assert report.stats([]) == report.Stats(0, None, None, None)
+
+
+def test_promptcache_run_splits_by_reported_cache_reads(recorded: report.Report) -> None:
+    s = report.summarize(recorded.runs[0], recorded.prices)
+    assert (s.requests, s.errors, s.split_basis) == (6, 1, "usage")
+    assert s.hit == report.Stats(3, approx(0.5), approx(0.5), approx(0.59))
+    assert s.miss == report.Stats(2, approx(8.5), approx(8.5), approx(8.95))
+    assert s.ttft == report.Stats(5, approx(3.7), approx(0.6), approx(8.8))
+    assert s.wall_s == approx(28.6)
+    assert s.total_time.mean == approx((10.0 + 11.0 + 2.5 + 2.4 + 2.6) / 5)
+    assert (s.prompt_tokens, s.cache_read_tokens, s.cache_write_tokens) == (13205, 7840, 5260)
+    assert s.output_tokens == 76
+    assert s.output_tokens_per_s == approx(76 / 28.6)
+    assert s.requests_per_min == approx(60 * 5 / 28.6)
+
+
+def test_promptcache_run_costs(recorded: report.Report) -> None:
+    s = report.summarize(recorded.runs[0], recorded.prices)
+    uncached = (2600 + 2700 + 2610 + 2705 + 2590) * IN + 76 * OUT
+    cached = (
+        (20 * IN + 2580 * IN * 1.25)  # 5m write
+        + (20 * IN + 2680 * IN * 2.0)  # 1h write
+        + (30 * IN + 2580 * IN * 0.1)
+        + (25 * IN + 2680 * IN * 0.1)
+        + (10 * IN + 2580 * IN * 0.1)
+        + 76 * OUT
+    )
+    assert s.cost_without_caching == approx(uncached)
+    assert s.cost_with_caching == approx(cached)
+    assert uncached == approx(0.040755)
+    assert cached == approx(0.029562)
+    assert s.saving == approx(1 - 0.029562 / 0.040755)
+
+
+def test_server_without_cache_usage_says_not_reported(recorded: report.Report) -> None:
+    s = report.summarize(recorded.runs[1], recorded.prices)
+    assert s.split_basis == "workload"
+    assert s.hit == report.Stats(2, approx(1.5), approx(1.5), approx(1.95))
+    assert s.miss == report.Stats(2, approx(3.1), approx(3.1), approx(3.19))
+    assert s.cache_read_tokens is None and s.cache_write_tokens is None
+    assert s.cost_with_caching is None and s.saving is None
+    assert s.cost_without_caching == approx(10800 * IN + 64 * OUT)
+    table = report.render(recorded)
+    assert "not reported" in table
+    assert "llama-cpp-python*" in table and "workload's view" in table
+
+
+def test_table_compares_mean_ttft(recorded: report.Report) -> None:
+    table = report.render(recorded)
+    assert (
+        "mean TTFT: promptcache 3.70 s vs llama-cpp-python 2.30 s: "
+        "llama-cpp-python is 1.6x faster to the first token"
+    ) in table
+    assert "$0.0296" in table and "$0.0408" in table and "27%" in table
+    assert "promptcache: 1 failed, first: HTTP 529: overloaded" in table
+
+
+def test_unsplit_writes_are_billed_at_the_workload_ttl() -> None:
+    r = RequestRecord(0, "a", "s", False, 0.0, 1.0, 2.0, 2000, 0, 1500, None, 10)
+    sheet = prices.DEFAULT
+    five, _ = report.request_costs(r, sheet, "5m")
+    hour, uncached = report.request_costs(r, sheet, "1h")
+    assert five == approx(500 * IN + 1500 * IN * 1.25 + 10 * OUT)
+    assert hour == approx(500 * IN + 1500 * IN * 2 + 10 * OUT)
+    assert uncached == approx(2000 * IN + 10 * OUT)
+
+
+def test_price_sheet_from_file_and_flags(tmp_path: Path) -> None:
+    sheet = tmp_path / "haiku.toml"
+    sheet.write_text('name = "Haiku-class"\ninput_per_mtok = 1.0\noutput_per_mtok = 5.0\n')
+    p = prices.load(sheet, output_per_mtok=4.0, input_per_mtok=None)
+    assert (p.name, p.input_per_mtok, p.output_per_mtok, p.read_multiplier) == (
+        "Haiku-class",
+        1.0,
+        4.0,
+        0.1,
+    )
+    assert prices.cost(p, uncached=1_000_000, read=1_000_000, output=1_000_000) == approx(5.1)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"input": 1}')
+    with pytest.raises(ValueError, match="unknown price keys"):
+        prices.load(bad)
+
+
+def test_report_round_trips_through_json(recorded: report.Report, tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    recorded.write(path)
+    again = report.load(path)
+    assert again.runs[0].records == recorded.runs[0].records
+    assert report.render(again) == report.render(recorded)
