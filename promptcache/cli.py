@@ -25,6 +25,7 @@ _HELP = {
     "dtype": "float32 (default), bfloat16 or float16",
     "chat_format": "chat format: gemma, chatml or plain (default: detected)",
     "max_context_tokens": "context window (default: from the model config)",
+    "max_output_tokens": "cap on every request's max_tokens (default: none; the context limits)",
     "model_cache_dir": "where converted models are kept (default ~/.cache/promptcache)",
     "cache_memory": "KV cache budget in the engine's memory (GPU, or RAM on CPU), e.g. 4GiB",
     "host_cache_memory": "RAM tier below the GPU for demoted entries, e.g. 16GiB (default none)",

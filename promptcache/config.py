@@ -43,6 +43,7 @@ class EngineConfig:
     dtype: str = "float32"
     chat_format: str | None = None
     max_context_tokens: int | None = None
+    max_output_tokens: int | None = None
     model_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "promptcache")
 
 
@@ -187,6 +188,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "dtype": ("engine", "dtype", str),
     "chat_format": ("engine", "chat_format", str),
     "max_context_tokens": ("engine", "max_context_tokens", _opt_int),
+    "max_output_tokens": ("engine", "max_output_tokens", _opt_int),
     "model_cache_dir": ("engine", "model_cache_dir", Path),
     "cache_memory": ("cache", "capacity_bytes", parse_bytes),
     "host_cache_memory": ("cache", "host_capacity_bytes", parse_bytes),

@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from promptcache.cache import planner
@@ -41,7 +41,7 @@ from promptcache.config import DEFAULT_MODEL_NAME, AwsCredential, CacheConfig, S
 from promptcache.core.layout import PromptLayout, render
 from promptcache.core.output import OutputParser
 from promptcache.core.payload import CorruptPayload, KVPayload
-from promptcache.core.request import ChatRequest
+from promptcache.core.request import ChatRequest, Sampling
 from promptcache.core.response import CacheUsage, ChatEvent, Finished, Started, StopReason
 from promptcache.engine.base import (
     Engine,
@@ -252,7 +252,7 @@ class Service:
         reuse_tokens = min(plan.read_tokens, layout.num_tokens - 1) if hit else 0
         engine_request = EngineRequest(
             tokens=layout.tokens,
-            sampling=request.sampling,
+            sampling=self._capped(request.sampling),
             reuse=reuse,
             reuse_tokens=reuse_tokens,
             snapshot_at=[span.offset for span in plan.writes],
@@ -351,6 +351,14 @@ class Service:
             del self._fetches[key]
         if not task.cancelled():
             task.exception()  # every waiter gets it from its own await; none is left unread
+
+    def _capped(self, sampling: Sampling) -> Sampling:
+        """``max_tokens`` within the deployment's ``max_output_tokens``: clients such as Claude
+        Code ask for tens of thousands, which a small local model may take literally."""
+        cap = self.config.engine.max_output_tokens
+        if cap is None or sampling.max_tokens <= cap:
+            return sampling
+        return replace(sampling, max_tokens=cap)
 
     async def _plan(
         self, prepared: Prepared, keys: list[BlockHash], t0: float, mine: Collection[BlockHash] = ()

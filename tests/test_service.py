@@ -14,7 +14,7 @@ from promptcache.engine.fake import FakeEngine
 from promptcache.errors import InvalidRequest, PromptTooLong
 from promptcache.service import Service
 from promptcache.types import TenantId
-from tests.conftest import chat, collect, make_service, run_async, text, words
+from tests.conftest import chat, collect, make_config, make_service, run_async, text, words
 
 SYSTEM = words(2000)
 
@@ -316,3 +316,15 @@ def _with_stop(stop: str) -> ChatRequest:
 
     req = sys_request()
     return replace(req, sampling=replace(req.sampling, stop_sequences=(stop,)))
+
+
+def test_deployment_caps_max_tokens() -> None:
+    from dataclasses import replace as dc_replace
+
+    from promptcache.config import EngineConfig
+
+    config = make_config()
+    config = dc_replace(config, engine=dc_replace(EngineConfig(), max_output_tokens=2))
+    service = Service(FakeEngine(reply_tokens=10**6), config, clock=FakeClock())
+    (result,) = ask(service, chat(("user", [text("hi")]), max_tokens=1000))
+    assert result.usage.output_tokens == 2 and result.stop_reason == "max_tokens"
