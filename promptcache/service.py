@@ -417,6 +417,11 @@ class Service:
                 break
             if isinstance(event, Stopped):
                 reason = event.reason
+                if reason == "max_tokens" and len(token_ids) < request.sampling.max_tokens:
+                    # The deployment's max_output_tokens ended the turn, not the client's limit:
+                    # "max_tokens" would tell the client its own budget ran out (Claude Code
+                    # then retries with a larger one), so the turn is reported as ended.
+                    reason = "end_turn"
                 break
             if isinstance(event, TokenOut):
                 token_ids.append(event.token_id)

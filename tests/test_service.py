@@ -327,4 +327,8 @@ def test_deployment_caps_max_tokens() -> None:
     config = dc_replace(config, engine=dc_replace(EngineConfig(), max_output_tokens=2))
     service = Service(FakeEngine(reply_tokens=10**6), config, clock=FakeClock())
     (result,) = ask(service, chat(("user", [text("hi")]), max_tokens=1000))
-    assert result.usage.output_tokens == 2 and result.stop_reason == "max_tokens"
+    assert result.usage.output_tokens == 2 and result.stop_reason == "end_turn"
+    (own,) = ask(
+        make_service(FakeEngine(reply_tokens=10**6)), chat(("user", [text("hi")]), max_tokens=2)
+    )
+    assert own.usage.output_tokens == 2 and own.stop_reason == "max_tokens"
