@@ -28,11 +28,12 @@ from typing import Any
 import httpx
 
 SUFFIX_TOKENS = 64
-WORDS = (
+CORPUS = (
     "the contract sets out terms of service between parties including payment schedules "
     "liability limits termination clauses confidentiality obligations governing law and the "
     "resolution of disputes through arbitration in the agreed venue under applicable rules"
-).split()
+)
+WORDS = CORPUS.split(" ")
 
 
 def text_of(n_words: int, seed: int) -> str:
@@ -125,7 +126,7 @@ def run(url: str, sizes: list[int], repeats: int) -> None:
     for size in sizes:
         cold_w, cold, hit = [], [], []
         usage_hit: dict[str, Any] = {}
-        for r in range(repeats):
+        for _r in range(repeats):
             seed += 1
             question = text_of(question_words, seed)[: SUFFIX_TOKENS * 5 // 2]
             system = bench.prefix(size, seed)
@@ -138,7 +139,8 @@ def run(url: str, sizes: list[int], repeats: int) -> None:
             cold.append(t)
         cw, c, h = (statistics.median(x) for x in (cold_w, cold, hit))
         print(
-            f"{usage_hit.get('cache_read_input_tokens', 0):>7} {cw * 1000:>9.0f}ms {c * 1000:>6.0f}ms "
+            f"{usage_hit.get('cache_read_input_tokens', 0):>7} "
+            f"{cw * 1000:>9.0f}ms {c * 1000:>6.0f}ms "
             f"{h * 1000:>6.0f}ms {c / h:>8.1f}x {100 * (cw - c) / c:>9.1f}%  "
             f"{usage_hit.get('cache_read_input_tokens')}/{usage_hit.get('cache_creation_input_tokens')}"
             f"/{usage_hit.get('input_tokens')}",
