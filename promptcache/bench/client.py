@@ -10,8 +10,9 @@ whose next prompt contains the previous answer would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -199,4 +200,59 @@ def run(
     )
 
 
-__all__ = ["WARMUP", "RequestRecord", "Target", "run", "run_async", "send"]
+async def interleaved_async(
+    runs: Sequence[tuple[Workload, Target]],
+    *,
+    warmup: bool = True,
+    on_done: Callable[[int, RequestRecord], None] | None = None,
+) -> list[list[RequestRecord]]:
+    """Run several workloads of equal length one request at a time, taking turns: request i of
+    every run before request i+1 of any.
+
+    Only one server computes at any moment, and load from outside the benchmark falls on all of
+    them alike. Each run's clock counts its own requests only (``start_s`` is the sum of its
+    earlier requests' times), so its figures read as if it had run alone.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        clients, models = [], []
+        for _, target in runs:
+            http = httpx.AsyncClient(base_url=target.url, timeout=target.timeout_s)
+            clients.append(await stack.enter_async_context(http))
+            models.append(await _model_name(http, target))
+            if warmup:
+                await send(http, target, WARMUP, models[-1], time.perf_counter())
+        records: list[list[RequestRecord]] = [[] for _ in runs]
+        clocks = [0.0] * len(runs)
+        for i in range(max((len(w.requests) for w, _ in runs), default=0)):
+            for k, (workload, target) in enumerate(runs):
+                if i >= len(workload.requests):
+                    continue
+                record = await send(clients[k], target, workload.requests[i], models[k], 0.0)
+                record.start_s = clocks[k]
+                clocks[k] += record.total_s
+                records[k].append(record)
+                if on_done is not None:
+                    on_done(k, record)
+        return records
+
+
+def run_interleaved(
+    runs: Sequence[tuple[Workload, Target]],
+    *,
+    warmup: bool = True,
+    on_done: Callable[[int, RequestRecord], None] | None = None,
+) -> list[list[RequestRecord]]:
+    """Blocking ``interleaved_async``."""
+    return asyncio.run(interleaved_async(runs, warmup=warmup, on_done=on_done))
+
+
+__all__ = [
+    "WARMUP",
+    "RequestRecord",
+    "Target",
+    "interleaved_async",
+    "run",
+    "run_async",
+    "run_interleaved",
+    "send",
+]

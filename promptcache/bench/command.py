@@ -11,10 +11,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
+    from promptcache.bench.peers import Slot
     from promptcache.bench.report import Report, Run
+    from promptcache.bench.wire import Protocol
     from promptcache.bench.workloads import Workload
 
 WORKLOADS = ("qa", "agent", "chat")
@@ -67,7 +69,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     size.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     size.add_argument("--scale", type=float, default=1.0, help="multiply long-context sizes")
     size.add_argument("--max-tokens", type=int, default=16, help="reply length cap (default 16)")
-    size.add_argument("--ttl", choices=("5m", "1h"), default="5m", help="breakpoint TTL")
+    size.add_argument(
+        "--ttl",
+        choices=("5m", "1h"),
+        help="breakpoint TTL (default 5m; 1h with --peers, whose turn-taking stretches the time "
+        "between a document's questions by the number of servers)",
+    )
     size.add_argument("--documents", type=int, default=3, help="qa: documents (default 3)")
     size.add_argument("--questions", type=int, default=3, help="qa: questions each (default 3)")
     size.add_argument("--clients", type=int, default=3, help="qa: clients (default 3)")
@@ -103,7 +110,8 @@ def build_workload(args: argparse.Namespace) -> Workload:
     """The workload the arguments describe."""
     from promptcache.bench import workloads
 
-    common: dict[str, Any] = dict(scale=args.scale, max_tokens=args.max_tokens, ttl=args.ttl)
+    ttl = args.ttl or ("1h" if args.peers else "5m")
+    common: dict[str, Any] = dict(scale=args.scale, max_tokens=args.max_tokens, ttl=ttl)
     if args.workload == "qa":
         return workloads.qa(
             args.seed,
@@ -144,18 +152,19 @@ def run(args: argparse.Namespace) -> int:
     from promptcache.bench import prices as prices_mod
     from promptcache.bench import report as report_mod
 
+    replay = report_mod.load(args.replay) if args.replay else None
     try:
         prices = prices_mod.load(
-            args.prices, input_per_mtok=args.price_input, output_per_mtok=args.price_output
+            args.prices,
+            base=replay.prices if replay else prices_mod.DEFAULT,
+            input_per_mtok=args.price_input,
+            output_per_mtok=args.price_output,
         )
     except (OSError, ValueError, TypeError) as exc:
         return _fail(f"bad price sheet: {exc}")
-    if args.replay:
-        report = report_mod.load(args.replay)
-        report.prices = (
-            prices if (args.prices or args.price_input or args.price_output) else report.prices
-        )
-        return _emit(report, args, stem=args.replay.stem, write_json=False)
+    if replay is not None:
+        replay.prices = prices
+        return _emit(replay, args, stem=args.replay.stem, write_json=False)
     if args.workload is None:
         return _fail("name a workload (qa, agent or chat), or --replay a report")
     if args.concurrency < 1:
@@ -166,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if bool(args.target) == bool(args.peers):
         return _fail("give either --target URL or --peers")
+    if args.peers and args.concurrency != 1:
+        return _fail("--peers sends one request at a time, taking turns between servers")
     report = report_mod.Report(workload.name, dict(workload.params), args.concurrency, prices, [])
     try:
         if args.peers:
@@ -173,23 +184,23 @@ def run(args: argparse.Namespace) -> int:
             if status:
                 return status
         else:
-            label = args.label or args.target
-            if args.cold:
-                label = args.label or f"{args.target} (cold)"
-            report.runs.append(
-                _run_one(
-                    args, workload, label, args.target, args.protocol or "anthropic", args.cold
-                )
-            )
-    except KeyboardInterrupt:
+            label = args.label or args.target + (" (cold)" if args.cold else "")
+            _run_one(args, workload, report, label, args.protocol or "anthropic", args.cold)
+    except (KeyboardInterrupt, SystemExit):
+        # SystemExit: the peer runner turns SIGTERM into it once its servers are stopped.
         print("interrupted; reporting what finished", file=sys.stderr)
     stem = workload.name + ("-cold" if args.cold and not args.peers else "")
     return _emit(report, args, stem=stem, write_json=True)
 
 
 def _run_one(
-    args: argparse.Namespace, workload: Workload, label: str, url: str, protocol: str, cold: bool
-) -> Run:
+    args: argparse.Namespace,
+    workload: Workload,
+    report: Report,
+    label: str,
+    protocol: str,
+    cold: bool,
+) -> None:
     from tqdm import tqdm
 
     from promptcache.bench import client, workloads
@@ -197,7 +208,12 @@ def _run_one(
 
     if cold:
         workload = workloads.cold(workload)
-    target = client.Target(url.rstrip("/"), protocol, args.api_key, args.model_name, args.timeout)  # type: ignore[arg-type]
+    url = str(args.target).rstrip("/")
+    proto = cast("Protocol", protocol)
+    target = client.Target(url, proto, args.api_key, args.model_name, args.timeout)
+    # The run joins the report before it starts, so an interrupted run still reports.
+    run = Run(label, url, protocol, cold, [], ttl=str(workload.params.get("ttl", "5m")))
+    report.runs.append(run)
     bar = tqdm(
         total=len(workload.requests),
         desc=label,
@@ -208,18 +224,17 @@ def _run_one(
     )
 
     def done(record: client.RequestRecord) -> None:
+        run.records.append(record)
         ttft = "error" if record.error else f"{record.ttft_s or 0:.2f}s"
         bar.set_postfix_str(f"{record.label} ttft {ttft}", refresh=False)
         bar.update(1)
 
-    records: list[client.RequestRecord] = []
     try:
-        records = client.run(
+        client.run(
             workload, target, concurrency=args.concurrency, warmup=not args.no_warmup, on_done=done
         )
     finally:
         bar.close()
-    return Run(label, url, protocol, cold, records, ttl=str(workload.params.get("ttl", "5m")))
 
 
 def _run_peers(args: argparse.Namespace, workload: Workload, report: Report) -> int:
@@ -238,15 +253,60 @@ def _run_peers(args: argparse.Namespace, workload: Workload, report: Report) -> 
         return _fail("\n".join(problems))
     protocol = args.protocol or "openai"
 
-    def run_one(label: str, url: str, proto: str, cold: bool) -> Run:
-        run = _run_one(args, workload, label, url, proto, cold)
-        report.runs.append(run)
-        return run
+    def run_all(slots: list[peers.Slot]) -> list[Run]:
+        return _run_interleaved(args, workload, report, slots)
 
     started = time.monotonic()
-    peers.run_peers(plan, args.out, protocol, run_one)
+    peers.run_peers(plan, args.out, protocol, run_all)
     print(f"peer runs took {time.monotonic() - started:.0f} s", file=sys.stderr)
     return 0
+
+
+def _run_interleaved(
+    args: argparse.Namespace, workload: Workload, report: Report, slots: list[Slot]
+) -> list[Run]:
+    from tqdm import tqdm
+
+    from promptcache.bench import client, workloads
+    from promptcache.bench.report import Run
+
+    ttl = str(workload.params.get("ttl", "5m"))
+    # The runs join the report before they start, so an interrupted run still reports.
+    runs = [Run(s.label, s.url, s.protocol, s.cold, [], ttl=ttl) for s in slots]
+    report.runs.extend(runs)
+    pairs = [
+        (
+            workloads.cold(workload) if s.cold else workload,
+            client.Target(
+                s.url.rstrip("/"),
+                cast("Protocol", s.protocol),
+                args.api_key,
+                args.model_name,
+                args.timeout,
+            ),
+        )
+        for s in slots
+    ]
+    bar = tqdm(
+        total=len(workload.requests) * len(slots),
+        desc="peers",
+        unit="req",
+        file=sys.stderr,
+        disable=args.no_progress,
+        dynamic_ncols=True,
+    )
+
+    def done(k: int, record: client.RequestRecord) -> None:
+        runs[k].records.append(record)
+        ttft = "error" if record.error else f"{record.ttft_s or 0:.2f}s"
+        bar.set_postfix_str(f"{slots[k].label} {record.label} ttft {ttft}", refresh=False)
+        bar.update(1)
+
+    try:
+        client.run_interleaved(pairs, warmup=not args.no_warmup, on_done=done)
+    finally:
+        bar.close()
+    return runs
 
 
 def _emit(report: Report, args: argparse.Namespace, *, stem: str, write_json: bool) -> int:

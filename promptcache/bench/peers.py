@@ -1,7 +1,9 @@
-"""The peer runner: start, on loopback, the servers a user would otherwise pick, one at a time,
-and run the same workload against each.
+"""The peer runner: start, on loopback, the servers a user would otherwise pick and run the same
+workload against each, in one run.
 
-Runs, in order (each server alone on the machine, so none steals the other's CPU):
+The runs take turns request by request (``client.run_interleaved``): one request is in flight at
+a time, so no server steals another's CPU, and load from outside falls on all of them alike.
+The peers:
 
 - ``promptcache``: ``python -m promptcache serve`` with the embedded Gemma 3 270M;
 - ``cold``: the cold control, the same prompts with caching off, on that same server;
@@ -11,7 +13,7 @@ Runs, in order (each server alone on the machine, so none steals the other's CPU
   spared.
 
 Every server listens on 127.0.0.1 on a free port, logs to ``<out>/<name>.log`` and is stopped
-(terminate, then kill) when its runs end, whatever happens.
+(terminate, then kill) when the runs end, whatever happens (errors, Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -216,16 +218,18 @@ def check(plan: PeerPlan) -> list[str]:
     return problems
 
 
-RunFn = Callable[[str, str, str, bool], "Run"]
-"""``(label, url, protocol, cold)``: run the workload once and return the run."""
+@dataclass(frozen=True)
+class Slot:
+    """One run of the comparison: a name, the server's URL, the protocol, caching on or off."""
+
+    label: str
+    url: str
+    protocol: str
+    cold: bool
 
 
-def _run_on(handle: Running, run_one: RunFn, label: str, protocol: str, cold: bool) -> Run:
-    run = run_one(label, handle.url, protocol, cold)
-    death = handle.died()
-    if death:
-        run.notes.append(death)
-    return run
+RunAll = Callable[[list[Slot]], "list[Run]"]
+"""Runs the workload once per slot (interleaved) and returns the runs in slot order."""
 
 
 LLAMA_FORMAT_NOTE = (
@@ -249,36 +253,42 @@ def _terminate_cleanly() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_peers(plan: PeerPlan, out_dir: Path, protocol: str, run_one: RunFn) -> None:
-    """Start each server of ``plan`` in turn and call ``run_one`` for each of its runs."""
-    with _terminate_cleanly():
-        _run_peers(plan, out_dir, protocol, run_one)
-
-
-def _run_peers(plan: PeerPlan, out_dir: Path, protocol: str, run_one: RunFn) -> None:
+def run_peers(plan: PeerPlan, out_dir: Path, protocol: str, run_all: RunAll) -> list[Run]:
+    """Start the servers of ``plan``, have ``run_all`` run the workload on each, stop them."""
     wanted = set(plan.peers)
-    if wanted & {"promptcache", "cold"}:
-        server = promptcache_server(free_port(), plan.promptcache_args)
-        with running(server, out_dir / "promptcache.log") as handle:
+    with _terminate_cleanly(), ExitStack() as stack:
+        slots: list[tuple[Slot, Running]] = []
+        if wanted & {"promptcache", "cold"}:
+            server = promptcache_server(free_port(), plan.promptcache_args)
+            pc = stack.enter_context(running(server, out_dir / "promptcache.log"))
             if "promptcache" in wanted:
-                _run_on(handle, run_one, "promptcache", protocol, False)
+                slots.append((Slot("promptcache", pc.url, protocol, False), pc))
             if "cold" in wanted:
-                # Markers removed and caching off: nothing written before can be read.
-                _run_on(handle, run_one, "promptcache (cold)", protocol, True)
-    if "llama-cpp" in wanted:
-        gguf = plan.gguf or default_gguf()
-        server = llama_cpp_server(plan.peers_python, gguf, free_port(), plan.threads)
-        with running(server, out_dir / "llama-cpp.log") as handle:
-            run = _run_on(handle, run_one, "llama-cpp-python", "openai", False)
-        if plan.gguf is None:
-            run.notes.append(LLAMA_FORMAT_NOTE)
+                # Markers removed and caching off: it neither reads nor writes entries, so it
+                # shares the server with the cached run without disturbing it.
+                slots.append((Slot("promptcache (cold)", pc.url, protocol, True), pc))
+        if "llama-cpp" in wanted:
+            gguf = plan.gguf or default_gguf()
+            server = llama_cpp_server(plan.peers_python, gguf, free_port(), plan.threads)
+            llama = stack.enter_context(running(server, out_dir / "llama-cpp.log"))
+            slots.append((Slot("llama-cpp-python", llama.url, "openai", False), llama))
+        runs = run_all([slot for slot, _ in slots])
+        for run, (slot, handle) in zip(runs, slots, strict=True):
+            death = handle.died()
+            if death:
+                run.notes.append(death)
+            if slot.label == "llama-cpp-python" and plan.gguf is None:
+                run.notes.append(LLAMA_FORMAT_NOTE)
+        return runs
 
 
 __all__ = [
     "PEERS",
     "PeerPlan",
+    "RunAll",
     "Running",
     "Server",
+    "Slot",
     "check",
     "default_gguf",
     "free_port",

@@ -53,16 +53,18 @@ def cost_plot(report: Report, path: Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     colours = ["#264653", "#e9c46a", "#f4a261", "#2a9d8f", "#8d99ae"]
-    drawn = False
+    drawn = False  # any line with data
     for i, run in enumerate(report.runs):
         if run.cold:
             continue  # the same prompts as the cached run, so its line is that run's "without"
         colour = colours[i % len(colours)]
         ok = sorted((r for r in run.records if r.error is None), key=lambda r: r.start_s)
         costs = [request_costs(r, report.prices, run.ttl) for r in ok]
+        missing = []
         for which, style, name in ((0, "-", "with caching"), (1, "--", "without caching")):
             values = [c[which] for c in costs]
             if not values or any(v is None for v in values):
+                missing.append(name)
                 continue
             total, ys = 0.0, [0.0]
             for v in values:
@@ -70,6 +72,10 @@ def cost_plot(report: Report, path: Path) -> Path:
                 ys.append(total)
             ax.plot(range(len(ys)), ys, style, color=colour, label=f"{run.label}: {name}")
             drawn = True
+        if missing:
+            # Said in the legend, so a missing line reads as "unknown", not as "free".
+            what = "usage" if len(missing) == 2 else missing[0]
+            ax.plot([], [], ":", color=colour, label=f"{run.label}: {what} not reported")
     if not drawn:
         ax.text(0.5, 0.5, "no server reported token usage", ha="center", transform=ax.transAxes)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -77,8 +83,7 @@ def cost_plot(report: Report, path: Path) -> Path:
     ax.set_ylabel(f"cumulative cost (USD, {report.prices.name})")
     ax.set_title(f"Hosted-price cost of workload {report.workload}")
     ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="upper left", fontsize="small")
     fig.savefig(path, dpi=110)
     return path
 

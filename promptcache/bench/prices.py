@@ -33,9 +33,9 @@ class Prices:
 DEFAULT = Prices()
 
 
-def load(path: Path | None, **overrides: float | None) -> Prices:
-    """``DEFAULT`` updated from a TOML or JSON file and then from non-None ``overrides``."""
-    prices = DEFAULT
+def load(path: Path | None, base: Prices = DEFAULT, **overrides: float | None) -> Prices:
+    """``base`` updated from a TOML or JSON file and then from non-None ``overrides``."""
+    prices = base
     if path is not None:
         text = path.read_text()
         data: dict[str, Any] = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)

@@ -225,3 +225,23 @@ def test_agent_loop_reads_tools_system_and_the_previous_call(
     for t in range(2):
         reads = [by_label[f"task{t}/call{c}"].cache_read_tokens or 0 for c in range(3)]
         assert reads[1] > reads[0] and reads[2] > reads[1]
+
+
+def test_interleaved_runs_take_turns_and_keep_their_own_clocks(fake_server: str) -> None:
+    w = workloads.qa(16, documents=2, questions=2, doc_tokens=500)
+    target = client.Target(fake_server)
+    order: list[tuple[int, str]] = []
+    cached, cold = client.run_interleaved(
+        [(w, target), (workloads.cold(w), target)],
+        on_done=lambda k, r: order.append((k, r.label)),
+    )
+    labels = [r.label for r in w.requests]
+    assert order == [(k, label) for label in labels for k in (0, 1)]
+    for records in (cached, cold):
+        assert [r.label for r in records] == labels
+        assert records[0].start_s == 0.0
+        for a, b in itertools.pairwise(records):
+            assert b.start_s == a.start_s + a.total_s
+    # The cold control shares the server without reading or writing the cached run's entries.
+    assert [bool(r.cache_read_tokens) for r in cached] == [r.repeat for r in w.requests]
+    assert all(r.cache_read_tokens == 0 and r.cache_write_tokens == 0 for r in cold)

@@ -169,3 +169,17 @@ with peers._terminate_cleanly():
         assert parent.wait(timeout=30) == 128 + 15
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def test_peer_runs_default_to_the_1h_ttl() -> None:
+    from promptcache.bench import command
+
+    parser = cli._parser()
+    plain = parser.parse_args(["bench", "qa", "--target", "http://x"])
+    peer = parser.parse_args(["bench", "qa", "--peers"])
+    chosen = parser.parse_args(["bench", "qa", "--peers", "--ttl", "5m"])
+    assert command.build_workload(plain).params["ttl"] == "5m"
+    assert command.build_workload(peer).params["ttl"] == "1h"
+    assert command.build_workload(chosen).params["ttl"] == "5m"
+    req = command.build_workload(peer).requests[0]
+    assert req.system[0].cache == "1h"
