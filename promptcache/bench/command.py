@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         replay.prices = prices
         return _emit(replay, args, stem=args.replay.stem, write_json=False)
     if args.workload is None:
+        if args.peers in WORKLOADS:  # "bench --peers qa": --peers took the workload's name
+            return _fail(f"write the workload first: promptcache bench {args.peers} --peers")
         return _fail("name a workload (qa, agent or chat), or --replay a report")
     if args.concurrency < 1:
         return _fail("--concurrency must be at least 1")

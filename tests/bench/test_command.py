@@ -41,6 +41,7 @@ def test_dry_run_prints_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "message"),
     [
         (["bench"], "name a workload"),
+        (["bench", "--peers", "qa"], "write the workload first: promptcache bench qa --peers"),
         (["bench", "qa"], "either --target URL or --peers"),
         (["bench", "qa", "--target", "http://x", "--peers"], "either --target URL or --peers"),
         (["bench", "qa", "--target", "http://x", "--concurrency", "0"], "at least 1"),
