@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 
 import pytest
 
 from promptcache.engine.base import EngineEvent, Prefilled, Stopped, TokenOut
 from promptcache.errors import Overloaded
-from promptcache.worker import EngineWorker
+from promptcache.worker import EngineWorker, Job
 
 
 def counting(
@@ -24,30 +24,40 @@ def counting(
         closed.append(name)
 
 
-def test_jobs_progress_together_round_robin() -> None:
-    log: list[str] = []
-    closed: list[str] = []
+async def drain(job: Job) -> list[EngineEvent]:
+    """Every remaining event of ``job``."""
+    out = []
+    while (event := await job.next()) is not None:
+        out.append(event)
+    return out
+
+
+def with_worker(body: Callable[[EngineWorker], Awaitable[None]]) -> None:
+    """Run ``body`` against a started worker, stopping it afterwards."""
 
     async def main() -> None:
         worker = EngineWorker()
         worker.start()
         try:
-            a = worker.submit(counting("a", log, 3, closed))
-            b = worker.submit(counting("b", log, 3, closed))
-
-            async def drain(job: object) -> list[EngineEvent]:
-                out = []
-                while (event := await job.next()) is not None:  # type: ignore[attr-defined]
-                    out.append(event)
-                return out
-
-            ra, rb = await asyncio.gather(drain(a), drain(b))
-            assert [type(e) for e in ra] == [Prefilled, TokenOut, TokenOut, TokenOut, Stopped]
-            assert len(rb) == 5
+            await body(worker)
         finally:
             worker.stop()
 
     asyncio.run(main())
+
+
+def test_jobs_progress_together_round_robin() -> None:
+    log: list[str] = []
+    closed: list[str] = []
+
+    async def body(worker: EngineWorker) -> None:
+        a = worker.submit(counting("a", log, 3, closed))
+        b = worker.submit(counting("b", log, 3, closed))
+        ra, rb = await asyncio.gather(drain(a), drain(b))
+        assert [type(e) for e in ra] == [Prefilled, TokenOut, TokenOut, TokenOut, Stopped]
+        assert len(rb) == 5
+
+    with_worker(body)
     # Neither job ran to completion before the other started: steps interleave.
     assert log.index("b:prefill") < log.index("a:2")
     assert log.index("a:prefill") < log.index("b:2")
@@ -58,19 +68,13 @@ def test_cancel_closes_the_generator_and_stops_work() -> None:
     log: list[str] = []
     closed: list[str] = []
 
-    async def main() -> None:
-        worker = EngineWorker()
-        worker.start()
-        try:
-            job = worker.submit(counting("a", log, 10_000_000, closed))
-            assert isinstance(await job.next(), Prefilled)
-            job.cancel()
-            while await job.next() is not None:
-                pass
-        finally:
-            worker.stop()
+    async def body(worker: EngineWorker) -> None:
+        job = worker.submit(counting("a", log, 10_000_000, closed))
+        assert isinstance(await job.next(), Prefilled)
+        job.cancel()
+        await drain(job)
 
-    asyncio.run(main())
+    with_worker(body)
     assert closed == ["a"]
     assert len(log) < 10_000_000
 
@@ -80,23 +84,16 @@ def test_engine_errors_reach_only_their_request() -> None:
         yield Prefilled({}, 0)
         raise RuntimeError("boom")
 
-    async def main() -> None:
-        worker = EngineWorker()
-        worker.start()
-        try:
-            bad = worker.submit(failing())
-            good = worker.submit(counting("g", [], 2, []))
-            assert isinstance(await bad.next(), Prefilled)
-            with pytest.raises(RuntimeError, match="boom"):
-                await bad.next()
-            events = []
-            while (e := await good.next()) is not None:
-                events.append(e)
-            assert isinstance(events[-1], Stopped)
-        finally:
-            worker.stop()
+    async def body(worker: EngineWorker) -> None:
+        bad = worker.submit(failing())
+        good = worker.submit(counting("g", [], 2, []))
+        assert isinstance(await bad.next(), Prefilled)
+        with pytest.raises(RuntimeError, match="boom"):
+            await bad.next()
+        events = await drain(good)
+        assert isinstance(events[-1], Stopped)
 
-    asyncio.run(main())
+    with_worker(body)
 
 
 def test_queue_limit_is_overloaded() -> None:
