@@ -7,7 +7,7 @@ between them. One request::
     bps    = resolve_breakpoints(...)        validation steps 4-6
     plan   = planner.plan(...)               20-block lookback; refresh; pin the deepest hit
     reuse  = hit's bytes in engine memory     read from a lower tier or file; promoted
-    engine.generate(tokens, reuse=hit)       on the worker thread: restore, prefill, snapshot
+    engine.add(tokens, reuse=hit)            the worker's loop steps it: restore, prefill, snapshot
     store.put(each written span)             at the exact breakpoint offsets
     Started(usage) -> TextOut... -> Finished
 """
@@ -259,7 +259,7 @@ class Service:
         )
         job = None
         try:
-            job = self.worker.submit(self.engine.generate(engine_request))
+            job = self.worker.submit(self.engine, engine_request)
             # The usage is final with the plan: a stream can start now, before a long prefill,
             # so clients see their first byte (and keep-alives) while the prompt is computed.
             yield Started(plan.usage)

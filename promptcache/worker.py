@@ -1,10 +1,10 @@
-"""``EngineWorker``: runs engine generators off the event loop, one step at a time.
+"""``EngineWorker``: the engine loop, off the event loop.
 
-Every running request owns a generator from ``Engine.generate``. One worker thread advances
-them in turn (a prefill, or one decode step each), so several streams make progress at once and
-the event loop never blocks on the model. Each step's result is handed to the request's asyncio
-queue with ``call_soon_threadsafe``. Cancelling a job closes its generator on the worker thread
-before its next step, which is how a client disconnect stops generation.
+One thread owns the engine. Between steps it admits newly submitted requests (``Engine.add``)
+and drops cancelled ones (``Engine.cancel``); each step advances every running sequence at once
+(one batched forward on a real engine) and hands each event to its request's asyncio queue with
+``call_soon_threadsafe``. A client disconnect cancels its job, which frees the sequence's
+working state before the next step.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import Generator
 from dataclasses import dataclass, field
 
-from promptcache.engine.base import EngineEvent
+from promptcache.engine.base import Engine, EngineEvent, EngineRequest, SeqId, Stopped
 from promptcache.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -31,12 +30,15 @@ _END = _End()
 
 @dataclass(eq=False)
 class Job:
-    """One request's generator and the queue its events arrive on."""
+    """One request: what the engine runs and the queue its events arrive on."""
 
-    generator: Generator[EngineEvent, None, None]
+    engine: Engine
+    request: EngineRequest
     loop: asyncio.AbstractEventLoop
+    worker: EngineWorker
     queue: asyncio.Queue[EngineEvent | BaseException | _End] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    seq: SeqId | None = None
 
     async def next(self) -> EngineEvent | None:
         """The next event, None at the end; re-raises what the engine raised."""
@@ -48,7 +50,10 @@ class Job:
         return item
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """Stop this job; its sequence is freed before the engine's next step."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.worker._wake()
 
     def _push(self, item: EngineEvent | BaseException | _End) -> None:
         try:
@@ -58,15 +63,17 @@ class Job:
 
 
 class EngineWorker:
-    """A thread that round-robins over running jobs. At most ``max_jobs`` at once."""
+    """The thread that drives the engine. At most ``max_jobs`` requests at once."""
 
     def __init__(self, max_jobs: int = 64) -> None:
         self.max_jobs = max_jobs
-        self._jobs: deque[Job] = deque()
+        self._pending: deque[Job] = deque()
+        self._running: dict[SeqId, Job] = {}
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._num_active = 0
+        self._engine: Engine | None = None
 
     def start(self) -> None:
         self._stopping = False
@@ -82,58 +89,107 @@ class EngineWorker:
 
     @property
     def num_jobs(self) -> int:
-        """Jobs submitted and not yet finished (queued or being stepped)."""
+        """Jobs submitted and not yet finished (queued or running)."""
         return self._num_active
 
-    def submit(self, generator: Generator[EngineEvent, None, None]) -> Job:
-        """Queue ``generator``; raises ``Overloaded`` when ``max_jobs`` are already running."""
-        job = Job(generator, asyncio.get_running_loop())
+    def submit(self, engine: Engine, request: EngineRequest) -> Job:
+        """Queue ``request`` for ``engine``; raises ``Overloaded`` when ``max_jobs`` are already
+        running."""
+        job = Job(engine, request, asyncio.get_running_loop(), self)
         with self._cond:
             if self._num_active >= self.max_jobs:
                 raise Overloaded("Overloaded")
-            self._jobs.append(job)
+            self._pending.append(job)
             self._num_active += 1
             self._cond.notify()
         return job
 
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._stopping:
+                while not self._stopping and not self._running and not self._pending:
                     self._cond.wait()
                 if self._stopping:
-                    jobs = list(self._jobs)
-                    self._jobs.clear()
-                    self._num_active = 0
-                    for job in jobs:
-                        job.generator.close()
-                        job._push(_END)
+                    self._shutdown()
                     return
-                job = self._jobs.popleft()
-            more = self._step(job)
-            with self._cond:
-                if more:
-                    self._jobs.append(job)
-                else:
-                    self._num_active -= 1
+                admitted = list(self._pending)
+                self._pending.clear()
+            for job in admitted:
+                self._admit(job)
+            self._reap()
+            if self._running:
+                self._step()
 
-    def _step(self, job: Job) -> bool:
-        """Advance ``job`` once; True while it has more to do."""
+    def _admit(self, job: Job) -> None:
         if job.cancelled:
-            job.generator.close()
-            job._push(_END)
-            return False
+            self._finish(job, _END)
+            return
+        if self._engine is not job.engine and self._running:
+            # One engine at a time: a new engine (tests swap them) waits for the old one's work.
+            with self._cond:
+                self._pending.append(job)
+            return
+        self._engine = job.engine
         try:
-            event = next(job.generator)
-        except StopIteration:
-            job._push(_END)
-            return False
-        except Exception as exc:  # reported to this request only
+            job.seq = job.engine.add(job.request)
+        except Exception as exc:  # an invalid request: reported to it alone
+            self._finish(job, exc)
+            return
+        self._running[job.seq] = job
+
+    def _reap(self) -> None:
+        """Free the sequences of cancelled jobs."""
+        for seq, job in list(self._running.items()):
+            if job.cancelled:
+                del self._running[seq]
+                job.engine.cancel(seq)
+                self._finish(job, _END)
+
+    def _step(self) -> None:
+        engine = self._engine
+        assert engine is not None
+        try:
+            results = engine.step()
+        except Exception as exc:  # the step itself failed: every sequence in it fails
             log.exception("engine step failed")
-            job._push(exc)
-            return False
-        job._push(event)
-        return True
+            for seq, failed in list(self._running.items()):
+                del self._running[seq]
+                engine.cancel(seq)
+                self._finish(failed, exc)
+            return
+        for seq, item in results:
+            job = self._running.get(seq)
+            if job is None:
+                continue
+            if isinstance(item, Exception):
+                log.error("engine sequence failed: %r", item)
+                del self._running[seq]
+                self._finish(job, item)
+                continue
+            job._push(item)
+            if isinstance(item, Stopped):
+                del self._running[seq]
+                self._finish(job, _END)
+
+    def _finish(self, job: Job, item: BaseException | _End) -> None:
+        job._push(item)
+        with self._cond:
+            self._num_active -= 1
+
+    def _shutdown(self) -> None:
+        jobs = list(self._running.items())
+        self._running.clear()
+        for seq, job in jobs:
+            job.engine.cancel(seq)
+            job._push(_END)
+        for job in self._pending:
+            job._push(_END)
+        self._pending.clear()
+        self._num_active = 0
 
 
 __all__ = ["EngineWorker", "Job"]

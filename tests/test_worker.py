@@ -5,9 +5,34 @@ from collections.abc import Awaitable, Callable, Generator
 
 import pytest
 
-from promptcache.engine.base import EngineEvent, Prefilled, Stopped, TokenOut
+from promptcache.core.request import Sampling
+from promptcache.engine.base import EngineEvent, EngineRequest, Prefilled, Stopped, TokenOut
+from promptcache.engine.stepper import GeneratorEngine
 from promptcache.errors import Overloaded
 from promptcache.worker import EngineWorker, Job
+
+Script = Generator[EngineEvent, None, None]
+
+
+class Scripted(GeneratorEngine):
+    """Runs the generator given with each submission (as the request's ``tokens``' owner)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: dict[int, Script] = {}
+
+    def generate(self, request: EngineRequest) -> Script:
+        return self.scripts.pop(request.tokens[0])
+
+
+ENGINE = Scripted()
+
+
+def submit(worker: EngineWorker, script: Script) -> Job:
+    """Submit ``script`` as one request of ``ENGINE``."""
+    key = id(script)
+    ENGINE.scripts[key] = script
+    return worker.submit(ENGINE, EngineRequest([key], Sampling(max_tokens=1)))
 
 
 def counting(
@@ -51,8 +76,8 @@ def test_jobs_progress_together_round_robin() -> None:
     closed: list[str] = []
 
     async def body(worker: EngineWorker) -> None:
-        a = worker.submit(counting("a", log, 3, closed))
-        b = worker.submit(counting("b", log, 3, closed))
+        a = submit(worker, counting("a", log, 3, closed))
+        b = submit(worker, counting("b", log, 3, closed))
         ra, rb = await asyncio.gather(drain(a), drain(b))
         assert [type(e) for e in ra] == [Prefilled, TokenOut, TokenOut, TokenOut, Stopped]
         assert len(rb) == 5
@@ -69,7 +94,7 @@ def test_cancel_closes_the_generator_and_stops_work() -> None:
     closed: list[str] = []
 
     async def body(worker: EngineWorker) -> None:
-        job = worker.submit(counting("a", log, 10_000_000, closed))
+        job = submit(worker, counting("a", log, 10_000_000, closed))
         assert isinstance(await job.next(), Prefilled)
         job.cancel()
         await drain(job)
@@ -85,8 +110,8 @@ def test_engine_errors_reach_only_their_request() -> None:
         raise RuntimeError("boom")
 
     async def body(worker: EngineWorker) -> None:
-        bad = worker.submit(failing())
-        good = worker.submit(counting("g", [], 2, []))
+        bad = submit(worker, failing())
+        good = submit(worker, counting("g", [], 2, []))
         assert isinstance(await bad.next(), Prefilled)
         with pytest.raises(RuntimeError, match="boom"):
             await bad.next()
@@ -99,8 +124,8 @@ def test_engine_errors_reach_only_their_request() -> None:
 def test_queue_limit_is_overloaded() -> None:
     async def main() -> None:
         worker = EngineWorker(max_jobs=1)  # not started: jobs stay queued
-        worker.submit(counting("a", [], 1, []))
+        submit(worker, counting("a", [], 1, []))
         with pytest.raises(Overloaded):
-            worker.submit(counting("b", [], 1, []))
+            submit(worker, counting("b", [], 1, []))
 
     asyncio.run(main())

@@ -1,21 +1,24 @@
 """The ``Engine`` protocol: the one seam between the service and a model runtime.
 
-An engine turns a token sequence into generated tokens. It can start from a restored KV prefix
-(``reuse``) and export the KV state at given offsets of the prompt (``snapshot_at``); both are
-opaque ``KVPayload`` handles to everyone but the engine itself. The service drives ``generate``
-one step at a time from its worker thread, so the generator is the unit of scheduling::
+An engine turns token sequences into generated tokens. It can start a sequence from a restored
+KV prefix (``reuse``) and export the KV state at given offsets of the prompt (``snapshot_at``);
+both are opaque ``KVPayload`` handles to everyone but the engine itself. The engine is driven by
+one loop (the service's ``EngineWorker`` thread): requests join between steps, and each
+``step`` advances every running sequence at once (a batched engine runs one forward over all
+of them), returning the events it produced::
 
-    gen = engine.generate(EngineRequest(tokens, reuse, reuse_tokens, snapshot_at, sampling))
-    PrefillProgress(num_done_tokens, num_total_tokens)                 # zero or more
-    Prefilled(snapshots={offset: payload, ...}, num_computed_tokens)   # always, once
-    TokenOut(token_id)                                                 # zero or more
-    Stopped(reason)                                                    # last item
-    gen.close()                                                        # cancels at any point
+    seq = engine.add(EngineRequest(tokens, sampling, reuse, reuse_tokens, snapshot_at))
+    engine.step() -> [(seq, event), ...]    per sequence, in order:
+        PrefillProgress(num_done_tokens, num_total_tokens)                 # zero or more
+        Prefilled(snapshots={offset: payload, ...}, num_computed_tokens)   # always, once
+        TokenOut(token_id)                                                 # zero or more
+        Stopped(reason)                                                    # last: seq is gone
+    engine.cancel(seq)                                                     # at any point
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -92,15 +95,23 @@ class Stopped:
 
 EngineEvent = PrefillProgress | Prefilled | TokenOut | Stopped
 
+SeqId = int
+"""Names one running sequence of an engine, from ``add`` until its ``Stopped`` (or ``cancel``)."""
+
+StepResult = list[tuple[SeqId, EngineEvent | Exception]]
+"""What one ``step`` produced. An ``Exception`` ends that sequence only (its state is freed);
+so does a ``Stopped`` event."""
+
 
 class Engine(Protocol):
     """A model runtime. Not thread-safe: the service calls it from one worker thread.
 
-    ``generate`` returns a generator that does no work until first advanced. Payloads it yields
-    are immutable: restoring one never changes it (spec §1.5). A snapshot may share pages with
-    ``request.reuse`` and with the other snapshots of the same call (``KVPayload.parts``).
-    Closing the generator frees its working state. Errors raised while advancing it are reported
-    to that request only.
+    ``add`` validates a request (raising ``ValueError`` or ``PromptTooLong``) and queues it; no
+    model work happens until ``step``. Payloads it hands out are immutable: restoring one never
+    changes it (spec §1.5). A snapshot may share pages with ``request.reuse`` and with the other
+    snapshots of the same sequence (``KVPayload.parts``). ``cancel`` frees a sequence's working
+    state at once; cancelling an unknown or finished sequence does nothing. An error in one
+    sequence is reported to that sequence only.
     """
 
     @property
@@ -117,7 +128,19 @@ class Engine(Protocol):
         """Moves this engine's payloads between device memory, host memory and files."""
         ...
 
-    def generate(self, request: EngineRequest) -> Generator[EngineEvent, None, None]: ...
+    def add(self, request: EngineRequest) -> SeqId: ...
+
+    def cancel(self, seq: SeqId) -> None: ...
+
+    def step(self) -> StepResult:
+        """Advance every running sequence once: a prefill chunk (within the engine's token
+        budget) or one decode token each. Returns ``[]`` when nothing is running."""
+        ...
+
+    @property
+    def num_running(self) -> int:
+        """Sequences added and not yet finished or cancelled."""
+        ...
 
 
 __all__ = [
@@ -127,6 +150,8 @@ __all__ = [
     "EngineRequest",
     "PrefillProgress",
     "Prefilled",
+    "SeqId",
+    "StepResult",
     "Stopped",
     "TokenOut",
 ]

@@ -30,6 +30,7 @@ from promptcache.engine.base import (
     Stopped,
     TokenOut,
 )
+from promptcache.engine.stepper import GeneratorEngine
 
 _ALPHABET = b"abcdefghijklmnopqrstuvwxyz     ."
 
@@ -164,7 +165,7 @@ def _step(state: bytes, token: int) -> bytes:
     return hashlib.sha256(state + token.to_bytes(4, "big")).digest()
 
 
-class FakeEngine:
+class FakeEngine(GeneratorEngine):
     """Deterministic stand-in for a model. ``reply_tokens`` bounds each reply's length."""
 
     def __init__(
@@ -180,6 +181,7 @@ class FakeEngine:
     ) -> None:
         """``device`` is a label only (payloads are Python objects): ``"cuda"`` makes the service
         build a device tier above host memory, for tier tests."""
+        super().__init__()
         self._tokenizer = ByteTokenizer()
         self._info = EngineInfo(
             model_id="fake",

@@ -39,6 +39,7 @@ from promptcache.engine.hf.kv import (
     restore_cache,
 )
 from promptcache.engine.sampling import make_generator, sample_token
+from promptcache.engine.stepper import GeneratorEngine
 from promptcache.errors import PromptTooLong
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -89,7 +90,7 @@ def parameter_revision(model: torch.nn.Module, *parts: str) -> str:
     return digest.hexdigest()[:32]
 
 
-class HFEngine:
+class HFEngine(GeneratorEngine):
     """A transformers causal LM behind the ``Engine`` protocol. Not thread-safe."""
 
     def __init__(
@@ -116,6 +117,7 @@ class HFEngine:
             raise ValueError("prefill_chunk_tokens must be positive")
         if kv_page_tokens < 1:
             raise ValueError("kv_page_tokens must be positive")
+        super().__init__()
         self._device = resolve_device(device)
         self._model = model.to(self._device).eval()
         self._tokenizer = tokenizer

@@ -121,8 +121,16 @@ def random_prompt(n: int, seed: int = 1) -> list[int]:
 
 
 def run_all(engine: Engine, request: EngineRequest, *, progress: bool = False) -> list[EngineEvent]:
-    """Every event of one generation (``PrefillProgress`` only when ``progress``)."""
-    events = list(engine.generate(request))
+    """Every event of one generation run alone (``PrefillProgress`` only when ``progress``)."""
+    seq = engine.add(request)
+    events: list[EngineEvent] = []
+    while engine.num_running:
+        for got, item in engine.step():
+            if got != seq:
+                continue
+            if isinstance(item, Exception):
+                raise item
+            events.append(item)
     return events if progress else [e for e in events if not isinstance(e, PrefillProgress)]
 
 
