@@ -15,7 +15,7 @@ import torch
 
 from promptcache.engine.paged.models import CausalLM, Gemma3, Llama, from_hf
 from promptcache.engine.paged.models.reference import ContiguousAttention
-from tests.engine.paged.tiny_models import KINDS, build
+from tests.engine.paged.tiny_models import KINDS, build, build_gemma3_vision
 
 TOL = 1e-4
 LENGTH = 48
@@ -114,6 +114,15 @@ def test_packed_sequences(kind: str) -> None:
             assert max_diff(ours[na:], ref_b[done[1] : done[1] + nb]) <= TOL
             done = [done[0] + na, done[1] + nb]
     assert done == [30, 24]
+
+
+def test_gemma3_with_vision_runs_its_language_model() -> None:
+    hf = build_gemma3_vision()
+    model = from_hf(hf)
+    assert isinstance(model, Gemma3)
+    ids = tokens(LENGTH, seed=6)
+    ours = run(model, ContiguousAttention(model.attn_specs), ids, 0)
+    assert max_diff(ours, reference_logits(hf, ids)) <= TOL
 
 
 def test_families_and_specs() -> None:

@@ -104,6 +104,33 @@ def _build(kind: str) -> Any:
     raise ValueError(f"unknown tiny kind {kind!r}")
 
 
+def build_gemma3_vision(*, seed: int = 0) -> Any:
+    """A tiny ``Gemma3ForConditionalGeneration`` (the text model of ``build("gemma3")`` plus a
+    one-layer vision tower); ``from_hf`` should take its language model only."""
+    import transformers as tf
+
+    text = build("gemma3", seed=seed).config.to_dict()
+    vision = tf.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = tf.Gemma3Config(
+        text_config=text,
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=ByteTokenizer().vocab_size,  # out of the text vocabulary: unused
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.Gemma3ForConditionalGeneration(config)
+        _randomise_constants(model)
+    return model.eval()
+
+
 def _randomise_constants(model: Any) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
