@@ -1,0 +1,1 @@
+"""The batched engine over one paged KV pool (issue 10)."""

@@ -1,0 +1,250 @@
+"""Building blocks shared by the model families, and the helpers that adopt transformers'
+weights into them.
+
+Weights are adopted, not copied, wherever the dtype already matches: a plain projection keeps
+the transformers tensor itself, and a fused one (q/k/v, gate/up) is one new tensor whose slices
+then replace the transformers module's weights, so the two models share storage and the source
+model keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptcache.engine.paged.models.base import Attention
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+ACTIVATIONS: dict[str, Activation] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+}
+
+
+def activation(name: str) -> Activation:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+def adopt(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``: the same storage when it already is, else a converted copy."""
+    return tensor.detach().to(dtype)
+
+
+def frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class Linear(nn.Module):
+    """``y = x W^T + b`` over adopted weights (no initialisation, no autograd)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = frozen(weight)
+        self.bias = None if bias is None else frozen(bias)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @classmethod
+    def adopt(cls, linear: Any, dtype: torch.dtype) -> Linear:
+        bias = getattr(linear, "bias", None)
+        return cls(adopt(linear.weight, dtype), None if bias is None else adopt(bias, dtype))
+
+    @classmethod
+    def fuse(cls, linears: Sequence[Any], dtype: torch.dtype) -> Linear:
+        """One projection whose output is the ``linears``' outputs side by side."""
+        weights = [lin.weight.detach() for lin in linears]
+        weight = torch.cat([w.to(dtype) for w in weights])
+        biases = [getattr(lin, "bias", None) for lin in linears]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat(
+                [
+                    torch.zeros(w.shape[0], dtype=dtype, device=w.device)
+                    if b is None
+                    else b.detach().to(dtype)
+                    for w, b in zip(weights, biases, strict=True)
+                ]
+            )
+        if all(w.dtype == dtype for w in weights):
+            # Point the source modules at slices of the fused tensor: one copy of the weights
+            # in memory, and the transformers model still computes the same thing.
+            _share_rows(linears, "weight", weight)
+            if bias is not None and all(b is not None for b in biases):
+                _share_rows(linears, "bias", bias)
+        return cls(weight, bias)
+
+
+def _share_rows(linears: Sequence[Any], name: str, fused: torch.Tensor) -> None:
+    start = 0
+    for lin in linears:
+        param = getattr(lin, name)
+        rows = param.shape[0]
+        param.data = fused[start : start + rows]
+        start += rows
+
+
+class RMSNorm(nn.Module):
+    """Llama-style RMSNorm: normalise in float32, cast back, then scale by ``w`` (in dtype)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = frozen(weight)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    @classmethod
+    def adopt(cls, norm: Any, dtype: torch.dtype) -> RMSNorm:
+        return cls(adopt(norm.weight, dtype), _eps(norm))
+
+
+class OffsetRMSNorm(nn.Module):
+    """Gemma-style RMSNorm: scale by ``1 + w`` in float32, then cast back.
+
+    ``1 + w`` is precomputed once in float32 (what transformers computes on every call)."""
+
+    def __init__(self, scale: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.scale = frozen(scale)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.scale, self.eps).to(x.dtype)
+
+    @classmethod
+    def adopt(cls, norm: Any) -> OffsetRMSNorm:
+        return cls(1.0 + norm.weight.detach().float(), _eps(norm))
+
+
+class HeadNorm(nn.Module):
+    """q_norm and k_norm applied at once to the ``[T, num_heads + num_kv_heads, head_dim]``
+    q/k slab: one normalisation and one multiply by a per-head table of the two weights."""
+
+    def __init__(self, table: torch.Tensor, eps: float, offset: bool) -> None:
+        super().__init__()
+        self.table = frozen(table)
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, qk: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(qk.float(), (qk.shape[-1],), eps=self.eps)
+        if self.offset:  # Gemma: (x * (1 + w)) in float32, then cast
+            return (normed * self.table).to(qk.dtype)
+        return self.table * normed.to(qk.dtype)  # Llama/Qwen3: cast, then w * x
+
+    @classmethod
+    def adopt(
+        cls,
+        q_norm: Any,
+        k_norm: Any,
+        num_heads: int,
+        num_kv_heads: int,
+        dtype: torch.dtype,
+        *,
+        offset: bool,
+    ) -> HeadNorm:
+        if offset:
+            q, k = (1.0 + n.weight.detach().float() for n in (q_norm, k_norm))
+        else:
+            q, k = (n.weight.detach().to(dtype) for n in (q_norm, k_norm))
+        table = torch.cat([q.expand(num_heads, -1), k.expand(num_kv_heads, -1)])
+        return cls(table.contiguous(), _eps(q_norm), offset)
+
+
+def _eps(norm: Any) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None:
+        eps = norm.eps
+    return float(eps)
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with gate and up fused into one projection."""
+
+    def __init__(self, gate_up: Linear, down: Linear, act: Activation) -> None:
+        super().__init__()
+        self.gate_up = gate_up
+        self.down = down
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        out: torch.Tensor = self.down(self.act(gate) * up)
+        return out
+
+    @classmethod
+    def adopt(cls, mlp: Any, act: Activation, dtype: torch.dtype) -> GatedMLP:
+        return cls(
+            Linear.fuse([mlp.gate_proj, mlp.up_proj], dtype),
+            Linear.adopt(mlp.down_proj, dtype),
+            act,
+        )
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [T, heads, head_dim]`` by half-dim ``cos``/``sin [T, 1, head_dim / 2]``
+    (transformers' rotate-half layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Fused q/k/v projection, optional q/k norms, rope, the engine's attention, o_proj."""
+
+    def __init__(
+        self,
+        layer: int,
+        qkv: Linear,
+        o: Linear,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        head_norm: HeadNorm | None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.qkv = qkv
+        self.o = o
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.head_norm = head_norm
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attn: Attention,
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        heads, qk_heads = self.num_heads, self.num_heads + self.num_kv_heads
+        qkv = self.qkv(x).view(tokens, qk_heads + self.num_kv_heads, self.head_dim)
+        # q and k travel together through the norm and the rotation: half the kernel launches.
+        qk, v = qkv[:, :qk_heads], qkv[:, qk_heads:]
+        if self.head_norm is not None:
+            qk = self.head_norm(qk)
+        if rope is not None:
+            qk = apply_rope(qk, *rope)
+        out = attn(self.layer, qk[:, :heads], qk[:, heads:], v)
+        result: torch.Tensor = self.o(out.reshape(tokens, heads * self.head_dim))
+        return result
