@@ -30,10 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from promptcache.core.payload import new_part_id
 from promptcache.engine.hf.codec import HFKVCodec
 from promptcache.engine.hf.kv import HFKVPayload, KVLayout, KVPage, PagePool, restore_cache
+
+from promptcache.core.payload import new_part_id
 
 PAGE_TOKENS = 256
 MB = 1 << 20

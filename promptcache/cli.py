@@ -22,7 +22,13 @@ _HELP = {
     "admin_keys": "credentials allowed to call admin endpoints, 'key1,key2'",
     "engine": "engine implementation: hf (default) or fake",
     "device": "cpu (default) or cuda",
-    "dtype": "float32 (default), bfloat16 or float16",
+    "dtype": "auto (default: bfloat16 on CUDA and bf16-capable CPUs, else float32), float32, "
+    "bfloat16 or float16",
+    "kv_reserve_memory": "KV pool memory for live requests on top of cache_memory (default 1GiB)",
+    "max_batch_tokens": "tokens per engine step: decode tokens plus prefill chunks "
+    "(default 512 on CPU, 2048 on CUDA)",
+    "kv_block_tokens": "tokens per KV pool block (default 32)",
+    "quantize": "int8: weight-only int8 linear layers (default none)",
     "chat_format": "chat format: gemma, chatml or plain (default: detected)",
     "max_context_tokens": "context window (default: from the model config)",
     "max_output_tokens": "cap on every request's max_tokens (default: none; the context limits)",
@@ -64,7 +70,7 @@ def serve(args: argparse.Namespace) -> int:
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         cfg = config_mod.load(cli, config_file=args.config)
-        factory = engine_factory(cfg.engine)
+        factory = engine_factory(cfg.engine, cfg.cache.capacity_bytes)
     except (config_mod.ConfigError, ValueError) as exc:
         print(f"promptcache: {exc}", file=sys.stderr)
         return 2

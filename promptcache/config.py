@@ -40,10 +40,16 @@ class EngineConfig:
     kind: str = "hf"
     model: str | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     chat_format: str | None = None
     max_context_tokens: int | None = None
     max_output_tokens: int | None = None
+    kv_reserve_bytes: int = 1 << 30
+    """KV pool memory for live sequences, on top of the cache budget (``cache_memory``)."""
+    max_batch_tokens: int | None = None
+    """Tokens per engine step (decode tokens plus prefill chunks); None: by device."""
+    kv_block_tokens: int = 32
+    quantize: str | None = None
     model_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "promptcache")
 
 
@@ -167,6 +173,10 @@ def _opt_int(value: str | int | None) -> int | None:
     return None if value in (None, "", "none") else int(value)
 
 
+def _opt_str(value: str | None) -> str | None:
+    return None if value in (None, "", "none") else str(value)
+
+
 def _opt_path(value: str | Path | None) -> Path | None:
     return None if value in (None, "", "none") else Path(value).expanduser()
 
@@ -189,6 +199,10 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "max_context_tokens": ("engine", "max_context_tokens", _opt_int),
     "max_output_tokens": ("engine", "max_output_tokens", _opt_int),
     "model_cache_dir": ("engine", "model_cache_dir", Path),
+    "kv_reserve_memory": ("engine", "kv_reserve_bytes", parse_bytes),
+    "max_batch_tokens": ("engine", "max_batch_tokens", _opt_int),
+    "kv_block_tokens": ("engine", "kv_block_tokens", int),
+    "quantize": ("engine", "quantize", _opt_str),
     "cache_memory": ("cache", "capacity_bytes", parse_bytes),
     "host_cache_memory": ("cache", "host_capacity_bytes", parse_bytes),
     "disk_cache_dir": ("cache", "disk_dir", _opt_path),

@@ -9,13 +9,13 @@ from promptcache.config import EngineConfig
 from promptcache.engine.base import Engine
 
 
-def _fake(config: EngineConfig) -> Engine:
+def _fake(config: EngineConfig, cache_bytes: int) -> Engine:
     from promptcache.engine.fake import FakeEngine
 
     return FakeEngine(max_context_tokens=config.max_context_tokens or 32768)
 
 
-def _hf(config: EngineConfig) -> Engine:
+def _hf(config: EngineConfig, cache_bytes: int) -> Engine:
     from promptcache.engine.hf.loader import load_engine
 
     return load_engine(
@@ -25,21 +25,26 @@ def _hf(config: EngineConfig) -> Engine:
         dtype=config.dtype,
         chat_format=config.chat_format,
         max_context_tokens=config.max_context_tokens,
+        kv_pool_bytes=cache_bytes + config.kv_reserve_bytes,
+        max_batch_tokens=config.max_batch_tokens,
+        kv_block_tokens=config.kv_block_tokens,
+        quantize=config.quantize,
     )
 
 
-FACTORIES: dict[str, Callable[[EngineConfig], Engine]] = {"fake": _fake, "hf": _hf}
+FACTORIES: dict[str, Callable[[EngineConfig, int], Engine]] = {"fake": _fake, "hf": _hf}
 
 
-def engine_factory(config: EngineConfig) -> Callable[[], Engine]:
-    """A thunk that builds the configured engine (called off the event loop)."""
+def engine_factory(config: EngineConfig, cache_bytes: int = 4 << 30) -> Callable[[], Engine]:
+    """A thunk that builds the configured engine (called off the event loop). ``cache_bytes``
+    is the cache budget in the engine's memory: its KV pool holds that plus the live reserve."""
     try:
         factory = FACTORIES[config.kind]
     except KeyError:
         raise ValueError(
             f"unknown engine {config.kind!r}; choose from {sorted(FACTORIES)}"
         ) from None
-    return lambda: factory(config)
+    return lambda: factory(config, cache_bytes)
 
 
 __all__ = ["FACTORIES", "engine_factory"]

@@ -14,9 +14,9 @@ from promptcache.core.chatformat import CHATML, GEMMA, PLAIN
 from promptcache.core.request import Sampling
 from promptcache.engine.base import EngineRequest
 from promptcache.engine.hf import loader
-from promptcache.engine.hf.engine import HFEngine
 from promptcache.engine.hf.testing import build_tiny_model, run_all, stop_reason, token_ids
 from promptcache.engine.hf.tokenizer import HFTokenizer
+from promptcache.engine.paged.engine import PagedEngine
 
 WORDS = ["hello", "world", "the", "cat", "sat", "<", ">", "start_of_turn", "im_start", "|"]
 GEMMA_SPECIALS = ["<start_of_turn>", "<end_of_turn>"]
@@ -59,11 +59,11 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def load(path: Path, tmp_path: Path, **kwargs: Any) -> HFEngine:
+def load(path: Path, tmp_path: Path, **kwargs: Any) -> PagedEngine:
     return loader.load_engine(str(path), cache_dir=tmp_path / "cache", **kwargs)
 
 
-def ids(engine: HFEngine, *tokens: str) -> set[int]:
+def ids(engine: PagedEngine, *tokens: str) -> set[int]:
     tok = engine.tokenizer
     assert isinstance(tok, HFTokenizer)
     return {tok.token_id(t) for t in tokens}  # type: ignore[misc]
@@ -75,7 +75,7 @@ def test_detects_gemma(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     assert engine.stop_token_ids == ids(engine, "<end_of_turn>", "<eos>")
     assert engine.info.model_id == "tiny-gemma"
     assert engine.info.max_context_tokens == 4096  # max_position_embeddings
-    assert engine.kv_layout.windows == (16, None, 16)
+    assert [s.window for s in engine.model.attn_specs] == [16, None, 16]
 
 
 def test_detects_chatml(model_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -101,13 +101,16 @@ def test_overrides(model_dirs: dict[str, Path], tmp_path: Path) -> None:
 def test_revision_is_stable_and_tracks_format_and_dtype(
     model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    base = load(model_dirs["gemma"], tmp_path).info
-    assert load(model_dirs["gemma"], tmp_path).info.revision == base.revision
-    assert load(model_dirs["gemma"], tmp_path, chat_format="plain").info.revision != base.revision
+    base = load(model_dirs["gemma"], tmp_path, dtype="float32").info
+    assert load(model_dirs["gemma"], tmp_path, dtype="float32").info.revision == base.revision
+    plain = load(model_dirs["gemma"], tmp_path, dtype="float32", chat_format="plain").info
+    assert plain.revision != base.revision
     bf16 = load(model_dirs["gemma"], tmp_path, dtype="bfloat16").info
     assert bf16.dtype == "bfloat16" and bf16.revision != base.revision
     assert bf16.kv_bytes_per_token * 2 == base.kv_bytes_per_token
-    assert load(model_dirs["chatml"], tmp_path).info.revision != base.revision
+    assert load(model_dirs["chatml"], tmp_path, dtype="float32").info.revision != base.revision
+    auto = load(model_dirs["gemma"], tmp_path).info
+    assert auto.dtype == ("bfloat16" if loader.cpu_has_bf16() else "float32")
 
 
 def test_hf_tokenizer_keeps_user_text_out_of_special_tokens(

@@ -1,9 +1,9 @@
-"""The transformers engine: ``HFEngine``, its KV payloads, tokenizer adapter and model loader."""
+"""Hugging Face formats: finding and converting models (GGUF, transformers directories), the
+tokenizer adapter, and tiny random models for tests. The engine that serves them is
+``promptcache.engine.paged``."""
 
 from __future__ import annotations
 
-from promptcache.engine.hf.engine import HFEngine
-from promptcache.engine.hf.kv import HFKVPayload, KVLayout
 from promptcache.engine.hf.tokenizer import HFTokenizer
 
-__all__ = ["HFEngine", "HFKVPayload", "HFTokenizer", "KVLayout"]
+__all__ = ["HFTokenizer"]

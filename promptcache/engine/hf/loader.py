@@ -1,4 +1,4 @@
-"""Load an ``HFEngine`` from the embedded default model, a GGUF file or a transformers directory.
+"""Load a ``PagedEngine`` from the embedded default model, a GGUF file or a transformers directory.
 
 GGUF files (the default Gemma 3 270M Q4_K_M included) are dequantized by transformers, which
 takes about a minute on a small CPU. That happens once: the result is saved as safetensors under
@@ -28,8 +28,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from promptcache.core.chatformat import CHATML, FORMATS, GEMMA, ChatFormat
-from promptcache.engine.hf.engine import KV_FORMAT, HFEngine, resolve_device
+from promptcache.engine.device import resolve_device
 from promptcache.engine.hf.tokenizer import HFTokenizer
+from promptcache.engine.paged.engine import (
+    DEFAULT_BLOCK_TOKENS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    KV_FORMAT,
+    PagedEngine,
+)
+from promptcache.engine.paged.models import from_hf
 
 log = logging.getLogger("promptcache.engine")
 
@@ -44,18 +51,26 @@ def load_engine(
     *,
     cache_dir: Path,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     chat_format: str | None = None,
     max_context_tokens: int | None = None,
-) -> HFEngine:
-    """Load ``model`` (``None``: the embedded default; a ``.gguf`` file; an HF model directory).
+    kv_pool_bytes: int = 2 << 30,
+    max_batch_tokens: int | None = None,
+    kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
+    quantize: str | None = None,
+) -> PagedEngine:
+    """Load ``model`` (``None``: the embedded default; a ``.gguf`` file; an HF model directory)
+    into a ``PagedEngine`` with a KV pool of ``kv_pool_bytes``.
 
-    ``chat_format`` names one of ``core.chatformat.FORMATS``; by default it is detected.
-    ``max_context_tokens`` defaults to the config's ``max_position_embeddings``.
+    ``dtype`` is ``auto`` (bfloat16 on CUDA and on CPUs with bf16 instructions, float32
+    elsewhere) or a name in ``DTYPES``. ``chat_format`` names one of ``core.chatformat.FORMATS``;
+    by default it is detected. ``max_context_tokens`` defaults to the config's
+    ``max_position_embeddings``. ``quantize="int8"`` stores the linear layers' weights in int8.
     """
     dev = resolve_device(device)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    dtype = resolve_dtype(dtype, dev)
+    if quantize not in (None, "none", "int8"):
+        raise ValueError(f"unknown quantization {quantize!r}; choose int8 or none")
     if chat_format is not None and chat_format not in FORMATS:
         raise ValueError(f"unknown chat format {chat_format!r}; choose one of {sorted(FORMATS)}")
     cache_dir = Path(cache_dir)
@@ -90,19 +105,57 @@ def load_engine(
     log.info("loaded %s from %s in %.1f s", model_id, model_dir, time.monotonic() - started)
     tokenizer = HFTokenizer(hf_tok)
     fmt = FORMATS[chat_format] if chat_format else detect_chat_format(hf_model.config, tokenizer)
+    quant = "int8" if quantize == "int8" else "none"
     revision = hashlib.sha256(
-        "\0".join((KV_FORMAT, source, fmt.name, dtype, dev.type)).encode()
+        "\0".join((KV_FORMAT, source, fmt.name, dtype, dev.type, quant)).encode()
     ).hexdigest()[:32]
-    return HFEngine(
-        hf_model,
+    stops = stop_token_ids(fmt, tokenizer, hf_model)
+    context = max_context_tokens or int(hf_model.config.max_position_embeddings)
+    hf_model = hf_model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
+    lean = from_hf(hf_model, DTYPES[dtype])
+    del hf_model  # the lean model shares or copied its weights
+    if quant == "int8":
+        raise ValueError("int8 quantization is not available yet")
+    return PagedEngine(
+        lean,
         tokenizer,
         fmt,
         model_id=model_id,
         revision=revision,
-        max_context_tokens=max_context_tokens or int(hf_model.config.max_position_embeddings),
-        stop_token_ids=stop_token_ids(fmt, tokenizer, hf_model),
-        device=str(dev),
+        max_context_tokens=context,
+        stop_token_ids=stops,
+        pool_bytes=kv_pool_bytes,
+        block_tokens=kv_block_tokens,
+        max_batch_tokens=max_batch_tokens or default_batch_tokens(dev),
     )
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``auto``: bfloat16 on CUDA and on CPUs with bf16 instructions, else float32."""
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" or cpu_has_bf16() else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
+    return dtype
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without them bf16 is
+    emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Tokens per engine step: a CPU saturates with a few hundred, a GPU wants more."""
+    return 2048 if device.type == "cuda" else DEFAULT_MAX_BATCH_TOKENS
 
 
 def detect_chat_format(config: Any, tokenizer: HFTokenizer) -> ChatFormat:
@@ -279,5 +332,6 @@ __all__ = [
     "ensure_converted",
     "ensure_default_converted",
     "load_engine",
+    "resolve_dtype",
     "stop_token_ids",
 ]

@@ -1,4 +1,5 @@
-"""Tiny random-weight engines for tests: real transformers models, built in process, no files.
+"""Tiny random-weight engines for tests: real transformers models, built in process, no files,
+served by the ``PagedEngine`` through the lean model code.
 
 ``build_tiny_engine("llama")`` is full attention only; ``build_tiny_engine("gemma3")`` mixes
 sliding-window and full-attention layers (window 16), the case that makes snapshots subtle.
@@ -24,12 +25,13 @@ from promptcache.engine.base import (
     Stopped,
     TokenOut,
 )
-from promptcache.engine.hf.engine import HFEngine
+from promptcache.engine.paged.engine import PagedEngine
+from promptcache.engine.paged.models import from_hf
 
 TinyKind = Literal["llama", "gemma3"]
 TINY_SLIDING_WINDOW = 16
 TINY_LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention")
-TINY_PAGE_TOKENS = 32
+TINY_BLOCK_TOKENS = 8
 
 
 def build_tiny_model(kind: str, *, seed: int = 0, **config: Any) -> Any:
@@ -89,28 +91,31 @@ def build_tiny_engine(
     max_context_tokens: int = 4096,
     stop_token_ids: Collection[int] | None = None,
     device: str = "cpu",
-    prefill_chunk_tokens: int = 64,
-    kv_page_tokens: int = TINY_PAGE_TOKENS,
-) -> HFEngine:
-    """An ``HFEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``).
+    dtype: torch.dtype = torch.float32,
+    max_batch_tokens: int = 64,
+    block_tokens: int = TINY_BLOCK_TOKENS,
+    pool_bytes: int = 64 << 20,
+) -> PagedEngine:
+    """A ``PagedEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``).
 
-    Pages are small (``TINY_PAGE_TOKENS``) so that short test prompts span several.
+    Blocks are small (``TINY_BLOCK_TOKENS``) so that short test prompts span several, and so is
+    the step (``max_batch_tokens``), so that prompts prefill in several chunks.
     """
     tokenizer = ByteTokenizer()
-    model = build_tiny_model(kind, seed=seed)
+    model = build_tiny_model(kind, seed=seed).to(device)
     if stop_token_ids is None:
         stop_token_ids = (tokenizer.token_id("<end_of_turn>"), tokenizer.token_id("<eos>"))
-    return HFEngine(
-        model,
+    return PagedEngine(
+        from_hf(model, dtype),
         tokenizer,
         PLAIN,
         model_id=f"tiny-{kind}",
         revision=None,
         max_context_tokens=max_context_tokens,
         stop_token_ids=stop_token_ids,
-        device=device,
-        prefill_chunk_tokens=prefill_chunk_tokens,
-        kv_page_tokens=kv_page_tokens,
+        pool_bytes=pool_bytes,
+        block_tokens=block_tokens,
+        max_batch_tokens=max_batch_tokens,
     )
 
 
@@ -157,7 +162,7 @@ def stop_reason(events: Sequence[EngineEvent]) -> str:
 
 
 __all__ = [
-    "TINY_PAGE_TOKENS",
+    "TINY_BLOCK_TOKENS",
     "TINY_SLIDING_WINDOW",
     "TinyKind",
     "build_tiny_engine",

@@ -1,1 +1,2 @@
-"""The batched engine over one paged KV pool (issue 10)."""
+"""The batched engine over one paged KV pool: ``PagedEngine`` (the step loop and scheduler),
+``KVPool`` and its payloads, ``PagedAttention``, ``PagedCodec``, and the lean model code."""

@@ -1,14 +1,15 @@
-"""HFEngine on tiny random models: cache fidelity (spec §1.15, checklist 69/70), stops, sampling."""
+"""PagedEngine on tiny random models: cache fidelity (spec §1.15, checklist 69/70), batching,
+stops, sampling, cancellation and the pool's block accounting."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
 
 from promptcache.core.request import Sampling
-from promptcache.engine.base import EngineRequest, Prefilled, Stopped, TokenOut
-from promptcache.engine.hf.engine import HFEngine
-from promptcache.engine.hf.kv import HFKVPayload
+from promptcache.engine.base import EngineRequest, Prefilled, PrefillProgress, Stopped, TokenOut
 from promptcache.engine.hf.testing import (
     TINY_SLIDING_WINDOW,
     build_tiny_engine,
@@ -18,11 +19,13 @@ from promptcache.engine.hf.testing import (
     stop_reason,
     token_ids,
 )
+from promptcache.engine.paged.engine import PagedEngine
+from promptcache.engine.paged.pool import PoolPayload
 from promptcache.errors import PromptTooLong
 
 W = TINY_SLIDING_WINDOW
 N = 5 * W + 3  # longer than 3 windows
-OFFSETS = (W + 5, 3 * W - 3, N)  # inside windows, never multiples of W
+OFFSETS = (W + 5, 3 * W - 3, N)  # inside windows and blocks, never multiples of either
 ATOL = 1e-4
 
 
@@ -30,26 +33,34 @@ def greedy(max_tokens: int) -> Sampling:
     return Sampling(max_tokens=max_tokens, temperature=0.0)
 
 
-def snapshots_of(engine: HFEngine, tokens: list[int]) -> dict[int, HFKVPayload]:
+def snapshots_of(engine: PagedEngine, tokens: list[int]) -> dict[int, PoolPayload]:
     events = run_all(engine, EngineRequest(tokens, greedy(0), snapshot_at=OFFSETS))
     snaps = prefilled(events).snapshots
-    assert all(isinstance(p, HFKVPayload) for p in snaps.values())
+    assert all(isinstance(p, PoolPayload) for p in snaps.values())
     return dict(snaps)  # type: ignore[arg-type]
 
 
-def clone_payload(payload: HFKVPayload) -> list[torch.Tensor]:
-    return [t.clone() for layer in payload.layers for t in (layer.keys, layer.values)]
+def contents(payload: PoolPayload) -> torch.Tensor:
+    return payload.pool.kv[:, :, list(payload.blocks)].clone()
 
 
-def assert_unchanged(payload: HFKVPayload, before: list[torch.Tensor]) -> None:
-    after = [t for layer in payload.layers for t in (layer.keys, layer.values)]
-    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+def run_batch(engine: PagedEngine, requests: list[EngineRequest]) -> list[list[int]]:
+    """Run ``requests`` together, every step one batch; the tokens of each."""
+    seqs = {engine.add(r): i for i, r in enumerate(requests)}
+    out: list[list[int]] = [[] for _ in requests]
+    while engine.num_running:
+        for seq, item in engine.step():
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, TokenOut):
+                out[seqs[seq]].append(item.token_id)
+    return out
 
 
 # --- fidelity ------------------------------------------------------------------------------------
 
 
-def test_cold_partial_and_whole_prompt_hit_agree(engine: HFEngine) -> None:
+def test_cold_partial_and_whole_prompt_hit_agree(engine: PagedEngine) -> None:
     tokens = random_prompt(N)
     cold = run_all(engine, EngineRequest(tokens, greedy(24), snapshot_at=OFFSETS))
     snaps = prefilled(cold).snapshots
@@ -58,46 +69,41 @@ def test_cold_partial_and_whole_prompt_hit_agree(engine: HFEngine) -> None:
     cold_logits = engine.prompt_logits(EngineRequest(tokens, greedy(1)))
 
     for x in OFFSETS:
-        reuse_tokens = x - 1 if x == N else x  # whole-prompt hit recomputes the last token
         payload = snaps[x]
-        before = clone_payload(payload)  # type: ignore[arg-type]
-        warm = run_all(engine, EngineRequest(tokens, greedy(24), payload, reuse_tokens))
-        assert token_ids(warm) == token_ids(cold), f"restore at {reuse_tokens}"
-        assert prefilled(warm).num_computed_tokens == N - reuse_tokens
-        warm_logits = engine.prompt_logits(EngineRequest(tokens, greedy(1), payload, reuse_tokens))
-        torch.testing.assert_close(warm_logits, cold_logits, atol=ATOL, rtol=0)
-        assert_unchanged(payload, before)  # type: ignore[arg-type]
-
-
-def test_restore_from_middle_of_sliding_window(gemma_engine: HFEngine) -> None:
-    tokens = random_prompt(N, seed=2)
-    snaps = snapshots_of(gemma_engine, tokens)
-    cold_logits = gemma_engine.prompt_logits(EngineRequest(tokens, greedy(1)))
-    windows = gemma_engine.kv_layout.windows
-    assert W in windows and None in windows
-    for x in OFFSETS:
-        payload = snaps[x]
-        # Sliding layers keep just the last W positions; full layers the whole prefix.
-        for layer, window in zip(payload.layers, windows, strict=True):
-            assert layer.start == (0 if window is None else x - W)
-            assert layer.keys.shape[-2] == (x if window is None else W)
-        assert payload.min_restore_tokens == x - 1
+        assert isinstance(payload, PoolPayload)
+        before = contents(payload)
         for reuse_tokens in (x - 1, x) if x < N else (x - 1,):
+            warm = run_all(engine, EngineRequest(tokens, greedy(24), payload, reuse_tokens))
+            assert token_ids(warm) == token_ids(cold), f"restore at {reuse_tokens}"
+            assert prefilled(warm).num_computed_tokens == N - reuse_tokens
             request = EngineRequest(tokens, greedy(1), payload, reuse_tokens)
             torch.testing.assert_close(
-                gemma_engine.prompt_logits(request), cold_logits, atol=ATOL, rtol=0
+                engine.prompt_logits(request), cold_logits, atol=ATOL, rtol=0
             )
+        assert torch.equal(contents(payload), before)  # restoring never writes a payload
 
 
-def test_snapshot_taken_in_a_restored_request(engine: HFEngine) -> None:
+def test_lean_model_matches_transformers_end_to_end(engine: PagedEngine) -> None:
+    from promptcache.engine.hf.testing import build_tiny_model
+
+    kind = "gemma3" if any(s.window for s in engine.model.attn_specs) else "llama"
+    hf = build_tiny_model(kind)
+    tokens = random_prompt(N, seed=20)
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0, -1]
+    mine = engine.prompt_logits(EngineRequest(tokens, greedy(1)))
+    torch.testing.assert_close(mine, ref, atol=ATOL, rtol=0)
+
+
+def test_snapshot_taken_in_a_restored_request(engine: PagedEngine) -> None:
     """Checklist 70: extend a cached prefix, then both prefixes still hit exactly."""
     base = random_prompt(N, seed=3)
     longer = base + random_prompt(2 * W + 7, seed=4)
     first = run_all(engine, EngineRequest(base, greedy(0), snapshot_at=(N,)))
     base_snap = prefilled(first).snapshots[N]
-    before = clone_payload(base_snap)  # type: ignore[arg-type]
+    assert isinstance(base_snap, PoolPayload)
+    before = contents(base_snap)
 
-    # The extension restores the base prefix and writes a deeper snapshot.
     ext = run_all(
         engine, EngineRequest(longer, greedy(16), base_snap, N, snapshot_at=(len(longer) - 3,))
     )
@@ -105,7 +111,6 @@ def test_snapshot_taken_in_a_restored_request(engine: HFEngine) -> None:
     deep_snap = prefilled(ext).snapshots[len(longer) - 3]
     assert token_ids(ext) == token_ids(run_all(engine, EngineRequest(longer, greedy(16))))
 
-    # The deeper snapshot (taken from a restored cache) restores exactly, both ways.
     follow = longer + random_prompt(W + 1, seed=5)
     cold = run_all(engine, EngineRequest(follow, greedy(16)))
     warm = run_all(engine, EngineRequest(follow, greedy(16), deep_snap, len(longer) - 3))
@@ -115,54 +120,89 @@ def test_snapshot_taken_in_a_restored_request(engine: HFEngine) -> None:
         run_all(engine, EngineRequest(whole, greedy(16), deep_snap, len(whole) - 1))
     ) == token_ids(run_all(engine, EngineRequest(whole, greedy(16))))
 
-    # The original prefix still hits and gives the cold output.
-    assert_unchanged(base_snap, before)  # type: ignore[arg-type]
+    assert torch.equal(contents(base_snap), before)
     again = run_all(engine, EngineRequest(base, greedy(16), base_snap, N - 1))
     assert token_ids(again) == token_ids(run_all(engine, EngineRequest(base, greedy(16))))
 
 
-def test_chunk_size_does_not_change_output() -> None:
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_step_size_does_not_change_output(kind: str) -> None:
     tokens = random_prompt(N, seed=6)
     outputs = []
-    for chunk in (1, 7, 64, 1000):
-        eng = build_tiny_engine("gemma3", prefill_chunk_tokens=chunk)
+    for step in (1, 7, 64, 1000):
+        eng = build_tiny_engine(kind, max_batch_tokens=step)
         outputs.append(token_ids(run_all(eng, EngineRequest(tokens, greedy(12)))))
     assert all(out == outputs[0] for out in outputs)
 
 
-def test_payloads_are_private_contiguous_copies(engine: HFEngine) -> None:
-    """Snapshot tensors own their storage (never views into the live cache). Nested snapshots
-    of one prefill share complete pages; a partial last page and sliding tails are their own."""
-    tokens = random_prompt(N, seed=7)
+# --- batching ------------------------------------------------------------------------------------
+
+
+def test_a_batch_gives_each_request_its_solo_tokens(engine: PagedEngine) -> None:
+    """Requests of every length (and some from a cached prefix) decode together in one batch,
+    joining and leaving at different steps, and each gets exactly its solo output."""
+    base = random_prompt(N, seed=30)
+    snap = prefilled(run_all(engine, EngineRequest(base, greedy(0), snapshot_at=(40,))))
+    payload = snap.snapshots[40]
+    requests = [EngineRequest(random_prompt(n, seed=n), greedy(5 + n % 23)) for n in (3, 9, 70)]
+    requests += [EngineRequest(random_prompt(130, seed=1), greedy(30))]
+    requests += [EngineRequest(base + random_prompt(9, seed=2), greedy(17), payload, 40)]
+    requests += [EngineRequest(base, greedy(25), payload, 40)]
+    solo = [token_ids(run_all(engine, r)) for r in requests]
+    assert run_batch(engine, requests) == solo
+
+
+def test_batched_logits_stay_close_to_solo(engine: PagedEngine) -> None:
+    """fp32: the logits of a prompt prefilled in a step shared with decoding requests stay within
+    1e-4 of the same prompt alone."""
+    tokens = random_prompt(60, seed=31)
+    solo = engine.prompt_logits(EngineRequest(tokens, greedy(1)))
+    others = [engine.add(EngineRequest(random_prompt(20, seed=s), greedy(40))) for s in (1, 2, 3)]
+    for _ in range(3):
+        engine.step()  # the others are decoding now
+    seq = engine._add(EngineRequest(tokens, greedy(1)), capture=True)
+    while seq.seq_id in engine._seqs:
+        engine.step()
+    for other in others:
+        engine.cancel(other)
+    assert seq.logits is not None
+    torch.testing.assert_close(seq.logits, solo, atol=ATOL, rtol=0)
+
+
+def test_blocks_return_to_the_pool(engine: PagedEngine) -> None:
+    gc.collect()
+    free = engine.pool.num_free
+    tokens = random_prompt(N, seed=32)
     snaps = snapshots_of(engine, tokens)
-    page_ids: dict[int, int] = {}
-    tails = set()
-    for payload in snaps.values():
-        assert payload.num_tokens in OFFSETS
-        tensors = [t for page in payload.pages for t in (*page.keys, *page.values)]
-        tensors += [
-            t for tail in payload.tails if tail is not None for t in (tail.keys, tail.values)
-        ]
-        for t in tensors:
-            assert t.is_contiguous()
-            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        assert payload.nbytes == sum(t.numel() * t.element_size() for t in tensors)
-        assert payload.nbytes == sum(n for _, n in payload.parts)
-        for page in payload.pages:
-            # The same page id is the same object, whichever snapshot holds it.
-            assert page_ids.setdefault(page.page_id, id(page)) == id(page)
-        tails.update(id(t) for t in payload.tails if t is not None)
-    page = engine.kv_page_tokens
-    complete = {x // page for x in OFFSETS}  # complete pages of each snapshot
-    partial = sum(1 for x in OFFSETS if x % page)
-    assert len(page_ids) == max(complete) + partial
-    assert len(tails) == sum(1 for w in engine.kv_layout.windows if w is not None) * len(OFFSETS)
+    held = engine.pool.num_free
+    # Nested snapshots share whole blocks: the three together hold the longest's blocks plus
+    # one private copy of a partial block each.
+    bt = engine.pool.block_tokens
+    assert free - held == -(-N // bt) + sum(1 for x in OFFSETS[:-1] if x % bt)
+    seq = engine.add(EngineRequest(tokens, greedy(40), snaps[OFFSETS[1]], OFFSETS[1]))
+    engine.step()
+    engine.cancel(seq)
+    assert engine.pool.num_free == held
+    del snaps
+    gc.collect()
+    assert engine.pool.num_free == free
+
+
+def test_pool_exhaustion_fails_one_request_cleanly() -> None:
+    engine = build_tiny_engine("llama", pool_bytes=40 * 2 * 2 * 2 * 16 * 4 * 8)  # ~40 blocks
+    big = EngineRequest(random_prompt(8 * 60, seed=1), greedy(4))
+    events = []
+    seq = engine.add(big)
+    while engine.num_running:
+        events += [item for s, item in engine.step() if s == seq]
+    assert any(isinstance(e, Exception) and "exhausted" in str(e) for e in events)
+    assert token_ids(run_all(engine, EngineRequest(random_prompt(30), greedy(3))))
 
 
 # --- prefill only, stops, limits -----------------------------------------------------------------
 
 
-def test_prefill_only_computes_up_to_the_last_snapshot(engine: HFEngine) -> None:
+def test_prefill_only_computes_up_to_the_last_snapshot(engine: PagedEngine) -> None:
     tokens = random_prompt(N, seed=8)
     before = engine.num_prefill_tokens_total
     events = run_all(engine, EngineRequest(tokens, greedy(0), snapshot_at=(20, 50)))
@@ -173,15 +213,13 @@ def test_prefill_only_computes_up_to_the_last_snapshot(engine: HFEngine) -> None
 
     nothing = run_all(engine, EngineRequest(tokens, greedy(0)))
     assert nothing == [Prefilled({}, 0), Stopped("max_tokens")]
-    assert engine.num_prefill_tokens_total - before == 50
 
-    # A pre-warmed snapshot serves a later request exactly.
     snap = prefilled(events).snapshots[50]
     warm = run_all(engine, EngineRequest(tokens, greedy(10), snap, 50))
     assert token_ids(warm) == token_ids(run_all(engine, EngineRequest(tokens, greedy(10))))
 
 
-def test_prefill_only_from_a_restored_prefix(engine: HFEngine) -> None:
+def test_prefill_only_from_a_restored_prefix(engine: PagedEngine) -> None:
     tokens = random_prompt(N, seed=9)
     snap = prefilled(run_all(engine, EngineRequest(tokens, greedy(0), snapshot_at=(30,))))
     events = run_all(
@@ -194,23 +232,24 @@ def test_prefill_only_from_a_restored_prefix(engine: HFEngine) -> None:
 
 def test_stops_on_end_of_turn_without_yielding_it() -> None:
     tokens = random_prompt(40, seed=10)
-    free = token_ids(run_all(build_tiny_engine("llama"), EngineRequest(tokens, greedy(8))))
+    free = token_ids(run_all(build_tiny_engine("gemma3"), EngineRequest(tokens, greedy(8))))
     stop = free[3]
     expected = free[: free.index(stop)]
-    eng = build_tiny_engine("llama", stop_token_ids=[stop])
+    eng = build_tiny_engine("gemma3", stop_token_ids=[stop])
     events = run_all(eng, EngineRequest(tokens, greedy(8)))
     assert token_ids(events) == expected
     assert stop_reason(events) == "end_turn"
     assert all(isinstance(e, TokenOut) for e in events[1:-1])
 
 
-def test_default_stop_ids_are_end_of_turn_and_eos(llama_engine: HFEngine) -> None:
+def test_default_stop_ids_are_end_of_turn_and_eos(llama_engine: PagedEngine) -> None:
     tok = llama_engine.tokenizer
     ids = {tok.encode(s, allow_special=True)[0] for s in ("<end_of_turn>", "<eos>")}
     assert llama_engine.stop_token_ids == ids
 
 
-def test_max_tokens(engine: HFEngine) -> None:
+def test_max_tokens() -> None:
+    engine = build_tiny_engine("gemma3", stop_token_ids=())
     events = run_all(engine, EngineRequest(random_prompt(30), greedy(5)))
     assert len(token_ids(events)) == 5
     assert stop_reason(events) == "max_tokens"
@@ -227,18 +266,17 @@ def test_context_window_stop(kind: str) -> None:
     full = run_all(eng, EngineRequest(random_prompt(40), greedy(10)))
     assert token_ids(full) == [] and stop_reason(full) == "model_context_window_exceeded"
 
-    # max_tokens reached at the same step wins.
     exact = run_all(eng, EngineRequest(random_prompt(37), greedy(3)))
     assert stop_reason(exact) == "max_tokens"
 
     with pytest.raises(PromptTooLong):
-        run_all(eng, EngineRequest(random_prompt(41), greedy(1)))
+        eng.add(EngineRequest(random_prompt(41), greedy(1)))
 
 
 # --- sampling, cancellation, state ---------------------------------------------------------------
 
 
-def test_seeded_sampling_is_reproducible(engine: HFEngine) -> None:
+def test_seeded_sampling_is_reproducible(engine: PagedEngine) -> None:
     tokens = random_prompt(30, seed=11)
 
     def sample(seed: int) -> list[int]:
@@ -250,7 +288,7 @@ def test_seeded_sampling_is_reproducible(engine: HFEngine) -> None:
     assert sample(8) != first
 
 
-def test_seeded_sampling_survives_a_cache_hit(engine: HFEngine) -> None:
+def test_seeded_sampling_survives_a_cache_hit(engine: PagedEngine) -> None:
     tokens = random_prompt(N, seed=12)
     sampling = Sampling(max_tokens=12, temperature=0.7, seed=3)
     cold = run_all(engine, EngineRequest(tokens, sampling, snapshot_at=(40,)))
@@ -258,36 +296,31 @@ def test_seeded_sampling_survives_a_cache_hit(engine: HFEngine) -> None:
     assert token_ids(warm) == token_ids(cold)
 
 
-def test_generator_is_lazy_and_closes_mid_decode(engine: HFEngine) -> None:
+def test_add_is_lazy_and_cancel_stops_mid_decode(engine: PagedEngine) -> None:
     tokens = random_prompt(30, seed=13)
     before = engine.num_prefill_tokens_total
-    gen = engine.generate(EngineRequest(tokens, greedy(50)))
+    seq = engine.add(EngineRequest(tokens, greedy(50)))
     assert engine.num_prefill_tokens_total == before  # nothing ran yet
-    assert isinstance(next(gen), Prefilled)
-    assert not torch.is_inference_mode_enabled()  # not leaked across the yield
-    assert isinstance(next(gen), TokenOut)
-    assert isinstance(next(gen), TokenOut)
-    gen.close()
-    with pytest.raises(StopIteration):
-        next(gen)
+    assert [type(e) for _, e in engine.step()] == [Prefilled, TokenOut]
+    assert [type(e) for _, e in engine.step()] == [TokenOut]
+    engine.cancel(seq)
+    assert engine.num_running == 0 and engine.step() == []
+    engine.cancel(seq)  # twice is harmless
     assert engine.num_prefill_tokens_total == before + 30
-    again = run_all(engine, EngineRequest(tokens, greedy(3)))
-    assert stop_reason(again) == "max_tokens"
 
 
-def test_interleaved_generations_do_not_share_state(engine: HFEngine) -> None:
-    a, b = random_prompt(30, seed=14), random_prompt(45, seed=15)
-    solo_a = token_ids(run_all(engine, EngineRequest(a, greedy(6))))
-    solo_b = token_ids(run_all(engine, EngineRequest(b, greedy(6))))
-    ga, gb = (
-        engine.generate(EngineRequest(a, greedy(6))),
-        engine.generate(EngineRequest(b, greedy(6))),
-    )
-    out_a, out_b = [], []
-    for ea, eb in zip(ga, gb, strict=False):
-        out_a.append(ea)
-        out_b.append(eb)
-    assert token_ids(out_a) == solo_a and token_ids(out_b) == solo_b
+def test_long_prefill_runs_in_steps_that_can_be_cancelled() -> None:
+    engine = build_tiny_engine("llama", max_batch_tokens=16)
+    tokens = random_prompt(70, seed=3)
+    events = run_all(engine, EngineRequest(tokens, greedy(2)), progress=True)
+    progress = [e for e in events if isinstance(e, PrefillProgress)]
+    assert [p.num_done_tokens for p in progress] == [16, 32, 48, 64]
+    assert all(p.num_total_tokens == 70 for p in progress)
+    before = engine.num_prefill_tokens_total
+    seq = engine.add(EngineRequest(tokens, greedy(2)))
+    assert isinstance(engine.step()[0][1], PrefillProgress)
+    engine.cancel(seq)
+    assert engine.num_prefill_tokens_total - before == 16
 
 
 # --- info and validation -------------------------------------------------------------------------
@@ -301,15 +334,16 @@ def test_info() -> None:
     assert build_tiny_engine("llama").info.revision == llama.info.revision
     assert build_tiny_engine("llama", seed=1).info.revision != llama.info.revision
     assert build_tiny_engine("gemma3").info.revision != llama.info.revision
+    bf16 = build_tiny_engine("llama", dtype=torch.bfloat16)
+    assert bf16.info.dtype == "bfloat16" and bf16.info.revision != llama.info.revision
 
 
-def test_rejects_bad_requests(gemma_engine: HFEngine, llama_engine: HFEngine) -> None:
+def test_rejects_bad_requests(gemma_engine: PagedEngine, llama_engine: PagedEngine) -> None:
     tokens = random_prompt(N, seed=16)
     snaps = snapshots_of(gemma_engine, tokens)
     bad = [
         EngineRequest(tokens, greedy(1), snaps[N], N),  # all restored, no logits
         EngineRequest(tokens, greedy(1), snaps[OFFSETS[1]], OFFSETS[1] + 1),  # beyond payload
-        EngineRequest(tokens, greedy(1), snaps[OFFSETS[1]], OFFSETS[1] - 5),  # window dropped
         EngineRequest(tokens, greedy(1), None, 10),  # reuse_tokens without payload
         EngineRequest(tokens, greedy(0), snapshot_at=(N + 1,)),
         EngineRequest(tokens, greedy(0), snaps[OFFSETS[0]], OFFSETS[0], snapshot_at=(OFFSETS[0],)),
@@ -317,31 +351,16 @@ def test_rejects_bad_requests(gemma_engine: HFEngine, llama_engine: HFEngine) ->
     ]
     for request in bad:
         with pytest.raises(ValueError):
-            run_all(gemma_engine, request)
+            gemma_engine.add(request)
     with pytest.raises(ValueError, match="layout"):
-        run_all(llama_engine, EngineRequest(tokens, greedy(1), snaps[N], N - 1))
+        llama_engine.add(EngineRequest(tokens, greedy(1), snaps[N], N - 1))
+    assert gemma_engine.num_running == 0
 
 
 def test_cuda_unavailable_is_a_clear_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
-        build_tiny_engine("llama", device="cuda")
+        from promptcache.engine.device import resolve_device
 
-
-def test_long_prefill_runs_in_steps_that_can_be_cancelled() -> None:
-    from promptcache.engine.base import PrefillProgress
-    from promptcache.engine.hf.testing import build_tiny_engine
-
-    engine = build_tiny_engine("llama", prefill_chunk_tokens=16)
-    tokens = random_prompt(70, seed=3)
-    events = run_all(engine, EngineRequest(tokens, greedy(2)), progress=True)
-    progress = [e for e in events if isinstance(e, PrefillProgress)]
-    assert [p.num_done_tokens for p in progress] == [16, 32, 48, 64]
-    assert all(p.num_total_tokens == 70 for p in progress)
-    # Closing the generator between chunks stops the prefill there.
-    before = engine.num_prefill_tokens_total
-    steps = engine.generate(EngineRequest(tokens, greedy(2)))
-    assert isinstance(next(steps), PrefillProgress)
-    steps.close()
-    assert engine.num_prefill_tokens_total - before == 16
+        resolve_device("cuda")

@@ -1,0 +1,165 @@
+"""``PagedAttention``: the models' ``Attention`` backend over the ``KVPool``, for one step.
+
+A step packs the tokens of several sequences: first one decode token per decoding sequence,
+then each prefilling sequence's chunk. ``plan`` turns their block tables into index tensors
+once per step; every layer then
+
+1. writes the step's keys and values into their slots (``index_copy_``, no growth),
+2. attends: the decode tokens together, one SDPA call over their keys gathered from the pool and
+   padded to the longest (padding reads the zeroed null block and is masked out); each prefill
+   chunk with its own SDPA call over its sequence's keys, causal from its offset.
+
+Sliding-window layers gather only the window (the last ``window`` positions a query can see),
+so their cost stays bounded however long the context. The pool keeps every position of every
+layer, so what a layer reads is chosen here, by the layer's ``AttnSpec``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from promptcache.engine.paged.models.base import AttnSpec
+from promptcache.engine.paged.pool import KVPool
+
+
+@dataclass(frozen=True, slots=True)
+class StepSeq:
+    """One sequence's part of a step: ``num_new`` tokens at positions ``start ..``."""
+
+    blocks: Sequence[int]
+    start: int
+    num_new: int
+
+
+@dataclass(slots=True)
+class _Keys:
+    """Where one group of queries reads its keys: slots ``[B, L]`` and a mask, or causal."""
+
+    slots: torch.Tensor
+    mask: torch.Tensor | None
+
+
+class PagedAttention:
+    """Implements ``Attention`` for the step planned last."""
+
+    def __init__(self, pool: KVPool, specs: Sequence[AttnSpec]) -> None:
+        self._pool = pool
+        self._specs = tuple(specs)
+        self._windows = sorted({s.window for s in specs}, key=lambda w: -1 if w is None else w)
+        self._device = pool.device
+        self.slot_mapping = torch.empty(0, dtype=torch.long)
+        self._num_decode = 0
+        self._decode: dict[int | None, _Keys] = {}
+        self._prefill: list[tuple[int, int, dict[int | None, _Keys]]] = []
+        self._tables: dict[int, torch.Tensor] = {}
+
+    def plan(self, decode: Sequence[StepSeq], prefill: Sequence[StepSeq]) -> None:
+        """Index tensors for a step of ``decode`` sequences (one token each, packed first) and
+        ``prefill`` chunks (packed after them, in order)."""
+        self._tables.clear()
+        new = [self._slots(seq, seq.start, seq.start + seq.num_new) for seq in (*decode, *prefill)]
+        self.slot_mapping = torch.cat(new).to(self._device)
+        self._num_decode = len(decode)
+        self._decode = {w: self._decode_keys(decode, w) for w in self._windows} if decode else {}
+        self._prefill = []
+        offset = len(decode)
+        for seq in prefill:
+            keys = {w: self._prefill_keys(seq, w) for w in self._windows}
+            self._prefill.append((offset, seq.num_new, keys))
+            offset += seq.num_new
+
+    def _slots(self, seq: StepSeq, lo: int, hi: int) -> torch.Tensor:
+        """Pool slots of ``seq``'s positions ``[lo, hi)`` (a CPU tensor)."""
+        table = self._tables.get(id(seq))
+        if table is None:
+            table = self._tables[id(seq)] = torch.tensor(seq.blocks, dtype=torch.long)
+        bt = self._pool.block_tokens
+        pos = torch.arange(lo, hi)
+        return table[pos // bt] * bt + pos % bt
+
+    def _decode_keys(self, decode: Sequence[StepSeq], window: int | None) -> _Keys:
+        rows = []
+        for seq in decode:
+            end = seq.start + 1  # the query at position start sees [lo, start]
+            lo = 0 if window is None else max(0, end - window)
+            rows.append(self._slots(seq, lo, end))
+        width = max(len(r) for r in rows)
+        slots = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), 1, 1, width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            slots[i, : len(row)] = row
+            mask[i, 0, 0, : len(row)] = True
+        same = all(len(r) == width for r in rows)
+        return _Keys(slots.to(self._device), None if same else mask.to(self._device))
+
+    def _prefill_keys(self, seq: StepSeq, window: int | None) -> _Keys:
+        end = seq.start + seq.num_new
+        lo = 0 if window is None else max(0, seq.start - window + 1)
+        slots = self._slots(seq, lo, end).unsqueeze(0)
+        if lo == seq.start and (window is None or seq.num_new <= window):
+            return _Keys(slots.to(self._device), None)  # plain causal: SDPA's own mask
+        q_pos = torch.arange(seq.start, end).unsqueeze(1)
+        k_pos = torch.arange(lo, end).unsqueeze(0)
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        return _Keys(slots.to(self._device), mask.to(self._device))
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        spec = self._specs[layer]
+        keys = self._pool.keys(layer)
+        values = self._pool.values(layer)
+        keys.index_copy_(0, self.slot_mapping, k)
+        values.index_copy_(0, self.slot_mapping, v)
+        out = torch.empty_like(q)
+        d = self._num_decode
+        if d:
+            plan = self._decode[spec.window]
+            kk = keys[plan.slots].transpose(1, 2)  # [D, kv_heads, L, head_dim]
+            vv = values[plan.slots].transpose(1, 2)
+            o = _sdpa(q[:d].unsqueeze(2), kk, vv, plan.mask, False, spec)
+            out[:d] = o.squeeze(2)
+        for offset, n, plans in self._prefill:
+            plan = plans[spec.window]
+            kk = keys[plan.slots[0]].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, head_dim]
+            vv = values[plan.slots[0]].transpose(0, 1).unsqueeze(0)
+            qq = q[offset : offset + n].transpose(0, 1).unsqueeze(0)
+            o = _sdpa(qq, kk, vv, plan.mask, plan.mask is None, spec)
+            out[offset : offset + n] = o[0].transpose(0, 1)
+        return out
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    spec: AttnSpec,
+) -> torch.Tensor:
+    """Attention of ``q [B, H, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` (grouped-query)."""
+    if spec.softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=spec.scale, enable_gqa=True
+        )
+    # Softcapping needs the scores themselves: the plain formula, in float32.
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * spec.scale
+    scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if causal:
+        lq, lk = scores.shape[-2:]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+
+
+__all__ = ["PagedAttention", "StepSeq"]

@@ -1,0 +1,442 @@
+"""``PagedEngine``: continuous batching over one paged KV pool that the cache shares.
+
+Each ``step`` is one forward over every running sequence's next decode token plus prefill
+chunks, up to ``max_batch_tokens``: decoding sequences go first (a long prefill never stalls a
+stream), then the prefilling ones in arrival order. A chunk ends at the next snapshot offset, so
+every snapshot is taken exactly where the prompt was cut (spec §2.4), and the logits of a
+sequence are computed only for the row that is sampled.
+
+Sequences and cached entries are block lists in the same ``KVPool``::
+
+    restore R from payload P     table = P.blocks[:R // bt] (shared) + copy of P's block at R
+    snapshot at X                payload = table[:X // bt] (shared) + copy of the block at X
+    finish / cancel              the sequence's references are released
+
+Nothing is copied per step except the step's own new keys and values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from promptcache.core.chatformat import ChatFormat
+from promptcache.core.layout import Tokenizer
+from promptcache.core.payload import KVPayload
+from promptcache.engine.base import (
+    EngineEvent,
+    EngineInfo,
+    EngineRequest,
+    Prefilled,
+    PrefillProgress,
+    SeqId,
+    StepResult,
+    Stopped,
+    TokenOut,
+)
+from promptcache.engine.paged.attention import PagedAttention, StepSeq
+from promptcache.engine.paged.codec import PagedCodec
+from promptcache.engine.paged.models.base import CausalLM
+from promptcache.engine.paged.pool import KVPool, PoolExhausted, PoolPayload
+from promptcache.engine.sampling import make_generator, sample_token
+from promptcache.errors import PromptTooLong
+
+log = logging.getLogger("promptcache.engine")
+
+KV_FORMAT = "paged-kv-1"
+"""Bumped whenever the payload layout or KV numerics of this engine change (part of revisions)."""
+DEFAULT_BLOCK_TOKENS = 32
+DEFAULT_MAX_BATCH_TOKENS = 512
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One running sequence."""
+
+    seq_id: SeqId
+    tokens: list[int]
+    request: EngineRequest
+    end: int  # prefill runs to here: the prompt, or the last snapshot when nothing is decoded
+    table: list[int] = field(default_factory=list)
+    computed: int = 0  # positions whose KV is in the table
+    start: int = 0  # the restored prefix
+    cuts: list[int] = field(default_factory=list)  # snapshot offsets still ahead, ascending
+    snapshots: dict[int, KVPayload] = field(default_factory=dict)
+    produced: int = 0
+    pending: int | None = None  # the sampled token to feed at the next step
+    generator: torch.Generator | None = None
+    capture: bool = False  # keep the last prompt logits (prompt_logits)
+    logits: torch.Tensor | None = None
+
+    @property
+    def decoding(self) -> bool:
+        return self.pending is not None
+
+
+class PagedEngine:
+    """A lean ``CausalLM`` behind the batched ``Engine`` protocol. Not thread-safe, except the
+    codec (the cache moves payloads on other threads)."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        chat_format: ChatFormat,
+        model_id: str,
+        revision: str | None,
+        max_context_tokens: int,
+        stop_token_ids: Collection[int],
+        *,
+        pool_bytes: int,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    ) -> None:
+        """``pool_bytes`` sizes the KV pool (cached entries plus live sequences); the model
+        must already sit on its device in its compute dtype."""
+        if max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be positive")
+        self._model = model
+        shape = model.shape
+        param = next(model.parameters())
+        self._device = param.device
+        dtype = model.dtype
+        per_block = shape.num_layers * 2 * block_tokens * shape.num_kv_heads * shape.head_dim
+        per_block *= torch.empty((), dtype=dtype).element_size()
+        self._pool = KVPool(
+            num_layers=shape.num_layers,
+            num_kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
+            num_blocks=max(2, pool_bytes // per_block),
+            block_tokens=block_tokens,
+            dtype=dtype,
+            device=self._device,
+        )
+        self._attn = PagedAttention(self._pool, model.attn_specs)
+        self._codec = PagedCodec(self._pool)
+        self._tokenizer = tokenizer
+        self._chat_format = chat_format
+        self._stop_ids = frozenset(int(i) for i in stop_token_ids)
+        self._max_batch = max_batch_tokens
+        dtype_name = str(dtype).removeprefix("torch.")
+        if revision is None:
+            revision = parameter_revision(model, chat_format.name, dtype_name)
+        self._info = EngineInfo(
+            model_id=model_id,
+            revision=revision,
+            max_context_tokens=max_context_tokens,
+            device=str(self._device),
+            dtype=dtype_name,
+            kv_bytes_per_token=per_block // block_tokens,
+        )
+        self._seqs: dict[SeqId, _Seq] = {}
+        self._last_id: SeqId = 0
+        self.num_prefill_tokens_total = 0
+        """Every token run through the model in prefill, over the engine's lifetime."""
+
+    # -- facts ---------------------------------------------------------------------------------
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        return self._chat_format
+
+    @property
+    def kv_codec(self) -> PagedCodec:
+        return self._codec
+
+    @property
+    def pool(self) -> KVPool:
+        return self._pool
+
+    @property
+    def model(self) -> CausalLM:
+        return self._model
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self._stop_ids
+
+    @property
+    def num_running(self) -> int:
+        return len(self._seqs)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add(self, request: EngineRequest) -> SeqId:
+        return self._add(request, capture=False).seq_id
+
+    def _add(self, request: EngineRequest, *, capture: bool) -> _Seq:
+        tokens = [int(t) for t in request.tokens]
+        self._check(request, tokens)
+        decode = request.sampling.max_tokens > 0
+        end = len(tokens) if decode or capture else max(request.snapshot_at, default=0)
+        self._last_id += 1
+        seq = _Seq(
+            self._last_id,
+            tokens,
+            request,
+            end=max(end, request.reuse_tokens),
+            cuts=sorted({x for x in request.snapshot_at if x <= end}),
+            generator=make_generator(request.sampling, self._device) if decode else None,
+            capture=capture,
+        )
+        if request.reuse_tokens > 0:
+            assert request.reuse is not None
+            self._restore(seq, request.reuse, request.reuse_tokens)
+        self._seqs[seq.seq_id] = seq
+        return seq
+
+    def cancel(self, seq: SeqId) -> None:
+        state = self._seqs.pop(seq, None)
+        if state is not None:
+            self._release(state)
+
+    def _release(self, seq: _Seq) -> None:
+        table, seq.table = seq.table, []
+        self._pool.decref(table)
+
+    def _check(self, request: EngineRequest, tokens: Sequence[int]) -> None:
+        n = len(tokens)
+        if request.sampling.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        if n > self._info.max_context_tokens:
+            raise PromptTooLong(
+                f"prompt is {n} tokens long; the model's context window is "
+                f"{self._info.max_context_tokens} tokens"
+            )
+        reuse = request.reuse_tokens
+        if reuse < 0 or reuse > n:
+            raise ValueError(f"reuse_tokens {reuse} outside [0, {n}]")
+        if reuse > 0:
+            if request.reuse is None or not self._codec.accepts(request.reuse):
+                raise ValueError("reuse_tokens > 0 needs a payload of this engine's KV layout")
+            if reuse > request.reuse.num_tokens:
+                raise ValueError(f"payload holds {request.reuse.num_tokens} < {reuse} tokens")
+        if request.sampling.max_tokens > 0 and reuse >= n:
+            # The last prompt token's logits are needed: restore at most N - 1 (spec §2.5).
+            raise ValueError(f"cannot generate with all {n} prompt tokens restored")
+        bad = [x for x in request.snapshot_at if not reuse < x <= n]
+        if bad:
+            raise ValueError(f"snapshot offsets {bad} outside ({reuse}, {n}]")
+
+    def _restore(self, seq: _Seq, payload: KVPayload, reuse: int) -> None:
+        """Map ``payload``'s blocks for positions ``[0, reuse)`` into ``seq``: shared whole
+        blocks, and a private copy of a partly used last block (it will be written)."""
+        pooled = self._codec.to_pool(payload)
+        bt = self._pool.block_tokens
+        whole = list(pooled.blocks[: reuse // bt])
+        self._pool.incref(whole)
+        if reuse % bt:
+            try:
+                whole.append(self._pool.copy_block(pooled.blocks[reuse // bt]))
+            except BaseException:
+                self._pool.decref(whole)
+                raise
+        seq.table = whole
+        seq.computed = seq.start = reuse
+
+    def _snapshot(self, seq: _Seq, offset: int) -> PoolPayload:
+        bt = self._pool.block_tokens
+        whole = seq.table[: offset // bt]
+        self._pool.incref(whole)
+        blocks = list(whole)
+        if offset % bt:
+            blocks.append(self._pool.copy_block(seq.table[offset // bt]))
+        return PoolPayload(self._pool, blocks, offset)
+
+    def _reserve(self, seq: _Seq, upto: int) -> None:
+        """Blocks for positions ``[0, upto)``. Raises ``PoolExhausted``."""
+        need = -(-upto // self._pool.block_tokens) - len(seq.table)
+        if need > 0:
+            seq.table += self._pool.allocate(need)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self) -> StepResult:
+        out: StepResult = []
+        decode: list[_Seq] = []
+        prefill: list[tuple[_Seq, int]] = []
+        budget = self._max_batch
+        for seq in list(self._seqs.values()):
+            if not seq.decoding:
+                continue
+            try:
+                self._reserve(seq, seq.computed + 1)
+            except PoolExhausted as exc:
+                out.append((seq.seq_id, exc))
+                self.cancel(seq.seq_id)
+                continue
+            decode.append(seq)
+            budget -= 1
+        for seq in list(self._seqs.values()):
+            if seq.decoding or budget <= 0:
+                continue
+            stop = seq.cuts[0] if seq.cuts else seq.end
+            n = min(stop - seq.computed, budget)
+            if n <= 0:
+                continue
+            try:
+                self._reserve(seq, seq.computed + n)
+            except PoolExhausted as exc:
+                if decode or prefill or len(self._seqs) > 1:
+                    continue  # others will free blocks as they finish: try again next step
+                out.append((seq.seq_id, exc))
+                self.cancel(seq.seq_id)
+                continue
+            prefill.append((seq, n))
+            budget -= n
+        finished = [s for s in self._seqs.values() if not s.decoding and s.computed >= s.end]
+        for seq in finished:  # nothing to compute: a prefill-only request restored it all
+            out += self._prefilled(seq, None)
+        if not decode and not prefill:
+            return out
+        out += self._forward(decode, prefill)
+        return out
+
+    def _forward(self, decode: list[_Seq], prefill: list[tuple[_Seq, int]]) -> StepResult:
+        ids: list[int] = []
+        positions: list[int] = []
+        for seq in decode:
+            assert seq.pending is not None
+            ids.append(seq.pending)
+            positions.append(seq.computed)
+        for seq, n in prefill:
+            ids += seq.tokens[seq.computed : seq.computed + n]
+            positions += range(seq.computed, seq.computed + n)
+        self._attn.plan(
+            [StepSeq(s.table, s.computed, 1) for s in decode],
+            [StepSeq(s.table, s.computed, n) for s, n in prefill],
+        )
+        # Rows whose logits are sampled: every decode token, and the last token of a prefill
+        # that completes its prompt in this step.
+        rows = list(range(len(decode)))
+        sampled: list[_Seq] = list(decode)
+        offset = len(decode)
+        for seq, n in prefill:
+            offset += n
+            if seq.computed + n == len(seq.tokens) and (
+                seq.request.sampling.max_tokens or seq.capture
+            ):
+                rows.append(offset - 1)
+                sampled.append(seq)
+        with torch.inference_mode():
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self._device)
+            pos = torch.tensor(positions, dtype=torch.long, device=self._device)
+            hidden = self._model(input_ids, pos, self._attn)
+            logits = self._model.logits(hidden[rows]) if rows else None
+        by_seq = {s.seq_id: i for i, s in enumerate(sampled)}
+        out: StepResult = []
+        for seq in decode:
+            seq.computed += 1
+        for seq, n in prefill:
+            seq.computed += n
+            self.num_prefill_tokens_total += n
+        tokens = self._sample(sampled, logits)
+        for seq in decode:
+            out += self._emit(seq, tokens[by_seq[seq.seq_id]])
+        for seq, _ in prefill:
+            if seq.cuts and seq.cuts[0] == seq.computed:
+                seq.cuts.pop(0)
+                seq.snapshots[seq.computed] = self._snapshot(seq, seq.computed)
+            if seq.computed < seq.end:
+                out.append(
+                    (seq.seq_id, PrefillProgress(seq.computed - seq.start, seq.end - seq.start))
+                )
+                continue
+            row = by_seq.get(seq.seq_id)
+            if seq.capture and logits is not None and row is not None:
+                seq.logits = logits[row].float().cpu().clone()
+            out += self._prefilled(seq, None if row is None else tokens[row])
+        return out
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor | None) -> list[int]:
+        """One token per row of ``logits``: greedy rows in one argmax, the rest one by one."""
+        if logits is None or not seqs:
+            return []
+        with torch.inference_mode():
+            greedy = torch.argmax(logits, dim=-1).tolist()
+            tokens = [int(t) for t in greedy]
+            for i, seq in enumerate(seqs):
+                sampling = seq.request.sampling
+                if not sampling.is_greedy and sampling.max_tokens > 0:
+                    tokens[i] = sample_token(logits[i], sampling, seq.generator)
+        return tokens
+
+    def _prefilled(self, seq: _Seq, token: int | None) -> StepResult:
+        """``Prefilled`` for ``seq``, then its first token (or its end)."""
+        out: StepResult = [(seq.seq_id, Prefilled(dict(seq.snapshots), seq.computed - seq.start))]
+        seq.snapshots.clear()
+        if token is None or seq.request.sampling.max_tokens == 0 or seq.capture:
+            out.append((seq.seq_id, Stopped("max_tokens")))
+            self.cancel(seq.seq_id)
+            return out
+        return out + self._emit(seq, token, first=True)
+
+    def _emit(self, seq: _Seq, token: int, *, first: bool = False) -> StepResult:
+        """The events of a sampled ``token`` at position ``seq.computed``."""
+        events: list[EngineEvent] = []
+        limit = self._info.max_context_tokens
+        if seq.computed >= limit:
+            events.append(Stopped("model_context_window_exceeded"))
+        elif token in self._stop_ids:
+            events.append(Stopped("end_turn"))
+        else:
+            events.append(TokenOut(token))
+            seq.produced += 1
+            if seq.produced >= seq.request.sampling.max_tokens:
+                events.append(Stopped("max_tokens"))
+            elif seq.computed + 1 >= limit:
+                # The sampled token would sit at the window's end: no room to feed it back.
+                events.append(Stopped("model_context_window_exceeded"))
+            else:
+                seq.pending = token
+        if isinstance(events[-1], Stopped):
+            self.cancel(seq.seq_id)
+        return [(seq.seq_id, e) for e in events]
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def prompt_logits(self, request: EngineRequest) -> torch.Tensor:
+        """Logits (float32, on CPU) for the position after ``request.tokens``, computed alone
+        exactly as a request would be (restore, chunked prefill): for fidelity checks and
+        benchmarks. Other sequences must not be running."""
+        if self._seqs:
+            raise RuntimeError("prompt_logits needs an idle engine")
+        if request.reuse_tokens >= len(request.tokens):
+            raise ValueError("prompt_logits needs at least one token to compute")
+        seq = self._add(request, capture=True)
+        try:
+            while seq.seq_id in self._seqs:
+                for got, item in self.step():
+                    if got == seq.seq_id and isinstance(item, Exception):
+                        raise item
+        finally:
+            self.cancel(seq.seq_id)
+        assert seq.logits is not None
+        return seq.logits
+
+
+def parameter_revision(model: torch.nn.Module, *parts: str) -> str:
+    """A digest of a few parameter tensors plus ``parts``: for models built in process."""
+    digest = hashlib.sha256(KV_FORMAT.encode())
+    for part in parts:
+        digest.update(b"\0" + part.encode())
+    params = list(model.named_parameters())
+    for name, param in params[:4] + params[-4:]:
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+__all__ = ["DEFAULT_BLOCK_TOKENS", "DEFAULT_MAX_BATCH_TOKENS", "KV_FORMAT", "PagedEngine"]
