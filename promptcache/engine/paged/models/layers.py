@@ -102,7 +102,10 @@ def _share_rows(linears: Sequence[Any], name: str, fused: torch.Tensor) -> None:
 
 
 class RMSNorm(nn.Module):
-    """Llama-style RMSNorm: normalise in float32, cast back, then scale by ``w`` (in dtype)."""
+    """Llama-style RMSNorm: normalise in float32, cast back, then scale by ``w`` (in dtype).
+
+    ``F.rms_norm`` without a weight computes in float32 and rounds once, which is exactly
+    transformers' ``x.float()`` ... ``.to(dtype)`` in one kernel."""
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
@@ -110,8 +113,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
     @classmethod
     def adopt(cls, norm: Any, dtype: torch.dtype) -> RMSNorm:
@@ -147,10 +149,11 @@ class HeadNorm(nn.Module):
         self.offset = offset
 
     def forward(self, qk: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(qk.float(), (qk.shape[-1],), eps=self.eps)
         if self.offset:  # Gemma: (x * (1 + w)) in float32, then cast
+            normed = F.rms_norm(qk.float(), (qk.shape[-1],), eps=self.eps)
             return (normed * self.table).to(qk.dtype)
-        return self.table * normed.to(qk.dtype)  # Llama/Qwen3: cast, then w * x
+        # Llama/Qwen3: normalise (in float32, rounded once), then w * x in dtype.
+        return self.table * F.rms_norm(qk, (qk.shape[-1],), eps=self.eps)
 
     @classmethod
     def adopt(
@@ -202,10 +205,12 @@ class GatedMLP(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [T, heads, head_dim]`` by half-dim ``cos``/``sin [T, 1, head_dim / 2]``
-    (transformers' rotate-half layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate ``x [T, heads, head_dim]`` in transformers' rotate-half layout, given ``cos`` and
+    ``sin`` ``[T, 1, head_dim]`` from ``Rotary`` (``sin``'s first half negated).
+
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) * sin == roll(x) * sin``: four
+    kernels instead of eight, each product rounded as transformers rounds it."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class SelfAttention(nn.Module):

@@ -27,13 +27,16 @@ class Rotary(nn.Module):
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[T, 1, head_dim / 2]`` in ``dtype`` for ``positions [T]``: computed in
-        float32 and scaled before the cast, as transformers does."""
+        """cos and signed sin ``[T, 1, head_dim]`` in ``dtype`` for ``positions [T]``, as
+        ``apply_rope`` takes them: computed in float32 and scaled before the cast, as
+        transformers does, with the first half of sin negated (``rotate_half``'s sign)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+        cos = torch.cat((cos, cos), dim=-1).to(dtype)
+        sin = torch.cat((-sin, sin), dim=-1).to(dtype)
+        return cos[:, None, :], sin[:, None, :]
 
     @classmethod
     def from_config(cls, config: Any, head_dim: int, layer_type: str | None = None) -> Rotary:

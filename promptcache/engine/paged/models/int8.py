@@ -1,0 +1,80 @@
+"""Weight-only int8 quantization of a lean model's projections (``quantize_int8``).
+
+Symmetric, one scale per output channel: ``W ≈ q * s`` with ``q`` int8 and ``s`` in the model
+dtype. On CPU the matmul is PyTorch's own ``torch._weight_int8pack_mm`` (bf16 or fp32
+activations, int8 weights read directly, so decode moves half the bytes of bf16). Elsewhere it
+falls back to dequantizing per call, which saves memory but not time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptcache.engine.paged.models.base import CausalLM
+from promptcache.engine.paged.models.layers import Linear, frozen
+
+
+def quantize_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scales)``: ``q [out, in]`` int8 and ``scales [out]`` in ``dtype`` with
+    ``q * scales ≈ weight``. Rounding uses the scales as stored, so ``q * scales`` is exactly the
+    weight the kernel multiplies by."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp(-128, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """``y = x (q * s)^T + b`` with int8 ``q`` and per-output-channel ``s``."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.q = frozen(q)
+        self.scales = frozen(scales)
+        self.bias = None if bias is None else frozen(bias)
+
+    @classmethod
+    def from_linear(cls, linear: Linear) -> Int8Linear:
+        dtype = linear.weight.dtype
+        q, scales = quantize_weight(linear.weight, dtype)
+        return cls(q, scales, linear.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, ``[out, in]`` in the scales' dtype."""
+        return self.q.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            # The kernel takes a 2-D activation, contiguous in its last dim, and scales of the
+            # activation's dtype.
+            flat = x.reshape(-1, x.shape[-1])
+            if flat.stride(-1) != 1:
+                flat = flat.contiguous()
+            scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+            out = torch._weight_int8pack_mm(flat, self.q, scales).view(*x.shape[:-1], -1)
+        else:
+            out = F.linear(x, self.q.to(x.dtype)) * self.scales.to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_int8(model: CausalLM, *, lm_head: bool = False) -> CausalLM:
+    """Replace ``model``'s projections (q/k/v, o, gate/up, down) with ``Int8Linear`` in place,
+    and the lm_head too when ``lm_head`` (for Gemma's 262k vocabulary it is the largest matmul
+    of a decode step; with tied embeddings it becomes a separate int8 copy, the embedding table
+    stays as it is). Embeddings and norms are never quantized. Returns ``model``.
+
+    The replaced weights are freed once nothing else holds them: a transformers model that
+    ``from_hf`` shared storage with still does, so drop it first to get the memory back.
+    """
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, Linear) and (lm_head or name != "lm_head")
+    ]
+    for name, module in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Int8Linear.from_linear(module))
+    return model
