@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
@@ -100,11 +100,19 @@ class MessageParam(_Wire):
     content: list[RawItem] = Field(min_length=1)
 
 
+MAX_STOP_SEQUENCES: Final = 2500
+"""botocore ``InferenceConfigurationStopSequencesList``; each item is a ``NonEmptyString``."""
+
+
 class InferenceConfig(_Wire):
+    """The ranges are botocore's ``InferenceConfiguration`` shapes, checked as AWS checks them."""
+
     maxTokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=1)
     topP: float | None = Field(default=None, ge=0, le=1)
-    stopSequences: list[str] | None = None
+    stopSequences: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, max_length=MAX_STOP_SEQUENCES
+    )
 
 
 class ToolConfig(_Wire):
@@ -162,8 +170,10 @@ def _constraint(error: ErrorDetails) -> str:
         return f"Member must have value greater than or equal to {ctx['ge']}"
     if kind == "less_than_equal":
         return f"Member must have value less than or equal to {ctx['le']}"
-    if kind == "too_short":
+    if kind in ("too_short", "string_too_short"):
         return f"Member must have length greater than or equal to {ctx['min_length']}"
+    if kind in ("too_long", "string_too_long"):
+        return f"Member must have length less than or equal to {ctx['max_length']}"
     return str(error["msg"])
 
 
@@ -195,6 +205,7 @@ def validate(model: type[_M], data: Any, loc: Loc = ()) -> _M:
 
 
 __all__ = [
+    "MAX_STOP_SEQUENCES",
     "CachePoint",
     "ConverseBody",
     "CountTokensBody",
