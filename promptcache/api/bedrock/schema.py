@@ -158,6 +158,11 @@ def _shown(value: Any) -> str:
     return "Value"
 
 
+def _bound(value: Any) -> str:
+    # The service model's bounds are integers (``max: 1``); pydantic hands float fields 1.0.
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def _constraint(error: ErrorDetails) -> str:
     ctx = error.get("ctx") or {}
     kind = error["type"]
@@ -167,9 +172,9 @@ def _constraint(error: ErrorDetails) -> str:
         values = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         return f"Member must satisfy enum value set: [{', '.join(values)}]"
     if kind == "greater_than_equal":
-        return f"Member must have value greater than or equal to {ctx['ge']}"
+        return f"Member must have value greater than or equal to {_bound(ctx['ge'])}"
     if kind == "less_than_equal":
-        return f"Member must have value less than or equal to {ctx['le']}"
+        return f"Member must have value less than or equal to {_bound(ctx['le'])}"
     if kind in ("too_short", "string_too_short"):
         return f"Member must have length greater than or equal to {ctx['min_length']}"
     if kind in ("too_long", "string_too_long"):
