@@ -20,6 +20,7 @@ _HELP = {
     "api_keys": "credentials and their tenants, 'key=tenant,...' (default: open server)",
     "aws_credentials": "SigV4 keys of Bedrock clients, 'ACCESS_KEY_ID:SECRET=tenant,...'",
     "admin_keys": "credentials allowed to call admin endpoints, 'key1,key2'",
+    "max_body_size": "largest request body accepted, e.g. 32MiB (default; larger: 413)",
     "engine": "engine implementation: hf (default) or fake",
     "device": "cpu (default) or cuda",
     "dtype": "auto (default: bfloat16 on CUDA and bf16-capable CPUs, else float32), float32, "

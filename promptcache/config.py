@@ -191,6 +191,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "api_keys": ("api", "api_keys", _pairs),
     "aws_credentials": ("api", "aws_credentials", _aws_credentials),
     "admin_keys": ("api", "admin_keys", _keyset),
+    "max_body_size": ("api", "max_body_bytes", parse_bytes),
     "engine": ("engine", "kind", str),
     "model": ("engine", "model", str),
     "device": ("engine", "device", str),

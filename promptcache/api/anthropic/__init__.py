@@ -4,17 +4,16 @@ Each request is checked in the order of spec §1.14 before the service sees it: 
 (``service.authenticate``), (2) the protocol headers, then the body: size, schema and (3) marker
 shape (``decode.py``), then the model name. Steps 4-6 (breakpoint count, automatic-caching
 conflicts, TTL order) run inside ``service.generate`` / ``service.count_tokens`` and surface on
-the generator's first step, before anything is sent. Every error is rendered here in Anthropic's
-envelope, so the adapter needs no app-level exception handler.
+the generator's first step, before anything is sent. Every error, an unexpected one included, is
+rendered in Anthropic's envelope by ``api/guard.py`` (``errors.ENVELOPE``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from typing import Final, Protocol
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -25,9 +24,9 @@ from promptcache.api.anthropic.encode import (
     count_json,
     message_json,
     new_message_id,
-    new_request_id,
 )
-from promptcache.api.anthropic.errors import error_response, stream_error_json
+from promptcache.api.anthropic.errors import ENVELOPE
+from promptcache.api.guard import Call, guarded
 from promptcache.api.http import read_body
 from promptcache.api.streaming import (
     EventStreamResponse,
@@ -38,13 +37,11 @@ from promptcache.api.streaming import (
 )
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
-from promptcache.errors import PromptCacheError
 from promptcache.types import TenantId
 
-logger = logging.getLogger(__name__)
-
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
-"""Larger bodies get 413 ``request_too_large`` (spec §3.5)."""
+"""The default limit (``ApiConfig.max_body_bytes``); larger bodies get 413 ``request_too_large``
+(spec §3.5)."""
 
 KEEPALIVE_S: Final = 15.0
 """Seconds of silence after which a stream sends a ``ping`` event."""
@@ -81,8 +78,12 @@ def routes(
     """The Anthropic Messages routes served by ``service``."""
     handlers = _Handlers(service, keepalive_s=keepalive_s, max_body_bytes=max_body_bytes)
     return [
-        Route("/v1/messages", handlers.messages, methods=["POST"]),
-        Route("/v1/messages/count_tokens", handlers.count_tokens, methods=["POST"]),
+        Route("/v1/messages", guarded(ENVELOPE, handlers.messages), methods=["POST"]),
+        Route(
+            "/v1/messages/count_tokens",
+            guarded(ENVELOPE, handlers.count_tokens),
+            methods=["POST"],
+        ),
     ]
 
 
@@ -94,25 +95,16 @@ class _Handlers:
         self.keepalive_s = keepalive_s
         self.max_body_bytes = max_body_bytes
 
-    async def messages(self, request: Request) -> Response:
-        request_id = new_request_id()
-        try:
-            chat = await self._admit(request, count_only=False)
-            events = self.service.generate(chat)
-            if chat.stream:
-                return await self._stream(request, chat, events, request_id)
-            return await self._complete(request, chat, events, request_id)
-        except Exception as exc:
-            return _error(exc, request_id)
+    async def messages(self, request: Request, call: Call) -> Response:
+        chat = await self._admit(request, count_only=False)
+        events = self.service.generate(chat)
+        if chat.stream:
+            return await self._stream(request, chat, events, call)
+        return await self._complete(request, chat, events)
 
-    async def count_tokens(self, request: Request) -> Response:
-        request_id = new_request_id()
-        try:
-            chat = await self._admit(request, count_only=True)
-            input_tokens = await self.service.count_tokens(chat)
-            return JSONResponse(count_json(input_tokens), headers={"request-id": request_id})
-        except Exception as exc:
-            return _error(exc, request_id)
+    async def count_tokens(self, request: Request, call: Call) -> Response:
+        chat = await self._admit(request, count_only=True)
+        return JSONResponse(count_json(await self.service.count_tokens(chat)))
 
     async def _admit(self, request: Request, *, count_only: bool) -> ChatRequest:
         """Validation steps 1-3 of spec §1.14, then the model name."""
@@ -128,54 +120,39 @@ class _Handlers:
         request: Request,
         chat: ChatRequest,
         events: AsyncIterator[ChatEvent],
-        request_id: str,
     ) -> Response:
         collected = await drain(request.receive, events)
         body = message_json(collect(collected), model=chat.model, message_id=new_message_id())
-        return JSONResponse(body, headers={"request-id": request_id})
+        return JSONResponse(body)
 
     async def _stream(
         self,
         request: Request,
         chat: ChatRequest,
         events: AsyncIterator[ChatEvent],
-        request_id: str,
+        call: Call,
     ) -> Response:
         # Validation errors arrive on the first step: taken before the status line is sent.
         first = await first_event(request.receive, events)
         encoder = StreamEncoder(model=chat.model, message_id=new_message_id())
         return EventStreamResponse(
-            _sse(first, events, encoder),
-            headers={"request-id": request_id},
+            _sse(first, events, encoder, call),
             keepalive=_PING,
             keepalive_s=self.keepalive_s,
         )
 
 
 def _sse(
-    first: ChatEvent, events: AsyncIterator[ChatEvent], encoder: StreamEncoder
+    first: ChatEvent, events: AsyncIterator[ChatEvent], encoder: StreamEncoder, call: Call
 ) -> AsyncIterator[bytes]:
     """The SSE frames of one stream; a failure after the first byte ends it with ``error``."""
 
     def encode(event: ChatEvent) -> list[bytes]:
         return [sse_event(data, event=name) for name, data in encoder.feed(event)]
 
-    def fail(exc: Exception) -> bytes:
-        _log_unexpected(exc)
-        return sse_event(stream_error_json(exc), event="error")
-
-    return event_frames(first, events, encode, is_finished=lambda: encoder.is_finished, fail=fail)
-
-
-def _error(exc: Exception, request_id: str) -> Response:
-    _log_unexpected(exc)
-    return error_response(exc, request_id)
-
-
-def _log_unexpected(exc: Exception) -> None:
-    # Client errors are expected; a vanished client is nobody's bug. Anything else is ours.
-    if not isinstance(exc, PromptCacheError | ClientDisconnect):
-        logger.exception("unexpected error in an Anthropic Messages request", exc_info=exc)
+    return event_frames(
+        first, events, encode, is_finished=lambda: encoder.is_finished, fail=call.fail
+    )
 
 
 __all__ = ["KEEPALIVE_S", "MAX_BODY_BYTES", "MessagesService", "routes"]

@@ -15,6 +15,10 @@ from typing import Any, Final
 
 from starlette.responses import JSONResponse
 
+from promptcache.api.anthropic.encode import new_request_id
+from promptcache.api.guard import Envelope
+from promptcache.api.streaming import sse_event
+from promptcache.api.wire import printable
 from promptcache.errors import PromptCacheError
 
 ERROR_TYPES: Final[dict[int, str]] = {
@@ -23,6 +27,7 @@ ERROR_TYPES: Final[dict[int, str]] = {
     402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     409: "conflict_error",
     413: "request_too_large",
     429: "rate_limit_error",
@@ -45,7 +50,10 @@ def client_error(exc: BaseException) -> PromptCacheError:
 def error_detail(exc: BaseException) -> dict[str, str]:
     """The inner ``error`` object: ``{"type": ..., "message": ...}``."""
     error = client_error(exc)
-    return {"type": ERROR_TYPES.get(error.status, "api_error"), "message": error.message}
+    return {
+        "type": ERROR_TYPES.get(error.status, "api_error"),
+        "message": printable(error.message),
+    }
 
 
 def error_json(exc: BaseException, request_id: str) -> dict[str, Any]:
@@ -67,12 +75,29 @@ def stream_error_json(exc: BaseException) -> dict[str, Any]:
     return {"type": "error", "error": error_detail(exc)}
 
 
+def stream_error_frame(exc: BaseException) -> bytes:
+    """The ``event: error`` frame that ends a stream after a failure."""
+    return sse_event(stream_error_json(exc), event="error")
+
+
+ENVELOPE: Final = Envelope(
+    name="Anthropic Messages",
+    request_id_header="request-id",
+    new_request_id=new_request_id,
+    render=error_response,
+    render_stream=stream_error_frame,
+)
+"""How every Anthropic route reports errors (``api/guard.py``)."""
+
+
 __all__ = [
+    "ENVELOPE",
     "ERROR_TYPES",
     "INTERNAL_ERROR_MESSAGE",
     "client_error",
     "error_detail",
     "error_json",
     "error_response",
+    "stream_error_frame",
     "stream_error_json",
 ]

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from promptcache.api.wire import one_of
 from promptcache.types import Ttl
@@ -29,6 +30,16 @@ Content = Annotated[
 SystemContent = Annotated[
     str | list[RawBlock], one_of("Input should be a valid string or a list of text blocks")
 ]
+
+
+def _unit_range(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise PydanticCustomError("range", "range: 0..1")
+    return value
+
+
+UnitInterval = Annotated[float, AfterValidator(_unit_range)]
+"""``temperature`` and ``top_p``: the hosted API answers ``temperature: range: 0..1``."""
 
 
 class _Wire(BaseModel):
@@ -147,9 +158,9 @@ class MessagesBody(CountTokensBody):
     """The body of ``POST /v1/messages``. ``max_tokens: 0`` asks for cache pre-warming (§3.8)."""
 
     max_tokens: int = Field(ge=0)
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
+    temperature: UnitInterval | None = None
+    top_p: UnitInterval | None = None
+    top_k: int | None = Field(default=None, ge=0)
     stop_sequences: list[str] | None = None
     stream: bool | None = None
     metadata: dict[str, Any] | None = None
@@ -174,4 +185,5 @@ __all__ = [
     "ThinkingBlock",
     "ToolResultBlock",
     "ToolUseBlock",
+    "UnitInterval",
 ]

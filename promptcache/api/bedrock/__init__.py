@@ -8,21 +8,19 @@ same ``api_keys`` table as the other surfaces (with no credentials configured th
 and signatures are not verified, §1.12); (2) InvokeModel's ``anthropic_version``; (3) the body and
 its marker shape (``decode.py``); then the model id. Steps 4-6 (cachePoint count and TTL order,
 ``BEDROCK_RULES``) run inside the service and surface on the generator's first step, before any
-byte is sent. Every error is rendered here in Bedrock's shape (``errors.py``); every response
-carries ``x-amzn-RequestId``.
+byte is sent. Every error, an unexpected one included, is rendered in Bedrock's shape by
+``api/guard.py`` (``errors.ENVELOPE``); every response carries ``x-amzn-RequestId``.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from starlette.datastructures import Headers
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -44,9 +42,10 @@ from promptcache.api.bedrock.encode import (
     elapsed_ms,
     invoke_headers,
 )
-from promptcache.api.bedrock.errors import REQUEST_ID_HEADER, error_response, exception_frame
+from promptcache.api.bedrock.errors import ENVELOPE
 from promptcache.api.bedrock.eventstream import event_message
 from promptcache.api.events import collect
+from promptcache.api.guard import Call, Handler, guarded
 from promptcache.api.http import bearer_token, read_body
 from promptcache.api.streaming import EventStreamResponse, drain, event_frames, first_event
 from promptcache.api.wire import json_object
@@ -54,13 +53,12 @@ from promptcache.cache.policy import ANTHROPIC_RULES, BEDROCK_RULES, MarkRules, 
 from promptcache.config import AwsCredential
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
-from promptcache.errors import NotFound, PromptCacheError
+from promptcache.errors import NotFound
 from promptcache.types import TenantId
 
-logger = logging.getLogger(__name__)
-
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
-"""Larger bodies get a ValidationException without being read."""
+"""The default limit (``ApiConfig.max_body_bytes``); larger bodies get a ValidationException
+without being read."""
 
 INVOKE_ID_PREFIX: Final = "msg_bdrk_"
 
@@ -108,7 +106,7 @@ def routes(
     """The Bedrock runtime routes served by ``service``; ``clock`` (epoch seconds) bounds the age
     of SigV4 signatures."""
     handlers = _Handlers(service, max_body_bytes=max_body_bytes, clock=clock)
-    operations: dict[str, Callable[[Request, float], Awaitable[Response]]] = {
+    operations: dict[str, Handler] = {
         "converse": handlers.converse,
         "converse-stream": handlers.converse_stream,
         "invoke": handlers.invoke,
@@ -118,28 +116,9 @@ def routes(
     # ``:path`` because an ARN model id carries a slash, percent-encoded by boto3 but decoded by
     # the server before routing.
     return [
-        Route(f"/model/{{model_id:path}}/{name}", _endpoint(operation), methods=["POST"])
+        Route(f"/model/{{model_id:path}}/{name}", guarded(ENVELOPE, operation), methods=["POST"])
         for name, operation in operations.items()
     ]
-
-
-def _endpoint(
-    operation: Callable[[Request, float], Awaitable[Response]],
-) -> Callable[[Request], Awaitable[Response]]:
-    """Wrap an operation: request id and timing in, Bedrock-shaped errors out."""
-
-    async def endpoint(request: Request) -> Response:
-        request_id = str(uuid.uuid4())
-        started_at = time.monotonic()
-        try:
-            response = await operation(request, started_at)
-        except Exception as exc:
-            _log_unexpected(exc)
-            return error_response(exc, request_id)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        return response
-
-    return endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,40 +152,42 @@ class _Handlers:
         self.max_body_bytes = max_body_bytes
         self.clock = clock
 
-    async def converse(self, request: Request, started_at: float) -> Response:
+    async def converse(self, request: Request, call: Call) -> Response:
         chat = await self._converse_request(request)
         events = await drain(request.receive, self.service.generate(chat, BEDROCK_RULES))
         body = converse_json(
             collect(events),
             has_cache_points=has_cache_points(chat),
-            latency_ms=elapsed_ms(started_at),
+            latency_ms=elapsed_ms(call.started_at),
         )
         return JSONResponse(body)
 
-    async def converse_stream(self, request: Request, started_at: float) -> Response:
+    async def converse_stream(self, request: Request, call: Call) -> Response:
         chat = await self._converse_request(request)
         encoder = ConverseStreamEncoder(
-            has_cache_points=has_cache_points(chat), started_at=started_at
+            has_cache_points=has_cache_points(chat), started_at=call.started_at
         )
-        return await _stream(request, self.service.generate(chat, BEDROCK_RULES), encoder)
+        return await _stream(request, self.service.generate(chat, BEDROCK_RULES), encoder, call)
 
-    async def invoke(self, request: Request, started_at: float) -> Response:
+    async def invoke(self, request: Request, call: Call) -> Response:
         chat = await self._invoke_request(request)
         events = await drain(request.receive, self.service.generate(chat, ANTHROPIC_RULES))
         result = collect(events)
         message_id = new_message_id(INVOKE_ID_PREFIX)
         body = message_json(result, model=chat.model, message_id=message_id)
-        headers = invoke_headers(result.usage, latency_ms=elapsed_ms(started_at))
+        headers = invoke_headers(result.usage, latency_ms=elapsed_ms(call.started_at))
         return JSONResponse(body, headers=headers)
 
-    async def invoke_stream(self, request: Request, started_at: float) -> Response:
+    async def invoke_stream(self, request: Request, call: Call) -> Response:
         chat = await self._invoke_request(request)
         encoder = InvokeStreamEncoder(
-            model=chat.model, message_id=new_message_id(INVOKE_ID_PREFIX), started_at=started_at
+            model=chat.model,
+            message_id=new_message_id(INVOKE_ID_PREFIX),
+            started_at=call.started_at,
         )
-        return await _stream(request, self.service.generate(chat, ANTHROPIC_RULES), encoder)
+        return await _stream(request, self.service.generate(chat, ANTHROPIC_RULES), encoder, call)
 
-    async def count_tokens(self, request: Request, started_at: float) -> Response:
+    async def count_tokens(self, request: Request, call: Call) -> Response:
         admitted = await self._admit(request)
         chat, rules = decode_count_tokens(
             admitted.body,
@@ -277,7 +258,7 @@ class _Handlers:
 
 
 async def _stream(
-    request: Request, events: AsyncIterator[ChatEvent], encoder: EventEncoder
+    request: Request, events: AsyncIterator[ChatEvent], encoder: EventEncoder, call: Call
 ) -> Response:
     # Validation errors arrive on the first step: taken before the status line is sent, they
     # are ordinary JSON errors (spec §5.5); later failures end the stream with an exception.
@@ -286,18 +267,10 @@ async def _stream(
     def encode(event: ChatEvent) -> list[bytes]:
         return [event_message(name, payload) for name, payload in encoder.feed(event)]
 
-    def fail(exc: Exception) -> bytes:
-        _log_unexpected(exc)
-        return exception_frame(exc)
-
-    frames = event_frames(first, events, encode, is_finished=lambda: encoder.is_finished, fail=fail)
+    frames = event_frames(
+        first, events, encode, is_finished=lambda: encoder.is_finished, fail=call.fail
+    )
     return AwsEventStreamResponse(frames)
-
-
-def _log_unexpected(exc: Exception) -> None:
-    # Client errors are expected; a vanished client is nobody's bug. Anything else is ours.
-    if not isinstance(exc, PromptCacheError | ClientDisconnect):
-        logger.exception("unexpected error in a Bedrock runtime request", exc_info=exc)
 
 
 __all__ = [

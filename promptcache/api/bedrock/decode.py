@@ -159,7 +159,7 @@ def _blob(value: str) -> bytes:
         return value.encode()
     try:
         return base64.b64decode(value, validate=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: characters outside ASCII
         raise InvalidRequest("input.invokeModel.body: Input should be base64-encoded") from None
 
 

@@ -19,12 +19,15 @@ member name of the operation's stream union (``modelStreamErrorException`` for a
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Final
 
 from starlette.responses import JSONResponse
 
 from promptcache.api.bedrock.eventstream import exception_message
+from promptcache.api.guard import Envelope
+from promptcache.api.wire import printable
 from promptcache.errors import (
     AuthenticationFailed,
     EngineFailure,
@@ -83,8 +86,8 @@ def aws_error(exc: BaseException) -> tuple[AwsError, str]:
         return _INTERNAL, INTERNAL_ERROR_MESSAGE
     for cls, error in _ERRORS:
         if isinstance(exc, cls):
-            return error, error.message or exc.message
-    return _INTERNAL, exc.message
+            return error, printable(error.message or exc.message)
+    return _INTERNAL, printable(exc.message)
 
 
 def error_response(exc: BaseException, request_id: str) -> JSONResponse:
@@ -100,7 +103,18 @@ def exception_frame(exc: BaseException) -> bytes:
     return exception_message(error.stream_code, message)
 
 
+ENVELOPE: Final = Envelope(
+    name="Bedrock runtime",
+    request_id_header=REQUEST_ID_HEADER,
+    new_request_id=lambda: str(uuid.uuid4()),
+    render=error_response,
+    render_stream=exception_frame,
+)
+"""How every Bedrock route reports errors (``api/guard.py``)."""
+
+
 __all__ = [
+    "ENVELOPE",
     "INTERNAL_ERROR_MESSAGE",
     "REQUEST_ID_HEADER",
     "UNRECOGNIZED_CLIENT_MESSAGE",

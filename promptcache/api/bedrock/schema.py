@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
@@ -100,11 +100,19 @@ class MessageParam(_Wire):
     content: list[RawItem] = Field(min_length=1)
 
 
+MAX_STOP_SEQUENCES: Final = 2500
+"""botocore ``InferenceConfigurationStopSequencesList``; each item is a ``NonEmptyString``."""
+
+
 class InferenceConfig(_Wire):
+    """The ranges are botocore's ``InferenceConfiguration`` shapes, checked as AWS checks them."""
+
     maxTokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=1)
     topP: float | None = Field(default=None, ge=0, le=1)
-    stopSequences: list[str] | None = None
+    stopSequences: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, max_length=MAX_STOP_SEQUENCES
+    )
 
 
 class ToolConfig(_Wire):
@@ -150,6 +158,11 @@ def _shown(value: Any) -> str:
     return "Value"
 
 
+def _bound(value: Any) -> str:
+    # The service model's bounds are integers (``max: 1``); pydantic hands float fields 1.0.
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def _constraint(error: ErrorDetails) -> str:
     ctx = error.get("ctx") or {}
     kind = error["type"]
@@ -159,11 +172,13 @@ def _constraint(error: ErrorDetails) -> str:
         values = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         return f"Member must satisfy enum value set: [{', '.join(values)}]"
     if kind == "greater_than_equal":
-        return f"Member must have value greater than or equal to {ctx['ge']}"
+        return f"Member must have value greater than or equal to {_bound(ctx['ge'])}"
     if kind == "less_than_equal":
-        return f"Member must have value less than or equal to {ctx['le']}"
-    if kind == "too_short":
+        return f"Member must have value less than or equal to {_bound(ctx['le'])}"
+    if kind in ("too_short", "string_too_short"):
         return f"Member must have length greater than or equal to {ctx['min_length']}"
+    if kind in ("too_long", "string_too_long"):
+        return f"Member must have length less than or equal to {ctx['max_length']}"
     return str(error["msg"])
 
 
@@ -195,6 +210,7 @@ def validate(model: type[_M], data: Any, loc: Loc = ()) -> _M:
 
 
 __all__ = [
+    "MAX_STOP_SEQUENCES",
     "CachePoint",
     "ConverseBody",
     "CountTokensBody",

@@ -3,27 +3,28 @@
 Each request is checked in the order of spec §1.14 before the service sees it: (1) the credential,
 then the body: size, schema and (3) marker shape (``decode.py``), then the model name. Steps 4-6
 (breakpoint count, TTL order) run inside ``service.generate`` with ``OPENAI_RULES`` and surface on
-the generator's first step, before anything is sent. Every error is rendered here in OpenAI's
-envelope, and every response carries ``x-request-id``.
+the generator's first step, before anything is sent. Every error, an unexpected one included, is
+rendered in OpenAI's envelope by ``api/guard.py`` (``errors.ENVELOPE``), and every response
+carries ``x-request-id``.
 
 ``GET /v1/models`` is protocol-neutral and lives in ``app.py``.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Final, Protocol
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from promptcache.api.events import collect
+from promptcache.api.guard import Call, guarded
 from promptcache.api.http import read_body
 from promptcache.api.openai.decode import ChatCall, credentials, decode_chat, wants_rounding
 from promptcache.api.openai.encode import ChunkEncoder, Completion, completion_json
-from promptcache.api.openai.errors import error_json, error_response
+from promptcache.api.openai.errors import ENVELOPE
 from promptcache.api.streaming import (
     EventStreamResponse,
     drain,
@@ -32,16 +33,13 @@ from promptcache.api.streaming import (
     sse_event,
 )
 from promptcache.cache.policy import OPENAI_RULES, MarkRules
-from promptcache.core.output import new_id
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
-from promptcache.errors import AuthenticationFailed, NotFound, PromptCacheError
+from promptcache.errors import AuthenticationFailed, NotFound
 from promptcache.types import TenantId
 
-logger = logging.getLogger(__name__)
-
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
-"""Larger bodies get 413."""
+"""The default limit (``ApiConfig.max_body_bytes``); larger bodies get 413."""
 
 KEEPALIVE_S: Final = 15.0
 """Seconds of silence after which a stream sends an SSE comment, which clients skip."""
@@ -89,7 +87,8 @@ def routes(
         keepalive_s=keepalive_s,
         max_body_bytes=max_body_bytes,
     )
-    return [Route("/v1/chat/completions", handlers.chat_completions, methods=["POST"])]
+    endpoint = guarded(ENVELOPE, handlers.chat_completions)
+    return [Route("/v1/chat/completions", endpoint, methods=["POST"])]
 
 
 class _Handlers:
@@ -106,32 +105,24 @@ class _Handlers:
         self.keepalive_s = keepalive_s
         self.max_body_bytes = max_body_bytes
 
-    async def chat_completions(self, request: Request) -> Response:
-        request_id = new_id("req_")
-        try:
-            call = await self._admit(request)
-            completion = Completion.new(call.request.model)
-            round_cached = self.round_cached_tokens or wants_rounding(request.headers)
-            events = self.service.generate(call.request, OPENAI_RULES)
-            headers = {"x-request-id": request_id}
-            if call.request.stream:
-                # Validation errors arrive on the first step: taken before the status line.
-                first = await first_event(request.receive, events)
-                encoder = ChunkEncoder(
-                    completion, include_usage=call.include_usage, round_cached=round_cached
-                )
-                return EventStreamResponse(
-                    _frames(first, events, encoder),
-                    headers=headers,
-                    keepalive=_KEEPALIVE,
-                    keepalive_s=self.keepalive_s,
-                )
-            result = collect(await drain(request.receive, events))
-            body = completion_json(result, completion, round_cached=round_cached)
-            return JSONResponse(body, headers=headers)
-        except Exception as exc:
-            _log_unexpected(exc)
-            return error_response(exc, request_id)
+    async def chat_completions(self, request: Request, call: Call) -> Response:
+        chat = await self._admit(request)
+        completion = Completion.new(chat.request.model)
+        round_cached = self.round_cached_tokens or wants_rounding(request.headers)
+        events = self.service.generate(chat.request, OPENAI_RULES)
+        if chat.request.stream:
+            # Validation errors arrive on the first step: taken before the status line.
+            first = await first_event(request.receive, events)
+            encoder = ChunkEncoder(
+                completion, include_usage=chat.include_usage, round_cached=round_cached
+            )
+            return EventStreamResponse(
+                _frames(first, events, encoder, call),
+                keepalive=_KEEPALIVE,
+                keepalive_s=self.keepalive_s,
+            )
+        result = collect(await drain(request.receive, events))
+        return JSONResponse(completion_json(result, completion, round_cached=round_cached))
 
     async def _admit(self, request: Request) -> ChatCall:
         """Validation steps 1 and 3 of spec §1.14 (OpenAI has no protocol headers), then the
@@ -166,7 +157,7 @@ class _Handlers:
 
 
 def _frames(
-    first: ChatEvent, events: AsyncIterator[ChatEvent], encoder: ChunkEncoder
+    first: ChatEvent, events: AsyncIterator[ChatEvent], encoder: ChunkEncoder, call: Call
 ) -> AsyncIterator[bytes]:
     """The ``data:`` frames of one stream, then ``data: [DONE]``; a failure after the first byte
     ends it with an ``{"error": ...}`` frame instead."""
@@ -174,19 +165,14 @@ def _frames(
     def encode(event: ChatEvent) -> list[bytes]:
         return [sse_event(chunk) for chunk in encoder.feed(event)]
 
-    def fail(exc: Exception) -> bytes:
-        _log_unexpected(exc)
-        return sse_event(error_json(exc))
-
     return event_frames(
-        first, events, encode, is_finished=lambda: encoder.is_finished, fail=fail, trailer=_DONE
+        first,
+        events,
+        encode,
+        is_finished=lambda: encoder.is_finished,
+        fail=call.fail,
+        trailer=_DONE,
     )
-
-
-def _log_unexpected(exc: Exception) -> None:
-    # Client errors are expected; a vanished client is nobody's bug. Anything else is ours.
-    if not isinstance(exc, PromptCacheError | ClientDisconnect):
-        logger.exception("unexpected error in an OpenAI Chat Completions request", exc_info=exc)
 
 
 __all__ = ["KEEPALIVE_S", "MAX_BODY_BYTES", "ChatService", "routes"]

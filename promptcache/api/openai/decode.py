@@ -1,9 +1,10 @@
 """OpenAI Chat Completions wire -> ``ChatRequest`` (spec §1.1, §4.1-§4.5).
 
 Pure functions: headers and body bytes in, a ``ChatCall`` or an ``InvalidRequest`` out. The body's
-own fields are checked first (types, enumerations, ``n``), then the blocks in render order
-(``parts.py``: marker shape, empty text). Breakpoint count and TTL order (validation steps 4-6)
-belong to the cache policy (``OPENAI_RULES``), which the service applies.
+own fields are checked first (the hosted ranges of ``limits.py``, types, enumerations, ``n``),
+then the blocks in render order (``parts.py``: marker shape, empty text). Breakpoint count and
+TTL order (validation steps 4-6) belong to the cache policy (``OPENAI_RULES``), which the service
+applies.
 
 Caching fields:
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from promptcache.api.http import bearer_token
+from promptcache.api.openai.limits import check_limits
 from promptcache.api.openai.parts import Markers, sections, tool_block
 from promptcache.api.openai.schema import ChatBody
 from promptcache.api.wire import json_object, string_metadata, validate
@@ -65,7 +67,9 @@ def decode_chat(body: bytes, *, tenant: TenantId) -> ChatCall:
     ``model`` is the name the client sent; responses echo it. Raises ``InvalidRequest`` with a
     ``<path>: <problem>`` message and ``param`` naming the field for the first thing wrong.
     """
-    wire = validate(ChatBody, json_object(body), "")
+    data = json_object(body)
+    check_limits(data)
+    wire = validate(ChatBody, data, "")
     if wire.n not in (None, 1):
         raise InvalidRequest(
             "n: only n=1 is supported by this server", param="n", code="invalid_value"

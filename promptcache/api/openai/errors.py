@@ -16,6 +16,10 @@ from typing import Any, Final
 
 from starlette.responses import JSONResponse
 
+from promptcache.api.guard import Envelope
+from promptcache.api.streaming import sse_event
+from promptcache.api.wire import printable
+from promptcache.core.output import new_id
 from promptcache.errors import PromptCacheError, PromptTooLong
 
 ERROR_TYPES: Final[dict[int, str]] = {
@@ -23,6 +27,7 @@ ERROR_TYPES: Final[dict[int, str]] = {
     401: "invalid_request_error",
     403: "permission_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -66,9 +71,9 @@ def error_detail(exc: BaseException) -> dict[str, Any]:
     if param is None and isinstance(error, PromptTooLong):
         param = "messages"
     return {
-        "message": error.message,
+        "message": printable(error.message),
         "type": ERROR_TYPES.get(status, "server_error"),
-        "param": param,
+        "param": None if param is None else printable(param),
         "code": code,
     }
 
@@ -85,8 +90,24 @@ def error_response(exc: BaseException, request_id: str) -> JSONResponse:
     )
 
 
+def stream_error_frame(exc: BaseException) -> bytes:
+    """The ``data: {"error": ...}`` frame that ends a stream after a failure."""
+    return sse_event(error_json(exc))
+
+
+ENVELOPE: Final = Envelope(
+    name="OpenAI Chat Completions",
+    request_id_header="x-request-id",
+    new_request_id=lambda: new_id("req_"),
+    render=error_response,
+    render_stream=stream_error_frame,
+)
+"""How the OpenAI route reports errors; also the envelope of the protocol-neutral routes."""
+
+
 __all__ = [
     "DEFAULT_CODES",
+    "ENVELOPE",
     "ERROR_TYPES",
     "INTERNAL_ERROR_MESSAGE",
     "STATUSES",
@@ -95,4 +116,5 @@ __all__ = [
     "error_json",
     "error_response",
     "status_of",
+    "stream_error_frame",
 ]

@@ -151,6 +151,11 @@ class ChatBody(_Wire):
     stop: Stop | None = None
     n: int | None = None
     seed: int | None = None
+    # Not honoured (ignored), but typed, as the hosted API types them; ranges are in limits.py.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     metadata: dict[str, Any] | None = None

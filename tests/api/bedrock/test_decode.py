@@ -301,7 +301,7 @@ def test_union_members_and_schema_errors() -> None:
         "2 validation errors detected: Value '0' at 'inferenceConfig.maxTokens' failed to "
         "satisfy constraint: Member must have value greater than or equal to 1; Value '2' at "
         "'inferenceConfig.temperature' failed to satisfy constraint: Member must have value "
-        "less than or equal to 1.0"
+        "less than or equal to 1"
     )
     assert error(messages=[]) == (
         "1 validation error detected: Value at 'messages' failed to satisfy constraint: "

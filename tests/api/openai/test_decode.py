@@ -378,7 +378,11 @@ def test_body_errors() -> None:
         messages=[msg("user", [{"type": "image_url", "image_url": {"url": "data:,"}}])],
     )
     rejects(
-        "max_tokens: Input should be greater than or equal to 1", param="max_tokens", max_tokens=0
+        "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got 0 "
+        "instead.",
+        param="max_tokens",
+        code="integer_below_min_value",
+        max_tokens=0,
     )
     rejects("temperature: Input should be a valid number", param="temperature", temperature="0")
     with pytest.raises(InvalidRequest, match="not valid JSON"):
