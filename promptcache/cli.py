@@ -35,6 +35,8 @@ _HELP = {
     "max_cacheable_tokens": "maximum cacheable prefix in tokens (default: none)",
     "tool_cache_points": "allow breakpoints on tool definitions (default true)",
     "ttl_1h": "honour 1h TTLs; when false they act as 5m (default true)",
+    "tenant_cache_share": "share of each cache tier a tenant may hold when others need room, "
+    "with api keys configured (default 0.5)",
     "openai_round_cached_tokens": "report OpenAI cached_tokens in 128s (default false: exact)",
     "log_level": "debug, info (default), warning or error",
 }

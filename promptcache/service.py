@@ -102,7 +102,12 @@ class Service:
             ttl_1h=config.cache.ttl_1h,
         )
         device = config.engine.device if self._engine is None else self._engine.info.device
-        self.store = PrefixStore(tiers=tier_stack(config.cache, device))
+        # Tenants share the budget only where there are tenants: credentials are configured.
+        credentials = config.api.api_keys or config.api.aws_credentials
+        self.store = PrefixStore(
+            tiers=tier_stack(config.cache, device),
+            tenant_share=config.cache.tenant_cache_share if credentials else None,
+        )
         self.inflight = InFlight()
         self.metrics = Metrics(lambda: self.store)
         self._fetches: dict[BlockHash, asyncio.Future[KVPayload]] = {}
