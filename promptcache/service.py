@@ -86,10 +86,16 @@ class Service:
         config: ServerConfig,
         *,
         clock: Clock | None = None,
+        on_load_error: Callable[[str], None] | None = None,
     ) -> None:
+        """``engine`` is an engine or a thunk that loads one in the background at ``start``;
+        when that fails, ``load_error`` says why and ``on_load_error`` is called with it (on the
+        event loop): ``promptcache serve`` stops there, as a server without a model is of no
+        use, while tests keep the server up to look at ``/health``."""
         self._engine: Engine | None = None if callable(engine) else engine
         self._load_engine: Callable[[], Engine] | None = engine if callable(engine) else None
         self.load_error: str | None = None
+        self._on_load_error = on_load_error
         self.config = config
         self.clock = clock or WallClock()
         model = config.engine.model
@@ -152,6 +158,8 @@ class Service:
         except Exception as exc:
             log.exception("model failed to load")
             self.load_error = f"model failed to load: {exc}"
+            if self._on_load_error is not None:
+                self._on_load_error(self.load_error)
 
     async def stop(self) -> None:
         for task in (self._sweeper, self._loader):
