@@ -42,6 +42,8 @@ _HELP = {
     "max_cacheable_tokens": "maximum cacheable prefix in tokens (default: none)",
     "tool_cache_points": "allow breakpoints on tool definitions (default true)",
     "ttl_1h": "honour 1h TTLs; when false they act as 5m (default true)",
+    "tenant_cache_share": "share of each cache tier a tenant may hold when others need room, "
+    "with api keys configured (default 0.5)",
     "openai_round_cached_tokens": "report OpenAI cached_tokens in 128s (default false: exact)",
     "log_level": "debug, info (default), warning or error",
 }
@@ -62,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """Run the server until interrupted: 0. A bad option or model path: 2, before binding the
+    port. A model that fails to load in the background: the server stops, 1. Both print why
+    on stderr, as ``vllm serve`` and ``llama-server`` do."""
     import uvicorn
 
     from promptcache.api.app import build_app
@@ -72,15 +77,60 @@ def serve(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(cli, config_file=args.config)
         factory = engine_factory(cfg.engine, cfg.cache.capacity_bytes)
+        if cfg.engine.kind == "hf":
+            check_model_path(cfg.engine.model)
     except (config_mod.ConfigError, ValueError) as exc:
         print(f"promptcache: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = build_app(Service(factory, cfg))
-    uvicorn.run(app, host=cfg.api.host, port=cfg.api.port, log_level=cfg.log_level)
+
+    def stop(reason: str) -> None:
+        server.should_exit = True
+
+    service = Service(factory, cfg, on_load_error=stop)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_app(service), host=cfg.api.host, port=cfg.api.port, log_level=cfg.log_level
+        )
+    )
+    server.run()
+    if service.load_error is not None:
+        print(f"promptcache: {service.load_error}", file=sys.stderr)
+        return 1
     return 0
+
+
+_GGUF_MAGIC = b"GGUF"
+
+
+def check_model_path(model: str | None) -> None:
+    """Raise ``ConfigError`` when ``--model`` cannot be a model: what is cheap to see before the
+    port is bound (the path, a GGUF file's magic, a directory's config.json). Whatever else is
+    wrong with it shows when the model loads."""
+    if model is None:  # the embedded default
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise config_mod.ConfigError(f"--model {model}: no such file or directory")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise config_mod.ConfigError(
+                f"--model {model}: not a Hugging Face model directory (no config.json)"
+            )
+        return
+    if path.suffix != ".gguf":
+        raise config_mod.ConfigError(
+            f"--model {model}: expected a .gguf file or a Hugging Face model directory"
+        )
+    try:
+        with path.open("rb") as f:
+            magic = f.read(len(_GGUF_MAGIC))
+    except OSError as exc:
+        raise config_mod.ConfigError(f"--model {model}: cannot read it ({exc})") from exc
+    if magic != _GGUF_MAGIC:
+        raise config_mod.ConfigError(f"--model {model}: not a GGUF file (bad magic {magic!r})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,6 +60,8 @@ class CacheConfig:
     ``capacity_bytes`` is the budget in the engine's memory (GPU memory on CUDA, RAM on CPU);
     ``host_capacity_bytes`` adds a RAM tier below the GPU (CUDA only, 0 = none); with
     ``disk_dir`` set, entries are demoted to files there and survive a restart.
+    ``tenant_cache_share`` is the share of each tier a tenant may hold when others need room;
+    it applies only when credentials are configured (an open server has one tenant).
     """
 
     capacity_bytes: int = 4 << 30
@@ -71,6 +73,7 @@ class CacheConfig:
     tool_cache_points: bool = True
     ttl_1h: bool = True
     inflight_wait_timeout_s: float = 60.0
+    tenant_cache_share: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,13 @@ def _keyset(value: str | list[str]) -> frozenset[str]:
     return frozenset(s.strip() for s in items if s.strip())
 
 
+def _share(value: str | float) -> float:
+    share = float(value)
+    if not 0 < share <= 1:
+        raise ValueError("must be a fraction in (0, 1]")
+    return share
+
+
 def _opt_int(value: str | int | None) -> int | None:
     return None if value in (None, "", "none") else int(value)
 
@@ -213,6 +223,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "tool_cache_points": ("cache", "tool_cache_points", _bool),
     "ttl_1h": ("cache", "ttl_1h", _bool),
     "inflight_wait_timeout_s": ("cache", "inflight_wait_timeout_s", float),
+    "tenant_cache_share": ("cache", "tenant_cache_share", _share),
     "openai_round_cached_tokens": ("api", "openai_round_cached_tokens", _bool),
     "log_level": ("", "log_level", str),
 }

@@ -34,7 +34,8 @@ class _StoreCollector(Collector):
         )
         evictions = CounterMetricFamily(
             "promptcache_cache_evictions",
-            "Entries removed, by tier and reason (capacity = before its TTL ran out)",
+            "Entries removed, by tier and reason (capacity = before its TTL ran out; "
+            "tenant_share = its tenant was over its share of the tier, or refused for it)",
             labels=["tier", "reason"],
         )
         demotions = CounterMetricFamily(

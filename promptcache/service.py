@@ -43,6 +43,7 @@ from promptcache.core.output import OutputParser
 from promptcache.core.payload import CorruptPayload, KVPayload
 from promptcache.core.request import ChatRequest, Sampling
 from promptcache.core.response import CacheUsage, ChatEvent, Finished, Started, StopReason
+from promptcache.credentials import find_secret, secret_bytes
 from promptcache.engine.base import (
     Engine,
     EngineRequest,
@@ -85,10 +86,16 @@ class Service:
         config: ServerConfig,
         *,
         clock: Clock | None = None,
+        on_load_error: Callable[[str], None] | None = None,
     ) -> None:
+        """``engine`` is an engine or a thunk that loads one in the background at ``start``;
+        when that fails, ``load_error`` says why and ``on_load_error`` is called with it (on the
+        event loop): ``promptcache serve`` stops there, as a server without a model is of no
+        use, while tests keep the server up to look at ``/health``."""
         self._engine: Engine | None = None if callable(engine) else engine
         self._load_engine: Callable[[], Engine] | None = engine if callable(engine) else None
         self.load_error: str | None = None
+        self._on_load_error = on_load_error
         self.config = config
         self.clock = clock or WallClock()
         model = config.engine.model
@@ -102,14 +109,23 @@ class Service:
             ttl_1h=config.cache.ttl_1h,
         )
         device = config.engine.device if self._engine is None else self._engine.info.device
-        self.store = PrefixStore(tiers=tier_stack(config.cache, device))
+        # Tenants share the budget only where there are tenants: credentials are configured.
+        credentials = config.api.api_keys or config.api.aws_credentials
+        self.store = PrefixStore(
+            tiers=tier_stack(config.cache, device),
+            tenant_share=config.cache.tenant_cache_share if credentials else None,
+        )
         self.inflight = InFlight()
         self.metrics = Metrics(lambda: self.store)
         self._fetches: dict[BlockHash, asyncio.Future[KVPayload]] = {}
         self.worker = EngineWorker()
         self._sweeper: asyncio.Task[None] | None = None
         self._loader: asyncio.Task[None] | None = None
-        self._tenants = dict(config.api.api_keys)
+        # Secrets are compared with every configured one in constant time (credentials.py).
+        self._api_keys = tuple(
+            (secret_bytes(key), TenantId(tenant)) for key, tenant in config.api.api_keys.items()
+        )
+        self._admin_keys = tuple((secret_bytes(key), True) for key in config.api.admin_keys)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -142,6 +158,8 @@ class Service:
         except Exception as exc:
             log.exception("model failed to load")
             self.load_error = f"model failed to load: {exc}"
+            if self._on_load_error is not None:
+                self._on_load_error(self.load_error)
 
     async def stop(self) -> None:
         for task in (self._sweeper, self._loader):
@@ -180,25 +198,30 @@ class Service:
     @property
     def is_open(self) -> bool:
         """No credentials configured: everyone is the default tenant on every surface (§1.12)."""
-        return not self._tenants and not self.config.api.aws_credentials
+        return not self._api_keys and not self.config.api.aws_credentials
 
     def authenticate(self, credential: str | None) -> TenantId:
         """The tenant of ``credential``; everyone is the default tenant when no keys are set."""
         if self.is_open:
             return DEFAULT_TENANT
-        if credential is None or credential not in self._tenants:
+        tenant = find_secret(self._api_keys, credential)
+        if tenant is None:
             raise AuthenticationFailed("invalid x-api-key")
-        return TenantId(self._tenants[credential])
+        return tenant
 
     def aws_credential(self, access_key_id: str) -> AwsCredential:
-        """The SigV4 secret and tenant of ``access_key_id``; raises ``AuthenticationFailed``."""
+        """The SigV4 secret and tenant of ``access_key_id``; raises ``AuthenticationFailed``.
+
+        The key id is public (it travels in clear in every request), so a plain lookup is fine;
+        the signature made with its secret is what ``sigv4.verify`` compares in constant time.
+        """
         credential = self.config.api.aws_credentials.get(access_key_id)
         if credential is None:
             raise AuthenticationFailed(f"unknown access key id {access_key_id!r}")
         return credential
 
     def is_admin(self, credential: str | None) -> bool:
-        return credential is not None and credential in self.config.api.admin_keys
+        return find_secret(self._admin_keys, credential) is not None
 
     def resolve_model(self, name: str) -> str:
         """The served model for ``name``. Without an alias table every name resolves (§1.4)."""

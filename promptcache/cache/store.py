@@ -5,6 +5,11 @@ The store keeps one index of entries; each entry sits in exactly one tier of its
 
 - room is made in a tier by reclaiming its expired, unpinned entries first, then demoting its
   least recently used unpinned entries one tier down; the last tier drops them (``capacity``);
+- with a tenant share ``F`` (``tenant_share``, set when credentials are configured), a tenant
+  holding more than ``F`` of a tier's budget (counting the entry being placed) is over its share:
+  its entries move first (``tenant_share``), and a tenant over its share never moves the entries
+  of one within it; an entry that cannot get room otherwise goes to a lower tier or is refused
+  (``tenant_share``). A tenant alone in a tier may fill it (spec §1.13);
 - a new entry starts in the top tier, or the first tier below it that can hold it;
 - a hit in a lower tier is promoted to the top when the engine has read it (``promote``); a file
   that turns out corrupt or truncated is a miss and is removed (``discard``);
@@ -39,8 +44,8 @@ from promptcache.types import TTL_SECONDS, BlockHash, TenantId, TierName, Ttl
 
 log = logging.getLogger(__name__)
 
-EvictReason = Literal["expired", "capacity", "cleared", "rejected", "corrupt"]
-MoveReason = Literal["capacity", "shutdown", "hit"]
+EvictReason = Literal["expired", "capacity", "tenant_share", "cleared", "rejected", "corrupt"]
+MoveReason = Literal["capacity", "tenant_share", "shutdown", "hit"]
 
 
 @dataclass(slots=True)
@@ -59,12 +64,21 @@ class StoreStats:
 class PrefixStore:
     """Entries by key, least recently used first, spread over the tiers of a ``TierStack``.
 
-    ``PrefixStore(capacity_bytes)`` is a single host-memory tier, as in tests.
+    ``PrefixStore(capacity_bytes)`` is a single host-memory tier, as in tests. ``tenant_share``
+    (0 < F <= 1, or None for plain LRU) is the share of each tier's budget a tenant may hold
+    when others need room.
     """
 
     def __init__(
-        self, capacity_bytes: int | None = None, *, tiers: TierStack | None = None
+        self,
+        capacity_bytes: int | None = None,
+        *,
+        tiers: TierStack | None = None,
+        tenant_share: float | None = None,
     ) -> None:
+        if tenant_share is not None and not 0 < tenant_share <= 1:
+            raise ValueError(f"tenant_share must be in (0, 1], got {tenant_share}")
+        self.tenant_share = tenant_share
         if tiers is None:
             if capacity_bytes is None:
                 raise ValueError("give capacity_bytes or tiers")
@@ -146,6 +160,15 @@ class PrefixStore:
         entry = Entry(key, tenant, payload.num_tokens, ttl, t0, t0 + TTL_SECONDS[ttl])
         top = self.tiers.top
         if not self._place(entry, payload, top.name, 0, now):
+            parts = unique_parts(payload.parts)
+            if self._over_share(top, tenant, tenant, top.added_bytes(parts)):
+                self.stats.evictions[top.name, "tenant_share"] += 1
+                log.info(
+                    "cache entry of %d bytes not stored: its tenant is over its share of %s",
+                    payload.nbytes,
+                    top.name,
+                )
+                return None
             self.stats.evictions[top.name, "rejected"] += 1
             log.warning("cache entry of %d bytes fits no tier; not stored", payload.nbytes)
             return None
@@ -164,7 +187,9 @@ class PrefixStore:
         if source is top:
             return True
         parts = unique_parts(payload.parts)
-        if top.added_bytes(parts) > top.capacity_bytes or not self._make_room(top, parts, now):
+        if top.added_bytes(parts) > top.capacity_bytes or not self._make_room(
+            top, parts, entry.tenant, now
+        ):
             return False
         if entry not in source:  # moved while room was made (only possible when not pinned)
             return False
@@ -255,7 +280,7 @@ class PrefixStore:
                 continue  # otherwise this very file is indexed already (a second start)
             if entry is not None and not entry.is_live(now):
                 reason = "expired"
-            elif entry is not None and not self._make_room(disk, parts, now):
+            elif entry is not None and not self._make_room(disk, parts, entry.tenant, now):
                 reason = "capacity"
             if reason is not None or entry is None:
                 reason = reason or "corrupt"
@@ -309,7 +334,7 @@ class PrefixStore:
             parts = unique_parts(payload.parts)
             if tier.added_bytes(parts) > tier.capacity_bytes:
                 continue
-            if not self._make_room(tier, parts, now):
+            if not self._make_room(tier, parts, entry.tenant, now):
                 continue
             try:
                 moved = payload if tier.name == origin else self.tiers.to_memory(payload, tier)
@@ -333,27 +358,64 @@ class PrefixStore:
             log.warning("writing cache entry to %s failed: %s", path, exc)
             return False
         parts = ((disk_part(entry.key), size),)
-        if size > disk.capacity_bytes or not self._make_room(disk, parts, now):
+        if size > disk.capacity_bytes or not self._make_room(disk, parts, entry.tenant, now):
             path.unlink(missing_ok=True)
             return False
         disk.add(entry, parts)
         entry.payload = None
         return True
 
-    def _make_room(self, tier: Tier, parts: tuple[tuple[int, int], ...], now: float) -> bool:
-        """Free ``tier`` until ``parts`` fit: expired entries first, then least recently used
-        unpinned ones move down a tier (or go, from the last)."""
+    def _make_room(
+        self, tier: Tier, parts: tuple[tuple[int, int], ...], tenant: TenantId, now: float
+    ) -> bool:
+        """Free ``tier`` until ``parts`` (of an entry of ``tenant``) fit: expired entries first,
+        then unpinned ones move down a tier (or go, from the last), least recently used first,
+        those of tenants over their share before any other."""
         if tier.fits(parts):
             return True
         for entry in tier.entries():
             if entry.ref_cnt == 0 and not entry.is_live(now):
                 self._remove(entry, "expired")
-        for entry in tier.entries():  # least recently used first
-            if tier.fits(parts):
-                break
-            if entry.ref_cnt == 0 and entry in tier:
-                self._demote(entry, tier, now, "capacity")
-        return tier.fits(parts)
+        while not tier.fits(parts):
+            choice = self._victim(tier, parts, tenant)
+            if choice is None:
+                return False
+            victim, reason = choice
+            self._demote(victim, tier, now, reason)
+        return True
+
+    def _victim(
+        self, tier: Tier, parts: tuple[tuple[int, int], ...], tenant: TenantId
+    ) -> tuple[Entry, MoveReason] | None:
+        """The next entry to leave ``tier`` to make room for ``parts`` of ``tenant``, or None.
+
+        Without a share, or with one tenant alone in the tier, that is plain LRU. Otherwise the
+        least recently used entry of a tenant over its share goes first; an entry of a tenant
+        within its share goes only when ``tenant`` itself stays within its share. A flood by one
+        tenant thus pushes out its own entries, never its neighbours' (spec §1.13).
+        """
+        movable = [e for e in tier.entries() if e.ref_cnt == 0]  # least recently used first
+        if not movable:
+            return None
+        if self.tenant_share is None or tier.tenants() <= {tenant}:
+            return movable[0], "capacity"
+        added = tier.added_bytes(parts)
+        over = {t for t in tier.tenants() | {tenant} if self._over_share(tier, t, tenant, added)}
+        for entry in movable:
+            if entry.tenant in over:
+                return entry, "tenant_share"
+        if tenant in over:
+            return None
+        return movable[0], "capacity"
+
+    def _over_share(self, tier: Tier, tenant: TenantId, placing: TenantId, added: int) -> bool:
+        """Whether ``tenant`` holds more than its share of ``tier`` once the ``added`` bytes of
+        an entry of ``placing`` are counted. Never without a share, nor for a tenant alone in the
+        tier (``placing`` counts as present: its arrival is what makes the others share)."""
+        if self.tenant_share is None or tier.tenants() | {placing} <= {tenant}:
+            return False
+        extra = added if placing == tenant else 0
+        return tier.tenant_bytes(tenant) + extra > self.tenant_share * tier.capacity_bytes
 
     def _demote(self, entry: Entry, source: Tier, now: float, reason: MoveReason) -> bool:
         payload = entry.payload
@@ -375,7 +437,9 @@ class PrefixStore:
             )
         del self._entries[entry.key]
         entry.payload = None
-        self.stats.evictions[source.name, "capacity"] += 1
+        self.stats.evictions[
+            source.name, "tenant_share" if reason == "tenant_share" else "capacity"
+        ] += 1
         return False
 
     def _leave(self, entry: Entry, tier: Tier) -> None:

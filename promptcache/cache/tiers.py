@@ -7,7 +7,9 @@
     disk    (a directory, optional)                   one self-contained file per entry
 
 A ``Tier`` is accounting only: which entries are resident, least recently used first, and the
-bytes they hold, counting a part shared by several entries once (nested prefixes share pages).
+bytes they hold, counting a part shared by several entries once (nested prefixes share pages),
+in total and per tenant (a part is charged to the tenant of the entry that brought it; keys are
+namespaced by tenant, so entries of two tenants never share a part).
 The ``TierStack`` adds the engine's ``KVCodec`` that copies payloads between tiers and files.
 Policy (what to demote, promote or drop, and when) belongs to ``PrefixStore``.
 """
@@ -59,6 +61,8 @@ class Tier:
         """The most ``used_bytes`` ever reached: tests check it never passed the budget."""
         self._entries: OrderedDict[BlockHash, Entry] = OrderedDict()
         self._parts: dict[PartId, list[int]] = {}  # id -> [number of holders, bytes]
+        self._owners: dict[PartId, TenantId] = {}  # id -> the tenant charged for it
+        self._tenant_bytes: dict[TenantId, int] = {}
 
     @property
     def is_disk(self) -> bool:
@@ -73,6 +77,14 @@ class Tier:
     def entries(self) -> list[Entry]:
         """Resident entries, least recently used first (a copy: safe to mutate the tier)."""
         return list(self._entries.values())
+
+    def tenant_bytes(self, tenant: TenantId) -> int:
+        """Bytes charged to ``tenant`` in this tier."""
+        return self._tenant_bytes.get(tenant, 0)
+
+    def tenants(self) -> set[TenantId]:
+        """The tenants holding bytes here."""
+        return set(self._tenant_bytes)
 
     def added_bytes(self, parts: Iterable[tuple[PartId, int]]) -> int:
         """Bytes that ``parts`` would add: those not already held by a resident entry."""
@@ -93,6 +105,8 @@ class Tier:
             if held is None:
                 self._parts[part_id] = [1, nbytes]
                 self.used_bytes += nbytes
+                self._owners[part_id] = entry.tenant
+                self._tenant_bytes[entry.tenant] = self.tenant_bytes(entry.tenant) + nbytes
             else:
                 held[0] += 1
         entry.parts = parts
@@ -111,6 +125,10 @@ class Tier:
             if held[0] == 0:
                 del self._parts[part_id]
                 self.used_bytes -= held[1]
+                owner = self._owners.pop(part_id)
+                self._tenant_bytes[owner] -= held[1]
+                if self._tenant_bytes[owner] == 0:
+                    del self._tenant_bytes[owner]
 
     def touch(self, entry: Entry) -> None:
         """Mark ``entry`` most recently used in this tier."""
@@ -133,6 +151,14 @@ class Tier:
         total = sum(n for _, n in holders.values())
         if total != self.used_bytes:
             raise AssertionError(f"tier {self.name}: used_bytes={self.used_bytes}, parts {total}")
+        owners = {part_id: e.tenant for e in self._entries.values() for part_id, _ in e.parts}
+        if owners != self._owners:
+            raise AssertionError(f"tier {self.name}: a part is charged to the wrong tenant")
+        by_tenant: dict[TenantId, int] = {}
+        for part_id, (_, nbytes) in holders.items():
+            by_tenant[owners[part_id]] = by_tenant.get(owners[part_id], 0) + nbytes
+        if by_tenant != self._tenant_bytes:
+            raise AssertionError(f"tier {self.name}: bytes per tenant disagree with the entries")
         if self.used_bytes > self.capacity_bytes:
             raise AssertionError(
                 f"tier {self.name}: used_bytes={self.used_bytes} > capacity={self.capacity_bytes}"

@@ -1,6 +1,7 @@
 """``PrefixStore`` as a state machine (hypothesis): random writes, reads (with promotion), pins,
 clock jumps, sweeps, demotions, damaged files and restarts over device -> host -> disk tiers,
-with ``check_integrity()`` and the serving invariants checked after every step."""
+for two tenants sharing the budget (``tenant_share``), with ``check_integrity()`` and the
+serving invariants checked after every step."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from promptcache.cache.entry import Entry
 from promptcache.cache.store import PrefixStore
 from promptcache.core.payload import CorruptPayload
 from promptcache.engine.fake import FakeCodec, FakePayload
-from promptcache.types import Ttl
-from tests.cache.payloads import BPT, PAGE, T, key, payload, stack
+from promptcache.types import TenantId, Ttl
+from tests.cache.payloads import BPT, PAGE, key, payload, stack
 
 NUM_KEYS = 9
 DEVICE, HOST, DISK = 100 * BPT, 140 * BPT, 300 * BPT
@@ -27,6 +28,11 @@ def spec(k: int) -> tuple[int, int]:
     """Key ``k``: ``(num_tokens, chain)``. Three chains of three nested prefixes each, so
     entries share pages, and a partial last page of their own."""
     return (k % 3 + 1) * 2 * PAGE + 5, k // 3
+
+
+def tenant(k: int) -> TenantId:
+    """Chain 0 is tenant ``a``'s, chains 1 and 2 are ``b``'s (a chain never spans tenants)."""
+    return TenantId("a" if k // 3 == 0 else "b")
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -42,7 +48,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.expiry: dict[int, tuple[Entry, float]] = {}
 
     def _open(self) -> PrefixStore:
-        return PrefixStore(tiers=stack(DEVICE, HOST, self.dir, DISK))
+        return PrefixStore(tiers=stack(DEVICE, HOST, self.dir, DISK), tenant_share=0.5)
 
     def teardown(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -53,7 +59,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(k=st.integers(0, NUM_KEYS - 1), ttl=st.sampled_from(["5m", "1h"]))
     def write(self, k: int, ttl: Ttl) -> None:
         n, chain = spec(k)
-        entry = self.store.put(key(k), payload(n, chain), ttl, self.now, T, self.now)
+        entry = self.store.put(key(k), payload(n, chain), ttl, self.now, tenant(k), self.now)
         if entry is not None:
             assert entry.num_tokens == n and entry.is_live(self.now)
 

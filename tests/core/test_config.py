@@ -64,3 +64,16 @@ def test_tier_options(tmp_path: Path) -> None:
     defaults = load({}, env={}).cache
     assert defaults.host_capacity_bytes == 0 and defaults.disk_dir is None
     assert load({}, env={"PROMPTCACHE_DISK_CACHE_DIR": ""}).cache.disk_dir is None
+
+
+def test_tenant_cache_share(tmp_path: Path) -> None:
+    assert load({}, env={}).cache.tenant_cache_share == 0.5
+    toml = tmp_path / "c.toml"
+    toml.write_text("tenant_cache_share = 0.3\n")
+    assert load(config_file=toml, env={}).cache.tenant_cache_share == 0.3
+    env = {"PROMPTCACHE_TENANT_CACHE_SHARE": "0.4"}
+    assert load(config_file=toml, env=env).cache.tenant_cache_share == 0.4
+    assert load({"tenant_cache_share": "1"}, env=env).cache.tenant_cache_share == 1.0
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(ConfigError, match="bad value for tenant_cache_share"):
+            load({"tenant_cache_share": bad}, env={})

@@ -150,14 +150,33 @@ def _tool(raw: RawBlock, path: str) -> Block:
     )
 
 
+ATTRIBUTION_PREFIX: Final = "x-anthropic-billing-header:"
+"""Claude Code's attribution line (spec §3.11): ``x-anthropic-billing-header: cc_version=
+2.1.197.<3 hex>; cc_entrypoint=sdk-cli;``. The hex changes with every prompt and the line comes
+first, so rendering it would give every new question a new key for the whole prefix."""
+
+
 def _system(system: str | list[RawBlock] | None) -> Iterator[Block]:
     if isinstance(system, str):
-        yield Block("text", text=system)
+        if text := _without_attribution(system):
+            yield Block("text", text=text)
         return
     for i, raw in enumerate(system or ()):
         path = f"system.{i}"
         item = validate(TextBlock, raw, path)
-        yield text_block(item.text, item.cache_control, path)
+        text = _without_attribution(item.text) if i == 0 else item.text
+        if text or text == item.text:
+            yield text_block(text, item.cache_control, path)
+
+
+def _without_attribution(text: str) -> str:
+    """``text`` without a leading attribution line (spec §3.11), which is metadata, not prompt:
+    it is kept out of the rendered prompt, the cache key and ``input_tokens``. A block that was
+    only that line disappears, marker and all (Claude Code never marks it)."""
+    if not text.startswith(ATTRIBUTION_PREFIX):
+        return text
+    _line, _newline, rest = text.partition("\n")
+    return rest
 
 
 # Clients may send ``system``-role messages (the SDK types them: text content), but the canonical
@@ -180,4 +199,10 @@ def _messages(wire: CountTokensBody) -> Iterator[Message]:
         yield Message(_ROLES[message.role], tuple(blocks))
 
 
-__all__ = ["ACCEPTED_VERSIONS", "check_version", "credential", "decode_messages"]
+__all__ = [
+    "ACCEPTED_VERSIONS",
+    "ATTRIBUTION_PREFIX",
+    "check_version",
+    "credential",
+    "decode_messages",
+]

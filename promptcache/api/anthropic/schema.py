@@ -49,12 +49,18 @@ class _Wire(BaseModel):
 
 
 class CacheControl(BaseModel):
-    """``{"type": "ephemeral", "ttl"?: "5m" | "1h"}`` (spec §3.2). Extra keys are an error."""
+    """``{"type": "ephemeral", "ttl"?: "5m" | "1h", "scope"?: str}`` (spec §3.2). Other keys are
+    an error.
+
+    ``scope`` (Claude Code sends ``"global"``) is accepted and never read: entries stay within
+    the tenant whatever it says (§1.12), so no value can widen sharing.
+    """
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
     type: Literal["ephemeral"]
     ttl: Ttl = "5m"
+    scope: str | None = None
 
 
 class Marked(_Wire):

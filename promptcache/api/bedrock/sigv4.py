@@ -27,6 +27,7 @@ from typing import Final
 from urllib.parse import quote
 
 from promptcache.api.bedrock.errors import InvalidSignature
+from promptcache.credentials import same_secret
 
 ALGORITHM: Final = "AWS4-HMAC-SHA256"
 SERVICE: Final = "bedrock"
@@ -165,7 +166,7 @@ def verify(
     )
     key = signing_key(secret, auth.date, auth.region, auth.service)
     expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, auth.signature):
+    if not same_secret(expected, auth.signature):  # any header text: never a TypeError
         raise InvalidSignature(_MISMATCH)
 
 

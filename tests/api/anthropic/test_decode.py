@@ -360,7 +360,10 @@ def test_null_block_cache_control_counts_as_absent() -> None:
         (cc(None), None),
         ({"type": "persistent"}, "cache_control.type: Input should be 'ephemeral'"),
         ({"ttl": "5m"}, "cache_control.type: Field required"),
-        (cc("5m", scope="global"), "cache_control.scope: Extra inputs are not permitted"),
+        (cc("5m", scope="global"), None),
+        (cc(None, scope="organization"), None),
+        (cc("5m", scope=1), "cache_control.scope: Input should be a valid string"),
+        (cc("5m", share=True), "cache_control.share: Extra inputs are not permitted"),
     ],
 )
 def test_marker_shape(
@@ -373,6 +376,73 @@ def test_marker_shape(
         return
     rejects(f"{where}.{problem}" if where else problem, **filled)
     rejects(f"{where}.{problem}" if where else problem, count_only=True, **filled)
+
+
+def test_scope_changes_nothing() -> None:
+    """Spec §3.2: ``scope`` is accepted and ignored; it cannot widen sharing (the tenant comes
+    from the credential alone), so a scoped marker decodes to the same request as a plain one."""
+    scoped = decode(system=[text("s", cache_control=cc("1h", scope="global"))])
+    plain = decode(system=[text("s", cache_control=cc("1h"))])
+    assert scoped == plain and scoped.tenant == TENANT
+
+
+# -- Claude Code's attribution block (spec §3.11) -------------------------------------------------
+
+STATIC = "You are Claude Code, Anthropic's official CLI for Claude."
+
+
+def billing(hex3: str) -> str:
+    return f"x-anthropic-billing-header: cc_version=2.1.197.{hex3}; cc_entrypoint=sdk-cli;"
+
+
+def claude_code_system(hex3: str) -> list[dict[str, Any]]:
+    # The shape Claude Code 2.1.x sends: attribution, then the static prompt, scoped.
+    return [text(billing(hex3)), text(STATIC, cache_control=cc("1h", scope="global"))]
+
+
+def test_attribution_block_is_not_part_of_the_prompt() -> None:
+    first = decode(system=claude_code_system("a1f"))
+    assert first.system == (
+        Block("text", STATIC, mark=CacheMark("1h", "system.1.cache_control.ttl")),
+    )
+    # Another prompt, another hex: the same canonical request, so the same keys.
+    assert decode(system=claude_code_system("07c")) == first
+    assert decode(count_only=True, system=claude_code_system("07c")).system == first.system
+
+
+def test_attribution_line_of_a_string_system_is_dropped() -> None:
+    request = decode(system=f"{billing('123')}\n{STATIC}")
+    assert request.system == (Block("text", STATIC),)
+    assert decode(system=billing("123")).system == ()
+
+
+def test_attribution_line_keeps_the_rest_of_its_block() -> None:
+    request = decode(system=[text(f"{billing('fff')}\nrules", cache_control=cc())])
+    assert request.system == (
+        Block("text", "rules", mark=CacheMark("5m", "system.0.cache_control.ttl")),
+    )
+
+
+@pytest.mark.parametrize(
+    "system",
+    [
+        [text(STATIC), text(billing("abc"))],  # not leading
+        [text(" " + billing("abc"))],  # not at the start of the text
+        "See x-anthropic-billing-header: in the docs",
+    ],
+)
+def test_other_mentions_of_the_header_stay(system: Any) -> None:
+    request = decode(system=system)
+    expected = system if isinstance(system, str) else None
+    texts = [block.text for block in request.system]
+    assert texts == ([expected] if expected else [item["text"] for item in system])
+
+
+def test_attribution_block_is_still_validated() -> None:
+    rejects(
+        "system.0.cache_control.ttl: Input should be '5m' or '1h'",
+        system=[text(billing("abc"), cache_control=cc("2h"))],
+    )
 
 
 @pytest.mark.parametrize("kind", ["thinking", "redacted_thinking"])

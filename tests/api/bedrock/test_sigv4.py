@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import calendar
+import hmac
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -93,6 +95,30 @@ def test_variants_verify(kwargs: dict[str, Any]) -> None:
 def test_wrong_secret_fails() -> None:
     with pytest.raises(InvalidSignature, match="does not match"):
         verify(sign(), secret="not-the-secret")
+
+
+@pytest.mark.parametrize("signature", ["é" * 64, "\ud800", ""])
+def test_non_ascii_signature_fails_cleanly(signature: str) -> None:
+    """The constant-time compare takes any header text (``compare_digest`` refuses non-ASCII
+    ``str``: a TypeError here would be a 500)."""
+    signed = sign()
+    signed["auth"] = replace(signed["auth"], signature=signature)
+    with pytest.raises(InvalidSignature, match="does not match"):
+        verify(signed)
+
+
+def test_signatures_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    signed = sign()
+    verify(signed)
+    assert compared == [(signed["auth"].signature.encode(),) * 2]
 
 
 @pytest.mark.parametrize(
