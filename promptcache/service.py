@@ -104,7 +104,7 @@ class Service:
         device = config.engine.device if self._engine is None else self._engine.info.device
         self.store = PrefixStore(tiers=tier_stack(config.cache, device))
         self.inflight = InFlight()
-        self.metrics = Metrics(lambda: self.store)
+        self.metrics = Metrics(lambda: self.store, lambda: len(self.inflight))
         self._fetches: dict[BlockHash, asyncio.Future[KVPayload]] = {}
         self.worker = EngineWorker()
         self._sweeper: asyncio.Task[None] | None = None
