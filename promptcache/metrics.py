@@ -1,12 +1,19 @@
 """Prometheus metrics: request counters and TTFT histograms kept as they happen, per-tier store
-gauges and eviction, demotion and promotion counts read at scrape time. Each ``Metrics`` has its
-own registry, so several services in one process (tests) never collide."""
+gauges (bytes, peak bytes, budget), pinned entries, in-flight keys and eviction, demotion and
+promotion counts read at scrape time, and the process's own figures (resident memory, CPU). Each
+``Metrics`` has its own registry, so several services in one process (tests) never collide."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -17,10 +24,12 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 
 
 class _StoreCollector(Collector):
-    """Entries, bytes, evictions and moves of the store per tier, read when Prometheus scrapes."""
+    """Entries, bytes, evictions and moves of the store per tier, pins and in-flight keys, read
+    when Prometheus scrapes."""
 
-    def __init__(self, store: Callable[[], PrefixStore]) -> None:
+    def __init__(self, store: Callable[[], PrefixStore], inflight: Callable[[], int]) -> None:
         self._store = store
+        self._inflight = inflight
 
     def collect(self) -> Iterator[Metric]:
         entries = GaugeMetricFamily(
@@ -28,6 +37,9 @@ class _StoreCollector(Collector):
         )
         used = GaugeMetricFamily(
             "promptcache_cache_bytes", "Bytes of KV held, by tier", labels=["tier"]
+        )
+        peak = GaugeMetricFamily(
+            "promptcache_cache_peak_bytes", "Most bytes ever held, by tier", labels=["tier"]
         )
         capacity = GaugeMetricFamily(
             "promptcache_cache_capacity_bytes", "Byte budget, by tier", labels=["tier"]
@@ -52,7 +64,18 @@ class _StoreCollector(Collector):
         for tier in store.tiers:
             entries.add_metric([tier.name], len(tier))
             used.add_metric([tier.name], tier.used_bytes)
+            peak.add_metric([tier.name], tier.peak_bytes)
             capacity.add_metric([tier.name], tier.capacity_bytes)
+        pinned = GaugeMetricFamily(
+            "promptcache_cache_pinned_entries",
+            "Entries pinned by a running request (0 when idle)",
+            value=sum(1 for entry in store.entries() if entry.ref_cnt > 0),
+        )
+        inflight = GaugeMetricFamily(
+            "promptcache_inflight_keys",
+            "Keys a running request is computing (single flight; 0 when idle)",
+            value=self._inflight(),
+        )
         stats = store.stats
         for family, counts in (
             (evictions, stats.evictions),
@@ -61,13 +84,14 @@ class _StoreCollector(Collector):
         ):
             for (tier_name, reason), count in sorted(counts.items()):
                 family.add_metric([tier_name, reason], count)
-        yield from (entries, used, capacity, evictions, demotions, promotions)
+        yield from (entries, used, peak, capacity, pinned, inflight)
+        yield from (evictions, demotions, promotions)
 
 
 class Metrics:
     """The server's metrics; ``observe`` once per served request."""
 
-    def __init__(self, store: Callable[[], PrefixStore]) -> None:
+    def __init__(self, store: Callable[[], PrefixStore], inflight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "promptcache_requests",
@@ -103,7 +127,8 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StoreCollector(store))
+        self.registry.register(_StoreCollector(store, inflight))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
     def observe(self, usage: CacheUsage, *, restored: int, computed: int, ttft_s: float) -> None:
         outcome = "hit" if usage.read_tokens > 0 else "miss"

@@ -116,7 +116,7 @@ class Service:
             tenant_share=config.cache.tenant_cache_share if credentials else None,
         )
         self.inflight = InFlight()
-        self.metrics = Metrics(lambda: self.store)
+        self.metrics = Metrics(lambda: self.store, lambda: len(self.inflight))
         self._fetches: dict[BlockHash, asyncio.Future[KVPayload]] = {}
         self.worker = EngineWorker()
         self._sweeper: asyncio.Task[None] | None = None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from promptcache.api.app import build_app
 from promptcache.config import ApiConfig, CacheConfig, ServerConfig
 from promptcache.engine.fake import FakeEngine
 from promptcache.service import Service
+from promptcache.types import BlockHash
 from tests.conftest import words
 
 HEADERS = {"anthropic-version": "2023-06-01"}
@@ -45,6 +47,32 @@ def test_metrics_count_hits_misses_tokens_and_ttft() -> None:
     assert metric(text, 'promptcache_time_to_first_token_seconds_count{outcome="hit"}') == 1
     assert metric(text, 'promptcache_cache_entries{tier="host"}') == 1
     assert metric(text, 'promptcache_cache_bytes{tier="host"}') > 0
+
+
+def test_metrics_show_pins_in_flight_keys_peak_bytes_and_rss() -> None:
+    svc = service()
+    with TestClient(build_app(svc)) as client:
+        client.post("/v1/messages", headers=HEADERS, json=BODY)
+        idle = client.get("/metrics").text
+        (entry,) = svc.store.entries()
+        svc.store.pin(entry)
+        keys = [BlockHash(b"k1"), BlockHash(b"k2")]
+        svc.inflight.begin(keys)
+        busy = client.get("/metrics").text
+        svc.store.unpin(entry)
+        for key in keys:
+            svc.inflight.finish(key)
+        again = client.get("/metrics").text
+    assert metric(idle, "promptcache_cache_pinned_entries") == 0
+    assert metric(idle, "promptcache_inflight_keys") == 0
+    assert metric(busy, "promptcache_cache_pinned_entries") == 1
+    assert metric(busy, "promptcache_inflight_keys") == 2
+    assert metric(again, "promptcache_cache_pinned_entries") == 0
+    assert metric(again, "promptcache_inflight_keys") == 0
+    used = metric(idle, 'promptcache_cache_bytes{tier="host"}')
+    assert 0 < used <= metric(idle, 'promptcache_cache_peak_bytes{tier="host"}')
+    if sys.platform.startswith("linux"):
+        assert metric(idle, "process_resident_memory_bytes") > 0
 
 
 def test_entries_listing_and_clear_need_an_admin_key() -> None:
