@@ -312,7 +312,7 @@ class HFEngine:
         out = self._model(
             input_ids=input_ids,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
