@@ -14,7 +14,8 @@ from promptcache import config as config_mod
 _HELP = {
     "host": "address to bind (default 127.0.0.1)",
     "port": "port to listen on (default 8000)",
-    "model": "local Hugging Face model directory or GGUF file (default: embedded Gemma 3 270M)",
+    "model": "embedded model name (gemma-3-270m: the default; smollm2-135m-instruct), "
+    "or a local Hugging Face model directory or GGUF file",
     "served_model_name": "model id reported to clients (default: gemma-3-270m or the model name)",
     "aliases": "other model names clients may send, e.g. 'claude-sonnet-5=gemma-3-270m,...'",
     "api_keys": "credentials and their tenants, 'key=tenant,...' (default: open server)",
