@@ -158,7 +158,9 @@ def prompt(n: int, seed: int, vocab: int) -> list[int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--model", help="model name, GGUF or HF directory (default: embedded)")
     parser.add_argument("--synthetic", help="random weights of a known shape: llama-3-8b")
     parser.add_argument("--device", default="cpu")
@@ -178,8 +180,10 @@ def main() -> int:
     engine, gguf = build_engine(args)
     engine._stop_ids = frozenset()  # every stream decodes its full length
     info = engine.info
-    print(f"engine: {info.model_id} on {info.device}, {info.dtype}, ready in "
-          f"{time.perf_counter() - started:.1f} s, {torch.get_num_threads()} threads")
+    print(
+        f"engine: {info.model_id} on {info.device}, {info.dtype}, ready in "
+        f"{time.perf_counter() - started:.1f} s, {torch.get_num_threads()} threads"
+    )
     vocab = engine.model.shape.vocab_size
     greedy = lambda n: Sampling(max_tokens=n, temperature=0.0)  # noqa: E731
     short = prompt(32, 1, vocab)
@@ -189,7 +193,9 @@ def main() -> int:
     run(engine, [EngineRequest(short, greedy(8))])  # warm up
     one = run(engine, [EngineRequest(short, greedy(n))])
     figures["decode_tok_s"] = (one["tokens"] - 1) / (one["total"] - one["first"][0])
-    many = run(engine, [EngineRequest(prompt(32, s, vocab), greedy(n)) for s in range(args.streams)])
+    many = run(
+        engine, [EngineRequest(prompt(32, s, vocab), greedy(n)) for s in range(args.streams)]
+    )
     figures["batch_tok_s"] = many["tokens"] / many["total"]
     figures["batch_per_stream_tok_s"] = figures["batch_tok_s"] / args.streams
 
@@ -210,38 +216,58 @@ def main() -> int:
 
     print(f"\ndecode, {n} tokens     promptcache")
     print(f"  1 stream            {figures['decode_tok_s']:8.1f} tok/s")
-    print(f"  {args.streams} streams total     {figures['batch_tok_s']:8.1f} tok/s   "
-          f"({figures['batch_tok_s'] / figures['decode_tok_s']:.1f}x one stream; "
-          f"{figures['batch_per_stream_tok_s']:.1f} tok/s each)")
+    print(
+        f"  {args.streams} streams total     {figures['batch_tok_s']:8.1f} tok/s   "
+        f"({figures['batch_tok_s'] / figures['decode_tok_s']:.1f}x one stream; "
+        f"{figures['batch_per_stream_tok_s']:.1f} tok/s each)"
+    )
     print(f"ttft, {args.prefix} + {SUFFIX} tokens")
     print(f"  cold                {figures['cold_ttft_s'] * 1000:8.0f} ms")
     print(f"  cold + write        {figures['cold_write_ttft_s'] * 1000:8.0f} ms")
-    print(f"  hit                 {figures['hit_ttft_s'] * 1000:8.0f} ms   "
-          f"(cold/hit {figures['cold_ttft_s'] / figures['hit_ttft_s']:.1f}x)")
+    print(
+        f"  hit                 {figures['hit_ttft_s'] * 1000:8.0f} ms   "
+        f"(cold/hit {figures['cold_ttft_s'] / figures['hit_ttft_s']:.1f}x)"
+    )
 
     if args.peer:
         del engine, payload
         peer = run_peer(gguf, short, long, n, args.repeats)
         figures.update({f"llama_cpp_{k}": v for k, v in peer.items()})
         print("\nllama-cpp-python, same GGUF, same prompts, one stream")
-        print(f"  decode              {peer['decode_tok_s']:8.1f} tok/s   "
-              f"(promptcache / llama.cpp {figures['decode_tok_s'] / peer['decode_tok_s']:.2f}x)")
-        print(f"  cold ttft           {peer['cold_ttft_s'] * 1000:8.0f} ms   "
-              f"(llama.cpp cold / promptcache hit "
-              f"{peer['cold_ttft_s'] / figures['hit_ttft_s']:.1f}x)")
+        print(
+            f"  decode              {peer['decode_tok_s']:8.1f} tok/s   "
+            f"(promptcache / llama.cpp {figures['decode_tok_s'] / peer['decode_tok_s']:.2f}x)"
+        )
+        print(
+            f"  cold ttft           {peer['cold_ttft_s'] * 1000:8.0f} ms   "
+            f"(llama.cpp cold / promptcache hit "
+            f"{peer['cold_ttft_s'] / figures['hit_ttft_s']:.1f}x)"
+        )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
     return 0
 
 
-def run_peer(gguf: Path | None, short: list[int], long: list[int], n: int, repeats: int) -> dict[str, float]:
+def run_peer(
+    gguf: Path | None, short: list[int], long: list[int], n: int, repeats: int
+) -> dict[str, float]:
     python = Path(__file__).resolve().parent.parent / ".venv-peers" / "bin" / "python"
     if gguf is None or not python.exists():
         raise SystemExit("--peer needs a GGUF model and .venv-peers (scripts/setup-peers)")
-    payload = {"gguf": str(gguf), "n_ctx": len(long) + 16, "short": short, "long": long,
-               "decode": n, "repeats": repeats}
-    out = subprocess.run([str(python), "-c", PEER_SCRIPT, json.dumps(payload)],
-                         capture_output=True, text=True, check=True)
+    payload = {
+        "gguf": str(gguf),
+        "n_ctx": len(long) + 16,
+        "short": short,
+        "long": long,
+        "decode": n,
+        "repeats": repeats,
+    }
+    out = subprocess.run(
+        [str(python), "-c", PEER_SCRIPT, json.dumps(payload)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 

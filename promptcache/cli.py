@@ -14,7 +14,8 @@ from promptcache import config as config_mod
 _HELP = {
     "host": "address to bind (default 127.0.0.1)",
     "port": "port to listen on (default 8000)",
-    "model": "local Hugging Face model directory or GGUF file (default: embedded Gemma 3 270M)",
+    "model": "embedded model name (gemma-3-270m: the default; smollm2-135m-instruct), "
+    "or a local Hugging Face model directory or GGUF file",
     "served_model_name": "model id reported to clients (default: gemma-3-270m or the model name)",
     "aliases": "other model names clients may send, e.g. 'claude-sonnet-5=gemma-3-270m,...'",
     "api_keys": "credentials and their tenants, 'key=tenant,...' (default: open server)",
@@ -109,11 +110,16 @@ def check_model_path(model: str | None) -> None:
     """Raise ``ConfigError`` when ``--model`` cannot be a model: what is cheap to see before the
     port is bound (the path, a GGUF file's magic, a directory's config.json). Whatever else is
     wrong with it shows when the model loads."""
-    if model is None:  # the embedded default
-        return
+    from promptcache.engine.models import EMBEDDED
+
+    if model is None or (model.strip().lower() in EMBEDDED and not Path(model).exists()):
+        return  # an embedded model
     path = Path(model).expanduser()
     if not path.exists():
-        raise config_mod.ConfigError(f"--model {model}: no such file or directory")
+        raise config_mod.ConfigError(
+            f"--model {model}: no such file or directory, and not an embedded model "
+            f"({', '.join(EMBEDDED)})"
+        )
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise config_mod.ConfigError(

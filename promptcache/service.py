@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from promptcache.cache import planner
 from promptcache.cache.clock import Clock, WallClock
@@ -37,7 +36,7 @@ from promptcache.cache.policy import (
 )
 from promptcache.cache.store import PrefixStore
 from promptcache.cache.tiers import DiskTier, Tier, TierStack
-from promptcache.config import DEFAULT_MODEL_NAME, AwsCredential, CacheConfig, ServerConfig
+from promptcache.config import AwsCredential, CacheConfig, ServerConfig
 from promptcache.core.layout import PromptLayout, render
 from promptcache.core.output import OutputParser
 from promptcache.core.payload import CorruptPayload, KVPayload
@@ -52,6 +51,7 @@ from promptcache.engine.base import (
     Stopped,
     TokenOut,
 )
+from promptcache.engine.models import served_name
 from promptcache.errors import (
     AuthenticationFailed,
     EngineFailure,
@@ -98,10 +98,7 @@ class Service:
         self._on_load_error = on_load_error
         self.config = config
         self.clock = clock or WallClock()
-        model = config.engine.model
-        self.served_model = config.api.served_model_name or (
-            DEFAULT_MODEL_NAME if model is None else Path(model.rstrip("/")).stem
-        )
+        self.served_model = config.api.served_model_name or served_name(config.engine.model)
         self.policy = ModelCachePolicy(
             min_cacheable_tokens=config.cache.min_cacheable_tokens,
             max_cacheable_tokens=config.cache.max_cacheable_tokens,

