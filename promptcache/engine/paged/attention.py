@@ -145,6 +145,13 @@ def _sdpa(
 ) -> torch.Tensor:
     """Attention of ``q [B, H, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` (grouped-query)."""
     if spec.softcap is None:
+        if mask is not None and q.is_cuda and k.shape[1] != q.shape[1]:
+            # CUDA's kernels that take a mask (memory-efficient) do not take grouped heads, and
+            # SDPA would fall back to its math path; one copy of the gathered heads is cheaper.
+            groups = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=spec.scale, enable_gqa=True
         )
