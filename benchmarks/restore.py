@@ -36,6 +36,7 @@ import argparse
 import gc
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -168,12 +169,8 @@ def measure(
     assert pool.num_free == pool.num_blocks - 1, "the payload still holds blocks"
     if host is not None:
         codec = PagedCodec(pool)
-        rows.append(
-            (
-                "host tier (to_pool+map)",
-                timed(lambda: restore(pool, codec, host, reuse), device, repeats, release),
-            )
-        )
+        seconds = timed(lambda: restore(pool, codec, host, reuse), device, repeats, release)
+        rows.insert(-1, ("host tier (to_pool+map)", seconds))  # before save: tiers top down
         del host, codec
         gc.collect()
 
@@ -239,16 +236,18 @@ def main() -> None:
     header = f"{'MB':>6}  {'path':<35} {'ms':>9} {'MB/s':>9} {'vs memcpy':>10}"
     print(header)
     print("-" * len(header))
-    for size_mb in (int(s) for s in args.sizes_mb.split(",")):
-        mb, rows = measure(size_mb, args, device, workdir)
-        memcpy = rows[0][1]
-        for path_name, seconds in rows:
-            print(
-                f"{mb:>6.0f}  {path_name:<35} {seconds * 1e3:>9.2f} {mb / seconds:>9.0f} "
-                f"{seconds / memcpy:>9.1f}x"
-            )
-        print()
-    workdir.rmdir()
+    try:
+        for size_mb in (int(s) for s in args.sizes_mb.split(",")):
+            mb, rows = measure(size_mb, args, device, workdir)
+            memcpy = rows[0][1]
+            for path_name, seconds in rows:
+                print(
+                    f"{mb:>6.0f}  {path_name:<35} {seconds * 1e3:>9.2f} {mb / seconds:>9.0f} "
+                    f"{seconds / memcpy:>9.1f}x"
+                )
+            print()
+    finally:  # a failed run leaves no gigabyte files behind
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
