@@ -4,7 +4,7 @@ Its "KV state" is a chain of SHA-256 digests over the tokens, so a restored pref
 right one: restoring a payload whose tokens differ from the prompt raises, and the generated
 text depends on every prompt token, exactly as with a real model. It counts prefilled tokens.
 
-Like the HF engine it stores KV in pages shared by nested snapshots (``FakePayload.parts``), and
+Like the paged engine it stores KV in pages shared by nested snapshots (``FakePayload.parts``), and
 ``FakeCodec`` writes real files with a checksum, so tier and persistence tests need no torch.
 """
 
@@ -27,10 +27,13 @@ from promptcache.engine.base import (
     EngineInfo,
     EngineRequest,
     Prefilled,
+    PrefillProgress,
+    SeqId,
     Stopped,
     TokenOut,
 )
 from promptcache.engine.stepper import GeneratorEngine
+from promptcache.errors import PromptTooLong
 
 _ALPHABET = b"abcdefghijklmnopqrstuvwxyz     ."
 
@@ -178,9 +181,14 @@ class FakeEngine(GeneratorEngine):
         prefill_gate: threading.Event | None = None,
         kv_page_tokens: int = 64,
         device: str = "cpu",
+        prefill_chunk_tokens: int | None = None,
     ) -> None:
         """``device`` is a label only (payloads are Python objects): ``"cuda"`` makes the service
-        build a device tier above host memory, for tier tests."""
+        build a device tier above host memory, for tier tests. ``prefill_chunk_tokens`` makes a
+        prefill take one step per chunk of that many tokens, with ``PrefillProgress`` between
+        them, as a batched engine does; by default a prefill takes one step."""
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
+            raise ValueError("prefill_chunk_tokens must be positive")
         super().__init__()
         self._tokenizer = ByteTokenizer()
         self._info = EngineInfo(
@@ -198,6 +206,7 @@ class FakeEngine(GeneratorEngine):
         self.num_prefill_tokens_total = 0
         self.eos_id = self._tokenizer.token_id("<end_of_turn>")
         self.page_tokens = kv_page_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self._codec = FakeCodec()
 
     @property
@@ -215,6 +224,36 @@ class FakeEngine(GeneratorEngine):
     @property
     def kv_codec(self) -> FakeCodec:
         return self._codec
+
+    def add(self, request: EngineRequest) -> SeqId:
+        self._check(request)
+        return super().add(request)
+
+    def _check(self, request: EngineRequest) -> None:
+        """Reject what a real engine cannot run, as ``PagedEngine`` does, at ``add``: the fake's
+        hash chain could restore all ``N`` tokens or ignore a missing payload, a model cannot."""
+        n = len(request.tokens)
+        if request.sampling.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        if n > self._info.max_context_tokens:
+            raise PromptTooLong(
+                f"prompt is {n} tokens long; the model's context window is "
+                f"{self._info.max_context_tokens} tokens"
+            )
+        reuse = request.reuse_tokens
+        if reuse < 0 or reuse > n:
+            raise ValueError(f"reuse_tokens {reuse} outside [0, {n}]")
+        if reuse > 0:
+            if not isinstance(request.reuse, FakePayload):
+                raise ValueError("reuse_tokens > 0 needs a payload of this engine's KV layout")
+            if reuse > request.reuse.num_tokens:
+                raise ValueError(f"payload holds {request.reuse.num_tokens} < {reuse} tokens")
+        if request.sampling.max_tokens > 0 and reuse >= n:
+            # A model needs the last prompt token's logits: at most N - 1 restored (spec §2.5).
+            raise ValueError(f"cannot generate with all {n} prompt tokens restored")
+        bad = [x for x in request.snapshot_at if not reuse < x <= n]
+        if bad:
+            raise ValueError(f"snapshot offsets {bad} outside ({reuse}, {n}]")
 
     def generate(self, request: EngineRequest) -> Generator[EngineEvent, None, None]:
         if self.prefill_gate is not None:
@@ -235,9 +274,13 @@ class FakeEngine(GeneratorEngine):
         if request.sampling.max_tokens == 0:
             end = max(request.snapshot_at, default=len(states) - 1)
         start = len(states) - 1
-        for token in tokens[start:end]:
-            states.append(_step(states[-1], token))
-        self.num_prefill_tokens_total += max(0, end - start)
+        chunk = self.prefill_chunk_tokens or max(1, end - start)
+        for done in range(start, end, chunk):
+            if done > start:
+                yield PrefillProgress(done - start, end - start)
+            for token in tokens[done : min(done + chunk, end)]:
+                states.append(_step(states[-1], token))
+            self.num_prefill_tokens_total += min(chunk, end - done)
         snapshots: dict[int, KVPayload] = {}
         for offset in sorted(request.snapshot_at):
             num_pages = offset // self.page_tokens

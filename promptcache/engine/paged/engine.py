@@ -234,26 +234,11 @@ class PagedEngine:
         """Map ``payload``'s blocks for positions ``[0, reuse)`` into ``seq``: shared whole
         blocks, and a private copy of a partly used last block (it will be written)."""
         pooled = self._codec.to_pool(payload)
-        bt = self._pool.block_tokens
-        whole = list(pooled.blocks[: reuse // bt])
-        self._pool.incref(whole)
-        if reuse % bt:
-            try:
-                whole.append(self._pool.copy_block(pooled.blocks[reuse // bt]))
-            except BaseException:
-                self._pool.decref(whole)
-                raise
-        seq.table = whole
+        seq.table = self._pool.fork(pooled.blocks, reuse)
         seq.computed = seq.start = reuse
 
     def _snapshot(self, seq: _Seq, offset: int) -> PoolPayload:
-        bt = self._pool.block_tokens
-        whole = seq.table[: offset // bt]
-        self._pool.incref(whole)
-        blocks = list(whole)
-        if offset % bt:
-            blocks.append(self._pool.copy_block(seq.table[offset // bt]))
-        return PoolPayload(self._pool, blocks, offset)
+        return PoolPayload(self._pool, self._pool.fork(seq.table, offset), offset)
 
     def _reserve(self, seq: _Seq, upto: int) -> None:
         """Blocks for positions ``[0, upto)``. Raises ``PoolExhausted``."""

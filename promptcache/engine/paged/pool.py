@@ -142,6 +142,23 @@ class KVPool:
         self.kv[:, :, dst].copy_(self.kv[:, :, src])
         return dst
 
+    def fork(self, blocks: Sequence[int], num_tokens: int) -> list[int]:
+        """A block table for positions ``[0, num_tokens)`` of ``blocks``, for a new holder: the
+        whole blocks shared (one more reference each) and a private copy of a partly used last
+        block, which the new holder may go on writing while the old one still reads it (copy on
+        write). Restoring a prefix into a sequence and snapshotting a sequence are both this.
+        Raises ``PoolExhausted`` with no reference taken."""
+        bt = self.block_tokens
+        table = list(blocks[: num_tokens // bt])
+        self.incref(table)
+        if num_tokens % bt:
+            try:
+                table.append(self.copy_block(blocks[num_tokens // bt]))
+            except BaseException:
+                self.decref(table)
+                raise
+        return table
+
 
 class PoolPayload:
     """A cached prefix whose KV lives in a ``KVPool``: its blocks, in order. Implements
