@@ -30,7 +30,7 @@ _HELP = {
     "max_batch_tokens": "tokens per engine step: decode tokens plus prefill chunks "
     "(default 512 on CPU, 2048 on CUDA)",
     "kv_block_tokens": "tokens per KV pool block (default 32)",
-    "quantize": "int8: weight-only int8 linear layers (default none)",
+    "quantize": "auto (default: int8 decode weights on a CPU for models under 4 GiB), int8 or none",
     "chat_format": "chat format: gemma, chatml or plain (default: detected)",
     "max_context_tokens": "context window (default: from the model config)",
     "max_output_tokens": "cap on every request's max_tokens (default: none; the context limits)",

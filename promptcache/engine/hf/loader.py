@@ -39,6 +39,7 @@ from promptcache.engine.paged.engine import (
     PagedEngine,
 )
 from promptcache.engine.paged.models import from_hf
+from promptcache.engine.paged.models.int8 import add_decode_int8
 
 log = logging.getLogger("promptcache.engine")
 
@@ -93,12 +94,13 @@ def load_engine(
     ``dtype`` is ``auto`` (bfloat16 on CUDA and on CPUs with bf16 instructions, float32
     elsewhere) or a name in ``DTYPES``. ``chat_format`` names one of ``core.chatformat.FORMATS``;
     by default it is detected. ``max_context_tokens`` defaults to the config's
-    ``max_position_embeddings``. ``quantize="int8"`` stores the linear layers' weights in int8.
+    ``max_position_embeddings``. ``quantize`` is ``auto``, ``int8`` or ``none``: int8 copies of
+    the projections for narrow decode steps (``resolve_quantize``).
     """
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
-    if quantize not in (None, "none", "int8"):
-        raise ValueError(f"unknown quantization {quantize!r}; choose int8 or none")
+    if quantize not in (None, "auto", "none", "int8"):
+        raise ValueError(f"unknown quantization {quantize!r}; choose auto, int8 or none")
     if chat_format is not None and chat_format not in FORMATS:
         raise ValueError(f"unknown chat format {chat_format!r}; choose one of {sorted(FORMATS)}")
     model_dir, source, model_id = find_model(model, Path(cache_dir))
@@ -120,7 +122,7 @@ def load_engine(
     log.info("loaded %s from %s in %.1f s", model_id, model_dir, time.monotonic() - started)
     tokenizer = HFTokenizer(hf_tok)
     fmt = FORMATS[chat_format] if chat_format else detect_chat_format(hf_model.config, tokenizer)
-    quant = "int8" if quantize == "int8" else "none"
+    quant = resolve_quantize(quantize, dev, hf_model)
     revision = hashlib.sha256(
         "\0".join((KV_FORMAT, source, fmt.name, dtype, dev.type, quant)).encode()
     ).hexdigest()[:32]
@@ -129,8 +131,8 @@ def load_engine(
     hf_model = hf_model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
     lean = from_hf(hf_model, DTYPES[dtype])
     del hf_model  # the lean model shares or copied its weights
-    if quant == "int8":
-        raise ValueError("int8 quantization is not available yet")
+    switch = add_decode_int8(lean) if quant == "int8" else None
+    log.info("engine: %s on %s, %s, int8 decode weights: %s", model_id, dev, dtype, quant)
     return PagedEngine(
         lean,
         tokenizer,
@@ -142,7 +144,25 @@ def load_engine(
         pool_bytes=kv_pool_bytes,
         block_tokens=kv_block_tokens,
         max_batch_tokens=max_batch_tokens or default_batch_tokens(dev),
+        decode_switch=switch,
     )
+
+
+AUTO_INT8_MAX_BYTES = 4 << 30
+"""``quantize=auto`` adds int8 decode weights on a CPU to models whose weights are smaller."""
+
+
+def resolve_quantize(quantize: str | None, device: torch.device, model: Any) -> str:
+    """``int8`` or ``none``. ``auto`` (the default): int8 decode weights on a CPU for models
+    under ``AUTO_INT8_MAX_BYTES`` (a single stream decodes about 1.6x faster on Gemma 3 270M;
+    the copy costs half the dense weights' memory), none on CUDA (int8 there would dequantize
+    per call) or for larger models."""
+    if quantize in ("int8", "none"):
+        return quantize
+    if quantize not in (None, "auto"):
+        raise ValueError(f"unknown quantization {quantize!r}; choose auto, int8 or none")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return "int8" if device.type == "cpu" and size < AUTO_INT8_MAX_BYTES else "none"
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:

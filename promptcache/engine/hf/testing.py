@@ -27,6 +27,7 @@ from promptcache.engine.base import (
 )
 from promptcache.engine.paged.engine import PagedEngine
 from promptcache.engine.paged.models import from_hf
+from promptcache.engine.paged.models.int8 import add_decode_int8
 
 TinyKind = Literal["llama", "gemma3"]
 TINY_SLIDING_WINDOW = 16
@@ -95,6 +96,7 @@ def build_tiny_engine(
     max_batch_tokens: int = 64,
     block_tokens: int = TINY_BLOCK_TOKENS,
     pool_bytes: int = 64 << 20,
+    decode_int8: bool = False,
 ) -> PagedEngine:
     """A ``PagedEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``).
 
@@ -105,8 +107,10 @@ def build_tiny_engine(
     model = build_tiny_model(kind, seed=seed).to(device)
     if stop_token_ids is None:
         stop_token_ids = (tokenizer.token_id("<end_of_turn>"), tokenizer.token_id("<eos>"))
+    lean = from_hf(model, dtype)
+    switch = add_decode_int8(lean) if decode_int8 else None
     return PagedEngine(
-        from_hf(model, dtype),
+        lean,
         tokenizer,
         PLAIN,
         model_id=f"tiny-{kind}",
@@ -116,6 +120,7 @@ def build_tiny_engine(
         pool_bytes=pool_bytes,
         block_tokens=block_tokens,
         max_batch_tokens=max_batch_tokens,
+        decode_switch=switch,
     )
 
 

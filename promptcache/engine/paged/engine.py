@@ -41,6 +41,7 @@ from promptcache.engine.base import (
 from promptcache.engine.paged.attention import PagedAttention, StepSeq
 from promptcache.engine.paged.codec import PagedCodec
 from promptcache.engine.paged.models.base import CausalLM
+from promptcache.engine.paged.models.int8 import DecodeSwitch
 from promptcache.engine.paged.pool import KVPool, PoolExhausted, PoolPayload
 from promptcache.engine.sampling import make_generator, sample_token
 from promptcache.errors import PromptTooLong
@@ -94,9 +95,11 @@ class PagedEngine:
         pool_bytes: int,
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        decode_switch: DecodeSwitch | None = None,
     ) -> None:
         """``pool_bytes`` sizes the KV pool (cached entries plus live sequences); the model
-        must already sit on its device in its compute dtype."""
+        must already sit on its device in its compute dtype. ``decode_switch`` is set before
+        each step when the model has int8 decode weights (``add_decode_int8``)."""
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
         self._model = model
@@ -121,6 +124,7 @@ class PagedEngine:
         self._chat_format = chat_format
         self._stop_ids = frozenset(int(i) for i in stop_token_ids)
         self._max_batch = max_batch_tokens
+        self._decode_switch = decode_switch
         dtype_name = str(dtype).removeprefix("torch.")
         if revision is None:
             revision = parameter_revision(model, chat_format.name, dtype_name)
@@ -315,6 +319,8 @@ class PagedEngine:
             ):
                 rows.append(offset - 1)
                 sampled.append(seq)
+        if self._decode_switch is not None:
+            self._decode_switch.set_step(len(decode), sum(n for _, n in prefill))
         with torch.inference_mode():
             input_ids = torch.tensor(ids, dtype=torch.long, device=self._device)
             pos = torch.tensor(positions, dtype=torch.long, device=self._device)

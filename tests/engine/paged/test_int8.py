@@ -84,3 +84,56 @@ def test_what_gets_quantized() -> None:
     assert model.embed is embed and model.embed.dtype == torch.bfloat16
     ids = torch.arange(20)
     assert torch.isfinite(logits(model, ids)).all()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_int8_decode_weights_keep_hits_exact(kind: str) -> None:
+    """With int8 decode weights, prompt tokens still use the dense weights: a whole-prompt hit
+    (one prompt token computed) and a partial hit give the cold run's tokens; the decode tokens
+    themselves come from the int8 weights, so they may differ from the dense-only engine's."""
+    from promptcache.core.request import Sampling
+    from promptcache.engine.base import EngineRequest
+    from promptcache.engine.hf.testing import (
+        build_tiny_engine,
+        prefilled,
+        random_prompt,
+        run_all,
+        token_ids,
+    )
+
+    engine = build_tiny_engine(kind, decode_int8=True, dtype=torch.bfloat16)
+    tokens = random_prompt(70, seed=4)
+    greedy = Sampling(max_tokens=16, temperature=0.0)
+    cold = run_all(engine, EngineRequest(tokens, greedy, snapshot_at=(40, 70)))
+    snaps = prefilled(cold).snapshots
+    for x, reuse in ((40, 40), (70, 69)):
+        warm = run_all(engine, EngineRequest(tokens, greedy, snaps[x], reuse))
+        assert token_ids(warm) == token_ids(cold)
+
+
+def test_decode_switch_is_on_only_in_narrow_decode_steps() -> None:
+    from promptcache.engine.paged.models.int8 import DecodeSwitch
+
+    switch = DecodeSwitch(max_rows=4)
+    for decode, prefill, on in (
+        (1, 0, True),
+        (4, 0, True),
+        (5, 0, False),
+        (1, 3, False),
+        (0, 2, False),
+    ):
+        switch.set_step(decode, prefill)
+        assert switch.on is on
+
+
+def test_auto_quantize_is_int8_decode_on_a_cpu_for_small_models() -> None:
+    from promptcache.engine.hf.loader import resolve_quantize
+    from promptcache.engine.hf.testing import build_tiny_model
+
+    model = build_tiny_model("llama")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_quantize(None, cpu, model) == "int8"
+    assert resolve_quantize("auto", cuda, model) == "none"
+    assert resolve_quantize("none", cpu, model) == "none"
+    with pytest.raises(ValueError, match="quantization"):
+        resolve_quantize("int3", cpu, model)

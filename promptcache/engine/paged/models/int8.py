@@ -59,6 +59,53 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+class DecodeSwitch:
+    """Whether the step in hand is a narrow decode step: set by the engine before each forward,
+    read by every ``DecodeInt8Linear`` of its model."""
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.on = False
+
+    def set_step(self, num_decode: int, num_prefill_tokens: int) -> None:
+        """A step of ``num_decode`` decode tokens and ``num_prefill_tokens`` prompt tokens."""
+        self.on = num_prefill_tokens == 0 and 0 < num_decode <= self.max_rows
+
+
+class DecodeInt8Linear(nn.Module):
+    """A projection with both weights: int8 in narrow decode steps (at most a few tokens, all
+    of them decode tokens: a CPU matmul of so few rows is bound by the bytes of the weight it
+    reads, and int8 halves them), the dense weight in every step that carries prompt tokens and
+    in wide batches (where int8's kernel is slower than the dense one).
+
+    The choice depends on the kind of step, never on a row's neighbours in it, so prompt tokens
+    are always computed with the dense weights: a cache hit reproduces the cold run's KV and
+    first token exactly. Costs the int8 copy's memory on top of the dense weight."""
+
+    def __init__(self, dense: Linear, switch: DecodeSwitch) -> None:
+        super().__init__()
+        self.dense = dense
+        self.int8 = Int8Linear.from_linear(dense)
+        self.switch = switch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.int8(x) if self.switch.on else self.dense(x)
+        return out
+
+
+def add_decode_int8(model: CausalLM, *, max_rows: int = 4) -> DecodeSwitch:
+    """Give every projection and the lm_head an int8 copy for narrow decode steps of at most
+    ``max_rows`` tokens (``DecodeInt8Linear``), in place. Returns the switch the engine sets
+    before each step."""
+    switch = DecodeSwitch(max_rows)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
+    for name, module in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, DecodeInt8Linear(module, switch))
+    return switch
+
+
 def quantize_int8(model: CausalLM, *, lm_head: bool = False) -> CausalLM:
     """Replace ``model``'s projections (q/k/v, o, gate/up, down) with ``Int8Linear`` in place,
     and the lm_head too when ``lm_head`` (for Gemma's 262k vocabulary it is the largest matmul
