@@ -244,6 +244,12 @@ class PagedEngine:
     def _snapshot(self, seq: _Seq, offset: int) -> PoolPayload:
         return PoolPayload(self._pool, self._pool.fork(seq.table, offset), offset)
 
+    def _newest_prefilling(self) -> _Seq | None:
+        for seq in reversed(self._seqs.values()):
+            if not seq.decoding and seq.table:
+                return seq
+        return None
+
     def _reserve(self, seq: _Seq, upto: int) -> None:
         """Blocks for positions ``[0, upto)``. Raises ``PoolExhausted``."""
         need = -(-upto // self._pool.block_tokens) - len(seq.table)
@@ -256,18 +262,26 @@ class PagedEngine:
         out: StepResult = []
         decode: list[_Seq] = []
         prefill: list[tuple[_Seq, int]] = []
+        stuck: list[tuple[_Seq, PoolExhausted]] = []
         budget = self._max_batch
         for seq in list(self._seqs.values()):
-            if not seq.decoding:
+            if not seq.decoding or seq.seq_id not in self._seqs:
                 continue
-            try:
-                self._reserve(seq, seq.computed + 1)
-            except PoolExhausted as exc:
-                out.append((seq.seq_id, exc))
-                self.cancel(seq.seq_id)
-                continue
-            decode.append(seq)
-            budget -= 1
+            while True:
+                try:
+                    self._reserve(seq, seq.computed + 1)
+                    break
+                except PoolExhausted as exc:
+                    # A stream that is already answering goes on: the newest request still in
+                    # its prefill gives way (Overloaded, before its first token), else this one.
+                    victim = self._newest_prefilling() or seq
+                    out.append((victim.seq_id, exc))
+                    self.cancel(victim.seq_id)
+                    if victim is seq:
+                        break
+            if seq.seq_id in self._seqs:
+                decode.append(seq)
+                budget -= 1
         for seq in list(self._seqs.values()):
             if seq.decoding or budget <= 0:
                 continue
@@ -275,20 +289,25 @@ class PagedEngine:
             n = min(stop - seq.computed, budget)
             if n <= 0:
                 continue
-            try:
-                self._reserve(seq, seq.computed + n)
-            except PoolExhausted as exc:
-                if decode or prefill or len(self._seqs) > 1:
-                    continue  # others will free blocks as they finish: try again next step
-                out.append((seq.seq_id, exc))
-                self.cancel(seq.seq_id)
+            # As much of the chunk as free blocks allow; none: wait for others to free some.
+            room = (len(seq.table) + self._pool.num_free) * self._pool.block_tokens
+            n = min(n, room - seq.computed)
+            if n <= 0:
+                stuck.append((seq, PoolExhausted("KV pool exhausted: no free block")))
                 continue
+            self._reserve(seq, seq.computed + n)
             prefill.append((seq, n))
             budget -= n
         finished = [s for s in self._seqs.values() if not s.decoding and s.computed >= s.end]
         for seq in finished:  # nothing to compute: a prefill-only request restored it all
             out += self._prefilled(seq, None)
         if not decode and not prefill:
+            if stuck and not finished:
+                # Nothing can move: the newest waiting prefill gives up its blocks (Overloaded)
+                # so that the older ones can finish.
+                waiting, full = stuck[-1]
+                out.append((waiting.seq_id, full))
+                self.cancel(waiting.seq_id)
             return out
         out += self._forward(decode, prefill)
         return out
@@ -339,7 +358,12 @@ class PagedEngine:
         for seq, _ in prefill:
             if seq.cuts and seq.cuts[0] == seq.computed:
                 seq.cuts.pop(0)
-                seq.snapshots[seq.computed] = self._snapshot(seq, seq.computed)
+                try:
+                    seq.snapshots[seq.computed] = self._snapshot(seq, seq.computed)
+                except PoolExhausted as exc:  # this request fails, not the whole step
+                    out.append((seq.seq_id, exc))
+                    self.cancel(seq.seq_id)
+                    continue
             if seq.computed < seq.end:
                 out.append(
                     (seq.seq_id, PrefillProgress(seq.computed - seq.start, seq.end - seq.start))

@@ -199,6 +199,25 @@ def test_pool_exhaustion_fails_one_request_cleanly() -> None:
     assert token_ids(run_all(engine, EngineRequest(random_prompt(30), greedy(3))))
 
 
+def test_a_full_pool_fails_the_newest_prefill_not_a_stream() -> None:
+    """Two prompts that fit the pool one at a time but not together: the older one streams on,
+    the newer one (still in its prefill) fails with Overloaded; nothing spins."""
+    engine = build_tiny_engine(
+        "llama", pool_bytes=40 * 2 * 2 * 2 * 16 * 4 * 8, max_batch_tokens=512
+    )
+    first = engine.add(EngineRequest(random_prompt(8 * 25, seed=1), greedy(4)))
+    second = engine.add(EngineRequest(random_prompt(8 * 25, seed=2), greedy(4)))
+    results: dict[int, list[object]] = {first: [], second: []}
+    steps = 0
+    while engine.num_running and steps < 200:
+        steps += 1
+        for seq, item in engine.step():
+            results[seq].append(item)
+    assert steps < 200
+    assert isinstance(results[second][-1], Exception) and "exhausted" in str(results[second][-1])
+    assert isinstance(results[first][-1], Stopped)
+
+
 # --- prefill only, stops, limits -----------------------------------------------------------------
 
 
