@@ -18,7 +18,7 @@ of them), returning the events it produced::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -26,6 +26,7 @@ from promptcache.core.chatformat import ChatFormat
 from promptcache.core.layout import Tokenizer
 from promptcache.core.payload import KVCodec, KVPayload
 from promptcache.core.request import Sampling
+from promptcache.errors import PromptTooLong
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,36 @@ class Engine(Protocol):
         ...
 
 
+def check_request(
+    request: EngineRequest, max_context_tokens: int, accepts: Callable[[KVPayload], bool]
+) -> None:
+    """Reject at ``add`` what no engine can run: ``PromptTooLong`` past the context window,
+    ``ValueError`` for the rest (a restore without a payload of this engine's layout (as
+    ``accepts`` judges it) or beyond what it holds, all ``N`` tokens restored when logits are
+    needed, snapshot offsets outside ``(reuse, N]``, negative ``max_tokens``)."""
+    n = len(request.tokens)
+    if request.sampling.max_tokens < 0:
+        raise ValueError("max_tokens must be >= 0")
+    if n > max_context_tokens:
+        raise PromptTooLong(
+            f"prompt is {n} tokens long; the model's context window is {max_context_tokens} tokens"
+        )
+    reuse = request.reuse_tokens
+    if reuse < 0 or reuse > n:
+        raise ValueError(f"reuse_tokens {reuse} outside [0, {n}]")
+    if reuse > 0:
+        if request.reuse is None or not accepts(request.reuse):
+            raise ValueError("reuse_tokens > 0 needs a payload of this engine's KV layout")
+        if reuse > request.reuse.num_tokens:
+            raise ValueError(f"payload holds {request.reuse.num_tokens} < {reuse} tokens")
+    if request.sampling.max_tokens > 0 and reuse >= n:
+        # The last prompt token's logits are needed: restore at most N - 1 (spec §2.5).
+        raise ValueError(f"cannot generate with all {n} prompt tokens restored")
+    bad = [x for x in request.snapshot_at if not reuse < x <= n]
+    if bad:
+        raise ValueError(f"snapshot offsets {bad} outside ({reuse}, {n}]")
+
+
 __all__ = [
     "Engine",
     "EngineEvent",
@@ -154,4 +185,5 @@ __all__ = [
     "StepResult",
     "Stopped",
     "TokenOut",
+    "check_request",
 ]

@@ -31,9 +31,9 @@ from promptcache.engine.base import (
     SeqId,
     Stopped,
     TokenOut,
+    check_request,
 )
 from promptcache.engine.stepper import GeneratorEngine
-from promptcache.errors import PromptTooLong
 
 _ALPHABET = b"abcdefghijklmnopqrstuvwxyz     ."
 
@@ -232,28 +232,7 @@ class FakeEngine(GeneratorEngine):
     def _check(self, request: EngineRequest) -> None:
         """Reject what a real engine cannot run, as ``PagedEngine`` does, at ``add``: the fake's
         hash chain could restore all ``N`` tokens or ignore a missing payload, a model cannot."""
-        n = len(request.tokens)
-        if request.sampling.max_tokens < 0:
-            raise ValueError("max_tokens must be >= 0")
-        if n > self._info.max_context_tokens:
-            raise PromptTooLong(
-                f"prompt is {n} tokens long; the model's context window is "
-                f"{self._info.max_context_tokens} tokens"
-            )
-        reuse = request.reuse_tokens
-        if reuse < 0 or reuse > n:
-            raise ValueError(f"reuse_tokens {reuse} outside [0, {n}]")
-        if reuse > 0:
-            if not isinstance(request.reuse, FakePayload):
-                raise ValueError("reuse_tokens > 0 needs a payload of this engine's KV layout")
-            if reuse > request.reuse.num_tokens:
-                raise ValueError(f"payload holds {request.reuse.num_tokens} < {reuse} tokens")
-        if request.sampling.max_tokens > 0 and reuse >= n:
-            # A model needs the last prompt token's logits: at most N - 1 restored (spec §2.5).
-            raise ValueError(f"cannot generate with all {n} prompt tokens restored")
-        bad = [x for x in request.snapshot_at if not reuse < x <= n]
-        if bad:
-            raise ValueError(f"snapshot offsets {bad} outside ({reuse}, {n}]")
+        check_request(request, self._info.max_context_tokens, _is_fake)
 
     def generate(self, request: EngineRequest) -> Generator[EngineEvent, None, None]:
         if self.prefill_gate is not None:
@@ -315,6 +294,10 @@ class FakeEngine(GeneratorEngine):
             state = _step(state, token)
             position += 1
         yield Stopped("max_tokens")
+
+
+def _is_fake(payload: KVPayload) -> bool:
+    return isinstance(payload, FakePayload)
 
 
 def fake_tokens(tokens: Sequence[int]) -> bytes:

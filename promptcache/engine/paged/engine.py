@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +37,7 @@ from promptcache.engine.base import (
     StepResult,
     Stopped,
     TokenOut,
+    check_request,
 )
 from promptcache.engine.paged.attention import PagedAttention, StepSeq
 from promptcache.engine.paged.codec import PagedCodec
@@ -44,7 +45,6 @@ from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.int8 import DecodeSwitch
 from promptcache.engine.paged.pool import KVPool, PoolExhausted, PoolPayload
 from promptcache.engine.sampling import make_generator, sample_token
-from promptcache.errors import PromptTooLong
 
 log = logging.getLogger("promptcache.engine")
 
@@ -182,7 +182,7 @@ class PagedEngine:
 
     def _add(self, request: EngineRequest, *, capture: bool) -> _Seq:
         tokens = [int(t) for t in request.tokens]
-        self._check(request, tokens)
+        check_request(request, self._info.max_context_tokens, self._codec.accepts)
         decode = request.sampling.max_tokens > 0
         end = len(tokens) if decode or capture else max(request.snapshot_at, default=0)
         self._last_id += 1
@@ -209,30 +209,6 @@ class PagedEngine:
     def _release(self, seq: _Seq) -> None:
         table, seq.table = seq.table, []
         self._pool.decref(table)
-
-    def _check(self, request: EngineRequest, tokens: Sequence[int]) -> None:
-        n = len(tokens)
-        if request.sampling.max_tokens < 0:
-            raise ValueError("max_tokens must be >= 0")
-        if n > self._info.max_context_tokens:
-            raise PromptTooLong(
-                f"prompt is {n} tokens long; the model's context window is "
-                f"{self._info.max_context_tokens} tokens"
-            )
-        reuse = request.reuse_tokens
-        if reuse < 0 or reuse > n:
-            raise ValueError(f"reuse_tokens {reuse} outside [0, {n}]")
-        if reuse > 0:
-            if request.reuse is None or not self._codec.accepts(request.reuse):
-                raise ValueError("reuse_tokens > 0 needs a payload of this engine's KV layout")
-            if reuse > request.reuse.num_tokens:
-                raise ValueError(f"payload holds {request.reuse.num_tokens} < {reuse} tokens")
-        if request.sampling.max_tokens > 0 and reuse >= n:
-            # The last prompt token's logits are needed: restore at most N - 1 (spec §2.5).
-            raise ValueError(f"cannot generate with all {n} prompt tokens restored")
-        bad = [x for x in request.snapshot_at if not reuse < x <= n]
-        if bad:
-            raise ValueError(f"snapshot offsets {bad} outside ({reuse}, {n}]")
 
     def _restore(self, seq: _Seq, payload: KVPayload, reuse: int) -> None:
         """Map ``payload``'s blocks for positions ``[0, reuse)`` into ``seq``: shared whole
