@@ -131,6 +131,7 @@ def run(engine: PagedEngine, requests: list[EngineRequest]) -> dict[str, Any]:
     seqs = {engine.add(r): i for i, r in enumerate(requests)}
     first: dict[int, float] = {}
     snapshots: dict[int, Any] = {}
+    ids: dict[int, list[int]] = {i: [] for i in range(len(requests))}
     count = 0
     sync(engine)
     t0 = time.perf_counter()
@@ -142,9 +143,11 @@ def run(engine: PagedEngine, requests: list[EngineRequest]) -> dict[str, Any]:
                 snapshots.update(item.snapshots)
             if isinstance(item, TokenOut):
                 count += 1
+                ids[seqs[seq]].append(item.token_id)
                 first.setdefault(seqs[seq], time.perf_counter() - t0)
     sync(engine)
-    return {"first": first, "total": time.perf_counter() - t0, "tokens": count, "snaps": snapshots}
+    total = time.perf_counter() - t0
+    return {"first": first, "total": total, "tokens": count, "ids": ids, "snaps": snapshots}
 
 
 def sync(engine: PagedEngine) -> None:
@@ -214,6 +217,18 @@ def main() -> int:
     figures["cold_write_ttft_s"] = statistics.median(write)
     figures["hit_ttft_s"] = statistics.median(hit)
 
+    # Fidelity: a hit's greedy answer against the cold one, and one prompt's logits prefilled
+    # alone against the same prompt prefilled while 7 other streams decode in the same steps.
+    answer = run(engine, [EngineRequest(long, greedy(64))])
+    warm = run(engine, [EngineRequest(long, greedy(64), payload, args.prefix)])
+    figures["hit_tokens_equal"] = float(warm["ids"][0] == answer["ids"][0])
+    probe = EngineRequest(long[:1024], greedy(1))
+    solo = engine.prompt_logits(probe)
+    others = [EngineRequest(prompt(32, 10 + s, vocab), greedy(64)) for s in range(7)]
+    batched = engine.prompt_logits(probe, batch_with=others)
+    figures["batch_logits_max_abs_diff"] = float((solo - batched).abs().max())
+    figures["batch_argmax_equal"] = float(int(solo.argmax()) == int(batched.argmax()))
+
     print(f"\ndecode, {n} tokens     promptcache")
     print(f"  1 stream            {figures['decode_tok_s']:8.1f} tok/s")
     print(
@@ -227,6 +242,14 @@ def main() -> int:
     print(
         f"  hit                 {figures['hit_ttft_s'] * 1000:8.0f} ms   "
         f"(cold/hit {figures['cold_ttft_s'] / figures['hit_ttft_s']:.1f}x)"
+    )
+
+    print(f"fidelity ({info.dtype})")
+    print(f"  hit answer == cold answer (64 greedy tokens): {bool(figures['hit_tokens_equal'])}")
+    print(
+        f"  logits, batched with 7 decoding streams vs alone: max |diff| "
+        f"{figures['batch_logits_max_abs_diff']:.2e}, same argmax: "
+        f"{bool(figures['batch_argmax_equal'])}"
     )
 
     if args.peer:

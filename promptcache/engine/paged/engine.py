@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -398,24 +398,36 @@ class PagedEngine:
 
     # -- checks --------------------------------------------------------------------------------
 
-    def prompt_logits(self, request: EngineRequest) -> torch.Tensor:
-        """Logits (float32, on CPU) for the position after ``request.tokens``, computed alone
-        exactly as a request would be (restore, chunked prefill): for fidelity checks and
-        benchmarks. Other sequences must not be running."""
+    def prompt_logits(
+        self, request: EngineRequest, *, batch_with: Sequence[EngineRequest] = ()
+    ) -> torch.Tensor:
+        """Logits (float32, on CPU) for the position after ``request.tokens``, computed exactly
+        as a request would be (restore, chunked prefill): for fidelity checks and benchmarks.
+        Alone, or with ``batch_with`` decoding in the same steps (they are added first, run
+        until they all decode, then cancelled once the logits are there). Nothing else may be
+        running."""
         if self._seqs:
             raise RuntimeError("prompt_logits needs an idle engine")
         if request.reuse_tokens >= len(request.tokens):
             raise ValueError("prompt_logits needs at least one token to compute")
-        seq = self._add(request, capture=True)
+        others = [self.add(r) for r in batch_with]
         try:
+            while any(not self._seqs[o].decoding for o in others if o in self._seqs):
+                self._raise_for(self.step(), others)
+            seq = self._add(request, capture=True)
             while seq.seq_id in self._seqs:
-                for got, item in self.step():
-                    if got == seq.seq_id and isinstance(item, Exception):
-                        raise item
+                self._raise_for(self.step(), [seq.seq_id])
         finally:
-            self.cancel(seq.seq_id)
+            for other in (*others, self._last_id):
+                self.cancel(other)
         assert seq.logits is not None
         return seq.logits
+
+    @staticmethod
+    def _raise_for(results: StepResult, seqs: Sequence[SeqId]) -> None:
+        for got, item in results:
+            if got in seqs and isinstance(item, Exception):
+                raise item
 
 
 def parameter_revision(model: torch.nn.Module, *parts: str) -> str:
