@@ -41,6 +41,17 @@ class _Keys:
 
     slots: torch.Tensor
     mask: torch.Tensor | None
+    _additive: torch.Tensor | None = None
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask as 0 / -inf in ``dtype``, made once a step: SDPA would otherwise convert the
+        boolean mask again in every layer."""
+        if self.mask is None:
+            return None
+        if self._additive is None or self._additive.dtype != dtype:
+            zeros = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self._additive = zeros.masked_fill(~self.mask, float("-inf"))
+        return self._additive
 
 
 class PagedAttention:
@@ -123,14 +134,14 @@ class PagedAttention:
             plan = self._decode[spec.window]
             kk = keys[plan.slots].transpose(1, 2)  # [D, kv_heads, L, head_dim]
             vv = values[plan.slots].transpose(1, 2)
-            o = _sdpa(q[:d].unsqueeze(2), kk, vv, plan.mask, False, spec)
+            o = _sdpa(q[:d].unsqueeze(2), kk, vv, plan, False, spec)
             out[:d] = o.squeeze(2)
         for offset, n, plans in self._prefill:
             plan = plans[spec.window]
             kk = keys[plan.slots[0]].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, head_dim]
             vv = values[plan.slots[0]].transpose(0, 1).unsqueeze(0)
             qq = q[offset : offset + n].transpose(0, 1).unsqueeze(0)
-            o = _sdpa(qq, kk, vv, plan.mask, plan.mask is None, spec)
+            o = _sdpa(qq, kk, vv, plan, plan.mask is None, spec)
             out[offset : offset + n] = o[0].transpose(0, 1)
         return out
 
@@ -139,12 +150,13 @@ def _sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None,
+    keys: _Keys,
     causal: bool,
     spec: AttnSpec,
 ) -> torch.Tensor:
     """Attention of ``q [B, H, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` (grouped-query)."""
     if spec.softcap is None:
+        mask = keys.additive(q.dtype)
         if mask is not None and q.is_cuda and k.shape[1] != q.shape[1]:
             # CUDA's kernels that take a mask (memory-efficient) do not take grouped heads, and
             # SDPA would fall back to its math path; one copy of the gathered heads is cheaper.
@@ -161,11 +173,12 @@ def _sdpa(
     v = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * spec.scale
     scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    allowed = keys.mask
     if causal:
         lq, lk = scores.shape[-2:]
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 

@@ -82,14 +82,22 @@ class DecodeInt8Linear(nn.Module):
     are always computed with the dense weights: a cache hit reproduces the cold run's KV and
     first token exactly. Costs the int8 copy's memory on top of the dense weight."""
 
-    def __init__(self, dense: Linear, switch: DecodeSwitch) -> None:
+    def __init__(self, dense: Linear, switch: DecodeSwitch, *, by_rows: bool = False) -> None:
+        """``by_rows``: choose by this call's own row count instead of the step's kind (the
+        lm_head, which sees only the sampled rows: one per sequence, the same number for a
+        sequence alone whether its step was a prefill or a decode)."""
         super().__init__()
         self.dense = dense
         self.int8 = Int8Linear.from_linear(dense)
         self.switch = switch
+        self.by_rows = by_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.int8(x) if self.switch.on else self.dense(x)
+        if self.by_rows:
+            narrow = x.numel() // x.shape[-1] <= self.switch.max_rows
+        else:
+            narrow = self.switch.on
+        out: torch.Tensor = self.int8(x) if narrow else self.dense(x)
         return out
 
 
@@ -102,7 +110,7 @@ def add_decode_int8(model: CausalLM, *, max_rows: int = 4) -> DecodeSwitch:
     for name, module in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, DecodeInt8Linear(module, switch))
+        setattr(parent, attr, DecodeInt8Linear(module, switch, by_rows=name == "lm_head"))
     return switch
 
 
