@@ -49,7 +49,8 @@ from promptcache.api.guard import Call, Handler, guarded
 from promptcache.api.http import bearer_token, read_body
 from promptcache.api.streaming import EventStreamResponse, drain, event_frames, first_event
 from promptcache.api.wire import json_object
-from promptcache.cache.policy import ANTHROPIC_RULES, BEDROCK_RULES, MarkRules, ModelCachePolicy
+from promptcache.cache.policy import ANTHROPIC_RULES, BEDROCK_RULES, MarkRules
+from promptcache.cache.profiles import CacheProfile
 from promptcache.config import AwsCredential
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
@@ -66,9 +67,8 @@ INVOKE_ID_PREFIX: Final = "msg_bdrk_"
 class BedrockService(Protocol):
     """What the routes need from ``promptcache.service.Service``."""
 
-    @property
-    def policy(self) -> ModelCachePolicy:
-        """The served model's caching limits (``tool_cache_points`` matters here)."""
+    def profile_for(self, model: str) -> CacheProfile:
+        """The caching profile of ``model`` (its ``tool_cache_points`` matters here)."""
         ...
 
     @property
@@ -193,7 +193,7 @@ class _Handlers:
             admitted.body,
             model_id=admitted.model_id,
             tenant=admitted.tenant,
-            tool_cache_points=self.service.policy.tool_cache_points,
+            tool_cache_points=self._tool_cache_points(admitted.model_id),
         )
         self._resolve_model(admitted.model_id)
         return JSONResponse(count_json(await self.service.count_tokens(chat, rules)))
@@ -204,7 +204,7 @@ class _Handlers:
             admitted.body,
             model_id=admitted.model_id,
             tenant=admitted.tenant,
-            tool_cache_points=self.service.policy.tool_cache_points,
+            tool_cache_points=self._tool_cache_points(admitted.model_id),
         )
         self._resolve_model(admitted.model_id)
         return chat
@@ -245,6 +245,10 @@ class _Handlers:
             return _Caller(self.service.authenticate(bearer_token(headers)))
         credential = self.service.aws_credential(signed.access_key_id)
         return _Caller(TenantId(credential.tenant), signed, credential.secret_access_key)
+
+    def _tool_cache_points(self, model_id: str) -> bool:
+        # A Nova profile rejects a tool cachePoint as hosted Nova does (spec §5.9).
+        return self.service.profile_for(model_id).policy.tool_cache_points
 
     def _resolve_model(self, model_id: str) -> None:
         """404 unless ``model_id``, its ARN resource or its base model id resolves (§5.1)."""
