@@ -62,6 +62,7 @@ from promptcache.errors import (
     PromptTooLong,
 )
 from promptcache.metrics import Metrics
+from promptcache.templates import Template, TemplateStore
 from promptcache.types import DEFAULT_TENANT, BlockHash, TenantId
 from promptcache.worker import EngineWorker, Job
 
@@ -102,6 +103,8 @@ class Service:
         self.clock = clock or WallClock()
         self.served_model = config.api.served_model_name or served_name(config.engine.model)
         self.profiles = profile_table(config)
+        prompts_dir = config.api.prompts_dir
+        self.templates = TemplateStore(prompts_dir) if prompts_dir is not None else None
         self.policy = self.profiles.default.policy
         device = config.engine.device if self._engine is None else self._engine.info.device
         # Tenants share the budget only where there are tenants: credentials are configured.
@@ -230,6 +233,16 @@ class Service:
     def profile_for(self, model: str) -> CacheProfile:
         """The caching profile of requests naming ``model`` (``cache/profiles.py``)."""
         return self.profiles.for_model(model)
+
+    def template(self, reference: str, tenant: TenantId) -> Template:
+        """The prompt template ``reference`` names that ``tenant`` may use (``templates.py``);
+        raises ``NotFound`` (also without ``--prompts-dir``) or ``BadTemplate``."""
+        if self.templates is None:
+            raise NotFound(
+                f"prompt template {reference!r} not found: this server has no --prompts-dir",
+                code="prompt_not_found",
+            )
+        return self.templates.get(reference, tenant, is_open=self.is_open)
 
     def model_names(self) -> list[str]:
         return [self.served_model, *sorted(self.config.api.aliases)]

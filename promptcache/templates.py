@@ -27,6 +27,7 @@ the problem; the other templates keep working.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -184,7 +185,7 @@ def _load_data(path: Path) -> Any:
     if path.suffix == ".json":
         return json.loads(text)
     try:
-        import yaml
+        yaml = importlib.import_module("yaml")  # optional: typed as Any, no stubs needed
     except ImportError:
         raise ValueError("YAML templates need PyYAML (pip install pyyaml)") from None
     return yaml.safe_load(text)
@@ -238,7 +239,7 @@ def parse_template(path: Path, source: str, owner: str | None = None) -> Templat
         raise BadTemplate(f"prompt template file {source} is invalid: {exc}") from None
     except Exception as exc:  # a YAML parser error: not a ValueError
         raise BadTemplate(f"prompt template file {source} is invalid: {exc}") from None
-    owners = {owner} if owner is not None else None
+    owners = frozenset({owner}) if owner is not None else None
     return Template(
         id=template_id,
         version=version,

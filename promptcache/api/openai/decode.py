@@ -70,7 +70,7 @@ def decode_chat(body: bytes, *, tenant: TenantId) -> ChatCall:
     return decode_chat_data(json_object(body), tenant=tenant)
 
 
-def decode_chat_data(data: Mapping[str, Any], *, tenant: TenantId) -> ChatCall:
+def decode_chat_data(data: dict[str, Any], *, tenant: TenantId) -> ChatCall:
     """``decode_chat`` of a parsed body (a rendered prompt template's, for one)."""
     check_limits(data)
     wire = validate(ChatBody, data, "")
