@@ -166,7 +166,7 @@ def test_client_errors(portkey: Portkey, prompts_dir: Path) -> None:
             portkey.prompts.render(prompt_id=unknown, variables={})
         assert type(absent.value).__name__ == "NotFoundError"
     (prompts_dir / "broken.json").write_text("{not json")
-    with pytest.raises(Exception, match="broken.json is invalid") as bad:
+    with pytest.raises(Exception, match=r"broken\.json is invalid") as bad:
         portkey.prompts.render(prompt_id="broken", variables={})
     assert type(bad.value).__name__ == "UnprocessableEntityError"
     # Files are read again when they change.
