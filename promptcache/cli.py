@@ -17,7 +17,8 @@ _HELP = {
     "model": "embedded model name (gemma-3-270m: the default; smollm2-135m-instruct), "
     "or a local Hugging Face model directory or GGUF file",
     "served_model_name": "model id reported to clients (default: gemma-3-270m or the model name)",
-    "aliases": "other model names clients may send, e.g. 'claude-sonnet-5=gemma-3-270m,...'",
+    "aliases": "other model names clients may send, e.g. 'claude-sonnet-5=gemma-3-270m,...'; "
+    "'nova-pro=gemma-3-270m@nova-pro' also gives the name a caching profile",
     "api_keys": "credentials and their tenants, 'key=tenant,...' (default: open server)",
     "aws_credentials": "SigV4 keys of Bedrock clients, 'ACCESS_KEY_ID:SECRET=tenant,...'",
     "admin_keys": "credentials allowed to call admin endpoints, 'key1,key2'",
@@ -45,6 +46,12 @@ _HELP = {
     "ttl_1h": "honour 1h TTLs; when false they act as 5m (default true)",
     "tenant_cache_share": "share of each cache tier a tenant may hold when others need room, "
     "with api keys configured (default 0.5)",
+    "cache_profile": "caching limits of a hosted model: a built-in profile (claude-3-7-sonnet, "
+    "claude-3-5-haiku, nova-micro, nova-lite, nova-pro, claude-sonnet-4-5, claude-haiku-4-5, ...), "
+    "a [cache_profiles.NAME] of the config file, or auto (by each request's model name); "
+    "default: the flags above",
+    "cache_profiles": "custom caching profiles: TOML tables [cache_profiles.NAME] only",
+    "prompts_dir": "directory of prompt templates, <id>.json or .yaml (default none)",
     "openai_round_cached_tokens": "report OpenAI cached_tokens in 128s (default false: exact)",
     "log_level": "debug, info (default), warning or error",
 }

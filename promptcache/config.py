@@ -2,8 +2,10 @@
 environment variables and a TOML file (in that order of precedence), then passed down.
 
 TOML keys are the flag names with underscores, at the top level or in ``[server]``; the tables
-``[api_keys]`` (key = tenant) and ``[aliases]`` (name = served model) map credentials and names,
-and ``[aws_credentials]`` (access key id = "secret=tenant") holds Bedrock clients' SigV4 keys::
+``[api_keys]`` (key = tenant) and ``[aliases]`` (name = served model, or "served@profile" to give
+the name a caching profile) map credentials and names, ``[aws_credentials]`` (access key id =
+"secret=tenant") holds Bedrock clients' SigV4 keys and ``[cache_profiles.NAME]`` defines caching
+profiles (``cache/profiles.py``)::
 
     port = 8000
     model = "/models/my-model"
@@ -12,6 +14,10 @@ and ``[aws_credentials]`` (access key id = "secret=tenant") holds Bedrock client
     sk-team-a-1 = "team-a"
     [aliases]
     claude-sonnet-5 = "gemma-3-270m"
+    nova-pro = "gemma-3-270m@nova-pro"
+    [cache_profiles.tight]
+    base = "claude-3-5-haiku"
+    max_breakpoints = 2
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from promptcache.cache.policy import ModelCachePolicy
+from promptcache.cache.profiles import CacheProfile, ProfileError, ProfileTable, custom_profiles
 from promptcache.errors import PromptCacheError
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
@@ -74,6 +82,10 @@ class CacheConfig:
     ttl_1h: bool = True
     inflight_wait_timeout_s: float = 60.0
     tenant_cache_share: float = 0.5
+    profile: str | None = None
+    """``--cache-profile``: a built-in or custom profile, or ``auto``; None: the flags above."""
+    profiles: Mapping[str, CacheProfile] = field(default_factory=dict)
+    """Custom profiles, ``[cache_profiles.NAME]``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +104,10 @@ class ApiConfig:
     port: int = 8000
     served_model_name: str | None = None
     aliases: Mapping[str, str] = field(default_factory=dict)
+    alias_profiles: Mapping[str, str] = field(default_factory=dict)
+    """Alias -> caching profile name, from ``name=served@profile`` entries of the alias table."""
+    prompts_dir: Path | None = None
+    """``--prompts-dir``: prompt templates (``promptcache/templates.py``)."""
     api_keys: Mapping[str, str] = field(default_factory=dict)
     aws_credentials: Mapping[str, AwsCredential] = field(default_factory=dict)
     admin_keys: frozenset[str] = frozenset()
@@ -148,6 +164,42 @@ def _pairs(value: str | Mapping[str, str]) -> dict[str, str]:
     return result
 
 
+def _aliases(value: str | Mapping[str, Any]) -> dict[str, str]:
+    """``_pairs``, where a TOML value may also be ``{model = "...", cache_profile = "..."}``
+    (kept as ``served@profile`` until ``load`` splits it)."""
+    if isinstance(value, Mapping):
+        value = {
+            str(k): f"{v.get('model', '')}@{v.get('cache_profile', '')}".rstrip("@")
+            if isinstance(v, Mapping)
+            else str(v)
+            for k, v in value.items()
+        }
+    return _pairs(value)
+
+
+def _split_aliases(api: dict[str, Any]) -> None:
+    """``served@profile`` alias values -> ``aliases`` and ``alias_profiles``."""
+    aliases: dict[str, str] = {}
+    profiles: dict[str, str] = {}
+    for name, target in api.get("aliases", {}).items():
+        served, _, profile = target.partition("@")
+        aliases[name] = served
+        if profile:
+            profiles[name] = profile
+    if "aliases" in api:
+        api["aliases"] = aliases
+        api["alias_profiles"] = profiles
+
+
+def _profiles(value: Mapping[str, Any]) -> dict[str, CacheProfile]:
+    if not isinstance(value, Mapping):
+        raise ValueError("cache_profiles must be a TOML table of tables")
+    try:
+        return custom_profiles(value)
+    except ProfileError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _aws_credentials(value: str | Mapping[str, str]) -> dict[str, AwsCredential]:
     """``"AKID:SECRET=tenant,..."`` or a TOML table ``AKID = "SECRET=tenant"`` -> credentials.
 
@@ -197,7 +249,8 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "host": ("api", "host", str),
     "port": ("api", "port", int),
     "served_model_name": ("api", "served_model_name", str),
-    "aliases": ("api", "aliases", _pairs),
+    "aliases": ("api", "aliases", _aliases),
+    "prompts_dir": ("api", "prompts_dir", _opt_path),
     "api_keys": ("api", "api_keys", _pairs),
     "aws_credentials": ("api", "aws_credentials", _aws_credentials),
     "admin_keys": ("api", "admin_keys", _keyset),
@@ -224,6 +277,8 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "ttl_1h": ("cache", "ttl_1h", _bool),
     "inflight_wait_timeout_s": ("cache", "inflight_wait_timeout_s", float),
     "tenant_cache_share": ("cache", "tenant_cache_share", _share),
+    "cache_profile": ("cache", "profile", _opt_str),
+    "cache_profiles": ("cache", "profiles", _profiles),
     "openai_round_cached_tokens": ("api", "openai_round_cached_tokens", _bool),
     "log_level": ("", "log_level", str),
 }
@@ -272,13 +327,39 @@ def load(
             sections[section][attr] = parse(value)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad value for {name}: {value!r} ({exc})") from exc
+    _split_aliases(sections["api"])
     base = ServerConfig()
-    return replace(
+    config = replace(
         base,
         api=replace(base.api, **sections["api"]),
         cache=replace(base.cache, **sections["cache"]),
         engine=replace(base.engine, **sections["engine"]),
         **sections[""],
+    )
+    try:
+        profile_table(config)  # every profile named must exist
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from None
+    return config
+
+
+def profile_table(config: ServerConfig) -> ProfileTable:
+    """The caching profiles of a deployment; raises ``ProfileError`` for an unknown name.
+
+    Its default profile is the deployment's own flags (``min_cacheable_tokens`` and friends).
+    """
+    cache = config.cache
+    policy = ModelCachePolicy(
+        min_cacheable_tokens=cache.min_cacheable_tokens,
+        max_cacheable_tokens=cache.max_cacheable_tokens,
+        tool_cache_points=cache.tool_cache_points,
+        ttl_1h=cache.ttl_1h,
+    )
+    return ProfileTable(
+        default=CacheProfile("default", policy),
+        selected=cache.profile,
+        by_alias=config.api.alias_profiles,
+        custom=cache.profiles,
     )
 
 
@@ -309,4 +390,5 @@ __all__ = [
     "load",
     "option_names",
     "parse_bytes",
+    "profile_table",
 ]

@@ -34,9 +34,10 @@ from promptcache.cache.policy import (
     ModelCachePolicy,
     resolve_breakpoints,
 )
+from promptcache.cache.profiles import CacheProfile
 from promptcache.cache.store import PrefixStore
 from promptcache.cache.tiers import DiskTier, Tier, TierStack
-from promptcache.config import AwsCredential, CacheConfig, ServerConfig
+from promptcache.config import AwsCredential, CacheConfig, ServerConfig, profile_table
 from promptcache.core.layout import PromptLayout, render
 from promptcache.core.output import OutputParser
 from promptcache.core.payload import CorruptPayload, KVPayload
@@ -61,6 +62,7 @@ from promptcache.errors import (
     PromptTooLong,
 )
 from promptcache.metrics import Metrics
+from promptcache.templates import Template, TemplateStore
 from promptcache.types import DEFAULT_TENANT, BlockHash, TenantId
 from promptcache.worker import EngineWorker, Job
 
@@ -75,6 +77,7 @@ class Prepared:
 
     layout: PromptLayout
     breakpoints: list[Breakpoint]
+    policy: ModelCachePolicy
 
 
 class Service:
@@ -99,12 +102,10 @@ class Service:
         self.config = config
         self.clock = clock or WallClock()
         self.served_model = config.api.served_model_name or served_name(config.engine.model)
-        self.policy = ModelCachePolicy(
-            min_cacheable_tokens=config.cache.min_cacheable_tokens,
-            max_cacheable_tokens=config.cache.max_cacheable_tokens,
-            tool_cache_points=config.cache.tool_cache_points,
-            ttl_1h=config.cache.ttl_1h,
-        )
+        self.profiles = profile_table(config)
+        prompts_dir = config.api.prompts_dir
+        self.templates = TemplateStore(prompts_dir) if prompts_dir is not None else None
+        self.policy = self.profiles.default.policy
         device = config.engine.device if self._engine is None else self._engine.info.device
         # Tenants share the budget only where there are tenants: credentials are configured.
         credentials = config.api.api_keys or config.api.aws_credentials
@@ -229,21 +230,39 @@ class Service:
             return aliases[name]
         raise NotFound(f"model: {name}")
 
+    def profile_for(self, model: str) -> CacheProfile:
+        """The caching profile of requests naming ``model`` (``cache/profiles.py``)."""
+        return self.profiles.for_model(model)
+
+    def template(self, reference: str, tenant: TenantId) -> Template:
+        """The prompt template ``reference`` names that ``tenant`` may use (``templates.py``);
+        raises ``NotFound`` (also without ``--prompts-dir``) or ``BadTemplate``."""
+        if self.templates is None:
+            raise NotFound(
+                f"prompt template {reference!r} not found: this server has no --prompts-dir",
+                code="prompt_not_found",
+            )
+        return self.templates.get(reference, tenant, is_open=self.is_open)
+
     def model_names(self) -> list[str]:
         return [self.served_model, *sorted(self.config.api.aliases)]
 
     # -- requests ----------------------------------------------------------------------------
 
     def prepare(self, request: ChatRequest, rules: MarkRules = ANTHROPIC_RULES) -> Prepared:
-        """Validate the breakpoints (spec §1.14 steps 4-6) and render the prompt."""
-        breakpoints = resolve_breakpoints(list(request.placed_blocks()), request.auto_cache, rules)
+        """Validate the breakpoints (spec §1.14 steps 4-6) under the caching profile of the
+        model the request names, and render the prompt."""
+        profile = self.profile_for(request.model)
+        breakpoints = resolve_breakpoints(
+            list(request.placed_blocks()), request.auto_cache, profile.rules(rules)
+        )
         layout = render(request, self.engine.tokenizer, self.engine.chat_format)
         limit = self.engine.info.max_context_tokens
         if layout.num_tokens >= limit:
             raise PromptTooLong(
                 f"prompt is too long: {layout.num_tokens} tokens > {limit - 1} maximum"
             )
-        return Prepared(layout, breakpoints)
+        return Prepared(layout, breakpoints, profile.policy)
 
     async def count_tokens(self, request: ChatRequest, rules: MarkRules = ANTHROPIC_RULES) -> int:
         """``N`` for ``request``; validates like ``generate`` and never touches the cache."""
@@ -397,7 +416,7 @@ class Service:
                 block_ends=[b.end for b in layout.blocks],
                 num_tokens=layout.num_tokens,
                 breakpoints=prepared.breakpoints,
-                policy=self.policy,
+                policy=prepared.policy,
                 store=self.store,
                 t0=t0,
                 now=self.clock.now(),

@@ -22,6 +22,7 @@ from promptcache.api import admin, anthropic, bedrock, openai
 from promptcache.api.anthropic.errors import ENVELOPE as ANTHROPIC
 from promptcache.api.bedrock.errors import ENVELOPE as BEDROCK
 from promptcache.api.guard import Envelope, logger
+from promptcache.api.openai import prompts
 from promptcache.api.openai.errors import ENVELOPE as OPENAI
 from promptcache.errors import InvalidRequest, NotFound, PromptCacheError
 from promptcache.service import Service
@@ -95,6 +96,11 @@ def build_app(service: Service) -> Starlette:
     routes += admin.routes(service)
     routes += anthropic.routes(service, max_body_bytes=api.max_body_bytes)
     routes += openai.routes(
+        service,
+        round_cached_tokens=api.openai_round_cached_tokens,
+        max_body_bytes=api.max_body_bytes,
+    )
+    routes += prompts.routes(
         service,
         round_cached_tokens=api.openai_round_cached_tokens,
         max_body_bytes=api.max_body_bytes,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 from starlette.datastructures import Headers
@@ -32,6 +32,8 @@ from promptcache.api.bedrock.decode import (
     decode_invoke,
     has_cache_points,
     model_candidates,
+    prompt_reference,
+    prompt_variables,
 )
 from promptcache.api.bedrock.encode import (
     ConverseStreamEncoder,
@@ -47,13 +49,16 @@ from promptcache.api.bedrock.eventstream import event_message
 from promptcache.api.events import collect
 from promptcache.api.guard import Call, Handler, guarded
 from promptcache.api.http import bearer_token, read_body
+from promptcache.api.openai.prompts import rendered_body, template_call
 from promptcache.api.streaming import EventStreamResponse, drain, event_frames, first_event
 from promptcache.api.wire import json_object
-from promptcache.cache.policy import ANTHROPIC_RULES, BEDROCK_RULES, MarkRules, ModelCachePolicy
+from promptcache.cache.policy import ANTHROPIC_RULES, BEDROCK_RULES, MarkRules
+from promptcache.cache.profiles import CacheProfile
 from promptcache.config import AwsCredential
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
-from promptcache.errors import NotFound
+from promptcache.errors import InvalidRequest, NotFound
+from promptcache.templates import Template
 from promptcache.types import TenantId
 
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
@@ -62,13 +67,27 @@ without being read."""
 
 INVOKE_ID_PREFIX: Final = "msg_bdrk_"
 
+PROMPT_DEFINED: Final = ("system", "toolConfig", "inferenceConfig", "additionalModelRequestFields")
+"""Converse fields a prompt ARN's prompt defines: AWS rejects them beside one."""
+PROMPT_FIELDS_MESSAGE: Final = (
+    "The model ID is a prompt ARN: {fields} cannot be given in the request, the prompt "
+    "defines them."
+)
+
 
 class BedrockService(Protocol):
     """What the routes need from ``promptcache.service.Service``."""
 
     @property
-    def policy(self) -> ModelCachePolicy:
-        """The served model's caching limits (``tool_cache_points`` matters here)."""
+    def served_model(self) -> str: ...
+
+    def template(self, reference: str, tenant: TenantId) -> Template:
+        """The prompt template ``reference`` names for ``tenant`` (a prompt ARN's resource);
+        raises ``NotFound`` or ``BadTemplate``."""
+        ...
+
+    def profile_for(self, model: str) -> CacheProfile:
+        """The caching profile of ``model`` (its ``tool_cache_points`` matters here)."""
         ...
 
     @property
@@ -193,18 +212,23 @@ class _Handlers:
             admitted.body,
             model_id=admitted.model_id,
             tenant=admitted.tenant,
-            tool_cache_points=self.service.policy.tool_cache_points,
+            tool_cache_points=self._tool_cache_points(admitted.model_id),
         )
         self._resolve_model(admitted.model_id)
         return JSONResponse(count_json(await self.service.count_tokens(chat, rules)))
 
     async def _converse_request(self, request: Request) -> ChatRequest:
         admitted = await self._admit(request)
+        reference = prompt_reference(admitted.model_id)
+        if reference is not None:
+            chat = self._prompt_request(admitted, reference)
+            self._resolve_model(chat.model)
+            return chat
         chat = decode_converse(
             admitted.body,
             model_id=admitted.model_id,
             tenant=admitted.tenant,
-            tool_cache_points=self.service.policy.tool_cache_points,
+            tool_cache_points=self._tool_cache_points(admitted.model_id),
         )
         self._resolve_model(admitted.model_id)
         return chat
@@ -245,6 +269,35 @@ class _Handlers:
             return _Caller(self.service.authenticate(bearer_token(headers)))
         credential = self.service.aws_credential(signed.access_key_id)
         return _Caller(TenantId(credential.tenant), signed, credential.secret_access_key)
+
+    def _prompt_request(self, admitted: _Admitted, reference: str) -> ChatRequest:
+        """Converse on a prompt ARN (Prompt Management): the template of ``--prompts-dir`` the
+        ARN names, its ``promptVariables`` substituted, then the request's ``messages``."""
+        body = admitted.body
+        given = [name for name in PROMPT_DEFINED if name in body]
+        if given:
+            raise InvalidRequest(PROMPT_FIELDS_MESSAGE.format(fields=", ".join(given)))
+        template = self.service.template(reference, admitted.tenant)
+        rendered = rendered_body(
+            template,
+            prompt_variables(body.get("promptVariables")),
+            {},
+            default_model=self.service.served_model,
+        )
+        chat = template_call(rendered, admitted.tenant).request
+        if body.get("messages"):
+            extra = decode_converse(
+                {"messages": body["messages"]},
+                model_id=admitted.model_id,
+                tenant=admitted.tenant,
+                tool_cache_points=self._tool_cache_points(chat.model),
+            )
+            chat = replace(chat, messages=chat.messages + extra.messages)
+        return replace(chat, stream=False)
+
+    def _tool_cache_points(self, model_id: str) -> bool:
+        # A Nova profile rejects a tool cachePoint as hosted Nova does (spec §5.9).
+        return self.service.profile_for(model_id).policy.tool_cache_points
 
     def _resolve_model(self, model_id: str) -> None:
         """404 unless ``model_id``, its ARN resource or its base model id resolves (§5.1)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Final
@@ -177,6 +178,39 @@ def model_candidates(model_id: str) -> list[str]:
     if dot and prefix in _PROFILE_PREFIXES:
         names.append(base)
     return names
+
+
+_PROMPT_ARN: Final = re.compile(
+    r"^arn:aws(?:-[^:]+)?:bedrock:[^:]*:[^:]*:prompt/(?P<id>[^:/]+)(?::(?P<version>\d+))?$"
+)
+
+
+def prompt_reference(model_id: str) -> str | None:
+    """``arn:aws:bedrock:<region>:<account>:prompt/<id>[:<version>]`` -> ``<id>[@<version>]``
+    (the template reference of ``templates.py``); None for any other model id."""
+    match = _PROMPT_ARN.match(model_id)
+    if match is None:
+        return None
+    version = match.group("version")
+    return match.group("id") + (f"@{version}" if version else "")
+
+
+def prompt_variables(value: Any) -> dict[str, str]:
+    """Converse ``promptVariables`` (``{"name": {"text": "..."}}``, botocore
+    ``PromptVariableMap``) -> plain values."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise constraint_error(("promptVariables",), value, "Member must be a map")
+    result: dict[str, str] = {}
+    for name, member in value.items():
+        text = member.get("text") if isinstance(member, Mapping) else None
+        if not isinstance(text, str):
+            raise constraint_error(
+                ("promptVariables", name), member, "Member must have exactly one field set: text"
+            )
+        result[str(name)] = text
+    return result
 
 
 def has_cache_points(request: ChatRequest) -> bool:

@@ -81,7 +81,7 @@ def routes(
     ``round_cached_tokens`` is the deployment option of spec §4.6: report ``cached_tokens`` in
     whole 128-token units, as the classic hosted models do, for every request.
     """
-    handlers = _Handlers(
+    handlers = ChatHandlers(
         service,
         round_cached_tokens=round_cached_tokens,
         keepalive_s=keepalive_s,
@@ -91,7 +91,9 @@ def routes(
     return [Route("/v1/chat/completions", endpoint, methods=["POST"])]
 
 
-class _Handlers:
+class ChatHandlers:
+    """The Chat Completions handler and the steps other OpenAI-shaped routes reuse."""
+
     def __init__(
         self,
         service: ChatService,
@@ -106,7 +108,10 @@ class _Handlers:
         self.max_body_bytes = max_body_bytes
 
     async def chat_completions(self, request: Request, call: Call) -> Response:
-        chat = await self._admit(request)
+        return await self.respond(request, call, await self._admit(request))
+
+    async def respond(self, request: Request, call: Call, chat: ChatCall) -> Response:
+        """The completion of an admitted ``chat``, streamed or whole."""
         completion = Completion.new(chat.request.model)
         round_cached = self.round_cached_tokens or wants_rounding(request.headers)
         events = self.service.generate(chat.request, OPENAI_RULES)
@@ -127,9 +132,13 @@ class _Handlers:
     async def _admit(self, request: Request) -> ChatCall:
         """Validation steps 1 and 3 of spec §1.14 (OpenAI has no protocol headers), then the
         model name."""
-        tenant = self._authenticate(request.headers)
+        tenant = self.authenticate(request.headers)
         call = decode_chat(await read_body(request, self.max_body_bytes), tenant=tenant)
-        name = call.request.model
+        self.resolve_model(call.request.model)
+        return call
+
+    def resolve_model(self, name: str) -> None:
+        """404 ``model_not_found`` unless ``name`` resolves."""
         try:
             self.service.resolve_model(name)  # the request keeps the name the client sent
         except NotFound:
@@ -137,9 +146,8 @@ class _Handlers:
                 f"The model `{name}` does not exist or you do not have access to it.",
                 code="model_not_found",
             ) from None
-        return call
 
-    def _authenticate(self, headers: Mapping[str, str]) -> TenantId:
+    def authenticate(self, headers: Mapping[str, str]) -> TenantId:
         token, portkey_key = credentials(headers)
         # ``x-portkey-api-key`` is the credential when ``Authorization`` is absent (§4.1). The
         # portkey-ai SDK always sends its inner OpenAI client's placeholder bearer token
@@ -175,4 +183,4 @@ def _frames(
     )
 
 
-__all__ = ["KEEPALIVE_S", "MAX_BODY_BYTES", "ChatService", "routes"]
+__all__ = ["KEEPALIVE_S", "MAX_BODY_BYTES", "ChatHandlers", "ChatService", "routes"]

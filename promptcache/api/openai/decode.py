@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from promptcache.api.http import bearer_token
 from promptcache.api.openai.limits import check_limits
@@ -67,7 +67,11 @@ def decode_chat(body: bytes, *, tenant: TenantId) -> ChatCall:
     ``model`` is the name the client sent; responses echo it. Raises ``InvalidRequest`` with a
     ``<path>: <problem>`` message and ``param`` naming the field for the first thing wrong.
     """
-    data = json_object(body)
+    return decode_chat_data(json_object(body), tenant=tenant)
+
+
+def decode_chat_data(data: dict[str, Any], *, tenant: TenantId) -> ChatCall:
+    """``decode_chat`` of a parsed body (a rendered prompt template's, for one)."""
     check_limits(data)
     wire = validate(ChatBody, data, "")
     if wire.n not in (None, 1):
@@ -128,6 +132,7 @@ __all__ = [
     "ChatCall",
     "credentials",
     "decode_chat",
+    "decode_chat_data",
     "request_ttl",
     "wants_rounding",
 ]

@@ -29,6 +29,7 @@ ERROR_TYPES: Final[dict[int, str]] = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",

@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 
 from promptcache.api.bedrock import routes
 from promptcache.cache.policy import MarkRules, ModelCachePolicy
+from promptcache.cache.profiles import CacheProfile
 from promptcache.config import AwsCredential
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
@@ -37,6 +38,9 @@ class FakeBedrockService(FakeService):
     aws: dict[str, AwsCredential] | None = None
     policy: ModelCachePolicy = field(default_factory=ModelCachePolicy)
     rules: list[MarkRules] = field(default_factory=list)
+
+    def profile_for(self, model: str) -> CacheProfile:
+        return CacheProfile("test", self.policy)
 
     @property
     def is_open(self) -> bool:
