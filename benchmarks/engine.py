@@ -220,8 +220,18 @@ def main() -> int:
     # Fidelity: a hit's greedy answer against the cold one, and one prompt's logits prefilled
     # alone against the same prompt prefilled while 7 other streams decode in the same steps.
     answer = run(engine, [EngineRequest(long, greedy(64))])
+    again = run(engine, [EngineRequest(long, greedy(64))])
     warm = run(engine, [EngineRequest(long, greedy(64), payload, args.prefix)])
+    figures["cold_tokens_repeat"] = float(again["ids"][0] == answer["ids"][0])
     figures["hit_tokens_equal"] = float(warm["ids"][0] == answer["ids"][0])
+    first_diff = next(
+        (
+            i
+            for i, (a, b) in enumerate(zip(warm["ids"][0], answer["ids"][0], strict=False))
+            if a != b
+        ),
+        None,
+    )
     probe = EngineRequest(long[:1024], greedy(1))
     solo = engine.prompt_logits(probe)
     others = [EngineRequest(prompt(32, 10 + s, vocab), greedy(64)) for s in range(7)]
@@ -245,7 +255,11 @@ def main() -> int:
     )
 
     print(f"fidelity ({info.dtype})")
-    print(f"  hit answer == cold answer (64 greedy tokens): {bool(figures['hit_tokens_equal'])}")
+    print(f"  cold answer twice the same (64 greedy tokens): {bool(figures['cold_tokens_repeat'])}")
+    print(
+        f"  hit answer == cold answer (64 greedy tokens): {bool(figures['hit_tokens_equal'])}"
+        + ("" if first_diff is None else f" (first difference at token {first_diff})")
+    )
     print(
         f"  logits, batched with 7 decoding streams vs alone: max |diff| "
         f"{figures['batch_logits_max_abs_diff']:.2e}, same argmax: "
