@@ -28,7 +28,6 @@ from promptcache.cache.entry import Entry
 from promptcache.cache.hashing import Namespace, block_hashes
 from promptcache.cache.inflight import InFlight
 from promptcache.cache.policy import (
-    ANTHROPIC_RULES,
     Breakpoint,
     MarkRules,
     ModelCachePolicy,
@@ -67,6 +66,7 @@ from promptcache.worker import EngineWorker, Job
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 30.0
+_HOSTED_RULES = MarkRules()
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +234,7 @@ class Service:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def prepare(self, request: ChatRequest, rules: MarkRules = ANTHROPIC_RULES) -> Prepared:
+    def prepare(self, request: ChatRequest, rules: MarkRules = _HOSTED_RULES) -> Prepared:
         """Validate the breakpoints (spec §1.14 steps 4-6) and render the prompt."""
         breakpoints = resolve_breakpoints(list(request.placed_blocks()), request.auto_cache, rules)
         layout = render(request, self.engine.tokenizer, self.engine.chat_format)
@@ -245,7 +245,7 @@ class Service:
             )
         return Prepared(layout, breakpoints)
 
-    async def count_tokens(self, request: ChatRequest, rules: MarkRules = ANTHROPIC_RULES) -> int:
+    async def count_tokens(self, request: ChatRequest, rules: MarkRules = _HOSTED_RULES) -> int:
         """``N`` for ``request``; validates like ``generate`` and never touches the cache."""
         return self.prepare(request, rules).layout.num_tokens
 
@@ -254,7 +254,7 @@ class Service:
         return Namespace(request.tenant, info.model_id, info.revision, "", request.partition)
 
     async def generate(
-        self, request: ChatRequest, rules: MarkRules = ANTHROPIC_RULES
+        self, request: ChatRequest, rules: MarkRules = _HOSTED_RULES
     ) -> AsyncIterator[ChatEvent]:
         """Events for ``request``: ``Started``, content pieces, ``Finished``.
 
@@ -486,4 +486,4 @@ class _Pending:
         return key in self.inflight and key not in self.ignored
 
 
-__all__ = ["Prepared", "Service", "tier_stack"]
+__all__ = ["MarkRules", "ModelCachePolicy", "Prepared", "Service", "tier_stack"]
