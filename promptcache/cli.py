@@ -45,6 +45,8 @@ _HELP = {
     "ttl_1h": "honour 1h TTLs; when false they act as 5m (default true)",
     "tenant_cache_share": "share of each cache tier a tenant may hold when others need room, "
     "with api keys configured (default 0.5)",
+    "prices": "price sheet (TOML/JSON, as bench --prices) for the live savings in "
+    "/v1/cache/stats (default: a Claude Sonnet-class sheet)",
     "openai_round_cached_tokens": "report OpenAI cached_tokens in 128s (default false: exact)",
     "log_level": "debug, info (default), warning or error",
 }

@@ -74,6 +74,8 @@ class CacheConfig:
     ttl_1h: bool = True
     inflight_wait_timeout_s: float = 60.0
     tenant_cache_share: float = 0.5
+    prices_file: Path | None = None
+    """The price sheet live savings are counted on (``promptcache bench --prices`` format)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "ttl_1h": ("cache", "ttl_1h", _bool),
     "inflight_wait_timeout_s": ("cache", "inflight_wait_timeout_s", float),
     "tenant_cache_share": ("cache", "tenant_cache_share", _share),
+    "prices": ("cache", "prices_file", _opt_path),
     "openai_round_cached_tokens": ("api", "openai_round_cached_tokens", _bool),
     "log_level": ("", "log_level", str),
 }
