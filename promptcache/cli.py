@@ -52,6 +52,8 @@ _HELP = {
     "default: the flags above",
     "cache_profiles": "custom caching profiles: TOML tables [cache_profiles.NAME] only",
     "prompts_dir": "directory of prompt templates, <id>.json or .yaml (default none)",
+    "prices": "price sheet (TOML/JSON, as bench --prices) for the live savings in "
+    "/v1/cache/stats (default: a Claude Sonnet-class sheet)",
     "openai_round_cached_tokens": "report OpenAI cached_tokens in 128s (default false: exact)",
     "log_level": "debug, info (default), warning or error",
 }

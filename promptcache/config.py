@@ -86,6 +86,8 @@ class CacheConfig:
     """``--cache-profile``: a built-in or custom profile, or ``auto``; None: the flags above."""
     profiles: Mapping[str, CacheProfile] = field(default_factory=dict)
     """Custom profiles, ``[cache_profiles.NAME]``."""
+    prices_file: Path | None = None
+    """The price sheet live savings are counted on (``promptcache bench --prices`` format)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +281,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "tenant_cache_share": ("cache", "tenant_cache_share", _share),
     "cache_profile": ("cache", "profile", _opt_str),
     "cache_profiles": ("cache", "profiles", _profiles),
+    "prices": ("cache", "prices_file", _opt_path),
     "openai_round_cached_tokens": ("api", "openai_round_cached_tokens", _bool),
     "log_level": ("", "log_level", str),
 }

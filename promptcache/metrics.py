@@ -1,10 +1,15 @@
 """Prometheus metrics: request counters and TTFT histograms kept as they happen, per-tier store
 gauges (bytes, peak bytes, budget), pinned entries, in-flight keys and eviction, demotion and
 promotion counts read at scrape time, and the process's own figures (resident memory, CPU). Each
-``Metrics`` has its own registry, so several services in one process (tests) never collide."""
+``Metrics`` has its own registry, so several services in one process (tests) never collide.
+
+Misses are counted by reason (one per breakpoint not read), hits and read tokens by the tier the
+entry was found in, and each tenant's bytes and share of each tier are read at scrape time,
+labelled with a digest of the tenant (never the key or its name)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 
 from prometheus_client import (
@@ -18,7 +23,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from promptcache.cache.store import PrefixStore
-from promptcache.core.response import CacheUsage
+from promptcache.core.response import CacheMiss, CacheUsage
+
+
+def tenant_digest(tenant: str) -> str:
+    """A stable, non-reversible label for a tenant."""
+    return hashlib.sha256(tenant.encode()).hexdigest()[:12]
+
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -60,8 +71,24 @@ class _StoreCollector(Collector):
             "Entries moved to the top tier on a hit, by the tier they left",
             labels=["tier", "reason"],
         )
+        tenant_bytes = GaugeMetricFamily(
+            "promptcache_cache_tenant_bytes",
+            "Bytes of KV held by each tenant (a digest of it), by tier",
+            labels=["tier", "tenant"],
+        )
+        tenant_share = GaugeMetricFamily(
+            "promptcache_cache_tenant_share",
+            "Each tenant's share of each tier's budget (tenant_cache_share bounds it under "
+            "pressure)",
+            labels=["tier", "tenant"],
+        )
         store = self._store()
         for tier in store.tiers:
+            for tenant in sorted(tier.tenants()):
+                held = tier.tenant_bytes(tenant)
+                label = [tier.name, tenant_digest(tenant)]
+                tenant_bytes.add_metric(label, held)
+                tenant_share.add_metric(label, held / max(1, tier.capacity_bytes))
             entries.add_metric([tier.name], len(tier))
             used.add_metric([tier.name], tier.used_bytes)
             peak.add_metric([tier.name], tier.peak_bytes)
@@ -84,7 +111,7 @@ class _StoreCollector(Collector):
         ):
             for (tier_name, reason), count in sorted(counts.items()):
                 family.add_metric([tier_name, reason], count)
-        yield from (entries, used, peak, capacity, pinned, inflight)
+        yield from (entries, used, peak, capacity, pinned, inflight, tenant_bytes, tenant_share)
         yield from (evictions, demotions, promotions)
 
 
@@ -120,6 +147,25 @@ class Metrics:
             "Prompt tokens computed by the engine",
             registry=self.registry,
         )
+        self.misses = Counter(
+            "promptcache_cache_misses",
+            "Breakpoints not read, by reason (never_written, expired, evicted, below_minimum, "
+            "outside_lookback, prefix_changed, model_changed)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.tier_hits = Counter(
+            "promptcache_cache_hits",
+            "Requests that read a cache entry, by the tier it was found in",
+            ["tier"],
+            registry=self.registry,
+        )
+        self.tier_read_tokens = Counter(
+            "promptcache_cache_tier_read_tokens",
+            "Prompt tokens read from the cache, by the tier the entry was found in",
+            ["tier"],
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "promptcache_time_to_first_token_seconds",
             "From request start to the first output (or the end of a pre-warm), by outcome",
@@ -130,7 +176,16 @@ class Metrics:
         self.registry.register(_StoreCollector(store, inflight))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
-    def observe(self, usage: CacheUsage, *, restored: int, computed: int, ttft_s: float) -> None:
+    def observe(
+        self,
+        usage: CacheUsage,
+        *,
+        restored: int,
+        computed: int,
+        ttft_s: float,
+        tier: str | None = None,
+        misses: tuple[CacheMiss, ...] = (),
+    ) -> None:
         outcome = "hit" if usage.read_tokens > 0 else "miss"
         self.requests.labels(outcome).inc()
         self.read_tokens.inc(usage.read_tokens)
@@ -139,10 +194,15 @@ class Metrics:
         self.prefill_saved.inc(restored)
         self.prefill_tokens.inc(computed)
         self.ttft.labels(outcome).observe(ttft_s)
+        for miss in misses:
+            self.misses.labels(miss.reason).inc()
+        if tier is not None and usage.read_tokens:
+            self.tier_hits.labels(tier).inc()
+            self.tier_read_tokens.labels(tier).inc(usage.read_tokens)
 
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
 
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "tenant_digest"]

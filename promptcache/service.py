@@ -22,13 +22,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, replace
 
+from promptcache.bench import prices
 from promptcache.cache import planner
 from promptcache.cache.clock import Clock, WallClock
 from promptcache.cache.entry import Entry
 from promptcache.cache.hashing import Namespace, block_hashes
 from promptcache.cache.inflight import InFlight
+from promptcache.cache.misses import PromptHistory
 from promptcache.cache.policy import (
-    ANTHROPIC_RULES,
     Breakpoint,
     MarkRules,
     ModelCachePolicy,
@@ -37,13 +38,21 @@ from promptcache.cache.policy import (
 from promptcache.cache.profiles import CacheProfile
 from promptcache.cache.store import PrefixStore
 from promptcache.cache.tiers import DiskTier, Tier, TierStack
-from promptcache.config import AwsCredential, CacheConfig, ServerConfig, profile_table
+from promptcache.config import AwsCredential, CacheConfig, ConfigError, ServerConfig, profile_table
 from promptcache.core.layout import PromptLayout, render
 from promptcache.core.output import OutputParser
 from promptcache.core.payload import CorruptPayload, KVPayload
 from promptcache.core.request import ChatRequest, Sampling
-from promptcache.core.response import CacheUsage, ChatEvent, Finished, Started, StopReason
+from promptcache.core.response import (
+    CacheUsage,
+    ChatEvent,
+    Diagnosis,
+    Finished,
+    Started,
+    StopReason,
+)
 from promptcache.credentials import find_secret, secret_bytes
+from promptcache.diagnosis import RecentMessages, shape_of
 from promptcache.engine.base import (
     Engine,
     EngineRequest,
@@ -62,13 +71,15 @@ from promptcache.errors import (
     PromptTooLong,
 )
 from promptcache.metrics import Metrics
+from promptcache.savings import Ledger
 from promptcache.templates import Template, TemplateStore
-from promptcache.types import DEFAULT_TENANT, BlockHash, TenantId
+from promptcache.types import DEFAULT_TENANT, BlockHash, Section, TenantId
 from promptcache.worker import EngineWorker, Job
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 30.0
+_HOSTED_RULES = MarkRules()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +89,10 @@ class Prepared:
     layout: PromptLayout
     breakpoints: list[Breakpoint]
     policy: ModelCachePolicy
+
+    @property
+    def sections(self) -> list[Section]:
+        return [block.section for block in self.layout.blocks]
 
 
 class Service:
@@ -115,6 +130,16 @@ class Service:
         )
         self.inflight = InFlight()
         self.metrics = Metrics(lambda: self.store, lambda: len(self.inflight))
+        self.history = PromptHistory()
+        """The tenants' recent prompts (key chains), to explain misses (``cache/misses.py``)."""
+        self.messages = RecentMessages()
+        """Message ids of requests that asked for Anthropic's diagnostics (spec §3.12)."""
+        try:
+            sheet = prices.load(config.cache.prices_file)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"price sheet: {exc}") from exc
+        self.ledger = Ledger(sheet)
+        """Live savings per tenant and in total (``/v1/cache/stats``, the dashboard)."""
         self._fetches: dict[BlockHash, asyncio.Future[KVPayload]] = {}
         self.worker = EngineWorker()
         self._sweeper: asyncio.Task[None] | None = None
@@ -249,7 +274,7 @@ class Service:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def prepare(self, request: ChatRequest, rules: MarkRules = ANTHROPIC_RULES) -> Prepared:
+    def prepare(self, request: ChatRequest, rules: MarkRules = _HOSTED_RULES) -> Prepared:
         """Validate the breakpoints (spec §1.14 steps 4-6) under the caching profile of the
         model the request names, and render the prompt."""
         profile = self.profile_for(request.model)
@@ -264,7 +289,7 @@ class Service:
             )
         return Prepared(layout, breakpoints, profile.policy)
 
-    async def count_tokens(self, request: ChatRequest, rules: MarkRules = ANTHROPIC_RULES) -> int:
+    async def count_tokens(self, request: ChatRequest, rules: MarkRules = _HOSTED_RULES) -> int:
         """``N`` for ``request``; validates like ``generate`` and never touches the cache."""
         return self.prepare(request, rules).layout.num_tokens
 
@@ -272,8 +297,52 @@ class Service:
         info = self.engine.info
         return Namespace(request.tenant, info.model_id, info.revision, "", request.partition)
 
+    @property
+    def model_tag(self) -> str:
+        """The served weights, for telling ``model_changed`` apart."""
+        info = self.engine.info
+        return f"{info.model_id}@{info.revision}"
+
+    def _explain(self, request: ChatRequest, prepared: Prepared) -> planner.Explain:
+        # Model-neutral keys: the same prompt under another model still matches (model_changed).
+        neutral = Namespace(request.tenant, "", "", "", request.partition)
+        return planner.Explain(
+            tenant=request.tenant,
+            model=self.model_tag,
+            chain=block_hashes(prepared.layout.blocks, neutral),
+            sections=prepared.sections,
+            history=self.history,
+        )
+
+    def _diagnose(
+        self,
+        request: ChatRequest,
+        prepared: Prepared,
+        explain: planner.Explain,
+        plan: planner.CachePlan,
+    ) -> Diagnosis | None:
+        """Anthropic's diagnostics for a request that asked (spec §3.12); it is remembered."""
+        ask = request.diagnostics
+        if ask is None:
+            return None
+        usage = plan.usage
+        shape = shape_of(
+            model=explain.model,
+            chain=explain.chain,
+            sections=explain.sections,
+            ends=[block.end for block in prepared.layout.blocks],
+            cached_tokens=usage.read_tokens + usage.written_total,
+            uncovered=ask.uncovered,
+        )
+        diagnosis = self.messages.diagnose(
+            request.tenant, ask.previous_message_id, shape, usage.read_tokens
+        )
+        if ask.message_id:
+            self.messages.remember(request.tenant, ask.message_id, shape)
+        return diagnosis
+
     async def generate(
-        self, request: ChatRequest, rules: MarkRules = ANTHROPIC_RULES
+        self, request: ChatRequest, rules: MarkRules = _HOSTED_RULES
     ) -> AsyncIterator[ChatEvent]:
         """Events for ``request``: ``Started``, content pieces, ``Finished``.
 
@@ -284,8 +353,10 @@ class Service:
         prepared = self.prepare(request, rules)
         layout = prepared.layout
         keys = block_hashes(layout.blocks, self.namespace(request))
+        explain = self._explain(request, prepared)
         owned: list[BlockHash] = []
-        plan, reuse = await self._acquire(prepared, keys, t0, owned)
+        plan, reuse = await self._acquire(prepared, keys, t0, owned, explain)
+        diagnosis = self._diagnose(request, prepared, explain, plan)
         hit = plan.hit
         # Logits are needed for the last prompt token: restore at most N - 1 tokens (§2.5).
         reuse_tokens = min(plan.read_tokens, layout.num_tokens - 1) if hit else 0
@@ -299,14 +370,16 @@ class Service:
         job = None
         try:
             job = self.worker.submit(self.engine, engine_request)
+            prefill_from = time.perf_counter()
             # The usage is final with the plan: a stream can start now, before a long prefill,
             # so clients see their first byte (and keep-alives) while the prompt is computed.
-            yield Started(plan.usage)
+            yield Started(plan.usage, plan.misses, plan.read_tier, diagnosis)
             first = await job.next()
             while isinstance(first, PrefillProgress):
                 first = await job.next()
             if not isinstance(first, Prefilled):
                 raise EngineFailure("engine did not prefill")
+            self.ledger.rate.observe(first.num_computed_tokens, time.perf_counter() - prefill_from)
             self._commit(plan, first, request.tenant, t0)
             for key in owned:
                 self.inflight.finish(key)
@@ -317,11 +390,22 @@ class Service:
             async for event in self._decode(job, request, plan.usage):
                 if not observed:  # the first output, or the end of a pre-warm
                     observed = True
+                    ttft_s = time.perf_counter() - started_at
                     self.metrics.observe(
                         plan.usage,
                         restored=reuse_tokens,
                         computed=first.num_computed_tokens,
-                        ttft_s=time.perf_counter() - started_at,
+                        ttft_s=ttft_s,
+                        tier=plan.read_tier,
+                        misses=plan.misses,
+                    )
+                    self.ledger.record(
+                        request.tenant,
+                        plan.usage,
+                        misses=plan.misses,
+                        tier=plan.read_tier,
+                        ttft_s=ttft_s,
+                        now=self.clock.now(),
                     )
                 yield event
         except PromptCacheError:
@@ -337,7 +421,12 @@ class Service:
                 job.cancel()
 
     async def _acquire(
-        self, prepared: Prepared, keys: list[BlockHash], t0: float, owned: list[BlockHash]
+        self,
+        prepared: Prepared,
+        keys: list[BlockHash],
+        t0: float,
+        owned: list[BlockHash],
+        explain: planner.Explain | None = None,
     ) -> tuple[planner.CachePlan, KVPayload | None]:
         """Plan, register the planned writes in flight (into ``owned``), and get the hit's bytes
         into the engine's memory.
@@ -349,7 +438,7 @@ class Service:
         """
         try:
             while True:
-                plan = await self._plan(prepared, keys, t0, mine=owned)
+                plan = await self._plan(prepared, keys, t0, mine=owned, explain=explain)
                 # Plan and registration happen in one event-loop step: no lookup misses between.
                 owned += self.inflight.begin(span.key for span in plan.writes)
                 hit = plan.hit
@@ -400,7 +489,12 @@ class Service:
         return replace(sampling, max_tokens=cap)
 
     async def _plan(
-        self, prepared: Prepared, keys: list[BlockHash], t0: float, mine: Collection[BlockHash] = ()
+        self,
+        prepared: Prepared,
+        keys: list[BlockHash],
+        t0: float,
+        mine: Collection[BlockHash] = (),
+        explain: planner.Explain | None = None,
     ) -> planner.CachePlan:
         """Plan, waiting first for any deeper prefix another request is computing (§1.11).
 
@@ -421,6 +515,7 @@ class Service:
                 t0=t0,
                 now=self.clock.now(),
                 pending=_Pending(self.inflight, ignored),
+                explain=explain,
             )
             if plan.wait_for is None:
                 return plan
@@ -505,4 +600,4 @@ class _Pending:
         return key in self.inflight and key not in self.ignored
 
 
-__all__ = ["Prepared", "Service", "tier_stack"]
+__all__ = ["CacheProfile", "MarkRules", "ModelCachePolicy", "Prepared", "Service", "tier_stack"]

@@ -8,12 +8,11 @@ Prompt text is never stored, so none can be shown (spec §1.12).
 
 from __future__ import annotations
 
-import hashlib
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from promptcache.metrics import tenant_digest
 from promptcache.service import Service
 
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -30,11 +29,6 @@ def _credential(request: Request) -> str | None:
 def _denied() -> JSONResponse:
     body = {"error": {"type": "permission_error", "message": "admin credential required"}}
     return JSONResponse(body, status_code=403)
-
-
-def tenant_digest(tenant: str) -> str:
-    """A stable, non-reversible label for a tenant."""
-    return hashlib.sha256(tenant.encode()).hexdigest()[:12]
 
 
 def routes(service: Service) -> list[BaseRoute]:

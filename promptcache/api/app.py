@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from promptcache.api import admin, anthropic, bedrock, openai
+from promptcache.api import admin, anthropic, bedrock, dashboard, openai
 from promptcache.api.anthropic.errors import ENVELOPE as ANTHROPIC
 from promptcache.api.bedrock.errors import ENVELOPE as BEDROCK
 from promptcache.api.guard import Envelope, logger
@@ -94,6 +94,7 @@ def build_app(service: Service) -> Starlette:
     api = service.config.api
     routes: list[BaseRoute] = [_root(service), _health(service), _models(service)]
     routes += admin.routes(service)
+    routes += dashboard.routes(service)
     routes += anthropic.routes(service, max_body_bytes=api.max_body_bytes)
     routes += openai.routes(
         service,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -69,11 +69,13 @@ class Envelope:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One request as its handler sees it: the id every response and log line carries."""
+    """One request as its handler sees it: the id every response and log line carries, and
+    ``headers`` that ``guarded`` adds to its response (the cache header, ``api/route.py``)."""
 
     envelope: Envelope
     request_id: str
     started_at: float
+    headers: dict[str, str] = field(default_factory=dict)
 
     def fail(self, exc: Exception) -> bytes:
         """End a started stream after ``exc``: log it if it is a bug, return the error frame."""
@@ -96,6 +98,7 @@ def guarded(envelope: Envelope, handler: Handler) -> Endpoint:
         except Exception as exc:
             log_unexpected(exc, envelope.name, call.request_id)
             return envelope.response(exc, call.request_id)
+        response.headers.update(call.headers)
         response.headers[envelope.request_id_header] = call.request_id
         return response
 

@@ -8,6 +8,10 @@ remaining breakpoint beyond it::
     entry:              ^h15 (written earlier)
     bp on b34 probes h34, h33, ..., h15  -> hit, A = offset(b15)
     bp on b35 probes h35, ..., h16       -> no hit
+
+Given an ``Explain``, it also says why each breakpoint that was not read missed (``CacheMiss``,
+the reasons of docs/architecture.md), from the store's tombstones and the tenant's prompt
+history (``cache/misses.py``), and then adds this prompt to that history.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
 from promptcache.cache.entry import Entry
+from promptcache.cache.misses import PromptHistory, explain_from_history
 from promptcache.cache.policy import Breakpoint, ModelCachePolicy
 from promptcache.cache.store import PrefixStore
-from promptcache.core.response import CacheUsage
-from promptcache.types import BlockHash, Ttl
+from promptcache.core.response import CacheMiss, CacheUsage
+from promptcache.types import BlockHash, Section, TenantId, TierName, Ttl
 
 LOOKBACK_BLOCKS = 20
 
@@ -45,10 +50,24 @@ class CachePlan:
     writes: tuple[CacheSpan, ...]
     usage: CacheUsage
     wait_for: BlockHash | None = None
+    misses: tuple[CacheMiss, ...] = ()
+    read_tier: TierName | None = None
 
     @property
     def read_tokens(self) -> int:
         return self.usage.read_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Explain:
+    """What explaining misses needs beyond the keys: who asks, under which model, the prompt's
+    model-neutral key chain and each block's section, and the history to compare with."""
+
+    tenant: TenantId
+    model: str
+    chain: Sequence[BlockHash]
+    sections: Sequence[Section]
+    history: PromptHistory
 
 
 def eligible_breakpoints(
@@ -79,6 +98,7 @@ def plan(
     t0: float,
     now: float,
     pending: Container[BlockHash] = (),
+    explain: Explain | None = None,
 ) -> CachePlan:
     """Probe, refresh and pin (spec §1.6 steps 2-5). Mutates the store: every live entry found
     is refreshed from ``t0``, and the deepest one is pinned for the caller.
@@ -125,7 +145,86 @@ def plan(
         read_tokens=read,
         written_tokens={"1h": last_1h - read, "5m": last - last_1h},
     )
-    return CachePlan(hit, spans, usage)
+    misses: tuple[CacheMiss, ...] = ()
+    if explain is not None:
+        misses = _explain(
+            keys, block_ends, breakpoints, candidates, read, policy, store, now, explain
+        )
+        if candidates:
+            deepest_bp = max(bp.block_index for bp in candidates)
+            explain.history.remember(explain.tenant, explain.model, explain.chain[: deepest_bp + 1])
+    tier = hit.tier if hit is not None else None
+    return CachePlan(hit, spans, usage, misses=misses, read_tier=tier)
 
 
-__all__ = ["LOOKBACK_BLOCKS", "CachePlan", "CacheSpan", "eligible_breakpoints", "plan"]
+def _explain(
+    keys: Sequence[BlockHash],
+    block_ends: Sequence[int],
+    breakpoints: Sequence[Breakpoint],
+    candidates: Sequence[Breakpoint],
+    read: int,
+    policy: ModelCachePolicy,
+    store: PrefixStore,
+    now: float,
+    explain: Explain,
+) -> tuple[CacheMiss, ...]:
+    """A ``CacheMiss`` for every breakpoint not read. The most specific reason wins: too short,
+    then the key's own fate (expired, evicted), then a live entry too far back, then the
+    tenant's history (another model, a changed block), else ``never_written``."""
+    misses: list[CacheMiss] = []
+    for bp in breakpoints:
+        index = bp.block_index
+        offset = block_ends[index]
+        if bp not in candidates:
+            if offset < policy.min_cacheable_tokens:
+                misses.append(CacheMiss("below_minimum", index, offset))
+            continue
+        if offset <= read:
+            continue
+        misses.append(_why(keys, block_ends, index, offset, read, store, now, explain))
+    return tuple(misses)
+
+
+def _why(
+    keys: Sequence[BlockHash],
+    block_ends: Sequence[int],
+    index: int,
+    offset: int,
+    read: int,
+    store: PrefixStore,
+    now: float,
+    explain: Explain,
+) -> CacheMiss:
+    key = keys[index]
+    entry = store.peek(key)
+    if entry is not None and not entry.is_live(now):  # expired, still pinned by a reader
+        return CacheMiss("expired", index, offset, age_s=now - entry.expires_at)
+    stone = store.tombstones.get(key)
+    if stone is not None and stone.tenant == explain.tenant:
+        if stone.reason == "expired":
+            return CacheMiss("expired", index, offset, age_s=max(0.0, now - stone.expired_at))
+        return CacheMiss("evicted", index, offset, tier=stone.tier, cause=stone.reason)
+    for earlier in range(index - LOOKBACK_BLOCKS, -1, -1):
+        found = store.peek(keys[earlier])
+        if found is not None and found.is_live(now) and block_ends[earlier] > read:
+            return CacheMiss("outside_lookback", index, offset, found=earlier)
+    changed = explain_from_history(
+        tenant=explain.tenant,
+        model=explain.model,
+        chain=explain.chain,
+        block=index,
+        tokens=offset,
+        sections=explain.sections,
+        history=explain.history,
+    )
+    return changed or CacheMiss("never_written", index, offset)
+
+
+__all__ = [
+    "LOOKBACK_BLOCKS",
+    "CachePlan",
+    "CacheSpan",
+    "Explain",
+    "eligible_breakpoints",
+    "plan",
+]

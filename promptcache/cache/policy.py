@@ -2,7 +2,8 @@
 
 ``resolve_breakpoints`` runs validation steps 4-6 of spec §1.14 (count, automatic-caching
 conflict, TTL order) over the canonical blocks; step 3 (marker shape) belongs to the adapters.
-Each surface selects its ``MarkRules``; each served model has a ``ModelCachePolicy``.
+Each surface brings its ``MarkRules`` (the adapters own them: ``api/*/rules.py``; the defaults
+are the hosted Anthropic texts); each served model has a ``ModelCachePolicy``.
 """
 
 from __future__ import annotations
@@ -40,21 +41,6 @@ class MarkRules:
     auto_mode: Literal["automatic", "implicit"] = "automatic"
 
 
-ANTHROPIC_RULES = MarkRules()
-OPENAI_RULES = MarkRules(auto_mode="implicit")
-"""OpenAI Chat (spec §4.2-§4.3, §4.8): the Anthropic count and order texts, with OpenAI paths in
-the marks; the implicit breakpoint only takes a free slot and never breaks the order."""
-BEDROCK_RULES = MarkRules(
-    count_message="A maximum of 4 cachePoint blocks may be provided. Found {n}.",
-    order_message=(
-        "A cachePoint with ttl '1h' must not come after a cachePoint with ttl '5m'. "
-        "Cache points are processed in the order toolConfig, system, messages."
-    ),
-)
-"""Bedrock Converse (spec §5.3): cachePoint texts, rendered as ValidationException. The order
-message names no path. Converse has no request-level breakpoint, so ``auto_mode`` never applies."""
-
-
 @dataclass(frozen=True, slots=True)
 class ModelCachePolicy:
     """Per-model caching limits (spec §1.8, §5.9)."""
@@ -74,6 +60,9 @@ class Breakpoint:
     is_tool: bool = False
 
 
+_HOSTED = MarkRules()
+
+
 def _last_eligible(placed: Sequence[PlacedBlock]) -> int | None:
     for item in reversed(placed):
         if item.block.is_eligible:
@@ -87,7 +76,7 @@ def _lowest_ttl(marks: Sequence[CacheMark], ttl: Ttl) -> Ttl:
 
 
 def resolve_breakpoints(
-    placed: Sequence[PlacedBlock], auto: CacheMark | None, rules: MarkRules = ANTHROPIC_RULES
+    placed: Sequence[PlacedBlock], auto: CacheMark | None, rules: MarkRules = _HOSTED
 ) -> list[Breakpoint]:
     """Validate the marks of ``placed`` (render order) and return the breakpoints.
 
@@ -129,9 +118,7 @@ def resolve_breakpoints(
 
 
 __all__ = [
-    "ANTHROPIC_RULES",
-    "BEDROCK_RULES",
-    "OPENAI_RULES",
+    "ANTHROPIC_ORDER_MESSAGE",
     "Breakpoint",
     "MarkRules",
     "ModelCachePolicy",

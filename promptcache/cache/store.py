@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from promptcache.cache.entry import Entry
+from promptcache.cache.misses import Tombstone, Tombstones
 from promptcache.cache.tiers import (
     DiskRecord,
     Tier,
@@ -86,6 +87,8 @@ class PrefixStore:
         self.tiers = tiers
         self._entries: OrderedDict[BlockHash, Entry] = OrderedDict()
         self.stats = StoreStats()
+        self.tombstones = Tombstones()
+        """Removed keys, so a miss can say expired or evicted (``cache/misses.py``)."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -116,6 +119,10 @@ class PrefixStore:
         if entry.ref_cnt == 0:
             self._remove(entry, "expired")
         return None
+
+    def peek(self, key: BlockHash) -> Entry | None:
+        """The entry under ``key``, live or not; never mutates (for explaining misses)."""
+        return self._entries.get(key)
 
     def touch(self, entry: Entry, t0: float) -> None:
         """A read: refresh the expiry from request start ``t0`` (never shortening it, §1.7)
@@ -162,6 +169,9 @@ class PrefixStore:
         if not self._place(entry, payload, top.name, 0, now):
             parts = unique_parts(payload.parts)
             if self._over_share(top, tenant, tenant, top.added_bytes(parts)):
+                self.tombstones.add(
+                    key, Tombstone(tenant, "tenant_share", top.name, entry.expires_at)
+                )
                 self.stats.evictions[top.name, "tenant_share"] += 1
                 log.info(
                     "cache entry of %d bytes not stored: its tenant is over its share of %s",
@@ -169,10 +179,12 @@ class PrefixStore:
                     top.name,
                 )
                 return None
+            self.tombstones.add(key, Tombstone(tenant, "rejected", top.name, entry.expires_at))
             self.stats.evictions[top.name, "rejected"] += 1
             log.warning("cache entry of %d bytes fits no tier; not stored", payload.nbytes)
             return None
         self._entries[key] = entry
+        self.tombstones.discard(key)
         self.stats.num_commits += 1
         return entry
 
@@ -437,9 +449,11 @@ class PrefixStore:
             )
         del self._entries[entry.key]
         entry.payload = None
-        self.stats.evictions[
-            source.name, "tenant_share" if reason == "tenant_share" else "capacity"
-        ] += 1
+        cause: EvictReason = "tenant_share" if reason == "tenant_share" else "capacity"
+        self.tombstones.add(
+            entry.key, Tombstone(entry.tenant, cause, source.name, entry.expires_at)
+        )
+        self.stats.evictions[source.name, cause] += 1
         return False
 
     def _leave(self, entry: Entry, tier: Tier) -> None:
@@ -455,6 +469,7 @@ class PrefixStore:
         self._leave(entry, tier)
         del self._entries[entry.key]
         entry.payload = None
+        self.tombstones.add(entry.key, Tombstone(entry.tenant, reason, tier.name, entry.expires_at))
         self.stats.evictions[tier.name, reason] += 1
 
 

@@ -88,6 +88,18 @@ class PlacedBlock:
 
 
 @dataclass(frozen=True, slots=True)
+class DiagnosticsAsk:
+    """Anthropic's ``diagnostics`` request object (spec §3.12): compare with the message named
+    ``previous_message_id`` (None on a first turn), and remember this one as ``message_id``."""
+
+    message_id: str
+    previous_message_id: str | None = None
+    uncovered: str = ""
+    """A digest of what the comparison does not cover (tool choice, thinking, betas): when it
+    differs from the previous message's, the answer is ``unavailable``."""
+
+
+@dataclass(frozen=True, slots=True)
 class ChatRequest:
     """A protocol-neutral chat request, as every adapter decodes it.
 
@@ -105,6 +117,7 @@ class ChatRequest:
     partition: str = ""
     stream: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
+    diagnostics: DiagnosticsAsk | None = None
 
     def placed_blocks(self) -> Iterator[PlacedBlock]:
         """Every leaf block in render order (tools, system, messages), with its index."""
@@ -126,6 +139,7 @@ __all__ = [
     "BlockKind",
     "CacheMark",
     "ChatRequest",
+    "DiagnosticsAsk",
     "Message",
     "PlacedBlock",
     "Sampling",

@@ -11,13 +11,19 @@ rendered in Anthropic's envelope by ``api/guard.py`` (``errors.ENVELOPE``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Final, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
-from promptcache.api.anthropic.decode import check_version, credential, decode_messages
+from promptcache.api.anthropic.decode import (
+    check_version,
+    credential,
+    decode_diagnostics,
+    decode_messages,
+)
 from promptcache.api.anthropic.encode import (
     StreamEncoder,
     collect,
@@ -26,17 +32,12 @@ from promptcache.api.anthropic.encode import (
     new_message_id,
 )
 from promptcache.api.anthropic.errors import ENVELOPE
-from promptcache.api.guard import Call, guarded
-from promptcache.api.http import read_body
-from promptcache.api.streaming import (
-    EventStreamResponse,
-    drain,
-    event_frames,
-    first_event,
-    sse_event,
-)
+from promptcache.api.guard import Call
+from promptcache.api.route import Surface, complete, stream
+from promptcache.api.streaming import EventStreamResponse, sse_event
+from promptcache.api.wire import json_object
 from promptcache.core.request import ChatRequest
-from promptcache.core.response import ChatEvent
+from promptcache.core.response import ChatEvent, Started
 from promptcache.types import TenantId
 
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
@@ -76,83 +77,60 @@ def routes(
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> list[BaseRoute]:
     """The Anthropic Messages routes served by ``service``."""
-    handlers = _Handlers(service, keepalive_s=keepalive_s, max_body_bytes=max_body_bytes)
+    surface = Surface(ENVELOPE, max_body_bytes)
+    handlers = _Handlers(service, surface, keepalive_s=keepalive_s)
     return [
-        Route("/v1/messages", guarded(ENVELOPE, handlers.messages), methods=["POST"]),
-        Route(
-            "/v1/messages/count_tokens",
-            guarded(ENVELOPE, handlers.count_tokens),
-            methods=["POST"],
-        ),
+        surface.route("/v1/messages", handlers.messages),
+        surface.route("/v1/messages/count_tokens", handlers.count_tokens),
     ]
 
 
 class _Handlers:
-    def __init__(
-        self, service: MessagesService, *, keepalive_s: float, max_body_bytes: int
-    ) -> None:
+    def __init__(self, service: MessagesService, surface: Surface, *, keepalive_s: float) -> None:
         self.service = service
+        self.surface = surface
         self.keepalive_s = keepalive_s
-        self.max_body_bytes = max_body_bytes
 
     async def messages(self, request: Request, call: Call) -> Response:
-        chat = await self._admit(request, count_only=False)
+        message_id = new_message_id()
+        chat = await self._admit(request, count_only=False, message_id=message_id)
         events = self.service.generate(chat)
         if chat.stream:
-            return await self._stream(request, chat, events, call)
-        return await self._complete(request, chat, events)
+            # Validation errors arrive on the first step: taken before the status line is sent.
+            encoder = StreamEncoder(model=chat.model, message_id=message_id)
+
+            def encode(event: ChatEvent) -> list[bytes]:
+                return [sse_event(data, event=name) for name, data in encoder.feed(event)]
+
+            frames = await stream(
+                request, call, events, encode, is_finished=lambda: encoder.is_finished
+            )
+            return EventStreamResponse(frames, keepalive=_PING, keepalive_s=self.keepalive_s)
+        collected = await complete(request, call, events)
+        started = collected[0] if collected and isinstance(collected[0], Started) else None
+        body = message_json(
+            collect(collected),
+            model=chat.model,
+            message_id=message_id,
+            diagnosis=started.diagnosis if started is not None else None,
+        )
+        return JSONResponse(body)
 
     async def count_tokens(self, request: Request, call: Call) -> Response:
-        chat = await self._admit(request, count_only=True)
+        chat = await self._admit(request, count_only=True, message_id="")
         return JSONResponse(count_json(await self.service.count_tokens(chat)))
 
-    async def _admit(self, request: Request, *, count_only: bool) -> ChatRequest:
+    async def _admit(self, request: Request, *, count_only: bool, message_id: str) -> ChatRequest:
         """Validation steps 1-3 of spec §1.14, then the model name."""
         tenant = self.service.authenticate(credential(request.headers))
         check_version(request.headers)
-        body = await read_body(request, self.max_body_bytes)
-        chat = decode_messages(body, tenant=tenant, count_only=count_only)
+        data = json_object(await self.surface.body(request))
+        chat = decode_messages(data, tenant=tenant, count_only=count_only)
         self.service.resolve_model(chat.model)  # 404 for an unknown name; chat keeps the alias
-        return chat
-
-    async def _complete(
-        self,
-        request: Request,
-        chat: ChatRequest,
-        events: AsyncIterator[ChatEvent],
-    ) -> Response:
-        collected = await drain(request.receive, events)
-        body = message_json(collect(collected), model=chat.model, message_id=new_message_id())
-        return JSONResponse(body)
-
-    async def _stream(
-        self,
-        request: Request,
-        chat: ChatRequest,
-        events: AsyncIterator[ChatEvent],
-        call: Call,
-    ) -> Response:
-        # Validation errors arrive on the first step: taken before the status line is sent.
-        first = await first_event(request.receive, events)
-        encoder = StreamEncoder(model=chat.model, message_id=new_message_id())
-        return EventStreamResponse(
-            _sse(first, events, encoder, call),
-            keepalive=_PING,
-            keepalive_s=self.keepalive_s,
-        )
-
-
-def _sse(
-    first: ChatEvent, events: AsyncIterator[ChatEvent], encoder: StreamEncoder, call: Call
-) -> AsyncIterator[bytes]:
-    """The SSE frames of one stream; a failure after the first byte ends it with ``error``."""
-
-    def encode(event: ChatEvent) -> list[bytes]:
-        return [sse_event(data, event=name) for name, data in encoder.feed(event)]
-
-    return event_frames(
-        first, events, encode, is_finished=lambda: encoder.is_finished, fail=call.fail
-    )
+        if count_only:
+            return chat
+        ask = decode_diagnostics(data, request.headers, message_id=message_id)
+        return replace(chat, diagnostics=ask) if ask is not None else chat
 
 
 __all__ = ["KEEPALIVE_S", "MAX_BODY_BYTES", "MessagesService", "routes"]

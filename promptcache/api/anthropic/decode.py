@@ -12,6 +12,8 @@ block, and an array gives the blocks of each item (``blocks.py``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Final
@@ -33,7 +35,7 @@ from promptcache.api.anthropic.schema import (
 )
 from promptcache.api.http import bearer_token
 from promptcache.api.wire import json_object, string_metadata
-from promptcache.core.request import Block, ChatRequest, Message, Sampling
+from promptcache.core.request import Block, ChatRequest, DiagnosticsAsk, Message, Sampling
 from promptcache.errors import InvalidRequest
 from promptcache.types import Role, TenantId
 
@@ -199,10 +201,45 @@ def _messages(wire: CountTokensBody) -> Iterator[Message]:
         yield Message(_ROLES[message.role], tuple(blocks))
 
 
+DIAGNOSTICS_BETA: Final = "cache-diagnosis-2026-04-07"
+
+# What the diagnostics comparison does not cover (spec §3.12): a change here is ``unavailable``.
+_UNCOVERED: Final = ("tool_choice", "thinking", "context_management", "output_config")
+
+
+def betas(headers: Mapping[str, str]) -> frozenset[str]:
+    """The ``anthropic-beta`` names (comma-separated, possibly repeated headers joined)."""
+    return frozenset(b.strip() for b in headers.get("anthropic-beta", "").split(",") if b.strip())
+
+
+def decode_diagnostics(
+    data: Mapping[str, Any], headers: Mapping[str, str], *, message_id: str
+) -> DiagnosticsAsk | None:
+    """The request's ``diagnostics`` object under the beta ``cache-diagnosis-2026-04-07``
+    (spec §3.12), to be remembered as ``message_id``; None without the beta or the object."""
+    found = betas(headers)
+    raw = data.get("diagnostics")
+    if DIAGNOSTICS_BETA not in found or raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise InvalidRequest("diagnostics: Input should be a valid dictionary")
+    previous = raw.get("previous_message_id")
+    if previous is not None and not isinstance(previous, str):
+        raise InvalidRequest("diagnostics.previous_message_id: Input should be a valid string")
+    uncovered = {name: data.get(name) for name in _UNCOVERED}
+    uncovered["betas"] = sorted(found)
+    text = json.dumps(uncovered, sort_keys=True, ensure_ascii=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return DiagnosticsAsk(message_id, previous, digest)
+
+
 __all__ = [
     "ACCEPTED_VERSIONS",
     "ATTRIBUTION_PREFIX",
+    "DIAGNOSTICS_BETA",
+    "betas",
     "check_version",
     "credential",
+    "decode_diagnostics",
     "decode_messages",
 ]

@@ -22,6 +22,7 @@ from promptcache.core.response import (
     CacheUsage,
     ChatEvent,
     ChatResult,
+    Diagnosis,
     Started,
     TextOut,
     ToolCallOut,
@@ -90,9 +91,22 @@ def content_json(piece: TextOut | ToolCallOut) -> Json:
     return {"type": "tool_use", "id": piece.id, "name": piece.name, "input": piece.input}
 
 
-def message_json(result: ChatResult, *, model: str, message_id: str) -> Json:
-    """The non-streaming response body. ``max_tokens: 0`` naturally gives ``content: []``."""
-    return {
+def diagnostics_json(diagnosis: Diagnosis) -> Json:
+    """``diagnostics`` of the beta ``cache-diagnosis-2026-04-07`` (spec §3.12)."""
+    if diagnosis.miss is None:
+        return {"cache_miss_reason": None}
+    reason: Json = {"type": diagnosis.miss}
+    if diagnosis.miss not in ("previous_message_not_found", "unavailable"):
+        reason["cache_missed_input_tokens"] = diagnosis.missed_tokens
+    return {"cache_miss_reason": reason}
+
+
+def message_json(
+    result: ChatResult, *, model: str, message_id: str, diagnosis: Diagnosis | None = None
+) -> Json:
+    """The non-streaming response body. ``max_tokens: 0`` naturally gives ``content: []``;
+    ``diagnostics`` only when the request asked for it."""
+    body: Json = {
         "id": message_id,
         "type": "message",
         "role": "assistant",
@@ -102,6 +116,9 @@ def message_json(result: ChatResult, *, model: str, message_id: str) -> Json:
         "stop_sequence": result.stop_sequence,
         "usage": usage_json(result.usage),
     }
+    if diagnosis is not None:
+        body["diagnostics"] = diagnostics_json(diagnosis)
+    return body
 
 
 class StreamEncoder:
@@ -145,7 +162,7 @@ class StreamEncoder:
         ]
 
     def _message(self, started: Started) -> Json:
-        return {
+        message: Json = {
             "id": self.message_id,
             "type": "message",
             "role": "assistant",
@@ -156,6 +173,9 @@ class StreamEncoder:
             # project decision (§3.7): output_tokens is 1 at message_start, as the hosted stream.
             "usage": usage_json(started.usage.with_output(1)),
         }
+        if started.diagnosis is not None:
+            message["diagnostics"] = diagnostics_json(started.diagnosis)
+        return message
 
     def _text(self, text: str) -> list[SSE]:
         if not text:  # never open a block for nothing
@@ -204,6 +224,7 @@ __all__ = [
     "content_json",
     "count_json",
     "delta_usage_json",
+    "diagnostics_json",
     "message_json",
     "new_message_id",
     "new_request_id",

@@ -22,9 +22,10 @@ from typing import Any, Final, Protocol
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from promptcache.api.anthropic.encode import message_json, new_message_id
+from promptcache.api.anthropic.rules import ANTHROPIC_RULES
 from promptcache.api.bedrock import sigv4
 from promptcache.api.bedrock.decode import (
     decode_converse,
@@ -46,18 +47,19 @@ from promptcache.api.bedrock.encode import (
 )
 from promptcache.api.bedrock.errors import ENVELOPE
 from promptcache.api.bedrock.eventstream import event_message
+from promptcache.api.bedrock.rules import BEDROCK_RULES
 from promptcache.api.events import collect
-from promptcache.api.guard import Call, Handler, guarded
-from promptcache.api.http import bearer_token, read_body
+from promptcache.api.guard import Call, Handler
+from promptcache.api.http import bearer_token
 from promptcache.api.openai.prompts import rendered_body, template_call
-from promptcache.api.streaming import EventStreamResponse, drain, event_frames, first_event
+from promptcache.api.route import Surface, complete, stream
+from promptcache.api.streaming import EventStreamResponse
 from promptcache.api.wire import json_object
-from promptcache.cache.policy import ANTHROPIC_RULES, BEDROCK_RULES, MarkRules
-from promptcache.cache.profiles import CacheProfile
 from promptcache.config import AwsCredential
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
 from promptcache.errors import InvalidRequest, NotFound
+from promptcache.service import CacheProfile, MarkRules
 from promptcache.templates import Template
 from promptcache.types import TenantId
 
@@ -124,7 +126,8 @@ def routes(
 ) -> list[BaseRoute]:
     """The Bedrock runtime routes served by ``service``; ``clock`` (epoch seconds) bounds the age
     of SigV4 signatures."""
-    handlers = _Handlers(service, max_body_bytes=max_body_bytes, clock=clock)
+    surface = Surface(ENVELOPE, max_body_bytes)
+    handlers = _Handlers(service, surface, clock=clock)
     operations: dict[str, Handler] = {
         "converse": handlers.converse,
         "converse-stream": handlers.converse_stream,
@@ -135,7 +138,7 @@ def routes(
     # ``:path`` because an ARN model id carries a slash, percent-encoded by boto3 but decoded by
     # the server before routing.
     return [
-        Route(f"/model/{{model_id:path}}/{name}", guarded(ENVELOPE, operation), methods=["POST"])
+        surface.route(f"/model/{{model_id:path}}/{name}", operation)
         for name, operation in operations.items()
     ]
 
@@ -165,15 +168,15 @@ class AwsEventStreamResponse(EventStreamResponse):
 
 class _Handlers:
     def __init__(
-        self, service: BedrockService, *, max_body_bytes: int, clock: Callable[[], float]
+        self, service: BedrockService, surface: Surface, *, clock: Callable[[], float]
     ) -> None:
         self.service = service
-        self.max_body_bytes = max_body_bytes
+        self.surface = surface
         self.clock = clock
 
     async def converse(self, request: Request, call: Call) -> Response:
         chat = await self._converse_request(request)
-        events = await drain(request.receive, self.service.generate(chat, BEDROCK_RULES))
+        events = await complete(request, call, self.service.generate(chat, BEDROCK_RULES))
         body = converse_json(
             collect(events),
             has_cache_points=has_cache_points(chat),
@@ -190,7 +193,7 @@ class _Handlers:
 
     async def invoke(self, request: Request, call: Call) -> Response:
         chat = await self._invoke_request(request)
-        events = await drain(request.receive, self.service.generate(chat, ANTHROPIC_RULES))
+        events = await complete(request, call, self.service.generate(chat, ANTHROPIC_RULES))
         result = collect(events)
         message_id = new_message_id(INVOKE_ID_PREFIX)
         body = message_json(result, model=chat.model, message_id=message_id)
@@ -243,7 +246,7 @@ class _Handlers:
         """Step 1 of spec §1.14 (the credential; the signature once the body is read), then
         the body as a JSON object."""
         caller = self._identify(request.headers)
-        body = await read_body(request, self.max_body_bytes)
+        body = await self.surface.body(request)
         if caller.signed is not None:
             # The path and query as sent, still percent-encoded; latin-1 maps any byte.
             raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
@@ -315,14 +318,10 @@ async def _stream(
 ) -> Response:
     # Validation errors arrive on the first step: taken before the status line is sent, they
     # are ordinary JSON errors (spec §5.5); later failures end the stream with an exception.
-    first = await first_event(request.receive, events)
-
     def encode(event: ChatEvent) -> list[bytes]:
         return [event_message(name, payload) for name, payload in encoder.feed(event)]
 
-    frames = event_frames(
-        first, events, encode, is_finished=lambda: encoder.is_finished, fail=call.fail
-    )
+    frames = await stream(request, call, events, encode, is_finished=lambda: encoder.is_finished)
     return AwsEventStreamResponse(frames)
 
 

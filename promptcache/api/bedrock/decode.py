@@ -27,6 +27,8 @@ from dataclasses import replace
 from typing import Any, Final
 
 from promptcache.api.anthropic.decode import decode_messages
+from promptcache.api.anthropic.rules import ANTHROPIC_RULES
+from promptcache.api.bedrock.rules import BEDROCK_RULES
 from promptcache.api.bedrock.schema import (
     CachePoint,
     ConverseBody,
@@ -44,9 +46,9 @@ from promptcache.api.bedrock.schema import (
     validate,
 )
 from promptcache.api.wire import json_object, to_json
-from promptcache.cache.policy import ANTHROPIC_RULES, BEDROCK_RULES, MarkRules
 from promptcache.core.request import Block, CacheMark, ChatRequest, Message, Sampling
 from promptcache.errors import InvalidRequest
+from promptcache.service import MarkRules
 from promptcache.types import Role, TenantId
 
 DEFAULT_MAX_TOKENS: Final = 1024

@@ -17,25 +17,20 @@ from typing import Final, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from promptcache.api.events import collect
-from promptcache.api.guard import Call, guarded
-from promptcache.api.http import read_body
+from promptcache.api.guard import Call
 from promptcache.api.openai.decode import ChatCall, credentials, decode_chat, wants_rounding
 from promptcache.api.openai.encode import ChunkEncoder, Completion, completion_json
 from promptcache.api.openai.errors import ENVELOPE
-from promptcache.api.streaming import (
-    EventStreamResponse,
-    drain,
-    event_frames,
-    first_event,
-    sse_event,
-)
-from promptcache.cache.policy import OPENAI_RULES, MarkRules
+from promptcache.api.openai.rules import OPENAI_RULES
+from promptcache.api.route import Surface, complete, stream
+from promptcache.api.streaming import EventStreamResponse, sse_event
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
 from promptcache.errors import AuthenticationFailed, NotFound
+from promptcache.service import MarkRules
 from promptcache.types import TenantId
 
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
@@ -81,14 +76,11 @@ def routes(
     ``round_cached_tokens`` is the deployment option of spec §4.6: report ``cached_tokens`` in
     whole 128-token units, as the classic hosted models do, for every request.
     """
+    surface = Surface(ENVELOPE, max_body_bytes)
     handlers = ChatHandlers(
-        service,
-        round_cached_tokens=round_cached_tokens,
-        keepalive_s=keepalive_s,
-        max_body_bytes=max_body_bytes,
+        service, surface, round_cached_tokens=round_cached_tokens, keepalive_s=keepalive_s
     )
-    endpoint = guarded(ENVELOPE, handlers.chat_completions)
-    return [Route("/v1/chat/completions", endpoint, methods=["POST"])]
+    return [surface.route("/v1/chat/completions", handlers.chat_completions)]
 
 
 class ChatHandlers:
@@ -97,15 +89,15 @@ class ChatHandlers:
     def __init__(
         self,
         service: ChatService,
+        surface: Surface,
         *,
         round_cached_tokens: bool,
         keepalive_s: float,
-        max_body_bytes: int,
     ) -> None:
         self.service = service
+        self.surface = surface
         self.round_cached_tokens = round_cached_tokens
         self.keepalive_s = keepalive_s
-        self.max_body_bytes = max_body_bytes
 
     async def chat_completions(self, request: Request, call: Call) -> Response:
         return await self.respond(request, call, await self._admit(request))
@@ -116,24 +108,32 @@ class ChatHandlers:
         round_cached = self.round_cached_tokens or wants_rounding(request.headers)
         events = self.service.generate(chat.request, OPENAI_RULES)
         if chat.request.stream:
-            # Validation errors arrive on the first step: taken before the status line.
-            first = await first_event(request.receive, events)
             encoder = ChunkEncoder(
                 completion, include_usage=chat.include_usage, round_cached=round_cached
             )
-            return EventStreamResponse(
-                _frames(first, events, encoder, call),
-                keepalive=_KEEPALIVE,
-                keepalive_s=self.keepalive_s,
+
+            def encode(event: ChatEvent) -> list[bytes]:
+                return [sse_event(chunk) for chunk in encoder.feed(event)]
+
+            # Then ``data: [DONE]``; a failure after the first byte ends the stream with an
+            # ``{"error": ...}`` frame instead.
+            frames = await stream(
+                request,
+                call,
+                events,
+                encode,
+                is_finished=lambda: encoder.is_finished,
+                trailer=_DONE,
             )
-        result = collect(await drain(request.receive, events))
+            return EventStreamResponse(frames, keepalive=_KEEPALIVE, keepalive_s=self.keepalive_s)
+        result = collect(await complete(request, call, events))
         return JSONResponse(completion_json(result, completion, round_cached=round_cached))
 
     async def _admit(self, request: Request) -> ChatCall:
         """Validation steps 1 and 3 of spec §1.14 (OpenAI has no protocol headers), then the
         model name."""
         tenant = self.authenticate(request.headers)
-        call = decode_chat(await read_body(request, self.max_body_bytes), tenant=tenant)
+        call = decode_chat(await self.surface.body(request), tenant=tenant)
         self.resolve_model(call.request.model)
         return call
 
@@ -162,25 +162,6 @@ class ChatHandlers:
                 continue
         message = _NO_KEY if candidates == [None] else _BAD_KEY
         raise AuthenticationFailed(message, code="invalid_api_key")
-
-
-def _frames(
-    first: ChatEvent, events: AsyncIterator[ChatEvent], encoder: ChunkEncoder, call: Call
-) -> AsyncIterator[bytes]:
-    """The ``data:`` frames of one stream, then ``data: [DONE]``; a failure after the first byte
-    ends it with an ``{"error": ...}`` frame instead."""
-
-    def encode(event: ChatEvent) -> list[bytes]:
-        return [sse_event(chunk) for chunk in encoder.feed(event)]
-
-    return event_frames(
-        first,
-        events,
-        encode,
-        is_finished=lambda: encoder.is_finished,
-        fail=call.fail,
-        trailer=_DONE,
-    )
 
 
 __all__ = ["KEEPALIVE_S", "MAX_BODY_BYTES", "ChatHandlers", "ChatService", "routes"]

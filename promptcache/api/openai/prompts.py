@@ -22,13 +22,13 @@ from typing import Any, Final, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
-from promptcache.api.guard import Call, guarded
-from promptcache.api.http import read_body
+from promptcache.api.guard import Call
 from promptcache.api.openai import KEEPALIVE_S, MAX_BODY_BYTES, ChatHandlers, ChatService
 from promptcache.api.openai.decode import ChatCall, decode_chat_data
 from promptcache.api.openai.errors import ENVELOPE
+from promptcache.api.route import Surface
 from promptcache.api.wire import json_object
 from promptcache.errors import InvalidRequest
 from promptcache.templates import Template
@@ -57,18 +57,11 @@ def routes(
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> list[BaseRoute]:
     """``/v1/prompts/{prompt_id}/completions`` and ``/render`` served by ``service``."""
-    handlers = PromptHandlers(
-        service, round_cached_tokens=round_cached_tokens, max_body_bytes=max_body_bytes
-    )
+    surface = Surface(ENVELOPE, max_body_bytes)
+    handlers = PromptHandlers(service, surface, round_cached_tokens=round_cached_tokens)
     return [
-        Route(
-            "/v1/prompts/{prompt_id}/completions",
-            guarded(ENVELOPE, handlers.completions),
-            methods=["POST"],
-        ),
-        Route(
-            "/v1/prompts/{prompt_id}/render", guarded(ENVELOPE, handlers.render), methods=["POST"]
-        ),
+        surface.route("/v1/prompts/{prompt_id}/completions", handlers.completions),
+        surface.route("/v1/prompts/{prompt_id}/render", handlers.render),
     ]
 
 
@@ -111,19 +104,16 @@ def template_call(body: Mapping[str, Any], tenant: TenantId) -> ChatCall:
 
 class PromptHandlers(ChatHandlers):
     def __init__(
-        self, service: PromptService, *, round_cached_tokens: bool, max_body_bytes: int
+        self, service: PromptService, surface: Surface, *, round_cached_tokens: bool
     ) -> None:
         super().__init__(
-            service,
-            round_cached_tokens=round_cached_tokens,
-            keepalive_s=KEEPALIVE_S,
-            max_body_bytes=max_body_bytes,
+            service, surface, round_cached_tokens=round_cached_tokens, keepalive_s=KEEPALIVE_S
         )
         self.prompts = service
 
     async def _body(self, request: Request) -> tuple[dict[str, Any], TenantId]:
         tenant = self.authenticate(request.headers)
-        body = json_object(await read_body(request, self.max_body_bytes))
+        body = json_object(await self.surface.body(request))
         template = self.prompts.template(request.path_params["prompt_id"], tenant)
         rendered = rendered_body(
             template, variables_of(body), body, default_model=self.prompts.served_model

@@ -16,12 +16,12 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from promptcache.api.bedrock import routes
-from promptcache.cache.policy import MarkRules, ModelCachePolicy
 from promptcache.cache.profiles import CacheProfile
 from promptcache.config import AwsCredential
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
 from promptcache.errors import AuthenticationFailed
+from promptcache.service import MarkRules, ModelCachePolicy
 from tests.api.anthropic.conftest import FakeService
 
 MODEL_ID = "anthropic.claude-3-7-sonnet-20250219-v1:0"

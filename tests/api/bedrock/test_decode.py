@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from promptcache.api.anthropic.decode import decode_messages
+from promptcache.api.anthropic.rules import ANTHROPIC_RULES
 from promptcache.api.bedrock.decode import (
     DEFAULT_MAX_TOKENS,
     MISPLACED_MESSAGE,
@@ -18,7 +19,7 @@ from promptcache.api.bedrock.decode import (
     has_cache_points,
     model_candidates,
 )
-from promptcache.cache.policy import ANTHROPIC_RULES, BEDROCK_RULES
+from promptcache.api.bedrock.rules import BEDROCK_RULES
 from promptcache.core.request import Block, CacheMark, ChatRequest, Sampling
 from promptcache.errors import InvalidRequest
 from promptcache.types import DEFAULT_TENANT

@@ -13,8 +13,9 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from starlette.types import Message
 
+from promptcache.api.anthropic.rules import ANTHROPIC_RULES
 from promptcache.api.bedrock import routes
-from promptcache.cache.policy import ANTHROPIC_RULES, BEDROCK_RULES
+from promptcache.api.bedrock.rules import BEDROCK_RULES
 from promptcache.config import AwsCredential
 from promptcache.core.response import Started, TextOut
 from promptcache.errors import EngineFailure, InvalidRequest

@@ -12,10 +12,11 @@ import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from promptcache.api.anthropic.rules import ANTHROPIC_RULES
 from promptcache.api.openai import routes
-from promptcache.cache.policy import ANTHROPIC_RULES, MarkRules
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent
+from promptcache.service import MarkRules
 from tests.api.anthropic import conftest as anthropic_fakes
 
 CANNED = anthropic_fakes.CANNED

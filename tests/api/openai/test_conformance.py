@@ -13,8 +13,8 @@ from starlette.testclient import TestClient
 
 from promptcache.api.app import build_app
 from promptcache.api.openai.decode import decode_chat
+from promptcache.api.openai.rules import OPENAI_RULES
 from promptcache.cache.clock import FakeClock
-from promptcache.cache.policy import OPENAI_RULES
 from promptcache.config import ApiConfig
 from promptcache.service import Service
 from promptcache.types import DEFAULT_TENANT

@@ -14,7 +14,7 @@ from starlette.types import Message
 
 from promptcache.api.openai import routes
 from promptcache.api.openai.encode import usage_json
-from promptcache.cache.policy import OPENAI_RULES
+from promptcache.api.openai.rules import OPENAI_RULES
 from promptcache.core.request import Block, CacheMark
 from promptcache.core.response import CacheUsage, Finished, Started, TextOut
 from promptcache.errors import EngineFailure, InvalidRequest, Overloaded
