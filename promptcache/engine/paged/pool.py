@@ -66,7 +66,9 @@ class KVPool:
         )
         self.kv[:, :, 0].zero_()
         self.block_bytes = self.kv[:, :, 0].numel() * self.kv.element_size()
-        self._lock = threading.Lock()
+        # Re-entrant: a payload's finalizer (decref) may run on this very thread while it holds
+        # the lock, when a garbage collection starts inside an allocation.
+        self._lock = threading.RLock()
         self._refs = [0] * num_blocks
         self._refs[0] = 1  # the null block is never freed
         self._parts: list[PartId] = [0] * num_blocks
