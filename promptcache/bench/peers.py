@@ -116,6 +116,10 @@ def llama_cpp_server(
         # 262k vocabulary, which took it to 24 GB and the OOM killer on the qa workload.
         "--logits_all",
         "false",
+        # Its default (true) ends the running stream with [DONE] as soon as another request
+        # arrives: with requests in flight together, answers would be cut short, not queued.
+        "--interrupt_requests",
+        "false",
     )
     return Server("llama-cpp", argv, port, "/v1/models", 300)
 
@@ -291,6 +295,12 @@ LLAMA_FORMAT_NOTE = (
 )
 
 
+LLAMA_SERVER_FORMAT_NOTE = (
+    "the embedded GGUF has no chat template, so llama-server renders prompts in ChatML, its "
+    "default: system prompt and turns are kept, with ChatML's markup instead of Gemma's"
+)
+
+
 @contextmanager
 def _terminate_cleanly() -> Iterator[None]:
     """Turn SIGTERM into ``SystemExit`` so the servers' ``finally`` blocks still stop them."""
@@ -338,6 +348,8 @@ def run_peers(plan: PeerPlan, out_dir: Path, protocol: str, run_all: RunAll) -> 
                 run.notes.append(death)
             if slot.label == "llama-cpp-python" and plan.gguf is None:
                 run.notes.append(LLAMA_FORMAT_NOTE)
+            if slot.label == "llama-server" and plan.gguf is None:
+                run.notes.append(LLAMA_SERVER_FORMAT_NOTE)
         return runs
 
 

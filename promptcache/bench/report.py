@@ -396,6 +396,14 @@ def render(report: Report) -> str:
         for run, s in sums[1:]:
             if base.ttft.mean and s.ttft.mean:
                 out.append(compare(base_run.label, base.ttft.mean, run.label, s.ttft.mean))
+        for run, s in sums[1:]:
+            a, b = base.decode_rate.p50, s.decode_rate.p50
+            if a and b:
+                out.append(
+                    f"decode p50: {base_run.label} {a:.1f} tok/s vs {run.label} {b:.1f} tok/s "
+                    f"({max(a, b) / min(a, b):.1f}x, {base_run.label if a >= b else run.label} "
+                    "faster)"
+                )
     for run, _ in sums:
         out += [f"note ({run.label}): {note}" for note in run.notes]
         errors = [r for r in run.records if r.error]

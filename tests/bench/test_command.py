@@ -129,7 +129,7 @@ def test_peer_commands_listen_on_loopback_only() -> None:
     args = dict(zip(llama.argv[3::2], llama.argv[4::2], strict=False))
     assert args["--host"] == "127.0.0.1" and args["--cache"] == "true"
     assert args["--cache_type"] == "ram" and args["--n_threads"] == "2"
-    assert args["--logits_all"] == "false"
+    assert args["--logits_all"] == "false" and args["--interrupt_requests"] == "false"
 
 
 def test_bench_sees_the_server_only_through_http() -> None:

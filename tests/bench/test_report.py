@@ -194,3 +194,6 @@ def test_table_shows_answer_figures(decode_run: report.Report) -> None:
     assert any(line.startswith("llama-cpp-python\u2020") for line in lines)
     assert "content deltas are counted" in table
     assert "concurrency 3" in lines[0]
+    assert (
+        "decode p50: promptcache 10.0 tok/s vs llama-server 50.5 tok/s (5.0x, llama-server" in table
+    )
