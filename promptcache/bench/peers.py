@@ -156,6 +156,8 @@ def llama_server(
         "--cont-batching",
         "--cache-ram",
         "8192",
+        # On Gemma 3 the server disables it at start (its sliding-window KV cannot be shifted);
+        # kept for models where it works.
         "--cache-reuse",
         str(CACHE_REUSE_TOKENS),
         # setup-peers builds it without the web UI (nothing to download).

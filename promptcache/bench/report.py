@@ -3,9 +3,10 @@ decode rate, throughput, tokens not recomputed and hosted-price costs; the termi
 JSON file.
 
 Percentiles interpolate linearly between closest ranks (numpy's default, Hyndman-Fan type 7).
-A request is a *hit* when the server reports cache-read tokens for it. For a server that reports
-no cache usage the split falls back to the workload's own view (the request's stable prefix was
-sent before) and the table says so; token and cost figures it cannot know read "not reported".
+A request is a *hit* when the server reports cache reads for at least half of its prompt. For a
+server that reports no cache usage the split falls back to the workload's own view (the request's
+stable prefix was sent before) and the table says so; token and cost figures it cannot know read
+"not reported".
 
 The decode rate of a request is its output tokens after the first over the time after the first
 token (``(n - 1) / (total - ttft)``): what a reader of the streamed answer sees. Where the server
@@ -26,6 +27,8 @@ from promptcache.bench.client import RequestRecord
 from promptcache.bench.prices import Prices, cost
 
 NOT_REPORTED = "not reported"
+HIT_SHARE = 0.5
+"""By usage, a request is a hit when it read at least this share of its prompt from the cache."""
 
 
 @dataclass
@@ -143,9 +146,17 @@ class Summary:
 
 
 def is_hit(r: RequestRecord, basis: str) -> bool:
-    """Whether ``r`` counts as a cache hit under ``basis`` ("usage" or "workload")."""
+    """Whether ``r`` counts as a cache hit under ``basis`` ("usage" or "workload").
+
+    By usage, a hit reads at least half of its prompt from the cache: a server that caches every
+    prefix (llama-server) also reports reading the few tokens of an instruction line that every
+    prompt shares, which does not make a request on a new document a hit.
+    """
     if basis == "usage":
-        return bool(r.cache_read_tokens)
+        read = r.cache_read_tokens or 0
+        if r.prompt_tokens:
+            return read >= HIT_SHARE * r.prompt_tokens
+        return read > 0
     return r.repeat
 
 

@@ -353,6 +353,7 @@ DECODE_TOPICS = (
     "how a suspension bridge is built",
     "the rules and history of chess openings",
 )
+DECODE_SYSTEM = "You are a staff writer at {party}. You answer every request with a long essay."
 DECODE_ASK = (
     "Write a long, detailed essay about {topic}. Use several paragraphs, give examples and "
     "explain each step in order."
@@ -370,7 +371,7 @@ def decode(
 ) -> Workload:
     """Long answers to short prompts: ``clients`` sessions of ``rounds`` requests each.
 
-    The prompts (~30 tokens) are far below any cacheable size, so caching plays no part: this
+    The prompts (~50 tokens) are far below any cacheable size, so caching plays no part: this
     measures decoding, per stream and in aggregate. ``scale`` and ``ttl`` are accepted for a
     uniform signature and change nothing.
     """
@@ -383,17 +384,24 @@ def decode(
         reqs = []
         for r in range(rounds):
             k = c + r * clients
+            party = corpus.PARTIES[k % len(corpus.PARTIES)]
             # The party (and, past the fixed topics, the round) keeps every prompt distinct.
-            topic = f"{topics[k % len(topics)]} at {corpus.PARTIES[k % len(corpus.PARTIES)]}"
+            topic = f"{topics[k % len(topics)]} at {party}"
             if k >= len(topics):
                 topic += f", part {k // len(topics) + 1}"
+            # A system prompt, because without one llama-cpp-python's fallback chat format has
+            # the base model end its answer at once (an empty reply).
+            system = (Text(DECODE_SYSTEM.format(party=party)),)
             msg = Message("user", (Text(DECODE_ASK.format(topic=topic)),))
             reqs.append(
-                BenchRequest(0, f"client{c}", f"client{c}/r{r}", (), (msg,), (), max_tokens)
+                BenchRequest(0, f"client{c}", f"client{c}/r{r}", system, (msg,), (), max_tokens)
             )
         per_client.append(reqs)
     params = dict(seed=seed, clients=clients, rounds=rounds, max_tokens=max_tokens)
-    return _finish("decode", params, _interleave(per_client))
+    w = _finish("decode", params, _interleave(per_client))
+    # Prompts this short are never cached, so none counts as a repeat (a party's system prompt
+    # comes back in later rounds).
+    return replace(w, requests=tuple(replace(r, repeat=False) for r in w.requests))
 
 
 def _with_cache(part: Part, ttl: Ttl | None) -> Part:

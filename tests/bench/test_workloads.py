@@ -58,7 +58,7 @@ def test_decode_is_short_prompts_and_long_answers() -> None:
     w = workloads.decode(0)
     assert len(w.requests) == 8 and w.params["clients"] == 8
     assert len({r.session for r in w.requests}) == 8
-    assert all(r.max_tokens == 256 and not r.system and not r.tools for r in w.requests)
+    assert all(r.max_tokens == 256 and len(r.system) == 1 and not r.tools for r in w.requests)
     assert all(workloads.estimated_tokens(r) < 100 for r in w.requests)
     # Distinct prompts, none marked, none a repeat of an earlier prefix: caching plays no part.
     assert len({r.messages for r in w.requests}) == 8
