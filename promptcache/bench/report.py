@@ -148,9 +148,9 @@ class Summary:
 def is_hit(r: RequestRecord, basis: str) -> bool:
     """Whether ``r`` counts as a cache hit under ``basis`` ("usage" or "workload").
 
-    By usage, a hit reads at least half of its prompt from the cache: a server that caches every
-    prefix (llama-server) also reports reading the few tokens of an instruction line that every
-    prompt shares, which does not make a request on a new document a hit.
+    By usage, a hit reads at least half of its prompt from the cache: a server that reuses any
+    common prefix also reports small reads on a new prompt (llama-server: 1 cached token, the
+    BOS, on a new document), which do not make it a hit.
     """
     if basis == "usage":
         read = r.cache_read_tokens or 0

@@ -200,8 +200,8 @@ def test_table_shows_answer_figures(decode_run: report.Report) -> None:
 
 
 def test_a_small_shared_read_is_not_a_hit() -> None:
-    # llama-server reads the shared instruction line of a prompt on a new document: a miss.
-    new_doc = RequestRecord(0, "doc1/q0", "c", False, 0.0, 3.0, 3.5, 2700, 40, None, None, 16)
+    # llama-server reports reading the BOS of a prompt on a new document: a miss.
+    new_doc = RequestRecord(0, "doc1/q0", "c", False, 0.0, 3.0, 3.5, 2700, 1, None, None, 16)
     same_doc = RequestRecord(1, "doc1/q1", "c", True, 3.5, 0.2, 0.7, 2705, 2690, None, None, 16)
     assert not report.is_hit(new_doc, "usage") and report.is_hit(same_doc, "usage")
     # Without a prompt count, any read is a hit.
