@@ -38,6 +38,7 @@ class RequestRecord:
     cache_write_tokens: int | None = None
     cache_write_1h_tokens: int | None = None
     output_tokens: int | None = None
+    content_chunks: int | None = None
     text: str = ""
     error: str | None = None
 
@@ -122,6 +123,7 @@ async def send(
         cache_write_tokens=u.cache_write,
         cache_write_1h_tokens=u.cache_write_1h,
         output_tokens=u.output,
+        content_chunks=state.chunks,
         text=state.text[:200],
         error=state.error,
     )

@@ -19,14 +19,15 @@ if TYPE_CHECKING:
     from promptcache.bench.wire import Protocol
     from promptcache.bench.workloads import Workload
 
-WORKLOADS = ("qa", "agent", "chat")
+WORKLOADS = ("qa", "agent", "chat", "decode")
 
 EPILOG = """\
 examples:
   promptcache bench qa --target http://127.0.0.1:8000             # any Anthropic-style server
   promptcache bench agent --target http://127.0.0.1:8080 --protocol openai
   promptcache bench qa --target http://127.0.0.1:8000 --cold      # the cold control
-  promptcache bench qa --peers                # promptcache vs llama-cpp-python vs cold control
+  promptcache bench qa --peers                # promptcache, cold, llama-cpp-python, llama-server
+  promptcache bench decode --peers            # 256-token answers, 8 clients at once per peer
   promptcache bench qa --dry-run --documents 10 --scale 4         # sizes only, no server
   promptcache bench --replay bench-out/qa.json                    # table and plots again
 """
@@ -42,14 +43,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("workload", nargs="?", choices=WORKLOADS, help="qa, agent or chat")
+    p.add_argument("workload", nargs="?", choices=WORKLOADS, help="qa, agent, chat or decode")
     where = p.add_argument_group("where")
     where.add_argument("--target", help="base URL of the server, e.g. http://127.0.0.1:8000")
     where.add_argument(
         "--peers",
         nargs="?",
-        const="promptcache,cold,llama-cpp",
-        help="start the peers on loopback and run each (default all: promptcache,cold,llama-cpp)",
+        const="promptcache,cold,llama-cpp,llama-server",
+        help="start the peers on loopback and run each "
+        "(default all: promptcache,cold,llama-cpp,llama-server)",
     )
     where.add_argument(
         "--protocol",
@@ -61,14 +63,24 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     where.add_argument("--model-name", help="model to ask for (default: the server's first)")
     where.add_argument("--label", help="name of the run in the report (default: the URL)")
     where.add_argument("--cold", action="store_true", help="the cold control: caching off")
-    where.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1)")
+    where.add_argument(
+        "--concurrency",
+        type=int,
+        help="requests in flight (default 1; decode: its --clients). With --peers, 1 takes turns "
+        "request by request; N > 1 runs the whole schedule on each peer in turn, N in flight",
+    )
     where.add_argument("--timeout", type=float, default=900.0, help="per request, seconds")
     where.add_argument("--no-warmup", action="store_true", help="skip the one tiny first request")
 
     size = p.add_argument_group("workload size (defaults finish in minutes on 2 CPU cores)")
     size.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     size.add_argument("--scale", type=float, default=1.0, help="multiply long-context sizes")
-    size.add_argument("--max-tokens", type=int, default=16, help="reply length cap (default 16)")
+    size.add_argument(
+        "--max-tokens",
+        type=int,
+        help="reply length cap (default 16, the prompt side; decode: 256). Raise it to measure "
+        "long answers: total time and decode rate",
+    )
     size.add_argument(
         "--ttl",
         choices=("5m", "1h"),
@@ -77,7 +89,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     size.add_argument("--documents", type=int, default=3, help="qa: documents (default 3)")
     size.add_argument("--questions", type=int, default=3, help="qa: questions each (default 3)")
-    size.add_argument("--clients", type=int, default=3, help="qa: clients (default 3)")
+    size.add_argument("--clients", type=int, help="qa: clients (default 3); decode: (default 8)")
+    size.add_argument("--rounds", type=int, default=1, help="decode: requests per client (1)")
     size.add_argument("--tasks", type=int, default=2, help="agent: tasks (default 2)")
     size.add_argument("--calls", type=int, default=6, help="agent: calls per task (default 6)")
     size.add_argument("--tools", type=int, default=8, help="agent: tools (default 8)")
@@ -101,8 +114,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=Path(".venv-peers/bin/python"),
         help="python with llama-cpp-python[server] (default .venv-peers/bin/python)",
     )
+    peers.add_argument(
+        "--llama-server",
+        type=Path,
+        default=Path(".venv-peers/bin/llama-server"),
+        help="llama.cpp's llama-server binary (default .venv-peers/bin/llama-server)",
+    )
     peers.add_argument("--gguf", type=Path, help="GGUF for llama-cpp (default: embedded Gemma)")
-    peers.add_argument("--threads", type=int, help="llama-cpp threads (default: all cores)")
+    peers.add_argument(
+        "--threads", type=int, help="llama-cpp and llama-server threads (default: all cores)"
+    )
     return p
 
 
@@ -111,13 +132,17 @@ def build_workload(args: argparse.Namespace) -> Workload:
     from promptcache.bench import workloads
 
     ttl = args.ttl or ("1h" if args.peers else "5m")
-    common: dict[str, Any] = dict(scale=args.scale, max_tokens=args.max_tokens, ttl=ttl)
+    common: dict[str, Any] = dict(scale=args.scale, ttl=ttl)
+    if args.max_tokens is not None:
+        common["max_tokens"] = args.max_tokens
+    if args.workload == "decode":
+        return workloads.decode(args.seed, clients=args.clients or 8, rounds=args.rounds, **common)
     if args.workload == "qa":
         return workloads.qa(
             args.seed,
             documents=args.documents,
             questions=args.questions,
-            clients=args.clients,
+            clients=args.clients or 3,
             **common,
         )
     if args.workload == "agent":
@@ -168,17 +193,18 @@ def run(args: argparse.Namespace) -> int:
     if args.workload is None:
         if args.peers in WORKLOADS:  # "bench --peers qa": --peers took the workload's name
             return _fail(f"write the workload first: promptcache bench {args.peers} --peers")
-        return _fail("name a workload (qa, agent or chat), or --replay a report")
+        return _fail("name a workload (qa, agent, chat or decode), or --replay a report")
+    workload = build_workload(args)
+    if args.concurrency is None:
+        # decode is about clients streaming at once; the others default to one at a time.
+        args.concurrency = int(workload.params["clients"]) if workload.name == "decode" else 1
     if args.concurrency < 1:
         return _fail("--concurrency must be at least 1")
-    workload = build_workload(args)
     if args.dry_run:
         print(describe(workload))
         return 0
     if bool(args.target) == bool(args.peers):
         return _fail("give either --target URL or --peers")
-    if args.peers and args.concurrency != 1:
-        return _fail("--peers sends one request at a time, taking turns between servers")
     report = report_mod.Report(workload.name, dict(workload.params), args.concurrency, prices, [])
     try:
         if args.peers:
@@ -202,6 +228,7 @@ def _run_one(
     label: str,
     protocol: str,
     cold: bool,
+    url: str | None = None,
 ) -> None:
     from tqdm import tqdm
 
@@ -210,7 +237,7 @@ def _run_one(
 
     if cold:
         workload = workloads.cold(workload)
-    url = str(args.target).rstrip("/")
+    url = str(url or args.target).rstrip("/")
     proto = cast("Protocol", protocol)
     target = client.Target(url, proto, args.api_key, args.model_name, args.timeout)
     # The run joins the report before it starts, so an interrupted run still reports.
@@ -247,7 +274,9 @@ def _run_peers(args: argparse.Namespace, workload: Workload, report: Report) -> 
     plan = peers.PeerPlan(
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
         peers_python=args.peers_python,
+        llama_server_bin=args.llama_server,
         gguf=args.gguf,
+        slots=args.concurrency,
         threads=args.threads or os.cpu_count() or 1,
     )
     problems = peers.check(plan)
@@ -256,7 +285,16 @@ def _run_peers(args: argparse.Namespace, workload: Workload, report: Report) -> 
     protocol = args.protocol or "openai"
 
     def run_all(slots: list[peers.Slot]) -> list[Run]:
-        return _run_interleaved(args, workload, report, slots)
+        if args.concurrency == 1:
+            return _run_interleaved(args, workload, report, slots)
+        # Batching needs requests in flight together, so taking turns request by request cannot
+        # show it: each run gets the whole schedule in turn while the other servers idle (an idle
+        # server costs nothing), so no run competes with another for the CPU.
+        runs = []
+        for slot in slots:
+            _run_one(args, workload, report, slot.label, slot.protocol, slot.cold, slot.url)
+            runs.append(report.runs[-1])
+        return runs
 
     started = time.monotonic()
     peers.run_peers(plan, args.out, protocol, run_all)

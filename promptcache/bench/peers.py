@@ -1,9 +1,10 @@
 """The peer runner: start, on loopback, the servers a user would otherwise pick and run the same
 workload against each, in one run.
 
-The runs take turns request by request (``client.run_interleaved``): one request is in flight at
-a time, so no server steals another's CPU, and load from outside falls on all of them alike.
-The peers:
+By default the runs take turns request by request (``client.run_interleaved``): one request is in
+flight at a time, so no server steals another's CPU, and load from outside falls on all of them
+alike. With a concurrency above 1 each run gets the whole schedule with that many requests in
+flight, one run after another (the others idle), to show batching. The peers:
 
 - ``promptcache``: ``python -m promptcache serve`` with the embedded Gemma 3 270M;
 - ``cold``: the cold control, the same prompts with caching off, on that same server;
@@ -11,6 +12,9 @@ The peers:
   cache on. It lives in its own virtual environment (``.venv-peers``, see docs/benchmarks.md):
   ``pip install 'llama-cpp-python[server]'`` compiles llama.cpp, which the project's venv is
   spared.
+- ``llama-server``: llama.cpp's own server, built by ``scripts/setup-peers`` from the llama.cpp
+  that the same llama-cpp-python sdist vendors, on the same GGUF with its prompt cache on, one
+  slot per concurrent request and ``--cache-reuse``.
 
 Every server listens on 127.0.0.1 on a free port, logs to ``<out>/<name>.log`` and is stopped
 (terminate, then kill) when the runs end, whatever happens (errors, Ctrl-C, SIGTERM).
@@ -35,7 +39,7 @@ import httpx
 if TYPE_CHECKING:
     from promptcache.bench.report import Run
 
-PEERS = ("promptcache", "cold", "llama-cpp")
+PEERS = ("promptcache", "cold", "llama-cpp", "llama-server")
 LOOPBACK = "127.0.0.1"
 
 
@@ -112,8 +116,54 @@ def llama_cpp_server(
         # 262k vocabulary, which took it to 24 GB and the OOM killer on the qa workload.
         "--logits_all",
         "false",
+        # Its default (true) ends the running stream with [DONE] as soon as another request
+        # arrives: with requests in flight together, answers would be cut short, not queued.
+        "--interrupt_requests",
+        "false",
     )
     return Server("llama-cpp", argv, port, "/v1/models", 300)
+
+
+CACHE_REUSE_TOKENS = 256
+"""``--cache-reuse``: the shortest chunk llama-server moves by KV shifting, not recomputing."""
+
+
+def llama_server(
+    binary: Path, gguf: Path, port: int, threads: int, slots: int = 1, n_ctx: int = 8192
+) -> Server:
+    """llama.cpp's llama-server: prompt cache on, ``slots`` parallel slots of ``n_ctx`` each."""
+    argv = (
+        str(binary),
+        "--model",
+        str(gguf),
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        # One slot per request in flight, each with the context llama-cpp-python gets: the
+        # context is split evenly between the slots.
+        "--parallel",
+        str(slots),
+        "--ctx-size",
+        str(n_ctx * slots),
+        "--threads",
+        str(threads),
+        "--threads-batch",
+        str(threads),
+        # Its defaults already, said out loud: reuse a slot's prompt, continuous batching, and
+        # the host-memory prompt cache (8 GiB) that keeps prompts of idle slots for later hits.
+        "--cache-prompt",
+        "--cont-batching",
+        "--cache-ram",
+        "8192",
+        # On Gemma 3 the server disables it at start (its sliding-window KV cannot be shifted);
+        # kept for models where it works.
+        "--cache-reuse",
+        str(CACHE_REUSE_TOKENS),
+        # setup-peers builds it without the web UI (nothing to download).
+        "--no-webui",
+    )
+    return Server("llama-server", argv, port, "/health", 300)
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -196,7 +246,9 @@ class PeerPlan:
 
     peers: tuple[str, ...] = PEERS
     peers_python: Path = Path(".venv-peers/bin/python")
+    llama_server_bin: Path = Path(".venv-peers/bin/llama-server")
     gguf: Path | None = None
+    slots: int = 1
     threads: int = os.cpu_count() or 1
     promptcache_args: tuple[str, ...] = ()
 
@@ -214,6 +266,12 @@ def check(plan: PeerPlan) -> list[str]:
             ".venv-peers/bin/pip install 'llama-cpp-python[server]'\n"
             "(compiles llama.cpp, ~12 minutes on 2 cores), or pass --peers-python, "
             "or leave llama-cpp out of --peers"
+        )
+    if "llama-server" in plan.peers and not plan.llama_server_bin.exists():
+        problems.append(
+            f"{plan.llama_server_bin} not found: build it once with scripts/setup-peers "
+            "(cmake, from the llama.cpp that llama-cpp-python vendors; ~10 minutes on 2 cores), "
+            "or pass --llama-server, or leave llama-server out of --peers"
         )
     return problems
 
@@ -236,6 +294,12 @@ LLAMA_FORMAT_NOTE = (
     "the embedded GGUF has no chat template, so llama-cpp-python renders prompts in its llama-2 "
     "fallback format: system prompt and turns are kept, tool definitions and tool messages are "
     "dropped (its prompts are shorter on the agent workload)"
+)
+
+
+LLAMA_SERVER_FORMAT_NOTE = (
+    "the embedded GGUF has no chat template, so llama-server renders prompts in ChatML, its "
+    "default: system prompt and turns are kept, with ChatML's markup instead of Gemma's"
 )
 
 
@@ -272,6 +336,13 @@ def run_peers(plan: PeerPlan, out_dir: Path, protocol: str, run_all: RunAll) -> 
             server = llama_cpp_server(plan.peers_python, gguf, free_port(), plan.threads)
             llama = stack.enter_context(running(server, out_dir / "llama-cpp.log"))
             slots.append((Slot("llama-cpp-python", llama.url, "openai", False), llama))
+        if "llama-server" in wanted:
+            gguf = plan.gguf or default_gguf()
+            server = llama_server(
+                plan.llama_server_bin, gguf, free_port(), plan.threads, max(1, plan.slots)
+            )
+            ls = stack.enter_context(running(server, out_dir / "llama-server.log"))
+            slots.append((Slot("llama-server", ls.url, "openai", False), ls))
         runs = run_all([slot for slot, _ in slots])
         for run, (slot, handle) in zip(runs, slots, strict=True):
             death = handle.died()
@@ -279,10 +350,13 @@ def run_peers(plan: PeerPlan, out_dir: Path, protocol: str, run_all: RunAll) -> 
                 run.notes.append(death)
             if slot.label == "llama-cpp-python" and plan.gguf is None:
                 run.notes.append(LLAMA_FORMAT_NOTE)
+            if slot.label == "llama-server" and plan.gguf is None:
+                run.notes.append(LLAMA_SERVER_FORMAT_NOTE)
         return runs
 
 
 __all__ = [
+    "CACHE_REUSE_TOKENS",
     "PEERS",
     "PeerPlan",
     "RunAll",
@@ -293,6 +367,7 @@ __all__ = [
     "default_gguf",
     "free_port",
     "llama_cpp_server",
+    "llama_server",
     "promptcache_server",
     "run_peers",
     "running",

@@ -1,10 +1,17 @@
-"""Per-run figures from per-request records: TTFT percentiles by hit and miss, throughput, tokens
-not recomputed and hosted-price costs; the terminal table and the JSON file.
+"""Per-run figures from per-request records: TTFT percentiles by hit and miss, time per request,
+decode rate, throughput, tokens not recomputed and hosted-price costs; the terminal table and the
+JSON file.
 
 Percentiles interpolate linearly between closest ranks (numpy's default, Hyndman-Fan type 7).
-A request is a *hit* when the server reports cache-read tokens for it. For a server that reports
-no cache usage the split falls back to the workload's own view (the request's stable prefix was
-sent before) and the table says so; token and cost figures it cannot know read "not reported".
+A request is a *hit* when the server reports cache reads for at least half of its prompt. For a
+server that reports no cache usage the split falls back to the workload's own view (the request's
+stable prefix was sent before) and the table says so; token and cost figures it cannot know read
+"not reported".
+
+The decode rate of a request is its output tokens after the first over the time after the first
+token (``(n - 1) / (total - ttft)``): what a reader of the streamed answer sees. Where the server
+reports no output tokens, its stream's content deltas stand in for them (one per token on a
+server that streams token by token) and the table marks the run.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from promptcache.bench.client import RequestRecord
 from promptcache.bench.prices import Prices, cost
 
 NOT_REPORTED = "not reported"
+HIT_SHARE = 0.5
+"""By usage, a request is a hit when it read at least this share of its prompt from the cache."""
 
 
 @dataclass
@@ -113,8 +122,10 @@ class Summary:
     miss: Stats
     split_basis: str
     total_time: Stats
+    decode_rate: Stats
+    token_basis: str  # where output token counts come from: "usage", "chunks" (deltas), "none"
     output_tokens: int | None
-    output_tokens_per_s: float | None
+    output_tokens_per_s: float | None  # aggregate: all output tokens over the run's wall time
     requests_per_min: float
     prompt_tokens: int | None
     cache_read_tokens: int | None
@@ -135,10 +146,40 @@ class Summary:
 
 
 def is_hit(r: RequestRecord, basis: str) -> bool:
-    """Whether ``r`` counts as a cache hit under ``basis`` ("usage" or "workload")."""
+    """Whether ``r`` counts as a cache hit under ``basis`` ("usage" or "workload").
+
+    By usage, a hit reads at least half of its prompt from the cache: a server that reuses any
+    common prefix also reports small reads on a new prompt (llama-server: 1 cached token, the
+    BOS, on a new document), which do not make it a hit.
+    """
     if basis == "usage":
-        return bool(r.cache_read_tokens)
+        read = r.cache_read_tokens or 0
+        if r.prompt_tokens:
+            return read >= HIT_SHARE * r.prompt_tokens
+        return read > 0
     return r.repeat
+
+
+def generated_tokens(r: RequestRecord) -> int | None:
+    """Output tokens of ``r``: the reported count, else its stream's content deltas."""
+    return r.output_tokens if r.output_tokens is not None else r.content_chunks
+
+
+def decode_rate(r: RequestRecord) -> float | None:
+    """Output tokens per second after the first token; ``None`` with fewer than two tokens."""
+    n = generated_tokens(r)
+    if r.error is not None or r.ttft_s is None or n is None or n < 2:
+        return None
+    span = r.total_s - r.ttft_s
+    return (n - 1) / span if span > 0 else None
+
+
+def _token_basis(ok: Sequence[RequestRecord]) -> str:
+    if all(r.output_tokens is not None for r in ok):
+        return "usage"
+    if all(generated_tokens(r) is not None for r in ok):
+        return "chunks"
+    return "none"
 
 
 def summarize(run: Run, prices: Prices) -> Summary:
@@ -154,6 +195,8 @@ def summarize(run: Run, prices: Prices) -> Summary:
     else:
         wall = 0.0
     out_tokens = _total([r.output_tokens for r in ok])
+    generated = _total([generated_tokens(r) for r in ok])
+    rates = [x for x in (decode_rate(r) for r in ok) if x is not None]
     costs = [request_costs(r, prices, run.ttl) for r in ok]
     return Summary(
         requests=len(run.records),
@@ -164,8 +207,10 @@ def summarize(run: Run, prices: Prices) -> Summary:
         miss=stats(misses),
         split_basis=basis,
         total_time=stats([r.total_s for r in ok]),
+        decode_rate=stats(rates),
+        token_basis=_token_basis(ok),
         output_tokens=out_tokens,
-        output_tokens_per_s=out_tokens / wall if out_tokens is not None and wall > 0 else None,
+        output_tokens_per_s=generated / wall if generated is not None and wall > 0 else None,
         requests_per_min=60.0 * len(ok) / wall if wall > 0 else 0.0,
         prompt_tokens=_total([r.prompt_tokens for r in ok]),
         cache_read_tokens=_total([r.cache_read_tokens for r in ok]),
@@ -242,6 +287,10 @@ def _s(x: float | None) -> str:
     return NOT_REPORTED if x is None else f"{x:.2f} s"
 
 
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} tok/s"
+
+
 def _n(x: int | None) -> str:
     return NOT_REPORTED if x is None else f"{x:,}"
 
@@ -286,7 +335,6 @@ def render(report: Report) -> str:
         "",
     ]
     lat_header = ["run", "ok", "TTFT mean", "hit p50", "hit p95", "miss p50", "miss p95"]
-    lat_header += ["total mean", "out tok/s", "wall"]
     lat_rows = []
     for run, s in sums:
         star = "" if s.split_basis == "usage" else "*"
@@ -299,12 +347,34 @@ def render(report: Report) -> str:
                 _s(s.hit.p95),
                 f"{_s(s.miss.p50)} ({s.miss.n})",
                 _s(s.miss.p95),
-                _s(s.total_time.mean),
-                "-" if s.output_tokens_per_s is None else f"{s.output_tokens_per_s:.1f}",
-                f"{s.wall_s:.0f} s",
             ]
         )
     out += _table(lat_header, lat_rows)
+    out.append("")
+    ans_header = ["run", "total p50", "total mean", "decode p50", "out tok/s", "req/min", "wall"]
+    ans_rows = []
+    for run, s in sums:
+        mark = "" if s.token_basis == "usage" else "\u2020"
+        ans_rows.append(
+            [
+                run.label + mark,
+                _s(s.total_time.p50),
+                _s(s.total_time.mean),
+                _rate(s.decode_rate.p50),
+                "-" if s.output_tokens_per_s is None else f"{s.output_tokens_per_s:.1f}",
+                f"{s.requests_per_min:.1f}",
+                f"{s.wall_s:.0f} s",
+            ]
+        )
+    out += _table(ans_header, ans_rows)
+    out.append(
+        "decode p50: per request, output tokens/s after the first token; "
+        "out tok/s: all output tokens over the run's wall time"
+    )
+    if any(s.token_basis != "usage" for _, s in sums):
+        out.append(
+            "\u2020 the server reports no output tokens: its stream's content deltas are counted"
+        )
     out.append("")
     cost_header = ["run", "prompt tokens", "not recomputed", "written", "cost cached"]
     cost_header += ["cost uncached", "saving"]
@@ -337,6 +407,14 @@ def render(report: Report) -> str:
         for run, s in sums[1:]:
             if base.ttft.mean and s.ttft.mean:
                 out.append(compare(base_run.label, base.ttft.mean, run.label, s.ttft.mean))
+        for run, s in sums[1:]:
+            a, b = base.decode_rate.p50, s.decode_rate.p50
+            if a and b:
+                out.append(
+                    f"decode p50: {base_run.label} {a:.1f} tok/s vs {run.label} {b:.1f} tok/s "
+                    f"({max(a, b) / min(a, b):.1f}x, {base_run.label if a >= b else run.label} "
+                    "faster)"
+                )
     for run, _ in sums:
         out += [f"note ({run.label}): {note}" for note in run.notes]
         errors = [r for r in run.records if r.error]
@@ -352,6 +430,8 @@ __all__ = [
     "Stats",
     "Summary",
     "compare",
+    "decode_rate",
+    "generated_tokens",
     "is_hit",
     "load",
     "percentile",

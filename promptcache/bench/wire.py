@@ -187,6 +187,9 @@ class StreamState:
 
     usage: Usage
     first_content: bool = False
+    # Content deltas seen: a stand-in for output tokens where the usage says none (servers that
+    # stream token by token send one delta per token, or fewer when a character spans tokens).
+    chunks: int = 0
     done: bool = False
     text: str = ""
     error: str | None = None
@@ -200,6 +203,7 @@ def anthropic_event(data: dict[str, Any], state: StreamState) -> bool:
     elif kind == "content_block_delta":
         delta = data.get("delta") or {}
         state.text += str(delta.get("text") or delta.get("partial_json") or "")
+        state.chunks += 1
         return _first(state)
     elif kind == "content_block_start" and (data.get("content_block") or {}).get("type") in (
         "tool_use",
@@ -230,6 +234,7 @@ def openai_event(data: dict[str, Any], state: StreamState) -> bool:
         delta = choice.get("delta") or {}
         if delta.get("content") or delta.get("tool_calls"):
             state.text += str(delta.get("content") or "")
+            state.chunks += 1
             first = _first(state) or first
         elif choice.get("finish_reason"):
             first = _first(state) or first

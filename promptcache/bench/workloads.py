@@ -1,6 +1,6 @@
 """The benchmark's traffic: protocol-neutral requests, generated deterministically from a seed.
 
-Three shapes that prompt caching is bought for, plus a control:
+Three shapes that prompt caching is bought for, one for the answer side, plus a control:
 
 - ``qa``: multi-document Q&A (RAG, legal review). D contracts of ~2.5k tokens each sit in the
   system prompt with a breakpoint; Q questions per document arrive interleaved across documents
@@ -10,6 +10,8 @@ Three shapes that prompt caching is bought for, plus a control:
   latest message moves forward, so each call reads what the previous one wrote.
 - ``chat``: multi-turn chat about a document. The document is marked in the system prompt and a
   second breakpoint moves to the latest user turn.
+- ``decode``: long answers to short prompts, one session per client: what a reader of a streamed
+  answer waits for once the first token is there (run with as many requests in flight as clients).
 - ``cold(w)``: the same prompts with every marker removed and caching switched off.
 
 Assistant turns inside transcripts are scripted rather than taken from the model's replies, so
@@ -26,7 +28,7 @@ from typing import Any, Literal
 from promptcache.bench import corpus
 
 Ttl = Literal["5m", "1h"]
-WORKLOADS = ("qa", "agent", "chat")
+WORKLOADS = ("qa", "agent", "chat", "decode")
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,9 @@ def _finish(name: str, params: dict[str, Any], reqs: list[BenchRequest]) -> Work
     out = []
     for i, req in enumerate(reqs):
         key = _prefix_key(req)
-        out.append(replace(req, index=i, repeat=key in seen))
+        # A request with no system prompt or tools has no stable prefix to repeat.
+        repeat = key in seen and bool(req.system or req.tools)
+        out.append(replace(req, index=i, repeat=repeat))
         seen.add(key)
     return Workload(name, params, tuple(out))
 
@@ -339,6 +343,67 @@ def chat(
     return _finish("chat", params, _interleave(per_conv))
 
 
+DECODE_TOPICS = (
+    "the history of container shipping",
+    "how a city water network is planned",
+    "the life cycle of a software release",
+    "what a lighthouse keeper did each day",
+    "how bread is made in a bakery at night",
+    "the migration of arctic terns",
+    "how a suspension bridge is built",
+    "the rules and history of chess openings",
+)
+DECODE_SYSTEM = "You are a staff writer at {party}. You answer every request with a long essay."
+DECODE_ASK = (
+    "Write a long, detailed essay about {topic}. Use several paragraphs, give examples and "
+    "explain each step in order."
+)
+
+
+def decode(
+    seed: int = 0,
+    *,
+    clients: int = 8,
+    rounds: int = 1,
+    max_tokens: int = 256,
+    scale: float = 1.0,
+    ttl: Ttl = "5m",
+) -> Workload:
+    """Long answers to short prompts: ``clients`` sessions of ``rounds`` requests each.
+
+    The prompts (~50 tokens) are far below any cacheable size, so caching plays no part: this
+    measures decoding, per stream and in aggregate. ``scale`` and ``ttl`` are accepted for a
+    uniform signature and change nothing.
+    """
+    del scale, ttl
+    rng = random.Random(f"decode:{seed}")
+    topics = list(DECODE_TOPICS)
+    rng.shuffle(topics)
+    per_client: list[list[BenchRequest]] = []
+    for c in range(clients):
+        reqs = []
+        for r in range(rounds):
+            k = c + r * clients
+            party = corpus.PARTIES[k % len(corpus.PARTIES)]
+            # The party (and, past the fixed topics, the round) keeps every prompt distinct.
+            topic = f"{topics[k % len(topics)]} at {party}"
+            if k >= len(topics):
+                topic += f", part {k // len(topics) + 1}"
+            # A system prompt, because without one llama-cpp-python's fallback chat format has
+            # the base model end its answer at once (an empty reply).
+            system = (Text(DECODE_SYSTEM.format(party=party)),)
+            msg = Message("user", (Text(DECODE_ASK.format(topic=topic)),))
+            reqs.append(
+                BenchRequest(0, f"client{c}", f"client{c}/r{r}", system, (msg,), (), max_tokens)
+            )
+        per_client.append(reqs)
+    params = dict(seed=seed, clients=clients, rounds=rounds, max_tokens=max_tokens)
+    w = _finish("decode", params, _interleave(per_client))
+    # Prompts this short are never cached, so none counts as a repeat (a party's system prompt
+    # comes back in later rounds).
+    return replace(w, requests=tuple(replace(r, repeat=False) for r in w.requests))
+
+
 def _with_cache(part: Part, ttl: Ttl | None) -> Part:
     """``part`` with its breakpoint set to ``ttl`` (tool calls carry none)."""
     if isinstance(part, Text):
@@ -373,6 +438,8 @@ def build(name: str, seed: int = 0, **sizes: Any) -> Workload:
         return agent(seed, **sizes)
     if name == "chat":
         return chat(seed, **sizes)
+    if name == "decode":
+        return decode(seed, **sizes)
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
 
 
@@ -400,6 +467,7 @@ __all__ = [
     "build",
     "chat",
     "cold",
+    "decode",
     "estimated_tokens",
     "qa",
 ]

@@ -129,7 +129,7 @@ def test_peer_commands_listen_on_loopback_only() -> None:
     args = dict(zip(llama.argv[3::2], llama.argv[4::2], strict=False))
     assert args["--host"] == "127.0.0.1" and args["--cache"] == "true"
     assert args["--cache_type"] == "ram" and args["--n_threads"] == "2"
-    assert args["--logits_all"] == "false"
+    assert args["--logits_all"] == "false" and args["--interrupt_requests"] == "false"
 
 
 def test_bench_sees_the_server_only_through_http() -> None:
@@ -184,3 +184,64 @@ def test_peer_runs_default_to_the_1h_ttl() -> None:
     assert command.build_workload(chosen).params["ttl"] == "5m"
     req = command.build_workload(peer).requests[0]
     assert req.system[0].cache == "1h"
+
+
+def test_llama_server_peer_has_a_slot_per_request_in_flight() -> None:
+    server = peers.llama_server(Path("llama-server"), Path("m.gguf"), 8125, threads=2, slots=8)
+    argv = server.argv
+    opts = {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--") and i + 1 < len(argv)}
+    assert opts["--host"] == "127.0.0.1" and opts["--port"] == "8125"
+    assert opts["--parallel"] == "8" and opts["--ctx-size"] == str(8 * 8192)
+    assert opts["--cache-reuse"] == "256" and opts["--threads"] == "2"
+    assert "--cache-prompt" in argv and "--cont-batching" in argv
+    assert server.health_path == "/health"
+
+
+def test_missing_llama_server_names_the_setup_script(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "qa", "--peers", "llama-server", "--llama-server", "/nonexistent/ls"]
+    assert cli.main(argv) == 2
+    assert "scripts/setup-peers" in capsys.readouterr().err
+
+
+def test_decode_defaults_to_its_clients_in_flight(
+    fake_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "decode", "--target", fake_server, "--out", str(tmp_path), "--clients", "3"]
+    assert cli.main([*argv, "--max-tokens", "12", "--no-progress", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "workload decode: 3 requests per run, concurrency 3" in out
+    (run,) = json.loads((tmp_path / "decode.json").read_text())["runs"]
+    assert run["summary"]["decode_rate"]["n"] >= 1
+    assert all(r["content_chunks"] >= 1 for r in run["requests"])
+
+
+def test_peers_with_concurrency_run_the_whole_schedule_on_each_in_turn(
+    fake_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from promptcache.bench import command
+
+    seen: list[list[str]] = []
+
+    def fake_run_peers(
+        plan: peers.PeerPlan, out_dir: Path, protocol: str, run_all: peers.RunAll
+    ) -> list[object]:
+        assert plan.slots == 2  # llama-server gets one slot per request in flight
+        slots = [
+            peers.Slot("promptcache", fake_server, protocol, False),
+            peers.Slot("promptcache (cold)", fake_server, protocol, True),
+        ]
+        runs = run_all(slots)
+        seen.append([r.label for r in runs])
+        return list(runs)
+
+    monkeypatch.setattr(peers, "run_peers", fake_run_peers)
+    argv = ["bench", "decode", "--peers", "promptcache,cold", "--concurrency", "2"]
+    argv += ["--clients", "2", "--max-tokens", "6", "--out", str(tmp_path), "--no-progress"]
+    assert command.run(cli._parser().parse_args(["bench", *argv[1:]])) == 0
+    assert seen == [["promptcache", "promptcache (cold)"]]
+    data = json.loads((tmp_path / "decode.json").read_text())
+    assert data["concurrency"] == 2
+    for run in data["runs"]:
+        starts = sorted(r["start_s"] for r in run["requests"])
+        # Both clients' requests went out together: batching, not turn-taking.
+        assert len(starts) == 2 and starts[1] - starts[0] < 1.0

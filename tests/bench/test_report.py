@@ -122,3 +122,88 @@ def test_report_round_trips_through_json(recorded: report.Report, tmp_path: Path
     again = report.load(path)
     assert again.runs[0].records == recorded.runs[0].records
     assert report.render(again) == report.render(recorded)
+
+
+DECODE = Path(__file__).parent / "fixtures" / "recorded-decode.json"
+
+
+@pytest.fixture
+def decode_run() -> report.Report:
+    return report.load(DECODE)
+
+
+def test_decode_rate_total_time_and_aggregate_rate(decode_run: report.Report) -> None:
+    s = report.summarize(decode_run.runs[0], decode_run.prices)
+    # (n - 1) / (total - ttft): 100/10, 160/20, 60/5 tokens per second after the first token.
+    assert s.decode_rate == report.Stats(3, approx(10.0), approx(10.0), approx(11.8))
+    assert s.total_time.p50 == approx(11.0)
+    assert s.total_time.mean == approx((11.0 + 21.5 + 7.0) / 3)
+    # Concurrent requests: the wall time is the first start to the last end, not a sum.
+    assert s.wall_s == approx(21.6)
+    assert s.output_tokens_per_s == approx((101 + 161 + 61) / 21.6)
+    assert s.token_basis == "usage"
+
+
+def test_decode_rate_from_stream_chunks_without_usage(decode_run: report.Report) -> None:
+    s = report.summarize(decode_run.runs[1], decode_run.prices)
+    assert s.token_basis == "chunks" and s.output_tokens is None
+    assert s.decode_rate.p50 == approx(40.0)  # 250/5, 200/10, 160/4
+    assert s.output_tokens_per_s == approx((251 + 201 + 161) / 20.5)
+
+
+def test_llama_server_reports_reads_but_not_writes(decode_run: report.Report) -> None:
+    s = report.summarize(decode_run.runs[2], decode_run.prices)
+    # A one-token answer has no decode phase and is left out of the rate.
+    assert s.decode_rate == report.Stats(2, approx(50.5), approx(50.5), approx(50.95))
+    assert (s.split_basis, s.miss.n, s.cache_read_tokens) == ("usage", 3, 0)
+    assert s.cache_write_tokens is None and s.cost_with_caching is None
+    assert s.cost_without_caching is not None
+
+
+def test_table_shows_answer_figures(decode_run: report.Report) -> None:
+    table = report.render(decode_run)
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("run") and "decode p50" in line)
+    assert header.split() == [
+        "run",
+        "total",
+        "p50",
+        "total",
+        "mean",
+        "decode",
+        "p50",
+        "out",
+        "tok/s",
+        "req/min",
+        "wall",
+    ]
+    row = lines[lines.index(header) + 2]  # under the dashes
+    assert row.split() == [
+        "promptcache",
+        "11.00",
+        "s",
+        "13.17",
+        "s",
+        "10.0",
+        "tok/s",
+        "15.0",
+        "8.3",
+        "22",
+        "s",
+    ]
+    assert any(line.startswith("llama-cpp-python\u2020") for line in lines)
+    assert "content deltas are counted" in table
+    assert "concurrency 3" in lines[0]
+    assert (
+        "decode p50: promptcache 10.0 tok/s vs llama-server 50.5 tok/s (5.0x, llama-server" in table
+    )
+
+
+def test_a_small_shared_read_is_not_a_hit() -> None:
+    # llama-server reports reading the BOS of a prompt on a new document: a miss.
+    new_doc = RequestRecord(0, "doc1/q0", "c", False, 0.0, 3.0, 3.5, 2700, 1, None, None, 16)
+    same_doc = RequestRecord(1, "doc1/q1", "c", True, 3.5, 0.2, 0.7, 2705, 2690, None, None, 16)
+    assert not report.is_hit(new_doc, "usage") and report.is_hit(same_doc, "usage")
+    # Without a prompt count, any read is a hit.
+    bare = RequestRecord(2, "x", "c", True, 0.0, 0.1, 0.2, None, 5, None, None, 1)
+    assert report.is_hit(bare, "usage")

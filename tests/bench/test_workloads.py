@@ -28,7 +28,8 @@ def test_same_seed_same_workload_other_seed_other_text(name: str) -> None:
     a, b, c = workloads.build(name, 1), workloads.build(name, 1), workloads.build(name, 2)
     assert a == b
     assert [r.label for r in a.requests] == [r.label for r in c.requests]
-    assert a.requests[0].system != c.requests[0].system
+    first_a, first_c = a.requests[0], c.requests[0]
+    assert (first_a.system, first_a.messages) != (first_c.system, first_c.messages)
     assert [r.index for r in a.requests] == list(range(len(a.requests)))
 
 
@@ -51,6 +52,26 @@ def test_qa_sizes_and_interleaving() -> None:
     assert [r.repeat for r in w.requests] == [False] * 4 + [True] * 8
     assert all(markers(r) == ["system"] for r in w.requests)
     assert w.params["doc_tokens"] == 2500
+
+
+def test_decode_is_short_prompts_and_long_answers() -> None:
+    w = workloads.decode(0)
+    assert len(w.requests) == 8 and w.params["clients"] == 8
+    assert len({r.session for r in w.requests}) == 8
+    assert all(r.max_tokens == 256 and len(r.system) == 1 and not r.tools for r in w.requests)
+    assert all(workloads.estimated_tokens(r) < 100 for r in w.requests)
+    # Distinct prompts, none marked, none a repeat of an earlier prefix: caching plays no part.
+    assert len({r.messages for r in w.requests}) == 8
+    assert not any(r.repeat or markers(r) for r in w.requests)
+    more = workloads.decode(0, clients=3, rounds=4, max_tokens=64)
+    assert [r.label for r in more.requests[:4]] == [
+        "client0/r0",
+        "client1/r0",
+        "client2/r0",
+        "client0/r1",
+    ]
+    assert len({r.messages for r in more.requests}) == 12
+    assert {r.max_tokens for r in more.requests} == {64}
 
 
 def test_qa_scales() -> None:
