@@ -31,21 +31,18 @@ CACHE_HEADER: Final = "x-promptcache-cache"
 
 def miss_text(miss: CacheMiss) -> str:
     """One ``MISS`` item of the grammar."""
+    age = None if miss.age_s is None else round(miss.age_s)
+    optional = (
+        ("age", age),
+        ("tier", miss.tier),
+        ("cause", miss.cause),
+        ("matched", miss.matched_blocks),
+        ("first_diff", miss.first_diff),
+        ("section", miss.section),
+        ("found", miss.found),
+    )
     details = [f"tokens={miss.tokens}"]
-    if miss.age_s is not None:
-        details.append(f"age={round(miss.age_s)}")
-    if miss.tier is not None:
-        details.append(f"tier={miss.tier}")
-    if miss.cause is not None:
-        details.append(f"cause={miss.cause}")
-    if miss.matched_blocks is not None:
-        details.append(f"matched={miss.matched_blocks}")
-    if miss.first_diff is not None:
-        details.append(f"first_diff={miss.first_diff}")
-    if miss.section is not None:
-        details.append(f"section={miss.section}")
-    if miss.found is not None:
-        details.append(f"found={miss.found}")
+    details += [f"{name}={value}" for name, value in optional if value is not None]
     return f"{miss.block}:{miss.reason}:{','.join(details)}"
 
 
