@@ -39,6 +39,7 @@ from promptcache.cache.profiles import CacheProfile
 from promptcache.cache.store import PrefixStore
 from promptcache.cache.tiers import DiskTier, Tier, TierStack
 from promptcache.config import AwsCredential, CacheConfig, ConfigError, ServerConfig, profile_table
+from promptcache.core.detokenize import Detokenizer
 from promptcache.core.layout import PromptLayout, render
 from promptcache.core.output import OutputParser
 from promptcache.core.payload import CorruptPayload, KVPayload
@@ -543,7 +544,8 @@ class Service:
         tokenizer = self.engine.tokenizer
         tool_names = frozenset(b.name for b in request.tools if b.kind == "tool" and b.name)
         parser = OutputParser(request.sampling.stop_sequences, tool_names)
-        token_ids: list[int] = []
+        text = Detokenizer(tokenizer)
+        token_ids = text.token_ids
         reason: StopReason = "end_turn"
         while parser.stop is None:
             event = await job.next()
@@ -558,12 +560,11 @@ class Service:
                     reason = "end_turn"
                 break
             if isinstance(event, TokenOut):
-                token_ids.append(event.token_id)
-                for piece in parser.feed(tokenizer.decode(token_ids)):
+                for piece in parser.feed(text.push(event.token_id)):
                     yield piece
         stop_sequence = None
         if parser.stop is None:
-            for piece in parser.feed(tokenizer.decode(token_ids), final=True):
+            for piece in parser.feed(text.finish(), final=True):
                 yield piece
         else:
             reason = "tool_use" if parser.stop.reason == "tool_use" else "stop_sequence"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptcache.engine.paged.models.base import CausalLM
+from promptcache.engine.paged.models.int4 import RescoredHead, int4_supported
 from promptcache.engine.paged.models.layers import Linear, frozen
 
 
@@ -102,15 +103,21 @@ class DecodeInt8Linear(nn.Module):
 
 
 def add_decode_int8(model: CausalLM, *, max_rows: int = 4) -> DecodeSwitch:
-    """Give every projection and the lm_head an int8 copy for narrow decode steps of at most
-    ``max_rows`` tokens (``DecodeInt8Linear``), in place. Returns the switch the engine sets
-    before each step."""
+    """Give every projection an int8 copy for narrow decode steps of at most ``max_rows`` tokens
+    (``DecodeInt8Linear``), in place, and the lm_head int4 weights with exact rescoring of its
+    best rows (``RescoredHead``, on a CPU; an int8 copy by row count elsewhere). Returns the
+    switch the engine sets before each step."""
     switch = DecodeSwitch(max_rows)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
     for name, module in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, DecodeInt8Linear(module, switch, by_rows=name == "lm_head"))
+        replacement: nn.Module
+        if name == "lm_head" and int4_supported(module):
+            replacement = RescoredHead(module)
+        else:
+            replacement = DecodeInt8Linear(module, switch, by_rows=name == "lm_head")
+        setattr(parent, attr, replacement)
     return switch
 
 

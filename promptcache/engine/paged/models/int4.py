@@ -1,0 +1,99 @@
+"""A vocabulary projection that reads int4 weights, then rescores its best rows exactly
+(``RescoredHead``).
+
+The lm_head of a large-vocabulary model is the biggest matmul of a CPU decode step (Gemma 3's
+262k x 640 is 168 MB in int8, against ~100 MB for all its layers), and a step of one token is
+bound by the bytes it reads. Group-wise int4 (PyTorch's own ``_weight_int4pack_mm_for_cpu``)
+reads half of int8's bytes, but int4 alone would move the logits that decide the next token.
+So the head computes every logit in int4, takes the ``candidates`` highest, and recomputes
+those with the dense weight, in place: the tokens that can win are scored exactly as without
+quantization, and only the tail of the distribution (which greedy decoding never picks and
+sampling reaches with vanishing probability) keeps int4 values.
+
+Each row is computed on its own, with the same weights whatever else is in the batch and
+whether its step was a prefill or a decode: a cache hit and a cold run score their first token
+alike, and so do a sequence alone and one in a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from promptcache.engine.paged.models.layers import Linear, frozen
+
+GROUP_SIZE = 32
+"""Weights per int4 scale: as llama.cpp's Q4_0/Q8_0 blocks; a smaller group is closer to the
+dense weight, and on this kernel barely slower than 128."""
+
+CANDIDATES = 32
+"""Rows rescored with the dense weight. The dense winner falls outside int4's top 32 only when
+int4's error exceeds the gap between the winner and the 32nd logit; on Gemma 3 270M's head it
+never did (docs/benchmarks.md: the int4 head's agreement with the dense one)."""
+
+
+def pack_int4(
+    weight: torch.Tensor, group_size: int = GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, scales_and_zeros)`` for ``_weight_int4pack_mm_for_cpu``: asymmetric int4 per
+    group of ``group_size`` input columns, ``w ≈ (q - 8) * scale + zero`` (gpt-fast's and
+    torchao's convention); ``scales_and_zeros`` is ``[in / group, out, 2]`` in bfloat16. The
+    kernel takes a multiple of 16 output rows: more are padded with zeros (their outputs are
+    dropped by the caller)."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"{in_features} input features are not a multiple of {group_size}")
+    w = weight.detach().float()
+    if out_features % 16:
+        w = torch.cat([w, w.new_zeros(16 - out_features % 16, in_features)])
+        out_features = w.shape[0]
+    w = w.reshape(out_features, in_features // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-6)
+    zeros = low + scales * 8
+    q = ((w - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.reshape(out_features, in_features), 1)
+    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+    return packed, scales_and_zeros.to(torch.bfloat16)
+
+
+def int4_supported(linear: Linear) -> bool:
+    """Whether ``linear`` can take int4 weights here: a CPU weight whose input width divides
+    into groups (the output rows are padded as needed)."""
+    return linear.weight.device.type == "cpu" and linear.weight.shape[1] % GROUP_SIZE == 0
+
+
+class RescoredHead(nn.Module):
+    """``dense(x)`` for the ``candidates`` highest logits of each row, int4 values elsewhere;
+    float32 out. Keeps the dense weight (tied to the embedding, it costs nothing more) and adds
+    the int4 copy (a quarter of a bfloat16 one)."""
+
+    def __init__(self, dense: Linear, candidates: int = CANDIDATES) -> None:
+        super().__init__()
+        if not int4_supported(dense):
+            raise ValueError("the int4 head needs a CPU weight with a multiple of 32 columns")
+        self.dense = dense
+        self.candidates = min(candidates, dense.out_features)
+        packed, scales_and_zeros = pack_int4(dense.weight)
+        self.packed = frozen(packed)
+        self.scales_and_zeros = frozen(scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        # The kernel takes bfloat16 activations contiguous in their last dim.
+        act = flat.to(torch.bfloat16).contiguous()
+        approx = torch._weight_int4pack_mm_for_cpu(
+            act, self.packed, GROUP_SIZE, self.scales_and_zeros
+        )[:, : self.dense.out_features].float()
+        top = approx.topk(self.candidates, dim=-1).indices  # [rows, k]
+        weight = self.dense.weight
+        # Exact logits of the candidates: each row against its own k rows of the weight, in the
+        # weight's dtype, rounded as the dense matmul rounds its output.
+        exact = torch.bmm(weight[top], flat.to(weight.dtype)[:, :, None]).squeeze(-1)
+        if self.dense.bias is not None:
+            exact = exact + self.dense.bias[top]
+        approx.scatter_(1, top, exact.float())
+        return approx.view(*x.shape[:-1], -1)
+
+
+__all__ = ["CANDIDATES", "GROUP_SIZE", "RescoredHead", "int4_supported", "pack_int4"]

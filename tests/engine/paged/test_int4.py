@@ -1,0 +1,79 @@
+"""The int4 head with exact rescoring: the kernel multiplies by the dequantized weight, the
+candidates carry the dense logits, the winner is the dense winner, and a row scores the same
+alone as in a batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from promptcache.engine.paged.models.int4 import GROUP_SIZE, RescoredHead, pack_int4
+from promptcache.engine.paged.models.int8 import DecodeInt8Linear, add_decode_int8
+from promptcache.engine.paged.models.layers import Linear
+
+
+def head(vocab: int = 8192, hidden: int = 256, seed: int = 0) -> Linear:
+    gen = torch.Generator().manual_seed(seed)
+    # Embedding-like rows: a shared direction plus noise, so many logits are close together.
+    common = torch.randn(hidden, generator=gen)
+    weight = 0.05 * (torch.randn(vocab, hidden, generator=gen) + 0.5 * common)
+    return Linear(weight.to(torch.bfloat16))
+
+
+def test_the_kernel_multiplies_by_the_dequantized_weight() -> None:
+    weight = head(vocab=520, hidden=128).weight  # 520 rows: padded to a multiple of 16
+    packed, sz = pack_int4(weight)
+    # The kernel's own weight: its product with the identity, exact in bfloat16 inputs.
+    deq = (
+        torch._weight_int4pack_mm_for_cpu(
+            torch.eye(128, dtype=torch.bfloat16), packed, GROUP_SIZE, sz
+        )
+        .float()
+        .t()[:520]
+    )
+    step = sz[..., 0].transpose(0, 1).float().repeat_interleave(GROUP_SIZE, 1)[:520]
+    # Within half a step of the weight, plus the bfloat16 rounding of scale and zero.
+    slack = 0.5 * step + 2**-8 * (weight.float().abs() + step * 8)
+    assert ((deq - weight.float()).abs() <= slack).all()
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    out = torch._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, sz).float()[:, :520]
+    expected = x.float() @ deq.t()
+    assert (out - expected).abs().max() <= 2**-7 * expected.abs().max()
+
+
+def test_candidates_carry_the_dense_logits_and_the_winner_is_the_dense_winner() -> None:
+    dense = head()
+    rescored = RescoredHead(dense)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ref = F.linear(x, dense.weight).float()
+    out = rescored(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    top = ref.argmax(-1, keepdim=True)
+    # The winner's logit is the dense one (bf16 products, summed in another order).
+    assert (out.gather(1, top) - ref.gather(1, top)).abs().max() <= 0.02 * ref.abs().max()
+    # Elsewhere int4 is close, not exact.
+    assert (out - ref).abs().mean() <= 0.15 * ref.abs().mean()
+
+
+def test_a_row_scores_the_same_alone_and_in_a_batch() -> None:
+    rescored = RescoredHead(head())
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    batch = rescored(x)
+    for i in range(8):
+        alone = rescored(x[i : i + 1])
+        assert int(alone.argmax()) == int(batch[i].argmax())
+        winner = int(alone.argmax())
+        assert float(alone[0, winner]) == float(batch[i, winner])
+
+
+def test_add_decode_int8_gives_the_head_int4_rescoring() -> None:
+    from promptcache.engine.paged.models import from_hf
+    from tests.engine.paged.tiny_models import build
+
+    model = from_hf(build("gemma3_scaled"), torch.bfloat16)
+    add_decode_int8(model)
+    hidden = model.shape.hidden_size
+    expected = RescoredHead if hidden % GROUP_SIZE == 0 else DecodeInt8Linear
+    assert isinstance(model.lm_head, expected)
+    assert isinstance(model.layers[0].mlp.down, DecodeInt8Linear)
