@@ -28,6 +28,7 @@ from promptcache.cache.clock import Clock, WallClock
 from promptcache.cache.entry import Entry
 from promptcache.cache.hashing import Namespace, block_hashes
 from promptcache.cache.inflight import InFlight
+from promptcache.cache.lease import Lease
 from promptcache.cache.misses import PromptHistory
 from promptcache.cache.policy import (
     Breakpoint,
@@ -355,21 +356,20 @@ class Service:
         layout = prepared.layout
         keys = block_hashes(layout.blocks, self.namespace(request))
         explain = self._explain(request, prepared)
-        owned: list[BlockHash] = []
-        plan, reuse = await self._acquire(prepared, keys, t0, owned, explain)
-        diagnosis = self._diagnose(request, prepared, explain, plan)
-        hit = plan.hit
-        # Logits are needed for the last prompt token: restore at most N - 1 tokens (§2.5).
-        reuse_tokens = min(plan.read_tokens, layout.num_tokens - 1) if hit else 0
-        engine_request = EngineRequest(
-            tokens=layout.tokens,
-            sampling=self._capped(request.sampling),
-            reuse=reuse,
-            reuse_tokens=reuse_tokens,
-            snapshot_at=[span.offset for span in plan.writes],
-        )
+        lease = Lease(self.store, self.inflight)
         job = None
         try:
+            plan, reuse = await self._acquire(prepared, keys, t0, lease, explain)
+            diagnosis = self._diagnose(request, prepared, explain, plan)
+            # Logits are needed for the last prompt token: restore at most N - 1 tokens (§2.5).
+            reuse_tokens = min(plan.read_tokens, layout.num_tokens - 1) if plan.hit else 0
+            engine_request = EngineRequest(
+                tokens=layout.tokens,
+                sampling=self._capped(request.sampling),
+                reuse=reuse,
+                reuse_tokens=reuse_tokens,
+                snapshot_at=[span.offset for span in plan.writes],
+            )
             job = self.worker.submit(self.engine, engine_request)
             prefill_from = time.perf_counter()
             # The usage is final with the plan: a stream can start now, before a long prefill,
@@ -382,11 +382,7 @@ class Service:
                 raise EngineFailure("engine did not prefill")
             self.ledger.rate.observe(first.num_computed_tokens, time.perf_counter() - prefill_from)
             self._commit(plan, first, request.tenant, t0)
-            for key in owned:
-                self.inflight.finish(key)
-            if hit is not None:
-                self.store.unpin(hit)
-                hit = None
+            lease.release()  # the entries are stored and the prefix restored
             observed = False
             async for event in self._decode(job, request, plan.usage):
                 if not observed:  # the first output, or the end of a pre-warm
@@ -414,10 +410,7 @@ class Service:
         except Exception as exc:
             raise EngineFailure(f"generation failed: {exc}") from exc
         finally:
-            for key in owned:  # a failed or cancelled writer: its waiters plan again
-                self.inflight.finish(key)
-            if hit is not None:
-                self.store.unpin(hit)
+            lease.release()  # a failed or cancelled request: its waiters plan again
             if job is not None:
                 job.cancel()
 
@@ -426,41 +419,32 @@ class Service:
         prepared: Prepared,
         keys: list[BlockHash],
         t0: float,
-        owned: list[BlockHash],
+        lease: Lease,
         explain: planner.Explain | None = None,
     ) -> tuple[planner.CachePlan, KVPayload | None]:
-        """Plan, register the planned writes in flight (into ``owned``), and get the hit's bytes
+        """Plan, hold the hit's pin and the planned writes in ``lease``, and get the hit's bytes
         into the engine's memory.
 
         A hit in a lower tier is read there (a file on a worker thread) and promoted. One that
         proves unusable (a corrupt or truncated file) is removed and the request plans again, a
-        miss of that entry; its in-flight keys stay registered meanwhile, so no other request
-        starts computing them. On an exception the hit is unpinned and ``owned`` finished.
+        miss of that entry; its in-flight keys stay held meanwhile, so no other request starts
+        computing them. Whatever this raises, the caller releases the lease.
         """
-        try:
-            while True:
-                plan = await self._plan(prepared, keys, t0, mine=owned, explain=explain)
-                # Plan and registration happen in one event-loop step: no lookup misses between.
-                owned += self.inflight.begin(span.key for span in plan.writes)
-                hit = plan.hit
-                if hit is None:
-                    return plan, None
-                if self.store.is_resident(hit):
-                    return plan, hit.payload
-                try:
-                    return plan, await self._fetch(hit)
-                except CorruptPayload as exc:
-                    log.warning("cache entry unusable, counted as a miss: %s", exc)
-                    self.store.unpin(hit)
-                    self.store.discard(hit, "corrupt")
-                except BaseException:
-                    self.store.unpin(hit)
-                    raise
-        except BaseException:
-            for key in owned:
-                self.inflight.finish(key)
-            owned.clear()
-            raise
+        while True:
+            plan = await self._plan(prepared, keys, t0, mine=lease.keys, explain=explain)
+            # Plan and registration happen in one event-loop step: no lookup misses between.
+            lease.hold(plan.hit, (span.key for span in plan.writes))
+            hit = plan.hit
+            if hit is None:
+                return plan, None
+            if self.store.is_resident(hit):
+                return plan, hit.payload
+            try:
+                return plan, await self._fetch(hit)
+            except CorruptPayload as exc:
+                log.warning("cache entry unusable, counted as a miss: %s", exc)
+                lease.unpin()
+                self.store.discard(hit, "corrupt")
 
     async def _fetch(self, entry: Entry) -> KVPayload:
         """``entry``'s payload in the engine's memory, read once on a worker thread however many
