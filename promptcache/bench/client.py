@@ -4,7 +4,8 @@ One ``httpx.AsyncClient`` speaks both protocols, so timings are comparable acros
 clock starts just before the request is sent, time to first token (TTFT) is taken when the first
 content delta arrives (streaming), and total time when the stream ends. Up to ``concurrency``
 requests are in flight; requests of one session wait for their predecessor, as a real client
-whose next prompt contains the previous answer would.
+whose next prompt contains the previous answer would. With several targets each request goes to
+the one ``cluster.round_robin`` picks, over a connection of its own per target.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 
 from promptcache.bench import wire
+from promptcache.bench.cluster import round_robin
 from promptcache.bench.workloads import BenchRequest, Message, Text, Workload
 
 
@@ -41,6 +43,8 @@ class RequestRecord:
     content_chunks: int | None = None
     text: str = ""
     error: str | None = None
+    target: int = 0
+    """Which of the run's targets served the request (an index into ``Run.target_urls()``)."""
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for the JSON report."""
@@ -132,36 +136,63 @@ async def send(
 WARMUP = BenchRequest(-1, "warmup", "warmup", (), (Message("user", (Text("Hello"),)),), (), 1)
 
 
+@dataclass(frozen=True)
+class _Endpoint:
+    """A target with its connection pool and the model name it answered to."""
+
+    target: Target
+    http: httpx.AsyncClient
+    model: str
+
+
 async def run_async(
     workload: Workload,
-    target: Target,
+    target: Target | Sequence[Target],
     *,
     concurrency: int = 1,
     warmup: bool = True,
     on_done: Callable[[RequestRecord], None] | None = None,
 ) -> list[RequestRecord]:
-    """Run ``workload`` against ``target``; records come back in completion order."""
+    """Run ``workload`` against ``target``, or round robin across several (``record.target``
+    says which); records come back in completion order."""
+    targets = [target] if isinstance(target, Target) else list(target)
+    if not targets:
+        raise ValueError("no target to run against")
+    # Every target may get all requests in flight (the routing need not spread them evenly).
     limits = httpx.Limits(max_connections=max(1, concurrency) + 1)
-    async with httpx.AsyncClient(
-        base_url=target.url, timeout=target.timeout_s, limits=limits
-    ) as client:
-        model = await _model_name(client, target)
+    async with contextlib.AsyncExitStack() as stack:
+        endpoints = []
+        for t in targets:
+            http = httpx.AsyncClient(base_url=t.url, timeout=t.timeout_s, limits=limits)
+            await stack.enter_async_context(http)
+            # Each replica is asked for its own model name: they need not be configured alike.
+            endpoints.append(_Endpoint(t, http, await _model_name(http, t)))
         if warmup:
             # One tiny request first, so first-use costs (connections, lazy initialisation) of
             # any server stay out of the figures.
-            await send(client, target, WARMUP, model, time.perf_counter())
-        return await _schedule(client, target, workload, model, max(1, concurrency), on_done)
+            for e in endpoints:
+                await send(e.http, e.target, WARMUP, e.model, time.perf_counter())
+        route = round_robin(workload.requests, len(endpoints))
+        return await _schedule(endpoints, route, workload, max(1, concurrency), on_done)
+
+
+async def _send_to(
+    endpoints: Sequence[_Endpoint], k: int, req: BenchRequest, t0: float
+) -> RequestRecord:
+    e = endpoints[k]
+    record = await send(e.http, e.target, req, e.model, t0)
+    record.target = k
+    return record
 
 
 async def _schedule(
-    client: httpx.AsyncClient,
-    target: Target,
+    endpoints: Sequence[_Endpoint],
+    route: Sequence[int],
     workload: Workload,
-    model: str,
     concurrency: int,
     on_done: Callable[[RequestRecord], None] | None,
 ) -> list[RequestRecord]:
-    pending = list(workload.requests)
+    pending = list(zip(route, workload.requests, strict=True))
     busy: set[str] = set()
     running: dict[asyncio.Task[RequestRecord], str] = {}
     records: list[RequestRecord] = []
@@ -170,13 +201,13 @@ async def _schedule(
         # Start requests in workload order, skipping those whose session is still busy.
         i = 0
         while len(running) < concurrency and i < len(pending):
-            req = pending[i]
+            k, req = pending[i]
             if req.session in busy:
                 i += 1
                 continue
             pending.pop(i)
             busy.add(req.session)
-            task = asyncio.create_task(send(client, target, req, model, t0))
+            task = asyncio.create_task(_send_to(endpoints, k, req, t0))
             running[task] = req.session
         done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -190,7 +221,7 @@ async def _schedule(
 
 def run(
     workload: Workload,
-    target: Target,
+    target: Target | Sequence[Target],
     *,
     concurrency: int = 1,
     warmup: bool = True,

@@ -26,6 +26,8 @@ examples:
   promptcache bench qa --target http://127.0.0.1:8000             # any Anthropic-style server
   promptcache bench agent --target http://127.0.0.1:8080 --protocol openai
   promptcache bench qa --target http://127.0.0.1:8000 --cold      # the cold control
+  promptcache bench qa --target http://127.0.0.1:8001 --target http://127.0.0.1:8002
+                                              # replicas, round robin; prints the cluster hit rate
   promptcache bench qa --peers                # promptcache, cold, llama-cpp-python, llama-server
   promptcache bench decode --peers            # 256-token answers, 8 clients at once per peer
   promptcache bench qa --dry-run --documents 10 --scale 4         # sizes only, no server
@@ -45,7 +47,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("workload", nargs="?", choices=WORKLOADS, help="qa, agent, chat or decode")
     where = p.add_argument_group("where")
-    where.add_argument("--target", help="base URL of the server, e.g. http://127.0.0.1:8000")
+    where.add_argument(
+        "--target",
+        action="append",
+        help="base URL of the server, e.g. http://127.0.0.1:8000; repeat it for replicas: "
+        "requests go round robin across them and the report adds the cluster hit rate",
+    )
     where.add_argument(
         "--peers",
         nargs="?",
@@ -61,7 +68,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     where.add_argument("--api-key", default="bench", help="credential sent (default 'bench')")
     where.add_argument("--model-name", help="model to ask for (default: the server's first)")
-    where.add_argument("--label", help="name of the run in the report (default: the URL)")
+    where.add_argument(
+        "--label", help="name of the run in the report (default: the URL, or 'N targets')"
+    )
     where.add_argument("--cold", action="store_true", help="the cold control: caching off")
     where.add_argument(
         "--concurrency",
@@ -212,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
             if status:
                 return status
         else:
-            label = args.label or args.target + (" (cold)" if args.cold else "")
+            default = args.target[0] if len(args.target) == 1 else f"{len(args.target)} targets"
+            label = args.label or default + (" (cold)" if args.cold else "")
             _run_one(args, workload, report, label, args.protocol or "anthropic", args.cold)
     except (KeyboardInterrupt, SystemExit):
         # SystemExit: the peer runner turns SIGTERM into it once its servers are stopped.
@@ -237,11 +247,12 @@ def _run_one(
 
     if cold:
         workload = workloads.cold(workload)
-    url = str(url or args.target).rstrip("/")
+    urls = [u.rstrip("/") for u in ([url] if url else args.target)]
     proto = cast("Protocol", protocol)
-    target = client.Target(url, proto, args.api_key, args.model_name, args.timeout)
+    targets = [client.Target(u, proto, args.api_key, args.model_name, args.timeout) for u in urls]
     # The run joins the report before it starts, so an interrupted run still reports.
-    run = Run(label, url, protocol, cold, [], ttl=str(workload.params.get("ttl", "5m")))
+    ttl = str(workload.params.get("ttl", "5m"))
+    run = Run(label, urls[0], protocol, cold, [], ttl=ttl, targets=urls)
     report.runs.append(run)
     bar = tqdm(
         total=len(workload.requests),
@@ -255,12 +266,13 @@ def _run_one(
     def done(record: client.RequestRecord) -> None:
         run.records.append(record)
         ttft = "error" if record.error else f"{record.ttft_s or 0:.2f}s"
-        bar.set_postfix_str(f"{record.label} ttft {ttft}", refresh=False)
+        where = f" @{record.target + 1}" if len(urls) > 1 else ""
+        bar.set_postfix_str(f"{record.label}{where} ttft {ttft}", refresh=False)
         bar.update(1)
 
     try:
         client.run(
-            workload, target, concurrency=args.concurrency, warmup=not args.no_warmup, on_done=done
+            workload, targets, concurrency=args.concurrency, warmup=not args.no_warmup, on_done=done
         )
     finally:
         bar.close()

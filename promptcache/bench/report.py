@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from promptcache.bench import cluster
 from promptcache.bench.client import RequestRecord
 from promptcache.bench.prices import Prices, cost
 
@@ -42,6 +43,12 @@ class Run:
     records: list[RequestRecord]
     ttl: str = "5m"
     notes: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    """The URLs of a run across several servers (``record.target`` indexes them); empty: ``url``."""
+
+    def target_urls(self) -> list[str]:
+        """Every server the run sent requests to, in ``record.target`` order."""
+        return self.targets or [self.url]
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,8 @@ class Summary:
     cache_write_tokens: int | None
     cost_with_caching: float | None
     cost_without_caching: float | None
+    cluster: cluster.ClusterFigures
+    """Hit rates over all targets and per target (one target: the server's own)."""
 
     @property
     def saving(self) -> float | None:
@@ -217,6 +226,7 @@ def summarize(run: Run, prices: Prices) -> Summary:
         cache_write_tokens=_total([r.cache_write_tokens for r in ok]),
         cost_with_caching=_total([c for c, _ in costs]),
         cost_without_caching=_total([u for _, u in costs]),
+        cluster=cluster.figures(run.records, run.target_urls(), lambda r: is_hit(r, basis)),
     )
 
 
@@ -246,6 +256,7 @@ class Report:
                     "cold": run.cold,
                     "ttl": run.ttl,
                     "notes": run.notes,
+                    "targets": run.target_urls(),
                     "summary": summarize(run, self.prices).to_json(),
                     "requests": [r.to_json() for r in run.records],
                 }
@@ -271,6 +282,7 @@ def load(path: Path) -> Report:
             records=[RequestRecord.from_json(q) for q in r["requests"]],
             ttl=r.get("ttl", "5m"),
             notes=list(r.get("notes", [])),
+            targets=list(r.get("targets", [])),
         )
         for r in data["runs"]
     ]
@@ -420,7 +432,67 @@ def render(report: Report) -> str:
         errors = [r for r in run.records if r.error]
         if errors:
             out.append(f"{run.label}: {len(errors)} failed, first: {errors[0].error}")
+    if any(len(run.target_urls()) > 1 for run, _ in sums):
+        out += ["", *_cluster_lines(sums)]
     return "\n".join(out)
+
+
+def _share(part: int | None, whole: int | None) -> str:
+    if part is None or whole is None:
+        return NOT_REPORTED
+    if not whole:
+        return "-"
+    return f"{part / whole:.0%} ({part:,} of {whole:,})"
+
+
+def _cluster_lines(sums: Sequence[tuple[Run, Summary]]) -> list[str]:
+    """The cluster hit rate of every run, then what each target of a multi-target run served.
+
+    Shown only when some run went to several targets, so one server's table keeps its shape.
+    """
+    header = ["run", "targets", "hit rate (tokens)", "hit rate (requests)"]
+    rows = []
+    for run, s in sums:
+        c = s.cluster
+        star = "" if s.split_basis == "usage" else "*"
+        rows.append(
+            [
+                run.label + star,
+                str(len(c.targets)),
+                _share(c.cache_read_tokens, c.cacheable_tokens),
+                _share(c.hits, c.requests),
+            ]
+        )
+    out = _table(header, rows)
+    out.append(
+        "cluster hit rate, over all targets: tokens read from a cache / cacheable prompt tokens "
+        "(read + written), and requests that hit / requests"
+    )
+    out.append("")
+    t_header = ["run", "target", "requests", "hits", "TTFT mean", "read", "written"]
+    t_rows = []
+    for run, s in sums:
+        if len(s.cluster.targets) < 2:
+            continue
+        for t in s.cluster.targets:
+            failed = f" ({t.errors} failed)" if t.errors else ""
+            t_rows.append(
+                [
+                    run.label,
+                    t.url,
+                    f"{t.requests}{failed}",
+                    str(t.hits),
+                    _s(t.ttft_mean),
+                    _n(t.cache_read_tokens),
+                    _n(t.cache_write_tokens),
+                ]
+            )
+    out += _table(t_header, t_rows)
+    out.append(
+        "per target: unless the targets share a cache, a prefix written on one is written again "
+        "on each other one it is sent to"
+    )
+    return out
 
 
 __all__ = [

@@ -112,7 +112,9 @@ class Workload:
         return bool(self.params.get("cold", False))
 
 
-def _prefix_key(req: BenchRequest) -> str:
+def prefix_key(req: BenchRequest) -> str:
+    """The identity of ``req``'s stable prefix (its tools and system prompt): equal keys mean a
+    cache could serve one request's prefix from another's."""
     tools = [(t.name, t.description, t.schema) for t in req.tools]
     return json.dumps([tools, [s.text for s in req.system]], sort_keys=True)
 
@@ -122,7 +124,7 @@ def _finish(name: str, params: dict[str, Any], reqs: list[BenchRequest]) -> Work
     seen: set[str] = set()
     out = []
     for i, req in enumerate(reqs):
-        key = _prefix_key(req)
+        key = prefix_key(req)
         # A request with no system prompt or tools has no stable prefix to repeat.
         repeat = key in seen and bool(req.system or req.tools)
         out.append(replace(req, index=i, repeat=repeat))
@@ -469,5 +471,6 @@ __all__ = [
     "cold",
     "decode",
     "estimated_tokens",
+    "prefix_key",
     "qa",
 ]
