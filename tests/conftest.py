@@ -1,11 +1,15 @@
-"""Shared helpers: a service on the fake engine with a fake clock, and request builders."""
+"""Shared helpers: a service on the fake engine with a fake clock, request builders, and a
+throwaway Redis server (``redis_server``)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
+
+import pytest
 
 from promptcache.cache.clock import FakeClock
 from promptcache.config import CacheConfig, ServerConfig
@@ -15,8 +19,20 @@ from promptcache.engine.base import Engine
 from promptcache.engine.fake import FakeEngine
 from promptcache.service import Service
 from promptcache.types import Ttl
+from tests.redis_server import RedisServer
 
 T = TypeVar("T")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running ``redis-server`` of its own on a free loopback port (``.url``), killed after
+    the test; skips, saying why, where ``redis-server`` is not installed."""
+    server = RedisServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 def make_config(**cache: Any) -> ServerConfig:

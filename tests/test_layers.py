@@ -46,7 +46,8 @@ def test_cache_layer_imports_with_torch_blocked() -> None:
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
         "import promptcache, promptcache.cache.store, promptcache.cache.planner, "
         "promptcache.cache.policy, promptcache.cache.hashing, promptcache.core.layout, "
-        "promptcache.service, promptcache.api.app, promptcache.engine.fake\n"
+        "promptcache.service, promptcache.api.app, promptcache.engine.fake, "
+        "promptcache.cache.remote\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

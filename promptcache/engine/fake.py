@@ -5,7 +5,8 @@ right one: restoring a payload whose tokens differ from the prompt raises, and t
 text depends on every prompt token, exactly as with a real model. It counts prefilled tokens.
 
 Like the paged engine it stores KV in pages shared by nested snapshots (``FakePayload.parts``), and
-``FakeCodec`` writes real files with a checksum, so tier and persistence tests need no torch.
+``FakeCodec`` writes real bytes and files with a checksum, so tier, persistence and remote-store
+tests need no torch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from promptcache.core.chatformat import PLAIN, ChatFormat
-from promptcache.core.payload import CorruptPayload, KVPayload, PartId, new_part_id
+from promptcache.core.payload import (
+    CorruptPayload,
+    KVPayload,
+    PartId,
+    new_part_id,
+    write_atomically,
+)
 from promptcache.core.tokenizer import ByteTokenizer
 from promptcache.engine.base import (
     EngineEvent,
@@ -78,14 +85,18 @@ class FakePayload:
 
 
 _MAGIC = b"PCFAKEKV1\n"
+_PREFIX = len(_MAGIC) + 8
+_STATE_BYTES = 32
 
 
 class FakeCodec:
-    """Files for ``FakePayload``: a magic line, a length-prefixed JSON header (metadata, tokens,
-    page ids, body checksum) and a body of the states padded to ``nbytes``, so a file is about
-    the size a real KV would be. Memory tiers are all host memory: moves return the payload."""
+    """Bytes and files for ``FakePayload``: a magic line, a length-prefixed JSON header (metadata,
+    tokens, page ids, body checksum) and a body of the states padded to ``nbytes``, so a file is
+    about the size a real KV would be. Memory tiers are all host memory: moves return the
+    payload."""
 
     suffix = ".fakekv"
+    layout = "promptcache-fake-kv/1"
 
     def to_host(self, payload: KVPayload) -> KVPayload:
         return payload
@@ -93,9 +104,9 @@ class FakeCodec:
     def to_device(self, payload: KVPayload) -> KVPayload:
         return payload
 
-    def save(self, payload: KVPayload, path: Path, metadata: Mapping[str, str]) -> None:
+    def encode(self, payload: KVPayload, metadata: Mapping[str, str]) -> bytes:
         if not isinstance(payload, FakePayload):
-            raise TypeError("FakeCodec saves only FakePayload")
+            raise TypeError("FakeCodec encodes only FakePayload")
         body = b"".join(payload.states)
         body += bytes(max(0, payload.nbytes - len(body)))
         header = json.dumps(
@@ -110,27 +121,45 @@ class FakeCodec:
                 "sha256": hashlib.sha256(body).hexdigest(),
             }
         ).encode()
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with tmp.open("wb") as f:
-                f.write(_MAGIC + len(header).to_bytes(8, "little") + header + body)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        return _MAGIC + len(header).to_bytes(8, "little") + header + body
+
+    def save(self, payload: KVPayload, path: Path, metadata: Mapping[str, str]) -> None:
+        write_atomically(path, self.encode(payload, metadata))
 
     def read_metadata(self, path: Path) -> dict[str, str]:
-        header, _ = self._open(path, with_body=False)
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                prefix = f.read(_PREFIX)
+                length = int.from_bytes(prefix[len(_MAGIC) :], "little")
+                head = prefix + (f.read(length) if length <= size else b"")
+        except OSError as exc:
+            raise CorruptPayload(f"{path.name}: {exc}") from exc
+        header = _parse_header(head, size, path.name)
         return {str(k): str(v) for k, v in header["metadata"].items()}
 
     def load(self, path: Path) -> FakePayload:
-        header, body = self._open(path, with_body=True)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CorruptPayload(f"{path.name}: {exc}") from exc
+        payload, _ = self._decode(data, path.name)
+        return payload
+
+    def decode(self, data: bytes) -> tuple[FakePayload, dict[str, str]]:
+        return self._decode(data, "payload")
+
+    def _decode(self, data: bytes, name: str) -> tuple[FakePayload, dict[str, str]]:
+        header = _parse_header(data, len(data), name)
+        body = data[_PREFIX + int.from_bytes(data[len(_MAGIC) : _PREFIX], "little") :]
         if hashlib.sha256(body).hexdigest() != header["sha256"]:
-            raise CorruptPayload(f"{path.name}: checksum mismatch")
+            raise CorruptPayload(f"{name}: checksum mismatch")
         try:
             n = len(header["tokens"])
-            states = tuple(body[i * 32 : (i + 1) * 32] for i in range(n + 1))
-            return FakePayload(
+            if len(body) < (n + 1) * _STATE_BYTES:
+                raise ValueError(f"{len(body)} body bytes for {n} tokens")
+            states = tuple(body[i * _STATE_BYTES : (i + 1) * _STATE_BYTES] for i in range(n + 1))
+            payload = FakePayload(
                 tuple(int(t) for t in header["tokens"]),
                 states,
                 int(header["bytes_per_token"]),
@@ -138,30 +167,30 @@ class FakeCodec:
                 int(header["page_tokens"]),
                 int(header["tail_id"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptPayload(f"{path.name}: {exc}") from exc
+            metadata = {str(k): str(v) for k, v in header["metadata"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptPayload(f"{name}: {exc}") from exc
+        return payload, metadata
 
-    def _open(self, path: Path, *, with_body: bool) -> tuple[dict[str, Any], bytes]:
-        try:
-            with path.open("rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                prefix = f.read(len(_MAGIC) + 8)
-                if len(prefix) < len(_MAGIC) + 8 or not prefix.startswith(_MAGIC):
-                    raise CorruptPayload(f"{path.name}: not a fake KV file")
-                length = int.from_bytes(prefix[len(_MAGIC) :], "little")
-                if length > size:
-                    raise CorruptPayload(f"{path.name}: header longer than the file")
-                header = json.loads(f.read(length))
-                if not isinstance(header, dict):
-                    raise CorruptPayload(f"{path.name}: bad header")
-                if size != len(prefix) + length + int(header["body_bytes"]):
-                    raise CorruptPayload(f"{path.name}: truncated or padded")
-                body = f.read() if with_body else b""
-        except OSError as exc:
-            raise CorruptPayload(f"{path.name}: {exc}") from exc
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptPayload(f"{path.name}: bad header ({exc})") from exc
-        return header, body
+
+def _parse_header(head: bytes, size: int, name: str) -> dict[str, Any]:
+    """The JSON header at the start of ``head`` (at least the magic, the length and the header),
+    checking that a whole encoding is ``size`` bytes as the header says."""
+    if len(head) < _PREFIX or not head.startswith(_MAGIC):
+        raise CorruptPayload(f"{name}: not a fake KV payload")
+    length = int.from_bytes(head[len(_MAGIC) : _PREFIX], "little")
+    if _PREFIX + length > min(size, len(head)):
+        raise CorruptPayload(f"{name}: header longer than the payload")
+    try:
+        header = json.loads(head[_PREFIX : _PREFIX + length])
+        if not isinstance(header, dict) or not isinstance(header["metadata"], dict):
+            raise ValueError("not an object")
+        body_bytes = int(header["body_bytes"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptPayload(f"{name}: bad header ({exc})") from exc
+    if size != _PREFIX + length + body_bytes:
+        raise CorruptPayload(f"{name}: truncated or padded")
+    return header
 
 
 def _step(state: bytes, token: int) -> bytes:

@@ -1,5 +1,5 @@
 """Checked safetensors files for KV payloads: a digest over every tensor, and a header read that
-proves the file is complete. Shared by the engines' codecs."""
+proves the file (or the bytes in memory) is complete. Shared by the engines' codecs."""
 
 from __future__ import annotations
 
@@ -43,25 +43,43 @@ def read_header(path: Path) -> dict[str, str]:
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             length = int.from_bytes(f.read(8), "little")
-            if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
-                raise CorruptPayload(f"{path.name}: bad header length")
-            header = json.loads(f.read(length))
+            raw = f.read(length) if _plausible(length, size) else b""
     except OSError as exc:
         raise CorruptPayload(f"{path.name}: {exc}") from exc
+    return _parse_header(path.name, length, raw, size)
+
+
+def header_of(data: bytes, name: str) -> dict[str, str]:
+    """``read_header`` of safetensors bytes in memory (``name`` labels errors)."""
+    length = int.from_bytes(data[:8], "little")
+    raw = data[8 : 8 + length] if _plausible(length, len(data)) else b""
+    return _parse_header(name, length, raw, len(data))
+
+
+def _plausible(length: int, size: int) -> bool:
+    return 0 < length <= min(MAX_HEADER_BYTES, size - 8)
+
+
+def _parse_header(name: str, length: int, raw: bytes, size: int) -> dict[str, str]:
+    """The metadata of a header of ``length`` bytes read as ``raw``, of a file of ``size``."""
+    if not _plausible(length, size) or len(raw) != length:
+        raise CorruptPayload(f"{name}: bad header length")
+    try:
+        header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptPayload(f"{path.name}: bad header ({exc})") from exc
+        raise CorruptPayload(f"{name}: bad header ({exc})") from exc
     if not isinstance(header, dict):
-        raise CorruptPayload(f"{path.name}: bad header")
+        raise CorruptPayload(f"{name}: bad header")
     metadata = header.pop("__metadata__", None) or {}
     try:
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise CorruptPayload(f"{path.name}: bad tensor table") from exc
+        raise CorruptPayload(f"{name}: bad tensor table") from exc
     if 8 + length + end != size:
-        raise CorruptPayload(f"{path.name}: {size} bytes, header says {8 + length + end}")
+        raise CorruptPayload(f"{name}: {size} bytes, header says {8 + length + end}")
     if not isinstance(metadata, dict):
-        raise CorruptPayload(f"{path.name}: bad metadata")
+        raise CorruptPayload(f"{name}: bad metadata")
     return {str(k): str(v) for k, v in metadata.items()}
 
 
-__all__ = ["MAX_HEADER_BYTES", "digest", "read_header"]
+__all__ = ["MAX_HEADER_BYTES", "digest", "header_of", "read_header"]

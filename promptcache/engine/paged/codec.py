@@ -4,8 +4,9 @@
 
     PoolPayload   blocks in the pool (the engine's memory: device tier on CUDA, host on a CPU)
     HostPayload   one host tensor per block [layers, 2, block_tokens, kv_heads, head_dim]
-    file          safetensors: "kv" [layers, 2, blocks, block_tokens, kv_heads, head_dim] and
-                  __metadata__ kv.format kv.shape kv.num_tokens kv.parts kv.sha256 + the caller's
+    bytes, file   safetensors: "kv" [layers, 2, blocks, block_tokens, kv_heads, head_dim] and
+                  __metadata__ kv.format kv.shape kv.dtype kv.num_tokens kv.parts kv.sha256 + the
+                  caller's; a file holds exactly the bytes ``encode`` returns
 
 Part ids survive every move, so one block's bytes are counted once in each tier however many
 entries share them: copies into the pool reuse a live block holding the same part, and host
@@ -16,7 +17,6 @@ copies are shared through a weak map by part id. On a CPU engine the pool *is* h
 from __future__ import annotations
 
 import json
-import os
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
-from promptcache.core.payload import CorruptPayload, KVPayload, PartId
-from promptcache.engine.files import digest, read_header
+from promptcache.core.payload import CorruptPayload, KVPayload, PartId, write_atomically
+from promptcache.engine.files import digest, header_of, read_header
 from promptcache.engine.paged.pool import KVPool, PoolPayload
 
 FORMAT = "promptcache-paged-kv/1"
@@ -82,6 +82,11 @@ class PagedCodec:
     def shape(self) -> list[int]:
         """``[layers, 2, block_tokens, kv_heads, head_dim]`` of one block."""
         return list(self._pool.kv[:, :, 0].shape)
+
+    @property
+    def layout(self) -> str:
+        """Format, dtype and block shape: what ``decode`` checks."""
+        return f"{FORMAT} {self._pool.dtype} {json.dumps(self.shape)}"
 
     def accepts(self, payload: KVPayload | None) -> bool:
         """Whether ``payload`` holds KV of this engine's layout (its pool, or host blocks of
@@ -142,7 +147,7 @@ class PagedCodec:
             torch.cuda.current_stream(self._pool.device).synchronize()
         return PoolPayload(self._pool, blocks, payload.num_tokens)
 
-    def save(self, payload: KVPayload, path: Path, metadata: Mapping[str, str]) -> None:
+    def encode(self, payload: KVPayload, metadata: Mapping[str, str]) -> bytes:
         parts, data = self._gather(payload)
         tensors = {"kv": data}
         header = dict(metadata)
@@ -156,13 +161,10 @@ class PagedCodec:
                 "kv.sha256": digest(tensors),
             }
         )
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        return save(tensors, metadata=header)
+
+    def save(self, payload: KVPayload, path: Path, metadata: Mapping[str, str]) -> None:
+        write_atomically(path, self.encode(payload, metadata))
 
     def _gather(self, payload: KVPayload) -> tuple[list[PartId], torch.Tensor]:
         """The payload's part ids and its blocks stacked on the CPU along dim 2."""
@@ -176,44 +178,62 @@ class PagedCodec:
         return [self._pool.part_of(b) for b in ours.blocks], data.contiguous()
 
     def read_metadata(self, path: Path) -> dict[str, str]:
-        metadata = read_header(path)
-        if metadata.get("kv.format") != FORMAT:
-            raise CorruptPayload(f"{path.name}: not a {FORMAT} file")
-        return metadata
+        return self._check_format(read_header(path), path.name)
 
     def load(self, path: Path) -> KVPayload:
-        metadata = self.read_metadata(path)
-        if json.loads(metadata.get("kv.shape", "null")) != self.shape or metadata.get(
-            "kv.dtype"
-        ) != str(self._pool.dtype):
-            raise CorruptPayload(f"{path.name}: saved for another KV layout")
+        self.read_metadata(path)  # a foreign or truncated file fails before it is read whole
         try:
-            with safe_open(str(path), framework="pt") as f:
-                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
             raise CorruptPayload(f"{path.name}: {exc}") from exc
+        payload, _ = self._decode(data, path.name)
+        return payload
+
+    def decode(self, data: bytes) -> tuple[KVPayload, dict[str, str]]:
+        return self._decode(data, "payload")
+
+    def _check_format(self, metadata: dict[str, str], name: str) -> dict[str, str]:
+        if metadata.get("kv.format") != FORMAT:
+            raise CorruptPayload(f"{name}: not a {FORMAT} file")
+        return metadata
+
+    def _decode(self, data: bytes, name: str) -> tuple[HostPayload, dict[str, str]]:
+        metadata = self._check_format(header_of(data, name), name)
+        if metadata.get("kv.shape") != json.dumps(self.shape) or metadata.get("kv.dtype") != str(
+            self._pool.dtype
+        ):
+            raise CorruptPayload(f"{name}: saved for another KV layout")
+        try:
+            tensors = load(data)
+        except (SafetensorError, ValueError) as exc:
+            raise CorruptPayload(f"{name}: {exc}") from exc
         if digest(tensors) != metadata.get("kv.sha256"):
-            raise CorruptPayload(f"{path.name}: checksum mismatch")
+            raise CorruptPayload(f"{name}: checksum mismatch")
         try:
             parts = [int(p) for p in json.loads(metadata["kv.parts"])]
             num_tokens = int(metadata["kv.num_tokens"])
-            data = tensors["kv"]
+            kv = tensors["kv"]
         except (KeyError, ValueError, TypeError) as exc:
-            raise CorruptPayload(f"{path.name}: {exc}") from exc
-        if data.shape[2] != len(parts) or len(parts) != -(-num_tokens // self.shape[2]):
-            raise CorruptPayload(f"{path.name}: {len(parts)} blocks for {num_tokens} tokens")
+            raise CorruptPayload(f"{name}: {exc}") from exc
+        if len(parts) != -(-num_tokens // self.shape[2]):
+            raise CorruptPayload(f"{name}: {len(parts)} blocks for {num_tokens} tokens")
+        expected = [*self.shape[:2], len(parts), *self.shape[2:]]
+        if list(kv.shape) != expected or kv.dtype != self._pool.dtype:
+            raise CorruptPayload(f"{name}: kv is {kv.dtype} {list(kv.shape)}, not {expected}")
         pinned = self._pool.device.type == "cuda"
         blocks = []
         for i, part in enumerate(parts):
             with self._lock:
                 host = self._host.get(part)
             if host is None:
-                block = data[:, :, i].contiguous()
+                # A copy either way (a block never aliases the decoded buffer), pinned on CUDA
+                # so copies into the pool run asynchronously.
+                block = kv[:, :, i].clone(memory_format=torch.contiguous_format)
                 host = HostBlock(part, block.pin_memory() if pinned else block)
                 with self._lock:
                     host = self._host.setdefault(part, host)
             blocks.append(host)
-        return HostPayload(blocks, num_tokens)
+        return HostPayload(blocks, num_tokens), metadata
 
     def _ours(self, payload: KVPayload) -> PoolPayload:
         if not isinstance(payload, PoolPayload) or payload.pool is not self._pool:

@@ -120,3 +120,49 @@ def test_damaged_files_raise_corrupt_payload(
     if damage in ("truncate", "header", "missing"):
         with pytest.raises(CorruptPayload):  # caught at restart from the header alone
             codec.read_metadata(path)
+
+
+def test_bytes_round_trip_and_are_the_file(engine: PagedEngine, tmp_path: Path) -> None:
+    """A saved file holds what ``encode`` makes, and ``decode`` reads both back. (Not byte for
+    byte: safetensors writes the metadata map in hash order.)"""
+    tokens = random_prompt(N, seed=7)
+    (payload,) = snapshots(engine, tokens, (OFFSETS[1],))
+    codec = engine.kv_codec
+    data = codec.encode(payload, {"k": "v"})
+    path = tmp_path / f"x{codec.suffix}"
+    codec.save(payload, path, {"k": "v"})
+    assert len(path.read_bytes()) == len(data)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    decoded, metadata = codec.decode(data)
+    assert metadata == codec.read_metadata(path) == codec.decode(path.read_bytes())[1]
+    assert metadata["k"] == "v"
+    assert isinstance(decoded, HostPayload)
+    assert decoded.num_tokens == payload.num_tokens
+    assert decoded.parts == list(payload.parts)
+    kv = payload.pool.kv[:, :, list(payload.blocks)]
+    assert torch.equal(torch.stack([b.data for b in decoded.blocks], dim=2), kv)
+    loaded = codec.load(path)
+    assert isinstance(loaded, HostPayload) and loaded.parts == decoded.parts
+
+
+@pytest.mark.parametrize("damage", ["flip", "flip header", "truncate", "empty", "foreign"])
+def test_damaged_bytes_raise_corrupt_payload(
+    gemma_engine: PagedEngine, llama_engine: PagedEngine, damage: str
+) -> None:
+    codec = gemma_engine.kv_codec
+    (payload,) = snapshots(gemma_engine, random_prompt(N, seed=8), (N,))
+    data = bytearray(codec.encode(payload, {"k": "v"}))
+    if damage == "flip":
+        data[-7] ^= 0x01
+    elif damage == "flip header":
+        data[12] ^= 0x20
+    elif damage == "truncate":
+        data = data[:-100]
+    elif damage == "empty":
+        data = bytearray()
+    else:  # bytes of another model layout
+        (other,) = snapshots(llama_engine, random_prompt(N, seed=8), (N,))
+        data = bytearray(llama_engine.kv_codec.encode(other, {}))
+        assert llama_engine.kv_codec.layout != codec.layout
+    with pytest.raises(CorruptPayload):
+        codec.decode(bytes(data))
