@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from promptcache.cache.clock import FakeClock
+from promptcache.cache.disk import DiskTier
 from promptcache.config import CacheConfig
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatResult
 from promptcache.engine.fake import FakeCodec, FakeEngine
 from promptcache.service import Service, tier_stack
+from promptcache.types import BlockHash
 from tests.conftest import chat, collect, make_service, run_async, text, words
 
 BPT = 64  # FakeEngine's default KV bytes per token
@@ -38,6 +40,12 @@ def cold(request: ChatRequest) -> ChatResult:
 
 def files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.fakekv"))
+
+
+def disk_path(service: Service, key: BlockHash) -> Path:
+    disk = service.store.tiers.tier("disk")
+    assert isinstance(disk, DiskTier)
+    return disk.path(key)
 
 
 def disk_service(tmp_path: Path, clock: FakeClock | None = None, **cache: Any) -> Service:
@@ -73,7 +81,7 @@ def test_a_demoted_entry_is_read_back_from_disk_and_promoted(tmp_path: Path) -> 
 def test_a_damaged_file_is_a_miss_with_the_right_answer_and_goes(tmp_path: Path) -> None:
     service = disk_service(tmp_path)
     first, _ = ask(service, sys_request(1), sys_request(2))
-    path = service.store.tiers.path(service.store.entries()[0].key)  # A's file
+    path = disk_path(service, service.store.entries()[0].key)  # A's file
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -169,11 +177,9 @@ def test_one_read_serves_concurrent_hits_on_a_disk_entry(tmp_path: Path) -> None
 
 def test_concurrent_readers_of_a_damaged_file_write_it_once(tmp_path: Path) -> None:
     engine = FakeEngine()
-    service = disk_service(tmp_path)
-    service._engine = engine
-    service.store.tiers.codec = engine.kv_codec
+    service = make_service(engine, capacity_bytes=ONE_ENTRY, disk_dir=tmp_path)
     first, _ = ask(service, sys_request(1), sys_request(2))
-    path = service.store.tiers.path(service.store.entries()[0].key)  # A's file
+    path = disk_path(service, service.store.entries()[0].key)  # A's file
     path.write_bytes(path.read_bytes()[:-10])  # truncated
     before = engine.num_prefill_tokens_total
 
@@ -243,11 +249,12 @@ def test_the_budget_holds_under_concurrent_load(tmp_path: Path) -> None:
 
 
 def test_tier_stack_follows_the_engine_device(tmp_path: Path) -> None:
-    gpu = tier_stack(CacheConfig(host_capacity_bytes=8, disk_dir=tmp_path), "cuda:0")
+    codec = FakeCodec()
+    gpu = tier_stack(CacheConfig(host_capacity_bytes=8, disk_dir=tmp_path), "cuda:0", codec)
     assert [(t.name, t.capacity_bytes) for t in gpu] == [
         ("device", 4 << 30),
         ("host", 8),
         ("disk", 16 << 30),
     ]
-    cpu = tier_stack(CacheConfig(host_capacity_bytes=8), "cpu")  # RAM is the engine's memory
+    cpu = tier_stack(CacheConfig(host_capacity_bytes=8), "cpu", codec)  # RAM is the engine's memory
     assert [(t.name, t.capacity_bytes) for t in cpu] == [("host", 4 << 30)]

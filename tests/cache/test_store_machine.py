@@ -13,10 +13,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from promptcache.cache.disk import DiskTier
 from promptcache.cache.entry import Entry
 from promptcache.cache.store import PrefixStore
 from promptcache.core.payload import CorruptPayload
-from promptcache.engine.fake import FakeCodec, FakePayload
+from promptcache.engine.fake import FakePayload
 from promptcache.types import TenantId, Ttl
 from tests.cache.payloads import BPT, PAGE, key, payload, stack
 
@@ -50,6 +51,12 @@ class StoreMachine(RuleBasedStateMachine):
     def _open(self) -> PrefixStore:
         return PrefixStore(tiers=stack(DEVICE, HOST, self.dir, DISK), tenant_share=0.5)
 
+    @property
+    def _disk(self) -> DiskTier:
+        disk = self.store.tiers.tier("disk")
+        assert isinstance(disk, DiskTier)
+        return disk
+
     def teardown(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -72,7 +79,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.touch(entry, self.now)
         self.store.pin(entry)
         try:
-            loaded = self.store.tiers.loader(entry)()
+            loaded = self.store.loader(entry)()
         except CorruptPayload:
             self.store.unpin(entry)
             assert self.store.discard(entry)
@@ -92,7 +99,7 @@ class StoreMachine(RuleBasedStateMachine):
             return
         self.store.pin(entry)
         try:
-            loaded = self.store.tiers.loader(entry)()
+            loaded = self.store.loader(entry)()
         except CorruptPayload:
             loaded = None
         finally:
@@ -136,7 +143,7 @@ class StoreMachine(RuleBasedStateMachine):
             pass  # push it down to its file first
         if entry is None or entry.tier != "disk":
             return
-        path = self.store.tiers.path(entry.key)
+        path = self._disk.path(entry.key)
         data = bytearray(path.read_bytes())
         data[-1] = (data[-1] + 1) % 256  # never undone by a second damage
         path.write_bytes(bytes(data))
@@ -148,12 +155,12 @@ class StoreMachine(RuleBasedStateMachine):
         k = data.draw(st.sampled_from(sorted(self.damaged)))
         damaged = self.damaged.pop(k)
         entry = self._entry(k)
-        path = self.store.tiers.path(key(k))
+        path = self._disk.path(key(k))
         broken = entry is not None and entry.tier == "disk" and path.read_bytes() == damaged
         self.read(k)
         if broken:
             # A damaged file never serves: the read failed and took the entry and its file away.
-            assert self._entry(k) is None and not self.store.tiers.path(key(k)).exists()
+            assert self._entry(k) is None and not self._disk.path(key(k)).exists()
 
     @rule()
     def clear(self) -> None:
@@ -166,9 +173,7 @@ class StoreMachine(RuleBasedStateMachine):
         live = {e.key for e in self.store.entries() if e.is_live(self.now)}
         self.store.persist(self.now)
         self.store = self._open()
-        disk = self.store.tiers.disk
-        assert disk is not None
-        self.store.restore(disk.scan(FakeCodec()), self.now)
+        self.store.restore(self._disk, self._disk.scan(), self.now)
         assert {e.key for e in self.store.entries()} <= live
         assert all(e.tier == "disk" for e in self.store.entries())
 
