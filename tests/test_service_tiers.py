@@ -4,6 +4,7 @@ files, restarts, shared bytes of nested breakpoints, and the budget under concur
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from promptcache.core.response import ChatResult
 from promptcache.engine.fake import FakeCodec, FakeEngine
 from promptcache.service import Service, tier_stack
 from promptcache.types import BlockHash
-from tests.conftest import chat, collect, make_service, run_async, text, words
+from tests.conftest import chat, collect, make_config, make_service, run_async, text, words
 
 BPT = 64  # FakeEngine's default KV bytes per token
 ONE_ENTRY = BPT * 2100  # room for one ~2000-token entry
@@ -258,3 +259,63 @@ def test_tier_stack_follows_the_engine_device(tmp_path: Path) -> None:
     ]
     cpu = tier_stack(CacheConfig(host_capacity_bytes=8), "cpu", codec)  # RAM is the engine's memory
     assert [(t.name, t.capacity_bytes) for t in cpu] == [("host", 4 << 30)]
+
+
+def test_entries_reach_disk_soon_without_a_shutdown(tmp_path: Path) -> None:
+    """Write-behind: the file exists while the server runs, so a crash (here: a copy of the
+    directory taken before the shutdown) keeps the entry."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    service = disk_service(live, capacity_bytes=10 * ONE_ENTRY)
+    engine = service.engine
+
+    async def body() -> ChatResult:
+        result = await collect(service.generate(sys_request(1)))
+        for _ in range(500):  # bounded: 5 s
+            if files(live):
+                break
+            await asyncio.sleep(0.01)
+        shutil.copytree(live, crashed)
+        return result
+
+    written = run_async(service, body)
+    (entry,) = service.store.entries()
+    assert len(files(crashed)) == 1 and service.store.stats.copies == {("disk", "written"): 1}
+    assert service.store.stats.demotions == {("host", "shutdown"): 1}  # the copy was enough
+    assert isinstance(engine, FakeEngine)
+
+    (read,) = ask(disk_service(crashed, capacity_bytes=10 * ONE_ENTRY), sys_request(1, "later"))
+    assert read.usage.read_tokens == written.usage.written_total == entry.num_tokens
+    assert read.content == cold(sys_request(1, "later")).content
+
+
+def test_without_write_behind_entries_reach_disk_at_shutdown(tmp_path: Path) -> None:
+    service = disk_service(tmp_path, capacity_bytes=10 * ONE_ENTRY, disk_write_behind=False)
+
+    async def body() -> None:
+        await collect(service.generate(sys_request(1)))
+        await asyncio.sleep(0.2)
+        assert files(tmp_path) == [] and service.copies is None
+
+    run_async(service, body)
+    assert len(files(tmp_path)) == 1
+
+
+def test_the_store_is_built_when_the_engine_loads(tmp_path: Path) -> None:
+    """The tiers move bytes through the engine's codec: before it loads there are none, and
+    readers (metrics, stats) see an empty store."""
+    service = Service(FakeEngine, make_config(disk_dir=tmp_path), clock=FakeClock())
+    assert not service.is_ready and len(service.store.tiers) == 0
+    assert service.store.entries() == [] and service.store.clear() == 0
+    assert "promptcache_cache_entries{" not in service.metrics.render().decode()
+
+    async def main() -> None:
+        await service.start()
+        for _ in range(500):  # bounded: 5 s
+            if service.is_ready:
+                break
+            await asyncio.sleep(0.01)
+        assert [t.name for t in service.store.tiers] == ["host", "disk"]
+        assert service.copies is not None  # writing behind once the disk tier is indexed
+        await service.stop()
+
+    asyncio.run(main())

@@ -231,3 +231,53 @@ def test_stack_validation(tmp_path: Path) -> None:
     assert len(loading) == 0 and loading.used_bytes == 0 and loading.clear() == 0
     with pytest.raises(LookupError):
         loading.put(key(1), payload(10), "5m", 0.0, T, 0.0)
+
+
+# --- memory tiers alone ---------------------------------------------------------------------
+
+
+class Recording(FakeCodec):
+    """The fake codec, noting which copies were asked for (and failing them on demand)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[str] = []
+        self.fail = fail
+
+    def to_host(self, payload: KVPayload) -> KVPayload:
+        self.calls.append("to_host")
+        if self.fail:
+            raise MemoryError("no host memory")
+        return payload
+
+    def to_device(self, payload: KVPayload) -> KVPayload:
+        self.calls.append("to_device")
+        return payload
+
+
+def test_a_memory_tier_copies_payloads_in_and_holds_them() -> None:
+    codec = Recording()
+    device, host = MemoryTier("device", 100 * E, codec), MemoryTier("host", 100 * E, codec)
+    a, b, c = (Entry(key(n), T, 25, "5m", 0.0, 300.0) for n in (1, 2, 3))
+    a.tier, b.tier, c.tier = "device", "host", "device"  # the store's to say
+    pa, pc = payload(25, 1), payload(25, 1)  # one chain: two shared pages, own tails
+    asked: list[object] = []
+    assert device.put(a, pa, lambda parts: asked.append(parts) or True)
+    assert host.put(b, payload(25, 2), lambda parts: True)
+    assert codec.calls == ["to_device", "to_host"] and asked == [device.parts_of(a)]
+    assert device.payload(a) is pa and device.reader(a)() is pa and host.payload(a) is None
+    assert device.put(c, pc, lambda parts: True)
+    assert device.used_bytes == (20 + 5 + 5) * BPT  # shared pages charged once
+    device.check_integrity()
+    host.check_integrity()
+    device.release(a)
+    assert device.payload(a) is None and a not in device and device.used_bytes == 25 * BPT
+    device.check_integrity()
+
+
+def test_a_memory_tier_that_cannot_take_a_payload_holds_nothing() -> None:
+    host = MemoryTier("host", 100 * E, Recording(fail=True))
+    a = Entry(key(1), T, 10, "5m", 0.0, 300.0)
+    assert not host.put(a, payload(10, 1), lambda parts: False)  # no room: never copied
+    assert not host.put(a, payload(10, 1), lambda parts: True)  # the copy failed
+    assert len(host) == 0 and host.used_bytes == 0
+    host.check_integrity()
