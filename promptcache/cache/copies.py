@@ -125,7 +125,11 @@ class CopyWriter:
             except Exception as exc:
                 self._store.copy_failed(job, exc)
                 continue
-            self._store.copied(job, copy, self._now())
+            try:
+                self._store.copied(job, copy, self._now())
+            except Exception:  # a bug: logged, and the copies after this one still get written
+                log.exception("keeping a copy of a cache entry failed")
+                job.tier.abandon(copy)
 
 
 __all__ = ["DEFAULT_QUEUE", "CopyQueue", "CopyWriter"]
