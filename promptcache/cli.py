@@ -40,6 +40,8 @@ _HELP = {
     "host_cache_memory": "RAM tier below the GPU for demoted entries, e.g. 16GiB (default none)",
     "disk_cache_dir": "directory of the disk tier; entries there survive restarts (default none)",
     "disk_cache_size": "disk tier budget, e.g. 100GiB (default 16GiB)",
+    "disk_write_behind": "copy new entries to the disk tier in the background, so a crash "
+    "keeps them (default true)",
     "min_cacheable_tokens": "minimum cacheable prefix in tokens (default 1024)",
     "max_cacheable_tokens": "maximum cacheable prefix in tokens (default: none)",
     "tool_cache_points": "allow breakpoints on tool definitions (default true)",

@@ -67,7 +67,8 @@ class CacheConfig:
 
     ``capacity_bytes`` is the budget in the engine's memory (GPU memory on CUDA, RAM on CPU);
     ``host_capacity_bytes`` adds a RAM tier below the GPU (CUDA only, 0 = none); with
-    ``disk_dir`` set, entries are demoted to files there and survive a restart.
+    ``disk_dir`` set, entries are demoted to files there and survive a restart (and, with
+    ``disk_write_behind``, a crash: each new entry is copied there soon after it is made).
     ``tenant_cache_share`` is the share of each tier a tenant may hold when others need room;
     it applies only when credentials are configured (an open server has one tenant).
     """
@@ -76,6 +77,8 @@ class CacheConfig:
     host_capacity_bytes: int = 0
     disk_dir: Path | None = None
     disk_capacity_bytes: int = 16 << 30
+    disk_write_behind: bool = True
+    """Copy new memory entries to the disk tier in the background, so a crash keeps them."""
     min_cacheable_tokens: int = 1024
     max_cacheable_tokens: int | None = None
     tool_cache_points: bool = True
@@ -273,6 +276,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "host_cache_memory": ("cache", "host_capacity_bytes", parse_bytes),
     "disk_cache_dir": ("cache", "disk_dir", _opt_path),
     "disk_cache_size": ("cache", "disk_capacity_bytes", parse_bytes),
+    "disk_write_behind": ("cache", "disk_write_behind", _bool),
     "min_cacheable_tokens": ("cache", "min_cacheable_tokens", int),
     "max_cacheable_tokens": ("cache", "max_cacheable_tokens", _opt_int),
     "tool_cache_points": ("cache", "tool_cache_points", _bool),

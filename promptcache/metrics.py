@@ -44,10 +44,18 @@ class _StoreCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         entries = GaugeMetricFamily(
-            "promptcache_cache_entries", "Cache entries held, by tier", labels=["tier"]
+            "promptcache_cache_entries", "Cache entries served from each tier", labels=["tier"]
+        )
+        copies = GaugeMetricFamily(
+            "promptcache_cache_copies",
+            "Copies held by each tier (disk) of entries served from a tier above, written "
+            "behind so a crash keeps them",
+            labels=["tier"],
         )
         used = GaugeMetricFamily(
-            "promptcache_cache_bytes", "Bytes of KV held, by tier", labels=["tier"]
+            "promptcache_cache_bytes",
+            "Bytes of KV held, by tier (copies included)",
+            labels=["tier"],
         )
         peak = GaugeMetricFamily(
             "promptcache_cache_peak_bytes", "Most bytes ever held, by tier", labels=["tier"]
@@ -71,6 +79,13 @@ class _StoreCollector(Collector):
             "Entries moved to the top tier on a hit, by the tier they left",
             labels=["tier", "reason"],
         )
+        write_behind = CounterMetricFamily(
+            "promptcache_cache_write_behind",
+            "Copies written behind to a lower tier, by tier and outcome (written; skipped: the "
+            "queue was full; no_room; abandoned: the entry went or moved meanwhile; failed; "
+            "dropped: deleted later to make room)",
+            labels=["tier", "outcome"],
+        )
         tenant_bytes = GaugeMetricFamily(
             "promptcache_cache_tenant_bytes",
             "Bytes of KV held by each tenant (a digest of it), by tier",
@@ -89,7 +104,9 @@ class _StoreCollector(Collector):
                 label = [tier.name, tenant_digest(tenant)]
                 tenant_bytes.add_metric(label, held)
                 tenant_share.add_metric(label, held / max(1, tier.capacity_bytes))
-            entries.add_metric([tier.name], len(tier))
+            served = sum(1 for entry in tier.entries() if entry.tier == tier.name)
+            entries.add_metric([tier.name], served)
+            copies.add_metric([tier.name], len(tier) - served)
             used.add_metric([tier.name], tier.used_bytes)
             peak.add_metric([tier.name], tier.peak_bytes)
             capacity.add_metric([tier.name], tier.capacity_bytes)
@@ -108,11 +125,12 @@ class _StoreCollector(Collector):
             (evictions, stats.evictions),
             (demotions, stats.demotions),
             (promotions, stats.promotions),
+            (write_behind, stats.copies),
         ):
             for (tier_name, reason), count in sorted(counts.items()):
                 family.add_metric([tier_name, reason], count)
-        yield from (entries, used, peak, capacity, pinned, inflight, tenant_bytes, tenant_share)
-        yield from (evictions, demotions, promotions)
+        yield from (entries, copies, used, peak, capacity, pinned, inflight)
+        yield from (tenant_bytes, tenant_share, evictions, demotions, promotions, write_behind)
 
 
 class Metrics:

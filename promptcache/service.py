@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 from promptcache.bench import prices
 from promptcache.cache import planner
 from promptcache.cache.clock import Clock, WallClock
+from promptcache.cache.copies import DEFAULT_QUEUE, CopyWriter
+from promptcache.cache.disk import DiskTier
 from promptcache.cache.entry import Entry
 from promptcache.cache.hashing import Namespace, block_hashes
 from promptcache.cache.inflight import InFlight
@@ -38,12 +40,12 @@ from promptcache.cache.policy import (
 )
 from promptcache.cache.profiles import CacheProfile
 from promptcache.cache.store import PrefixStore
-from promptcache.cache.tiers import DiskTier, Tier, TierStack
+from promptcache.cache.tiers import MemoryTier, Tier, TierStack
 from promptcache.config import AwsCredential, CacheConfig, ConfigError, ServerConfig, profile_table
 from promptcache.core.detokenize import Detokenizer
 from promptcache.core.layout import PromptLayout, render
 from promptcache.core.output import OutputParser
-from promptcache.core.payload import CorruptPayload, KVPayload
+from promptcache.core.payload import CorruptPayload, KVCodec, KVPayload
 from promptcache.core.request import ChatRequest, Sampling
 from promptcache.core.response import (
     CacheUsage,
@@ -123,13 +125,15 @@ class Service:
         prompts_dir = config.api.prompts_dir
         self.templates = TemplateStore(prompts_dir) if prompts_dir is not None else None
         self.policy = self.profiles.default.policy
-        device = config.engine.device if self._engine is None else self._engine.info.device
         # Tenants share the budget only where there are tenants: credentials are configured.
         credentials = config.api.api_keys or config.api.aws_credentials
-        self.store = PrefixStore(
-            tiers=tier_stack(config.cache, device),
-            tenant_share=config.cache.tenant_cache_share if credentials else None,
-        )
+        self._tenant_share = config.cache.tenant_cache_share if credentials else None
+        # The tiers move bytes through the engine's codec, so the store exists once the engine
+        # does; until then readers (metrics, stats, the dashboard) see an empty one.
+        self._loading_store = PrefixStore(TierStack(()), tenant_share=self._tenant_share)
+        self._store = None if self._engine is None else self._open_store(self._engine)
+        self.copies: CopyWriter | None = None
+        """Writes new memory entries to the disk tier behind the requests (``cache/copies.py``)."""
         self.inflight = InFlight()
         self.metrics = Metrics(lambda: self.store, lambda: len(self.inflight))
         self.history = PromptHistory()
@@ -159,6 +163,11 @@ class Service:
         return self._engine is not None
 
     @property
+    def store(self) -> PrefixStore:
+        """The prefix store; while the model loads, an empty one without tiers."""
+        return self._loading_store if self._store is None else self._store
+
+    @property
     def engine(self) -> Engine:
         """The loaded engine; raises ``Overloaded`` while the model is still loading."""
         if self._engine is None:
@@ -169,7 +178,7 @@ class Service:
         """Start the worker and the TTL sweeper, and load the model in the background."""
         self.worker.start()
         if self._engine is not None:
-            await self._open_tiers(self._engine)
+            await self._open_tiers()
         self._sweeper = asyncio.create_task(self._sweep())
         if self._load_engine is not None:
             self._loader = asyncio.create_task(self._load())
@@ -178,7 +187,8 @@ class Service:
         assert self._load_engine is not None
         try:
             engine = await asyncio.to_thread(self._load_engine)
-            await self._open_tiers(engine)
+            self._store = self._open_store(engine)
+            await self._open_tiers()
             self._engine = engine
         except Exception as exc:
             log.exception("model failed to load")
@@ -193,25 +203,32 @@ class Service:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await asyncio.to_thread(self.worker.stop)
-        if self.store.tiers.disk is not None:
+        if self.copies is not None:
+            await self.copies.stop()  # the write in progress finishes; persist does the rest
+        if self._store is not None and self._store.tiers.copy_tiers:
             # Memory tiers die with the process: keep what fits on disk for the next start.
-            moved = self.store.persist(self.clock.now())
-            log.info("wrote %d cache entries to disk at shutdown", moved)
+            moved = self._store.persist(self.clock.now())
+            log.info("moved %d cache entries to disk at shutdown", moved)
 
-    async def _open_tiers(self, engine: Engine) -> None:
-        """Hand the tiers the engine's codec, and index what an earlier run left on disk."""
-        tiers = self.store.tiers
-        tiers.codec = engine.kv_codec
-        if tiers.disk is None:
-            return
-        records = await asyncio.to_thread(tiers.disk.scan, engine.kv_codec)
-        found = self.store.restore(records, self.clock.now())
-        log.info(
-            "disk cache %s: %d entries found, %d files dropped",
-            tiers.disk.directory,
-            found,
-            len(records) - found,
+    def _open_store(self, engine: Engine) -> PrefixStore:
+        cache = self.config.cache
+        return PrefixStore(
+            tier_stack(cache, engine.info.device, engine.kv_codec),
+            tenant_share=self._tenant_share,
+            write_behind=DEFAULT_QUEUE if cache.disk_write_behind else 0,
         )
+
+    async def _open_tiers(self) -> None:
+        """Index what an earlier run left in the tiers that outlive it (the disk), then start
+        writing copies of new entries there."""
+        store = self.store
+        for tier in store.tiers.copy_tiers:
+            found = await asyncio.to_thread(tier.scan)
+            kept = store.restore(tier, found, self.clock.now())
+            log.info("%s tier: %d entries found, %d dropped", tier.name, kept, len(found) - kept)
+        if store.copy_queue.limit and store.tiers.copy_tiers:
+            self.copies = CopyWriter(store, self.clock.now)
+            self.copies.start()
 
     async def _sweep(self) -> None:
         while True:
@@ -437,8 +454,9 @@ class Service:
             hit = plan.hit
             if hit is None:
                 return plan, None
-            if self.store.is_resident(hit):
-                return plan, hit.payload
+            resident = self.store.resident(hit)
+            if resident is not None:
+                return plan, resident
             try:
                 return plan, await self._fetch(hit)
             except CorruptPayload as exc:
@@ -452,7 +470,7 @@ class Service:
         pinned. Raises ``CorruptPayload``."""
         task = self._fetches.get(entry.key)
         if task is None:
-            task = asyncio.ensure_future(asyncio.to_thread(self.store.tiers.loader(entry)))
+            task = asyncio.ensure_future(asyncio.to_thread(self.store.loader(entry)))
             self._fetches[entry.key] = task
             task.add_done_callback(functools.partial(self._fetched, entry.key))
         payload = await asyncio.shield(task)
@@ -556,21 +574,22 @@ class Service:
         yield Finished(reason, stop_sequence, usage.with_output(len(token_ids)))
 
 
-def tier_stack(config: CacheConfig, device: str) -> TierStack:
-    """The tiers for an engine on ``device``: ``device`` (CUDA memory, ``cache_memory``) and
-    ``host`` (``host_cache_memory``, if set), or on a CPU engine a single ``host`` tier (its
-    memory is host memory: ``cache_memory``), then ``disk`` when a directory is configured."""
+def tier_stack(config: CacheConfig, device: str, codec: KVCodec) -> TierStack:
+    """The tiers for an engine on ``device`` moving bytes with ``codec``: ``device`` (CUDA
+    memory, ``cache_memory``) and ``host`` (``host_cache_memory``, if set), or on a CPU engine a
+    single ``host`` tier (its memory is host memory: ``cache_memory``), then ``disk`` when a
+    directory is configured."""
     tiers: list[Tier] = []
     if device.startswith("cuda"):
-        tiers.append(Tier("device", config.capacity_bytes))
+        tiers.append(MemoryTier("device", config.capacity_bytes, codec))
         if config.host_capacity_bytes > 0:
-            tiers.append(Tier("host", config.host_capacity_bytes))
+            tiers.append(MemoryTier("host", config.host_capacity_bytes, codec))
     else:
         if config.host_capacity_bytes > 0:
             log.warning("host_cache_memory is ignored on a CPU engine: cache_memory is host RAM")
-        tiers.append(Tier("host", config.capacity_bytes))
+        tiers.append(MemoryTier("host", config.capacity_bytes, codec))
     if config.disk_dir is not None:
-        tiers.append(DiskTier(config.disk_dir, config.disk_capacity_bytes))
+        tiers.append(DiskTier(config.disk_dir, config.disk_capacity_bytes, codec))
     return TierStack(tiers)
 
 

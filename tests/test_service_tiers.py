@@ -4,16 +4,19 @@ files, restarts, shared bytes of nested breakpoints, and the budget under concur
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from typing import Any
 
 from promptcache.cache.clock import FakeClock
+from promptcache.cache.disk import DiskTier
 from promptcache.config import CacheConfig
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatResult
 from promptcache.engine.fake import FakeCodec, FakeEngine
 from promptcache.service import Service, tier_stack
-from tests.conftest import chat, collect, make_service, run_async, text, words
+from promptcache.types import BlockHash
+from tests.conftest import chat, collect, make_config, make_service, run_async, text, words
 
 BPT = 64  # FakeEngine's default KV bytes per token
 ONE_ENTRY = BPT * 2100  # room for one ~2000-token entry
@@ -38,6 +41,12 @@ def cold(request: ChatRequest) -> ChatResult:
 
 def files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.fakekv"))
+
+
+def disk_path(service: Service, key: BlockHash) -> Path:
+    disk = service.store.tiers.tier("disk")
+    assert isinstance(disk, DiskTier)
+    return disk.path(key)
 
 
 def disk_service(tmp_path: Path, clock: FakeClock | None = None, **cache: Any) -> Service:
@@ -73,7 +82,7 @@ def test_a_demoted_entry_is_read_back_from_disk_and_promoted(tmp_path: Path) -> 
 def test_a_damaged_file_is_a_miss_with_the_right_answer_and_goes(tmp_path: Path) -> None:
     service = disk_service(tmp_path)
     first, _ = ask(service, sys_request(1), sys_request(2))
-    path = service.store.tiers.path(service.store.entries()[0].key)  # A's file
+    path = disk_path(service, service.store.entries()[0].key)  # A's file
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -169,11 +178,9 @@ def test_one_read_serves_concurrent_hits_on_a_disk_entry(tmp_path: Path) -> None
 
 def test_concurrent_readers_of_a_damaged_file_write_it_once(tmp_path: Path) -> None:
     engine = FakeEngine()
-    service = disk_service(tmp_path)
-    service._engine = engine
-    service.store.tiers.codec = engine.kv_codec
+    service = make_service(engine, capacity_bytes=ONE_ENTRY, disk_dir=tmp_path)
     first, _ = ask(service, sys_request(1), sys_request(2))
-    path = service.store.tiers.path(service.store.entries()[0].key)  # A's file
+    path = disk_path(service, service.store.entries()[0].key)  # A's file
     path.write_bytes(path.read_bytes()[:-10])  # truncated
     before = engine.num_prefill_tokens_total
 
@@ -243,11 +250,72 @@ def test_the_budget_holds_under_concurrent_load(tmp_path: Path) -> None:
 
 
 def test_tier_stack_follows_the_engine_device(tmp_path: Path) -> None:
-    gpu = tier_stack(CacheConfig(host_capacity_bytes=8, disk_dir=tmp_path), "cuda:0")
+    codec = FakeCodec()
+    gpu = tier_stack(CacheConfig(host_capacity_bytes=8, disk_dir=tmp_path), "cuda:0", codec)
     assert [(t.name, t.capacity_bytes) for t in gpu] == [
         ("device", 4 << 30),
         ("host", 8),
         ("disk", 16 << 30),
     ]
-    cpu = tier_stack(CacheConfig(host_capacity_bytes=8), "cpu")  # RAM is the engine's memory
+    cpu = tier_stack(CacheConfig(host_capacity_bytes=8), "cpu", codec)  # RAM is the engine's memory
     assert [(t.name, t.capacity_bytes) for t in cpu] == [("host", 4 << 30)]
+
+
+def test_entries_reach_disk_soon_without_a_shutdown(tmp_path: Path) -> None:
+    """Write-behind: the file exists while the server runs, so a crash (here: a copy of the
+    directory taken before the shutdown) keeps the entry."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    service = disk_service(live, capacity_bytes=10 * ONE_ENTRY)
+    engine = service.engine
+
+    async def body() -> ChatResult:
+        result = await collect(service.generate(sys_request(1)))
+        for _ in range(500):  # bounded: 5 s
+            if files(live):
+                break
+            await asyncio.sleep(0.01)
+        shutil.copytree(live, crashed)
+        return result
+
+    written = run_async(service, body)
+    (entry,) = service.store.entries()
+    assert len(files(crashed)) == 1 and service.store.stats.copies == {("disk", "written"): 1}
+    assert service.store.stats.demotions == {("host", "shutdown"): 1}  # the copy was enough
+    assert isinstance(engine, FakeEngine)
+
+    (read,) = ask(disk_service(crashed, capacity_bytes=10 * ONE_ENTRY), sys_request(1, "later"))
+    assert read.usage.read_tokens == written.usage.written_total == entry.num_tokens
+    assert read.content == cold(sys_request(1, "later")).content
+
+
+def test_without_write_behind_entries_reach_disk_at_shutdown(tmp_path: Path) -> None:
+    service = disk_service(tmp_path, capacity_bytes=10 * ONE_ENTRY, disk_write_behind=False)
+
+    async def body() -> None:
+        await collect(service.generate(sys_request(1)))
+        await asyncio.sleep(0.2)
+        assert files(tmp_path) == [] and service.copies is None
+
+    run_async(service, body)
+    assert len(files(tmp_path)) == 1
+
+
+def test_the_store_is_built_when_the_engine_loads(tmp_path: Path) -> None:
+    """The tiers move bytes through the engine's codec: before it loads there are none, and
+    readers (metrics, stats) see an empty store."""
+    service = Service(FakeEngine, make_config(disk_dir=tmp_path), clock=FakeClock())
+    assert not service.is_ready and len(service.store.tiers) == 0
+    assert service.store.entries() == [] and service.store.clear() == 0
+    assert "promptcache_cache_entries{" not in service.metrics.render().decode()
+
+    async def main() -> None:
+        await service.start()
+        for _ in range(500):  # bounded: 5 s
+            if service.is_ready:
+                break
+            await asyncio.sleep(0.01)
+        assert [t.name for t in service.store.tiers] == ["host", "disk"]
+        assert service.copies is not None  # writing behind once the disk tier is indexed
+        await service.stop()
+
+    asyncio.run(main())

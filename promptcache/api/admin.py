@@ -51,6 +51,7 @@ def routes(service: Service) -> list[BaseRoute]:
                 "ttl": entry.ttl,
                 "ttl_left_s": round(max(0.0, entry.expires_at - now), 3),
                 "tier": entry.tier,
+                "copies": sorted(entry.copies),
                 "hits": entry.num_hits,
                 "pinned": entry.ref_cnt > 0,
                 "tenant": tenant_digest(entry.tenant),

@@ -82,6 +82,7 @@ def dashboard_json(service: Service, tenant: TenantId | None) -> dict[str, Any]:
             "tokens": entry.num_tokens,
             "bytes": entry.nbytes,
             "tier": entry.tier,
+            "copies": sorted(entry.copies),
             "ttl": entry.ttl,
             "ttl_left_s": round(max(0.0, entry.expires_at - now), 1),
             "hits": entry.num_hits,

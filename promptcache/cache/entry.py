@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from promptcache.core.payload import KVPayload, PartId
+from promptcache.core.payload import PartId
 from promptcache.types import BlockHash, TenantId, TierName, Ttl
 
 
@@ -12,9 +12,11 @@ from promptcache.types import BlockHash, TenantId, TierName, Ttl
 class Entry:
     """The KV state of the first ``num_tokens`` tokens under key ``key`` (spec §1.5).
 
-    ``tier`` names where the bytes are (``None`` once the entry is removed). In a memory tier
-    ``payload`` holds them; on disk it is ``None`` and the tier's file holds them. ``parts`` are
-    the pieces the entry is charged for in its tier (a file on disk counts as one piece).
+    ``tier`` names the tier the entry is served from (``None`` once it is removed); that tier
+    holds its bytes (a memory tier its payload, the disk tier its file). ``copies`` names the
+    lower tiers that hold a copy of the same bytes as well (the disk tier, written behind), so
+    a crash or a demotion loses nothing and writes nothing. ``parts`` are the pieces the entry
+    is charged for in ``tier`` (a file counts as one piece); each tier keeps its own charge.
     """
 
     key: BlockHash
@@ -23,8 +25,8 @@ class Entry:
     ttl: Ttl
     created_at: float
     expires_at: float
-    payload: KVPayload | None = None
     tier: TierName | None = None
+    copies: set[TierName] = field(default_factory=set)
     parts: tuple[tuple[PartId, int], ...] = ()
     ref_cnt: int = 0
     num_hits: int = 0

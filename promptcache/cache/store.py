@@ -1,43 +1,55 @@
 """``PrefixStore``: every cache entry's metadata, its TTL and pins, and where its bytes live.
 
-The store keeps one index of entries; each entry sits in exactly one tier of its ``TierStack``
-(``cache/tiers.py``). The store never looks inside a payload. Policy, per tier (spec §1.13):
+The store keeps one index of entries. Each entry is served from one tier of its ``TierStack``
+(``cache/tiers.py``), its *home*, and may have copies in lower tiers that hold copies (the disk
+tier). Tiers move the bytes; the store decides, and never asks what kind a tier is. Policy, per
+tier (spec §1.13):
 
-- room is made in a tier by reclaiming its expired, unpinned entries first, then demoting its
-  least recently used unpinned entries one tier down; the last tier drops them (``capacity``);
+- room is made in a tier by reclaiming its expired, unpinned entries first, then dropping the
+  copies it holds (only copies: their entries stay where they are served from), then demoting
+  its least recently used unpinned entries one tier down; the last tier drops them
+  (``capacity``). A demotion to a tier that holds the entry's copy writes nothing: the copy
+  becomes its home;
 - with a tenant share ``F`` (``tenant_share``, set when credentials are configured), a tenant
   holding more than ``F`` of a tier's budget (counting the entry being placed) is over its share:
   its entries move first (``tenant_share``), and a tenant over its share never moves the entries
   of one within it; an entry that cannot get room otherwise goes to a lower tier or is refused
   (``tenant_share``). A tenant alone in a tier may fill it (spec §1.13);
-- a new entry starts in the top tier, or the first tier below it that can hold it;
-- a hit in a lower tier is promoted to the top when the engine has read it (``promote``); a file
-  that turns out corrupt or truncated is a miss and is removed (``discard``);
-- pinned entries (in use by a running request) never move and are never dropped;
+- a new entry starts in the top tier, or the first tier below it that can hold it; with
+  write-behind on (``write_behind``, the queue's length) a copy of it is queued for each tier
+  below that holds copies (``cache/copies.py``);
+- a hit in a lower tier is promoted to the top when the engine has read it (``promote``); a tier
+  that holds copies keeps its bytes as the entry's copy. Bytes that turn out corrupt or truncated
+  are a miss and the entry is removed (``discard``);
+- pinned entries (in use by a running request) never move and are never dropped, nor are their
+  copies;
+- removing an entry (expiry, eviction, ``clear``) deletes its copies too;
 - expiry is strict (§1.7): an expired entry is never returned, even before its bytes go.
 
-All methods run on one thread (the service's event loop). Moves call the engine's codec there;
-only ``TierStack.loader`` functions (reads for a hit) are meant for a worker thread.
+All methods run on one thread (the service's event loop). Moves between tiers call the engine's
+codec there; only ``loader`` functions (reads for a hit) and ``CopyTier.write_copy`` (the write
+of a copy, between ``take_copy`` and ``copied``) run elsewhere.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from promptcache.cache.copies import CopyQueue
 from promptcache.cache.entry import Entry
 from promptcache.cache.misses import Tombstone, Tombstones
 from promptcache.cache.tiers import (
-    DiskRecord,
+    Copy,
+    CopyJob,
+    CopyTier,
+    Found,
+    Parts,
     Tier,
     TierStack,
-    disk_part,
-    entry_from_metadata,
-    entry_metadata,
-    key_of,
     unique_parts,
 )
 from promptcache.core.payload import CorruptPayload, KVPayload
@@ -47,12 +59,21 @@ log = logging.getLogger(__name__)
 
 EvictReason = Literal["expired", "capacity", "tenant_share", "cleared", "rejected", "corrupt"]
 MoveReason = Literal["capacity", "tenant_share", "shutdown", "hit"]
+CopyOutcome = Literal["written", "skipped", "no_room", "abandoned", "failed", "dropped"]
+"""What became of a copy: ``written`` (kept), ``skipped`` (the queue was full, or the entry is
+larger than the tier), ``no_room`` (room could not be made for it), ``abandoned`` (the entry went
+or moved while it was written), ``failed`` (the write failed), ``dropped`` (a kept copy deleted to
+make room)."""
+
+REFRESH_COPY_AFTER = 0.5
+"""A copy whose expiry lags its entry's (refreshed by reads) by more than this share of the TTL
+is written again, so that after a crash the entry lives on at least that much of a TTL."""
 
 
 @dataclass(slots=True)
 class StoreStats:
     """Cumulative counters, read by metrics. Moves and drops are keyed ``(tier, reason)``, where
-    the tier is the one the entry left."""
+    the tier is the one the entry left; copies ``(tier, outcome)``, the tier of the copy."""
 
     num_hits: int = 0
     num_misses: int = 0
@@ -60,32 +81,32 @@ class StoreStats:
     evictions: Counter[tuple[TierName, EvictReason]] = field(default_factory=Counter)
     demotions: Counter[tuple[TierName, MoveReason]] = field(default_factory=Counter)
     promotions: Counter[tuple[TierName, MoveReason]] = field(default_factory=Counter)
+    copies: Counter[tuple[TierName, CopyOutcome]] = field(default_factory=Counter)
 
 
 class PrefixStore:
     """Entries by key, least recently used first, spread over the tiers of a ``TierStack``.
 
-    ``PrefixStore(capacity_bytes)`` is a single host-memory tier, as in tests. ``tenant_share``
-    (0 < F <= 1, or None for plain LRU) is the share of each tier's budget a tenant may hold
-    when others need room.
+    ``tenant_share`` (0 < F <= 1, or None for plain LRU) is the share of each tier's budget a
+    tenant may hold when others need room. ``write_behind`` is how many copies may wait to be
+    written behind (``cache/copies.py``; 0: none are, entries reach lower tiers when demoted or
+    at shutdown).
     """
 
     def __init__(
         self,
-        capacity_bytes: int | None = None,
+        tiers: TierStack,
         *,
-        tiers: TierStack | None = None,
         tenant_share: float | None = None,
+        write_behind: int = 0,
     ) -> None:
         if tenant_share is not None and not 0 < tenant_share <= 1:
             raise ValueError(f"tenant_share must be in (0, 1], got {tenant_share}")
         self.tenant_share = tenant_share
-        if tiers is None:
-            if capacity_bytes is None:
-                raise ValueError("give capacity_bytes or tiers")
-            tiers = TierStack([Tier("host", capacity_bytes)])
         self.tiers = tiers
+        self.copy_queue = CopyQueue(write_behind)
         self._entries: OrderedDict[BlockHash, Entry] = OrderedDict()
+        self._copy_failing = False
         self.stats = StoreStats()
         self.tombstones = Tombstones()
         """Removed keys, so a miss can say expired or evicted (``cache/misses.py``)."""
@@ -95,7 +116,7 @@ class PrefixStore:
 
     @property
     def used_bytes(self) -> int:
-        """Bytes held, summed over the tiers."""
+        """Bytes held, summed over the tiers (copies included)."""
         return sum(t.used_bytes for t in self.tiers)
 
     @property
@@ -126,17 +147,19 @@ class PrefixStore:
 
     def touch(self, entry: Entry, t0: float) -> None:
         """A read: refresh the expiry from request start ``t0`` (never shortening it, §1.7)
-        and mark the entry most recently used."""
+        and mark the entry most recently used (in every tier holding it)."""
         entry.expires_at = max(entry.expires_at, t0 + TTL_SECONDS[entry.ttl])
         entry.num_hits += 1
         self.stats.num_hits += 1
         if self._entries.get(entry.key) is entry:
             self._entries.move_to_end(entry.key)
-            self._tier_of(entry).touch(entry)
+            for tier in self.tiers:
+                tier.touch(entry)
+            self._queue_stale_copies(entry)
 
     def pin(self, entry: Entry) -> None:
-        """Protect ``entry`` from moves and eviction until ``unpin``; its payload (or file) stays
-        valid meanwhile."""
+        """Protect ``entry`` (and its copies) from moves and eviction until ``unpin``; its bytes
+        stay valid meanwhile."""
         entry.ref_cnt += 1
 
     def unpin(self, entry: Entry) -> None:
@@ -145,8 +168,24 @@ class PrefixStore:
         entry.ref_cnt -= 1
 
     def is_resident(self, entry: Entry) -> bool:
-        """Whether the engine can use ``entry.payload`` as it is (it is in the top tier)."""
-        return entry.tier == self.tiers.top.name and entry.payload is not None
+        """Whether the engine can use ``entry``'s payload as it is (it is in the top tier)."""
+        return bool(self.tiers) and entry.tier == self.tiers.top.name
+
+    def resident(self, entry: Entry) -> KVPayload | None:
+        """``entry``'s payload when it is in the top tier (the engine's memory), else None."""
+        return self.tiers.top.payload(entry) if self.is_resident(entry) else None
+
+    def loader(self, entry: Entry) -> Callable[[], KVPayload]:
+        """A function that returns ``entry``'s payload in the top tier's memory, reading it from
+        the tier it is served from. Built on the event loop; the function may run on a worker
+        thread, and the entry must stay pinned until it returns. It raises ``CorruptPayload``."""
+        if entry.tier is None:
+            raise CorruptPayload("the entry was removed")
+        source, top = self._tier_of(entry), self.tiers.top
+        read = source.reader(entry)
+        if source is top:
+            return read
+        return lambda: top.admit(read())
 
     # -- writes and moves --------------------------------------------------------------------
 
@@ -166,7 +205,7 @@ class PrefixStore:
             self._remove(stale, "expired")
         entry = Entry(key, tenant, payload.num_tokens, ttl, t0, t0 + TTL_SECONDS[ttl])
         top = self.tiers.top
-        if not self._place(entry, payload, top.name, 0, now):
+        if not self._place(entry, payload, 0, now):
             parts = unique_parts(payload.parts)
             if self._over_share(top, tenant, tenant, top.added_bytes(parts)):
                 self.tombstones.add(
@@ -186,29 +225,35 @@ class PrefixStore:
         self._entries[key] = entry
         self.tombstones.discard(key)
         self.stats.num_commits += 1
+        for tier in self._copy_tiers_below(entry):
+            self._queue_copy(entry, tier)
         return entry
 
     def promote(self, entry: Entry, payload: KVPayload, now: float) -> bool:
-        """Move ``entry`` to the top tier, holding ``payload`` (its bytes as ``TierStack.loader``
-        read them), when room can be made there. Returns whether it is in the top tier now; when
-        not, it stays where it was and the caller may still use ``payload`` this once."""
+        """Move ``entry`` to the top tier, holding ``payload`` (its bytes as ``loader`` read
+        them), when room can be made there. Returns whether it is in the top tier now; when
+        not, it stays where it was and the caller may still use ``payload`` this once. A tier
+        that holds copies keeps the bytes it served as the entry's copy."""
         if self._entries.get(entry.key) is not entry or entry.tier is None:
             return False
         top = self.tiers.top
         source = self._tier_of(entry)
         if source is top:
             return True
-        parts = unique_parts(payload.parts)
-        if top.added_bytes(parts) > top.capacity_bytes or not self._make_room(
-            top, parts, entry.tenant, now
-        ):
+
+        def room(parts: Parts) -> bool:
+            # Making room may move the entry itself when it is not pinned: then it stays put.
+            return self._room(top, parts, entry, now) and entry.tier == source.name
+
+        if not top.put(entry, payload, room):
             return False
-        if entry not in source:  # moved while room was made (only possible when not pinned)
-            return False
-        self._leave(entry, source)
-        top.add(entry, parts)
-        entry.payload = payload
+        if source.holds_copies:
+            entry.copies.add(source.name)
+        else:
+            source.release(entry)
+        self._settle(entry, top)
         self.stats.promotions[source.name, "hit"] += 1
+        self._queue_stale_copies(entry)
         return True
 
     def demote(self, entry: Entry, now: float, reason: MoveReason = "capacity") -> bool:
@@ -240,92 +285,159 @@ class PrefixStore:
             self._remove(entry, "cleared")
         return len(victims)
 
+    # -- copies written behind ---------------------------------------------------------------
+
+    def take_copy(self, now: float) -> CopyJob | None:
+        """The next queued copy still wanted, as a job holding the entry's payload as it is now;
+        None when none is. For the ``CopyWriter``: the job goes back through ``copied`` or
+        ``copy_failed``."""
+        while (waiting := self.copy_queue.pop()) is not None:
+            entry, tier = waiting
+            if not self._wants_copy(entry, tier, now):
+                continue
+            payload = self._tier_of(entry).payload(entry)
+            if payload is None:
+                continue
+            if not tier.accepts(payload):
+                self.stats.copies[tier.name, "skipped"] += 1
+                continue
+            return CopyJob(entry, tier, payload, entry.expires_at)
+        return None
+
+    def copied(self, job: CopyJob, copy: Copy, now: float) -> bool:
+        """Keep the copy ``job`` wrote, charged in its tier (room is made as for any entry, the
+        tier's other copies going first), when its entry still wants it; otherwise, or when
+        there is no room, the copy is abandoned. Returns whether it was kept."""
+        entry, tier = job.entry, job.tier
+        wanted = self._wants_copy(entry, tier, now)
+        replacing = wanted and tier.name in entry.copies
+        if replacing and entry.expires_at - tier.staleness(entry) >= copy.expires_at:
+            wanted = False  # the copy it has is as fresh (written meanwhile)
+        if not wanted:
+            tier.abandon(copy)
+            self.stats.copies[tier.name, "abandoned"] += 1
+            return False
+        if replacing:  # uncharge the stale copy; publishing the new one replaces its bytes
+            tier.remove(entry)
+            entry.copies.discard(tier.name)
+        outcome: CopyOutcome = "written"
+        if not self._room(tier, copy.parts, entry, now):
+            outcome = "no_room"
+        else:
+            try:
+                tier.keep(entry, copy)
+            except OSError as exc:
+                log.warning("keeping a copy of a cache entry in %s failed: %s", tier.name, exc)
+                outcome = "failed"
+        self.stats.copies[tier.name, outcome] += 1
+        if outcome != "written":
+            tier.abandon(copy)
+            if replacing:
+                tier.erase(entry.key)
+            return False
+        entry.copies.add(tier.name)
+        self._copy_failing = False
+        return True
+
+    def copy_failed(self, job: CopyJob, error: BaseException) -> None:
+        """The write of ``job`` raised ``error``: counted, and logged once until one succeeds
+        (a full or broken disk would otherwise log every entry)."""
+        self.stats.copies[job.tier.name, "failed"] += 1
+        if not self._copy_failing:
+            self._copy_failing = True
+            log.warning("writing a copy of a cache entry to %s failed: %s", job.tier.name, error)
+
     # -- persistence -------------------------------------------------------------------------
 
     def persist(self, now: float) -> int:
-        """Write every live, unpinned memory entry to the disk tier, least recently used first so
-        the most recent win when the disk is full (shutdown). Returns how many moved."""
-        disk = self.tiers.disk
-        if disk is None or self.tiers.codec is None:
+        """Move every live, unpinned memory entry to the first tier that holds copies (the disk),
+        least recently used first so the most recent win when it is full (shutdown). An entry
+        whose copy is there already just lets its memory go; a copy whose expiry a read has
+        since refreshed is written again. Returns how many moved."""
+        targets = self.tiers.copy_tiers
+        if not targets:
             return 0
-        start = self.tiers.tiers.index(disk)
+        target = targets[0]
+        start = self.tiers.index(target)
         moved = 0
         for entry in self.entries():
-            if entry.tier in (None, "disk") or entry.ref_cnt > 0 or not entry.is_live(now):
+            if entry.ref_cnt > 0 or not entry.is_live(now) or entry.tier is None:
                 continue
-            source, payload, parts = self._tier_of(entry), entry.payload, entry.parts
-            assert payload is not None
-            self._leave(entry, source)
-            if self._place(entry, payload, source.name, start, now):
+            source = self._tier_of(entry)
+            if self.tiers.index(source) >= start:
+                continue
+            stale = target.name in entry.copies and target.staleness(entry) > 0
+            if stale:  # written again below: the file is replaced, not deleted first
+                target.remove(entry)
+                entry.copies.discard(target.name)
+            if self._place(entry, source.payload(entry), start, now):
+                source.release(entry)
                 self.stats.demotions[source.name, "shutdown"] += 1
                 moved += 1
-            else:  # no room on disk: it stays (room in its tier is unchanged)
-                source.add(entry, parts)
-                entry.payload = payload
+            elif stale:
+                target.erase(entry.key)
         return moved
 
-    def restore(self, records: Sequence[DiskRecord], now: float) -> int:
-        """Index the files ``DiskTier.scan`` found. Expired, corrupt and surplus files are deleted
-        (TTLs are wall-clock: what expired while the server was down is gone). Returns how many
-        entries the disk tier holds now (the newest win when they do not all fit)."""
-        disk, codec = self.tiers.disk, self.tiers.codec
-        if disk is None or codec is None:
-            return 0
-        for record in records:
-            key = key_of(record.path, codec.suffix)
-            if key is None:
-                continue  # not a name we write: leave foreign files alone
-            reason: EvictReason | None = None
-            entry: Entry | None = None
-            if record.metadata is None:
-                reason = "corrupt"
-            else:
-                try:
-                    entry = entry_from_metadata(record.metadata, key)
-                except CorruptPayload:
-                    reason = "corrupt"
-            parts = ((disk_part(key), record.size),)
-            known = self._entries.get(key)
+    def restore(self, tier: CopyTier, found: Sequence[Found], now: float) -> int:
+        """Index the entries ``tier.scan()`` found (oldest first). Expired, corrupt and surplus
+        ones are erased (TTLs are wall-clock: what expired while the server was down is gone).
+        Returns how many entries the tier holds now (the newest win when they do not all fit)."""
+        for record in found:
+            known = self._entries.get(record.key)
             if known is not None:
-                if known.tier != "disk":  # a newer copy was written while scanning
-                    disk.delete(key, codec.suffix)
-                continue  # otherwise this very file is indexed already (a second start)
-            if entry is not None and not entry.is_live(now):
+                if known.tier != tier.name and tier.name not in known.copies:
+                    tier.erase(record.key)  # a leftover under the key of a newer entry
+                continue  # otherwise these very bytes are indexed already (a second start)
+            entry = record.entry
+            reason: EvictReason | None = None
+            if entry is None:
+                reason = "corrupt"
+            elif not entry.is_live(now):
                 reason = "expired"
-            elif entry is not None and not self._make_room(disk, parts, entry.tenant, now):
+            elif not self._room(tier, record.parts, entry, now):
                 reason = "capacity"
             if reason is not None or entry is None:
                 reason = reason or "corrupt"
-                log.info("dropping cache file %s (%s)", record.path.name, reason)
-                disk.delete(key, codec.suffix)
-                self.stats.evictions["disk", reason] += 1
+                log.info(
+                    "dropping stored cache entry %s from %s (%s%s)",
+                    record.key.hex()[:16],
+                    tier.name,
+                    reason,
+                    f": {record.error}" if record.error else "",
+                )
+                tier.erase(record.key)
+                self.stats.evictions[tier.name, reason] += 1
                 continue
-            disk.add(entry, parts)
-            self._entries[key] = entry
-        return len(disk)
+            tier.adopt(record)
+            self._settle(entry, tier)
+            self._entries[record.key] = entry
+        return len(tier)
 
     # -- checks ------------------------------------------------------------------------------
 
     def check_integrity(self) -> None:
-        """Raise ``AssertionError`` when tiers, bytes, pins or files disagree with the index."""
-        resident: dict[BlockHash, Entry] = {}
+        """Raise ``AssertionError`` when tiers, bytes, copies or pins disagree with the index."""
         for tier in self.tiers:
-            tier.check_integrity()
+            tier.check_integrity()  # its accounting, and that it holds the bytes it charges
             for entry in tier.entries():
-                if entry.key in resident:
-                    raise AssertionError(f"entry {entry.key.hex()[:12]} is in two tiers")
-                resident[entry.key] = entry
-                if (entry.payload is None) != tier.is_disk:
-                    raise AssertionError(f"entry {entry.key.hex()[:12]} has the wrong form")
-                if tier.is_disk and not self.tiers.path(entry.key).is_file():
-                    raise AssertionError(f"entry {entry.key.hex()[:12]} lost its file")
-        if resident.keys() != self._entries.keys() or any(
-            resident[k] is not e for k, e in self._entries.items()
-        ):
-            raise AssertionError("the index and the tiers hold different entries")
-        for entry in self._entries.values():
+                if self._entries.get(entry.key) is not entry:
+                    raise AssertionError(f"{tier.name} holds {entry.key.hex()[:12]}, unindexed")
+        for key, entry in self._entries.items():
+            name = key.hex()[:12]
+            if key != entry.key or entry.tier is None:
+                raise AssertionError(f"entry {name} is misfiled")
+            home = self._tier_of(entry)
+            if entry.parts != home.parts_of(entry):
+                raise AssertionError(f"entry {name}: its parts are not those of its tier")
+            for tier in self.tiers:
+                if (entry in tier) != (tier is home or tier.name in entry.copies):
+                    raise AssertionError(f"entry {name}: {tier.name} disagrees with its copies")
+            for copy in entry.copies:
+                tier = self.tiers.tier(copy)
+                if not tier.holds_copies or self.tiers.index(tier) <= self.tiers.index(home):
+                    raise AssertionError(f"entry {name}: a copy in {copy} is not below it")
             if entry.ref_cnt < 0:
-                raise AssertionError(f"entry {entry.key.hex()[:12]} has ref_cnt {entry.ref_cnt}")
+                raise AssertionError(f"entry {name} has ref_cnt {entry.ref_cnt}")
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -333,82 +445,80 @@ class PrefixStore:
         assert entry.tier is not None
         return self.tiers.tier(entry.tier)
 
-    def _place(
-        self, entry: Entry, payload: KVPayload, origin: TierName, start: int, now: float
-    ) -> bool:
-        """Make ``entry`` resident in the first tier from index ``start`` down that can hold it.
-        ``payload`` is in the memory of tier ``origin``."""
+    def _settle(self, entry: Entry, tier: Tier) -> None:
+        """Make ``tier`` (which holds and charges ``entry``) the one it is served from."""
+        entry.tier = tier.name
+        entry.parts = tier.parts_of(entry)
+
+    def _place(self, entry: Entry, payload: KVPayload | None, start: int, now: float) -> bool:
+        """Make ``entry`` served from the first tier from index ``start`` down that holds its
+        copy (nothing is written) or can hold ``payload``. Its current tier, if any, is the
+        caller's to release."""
         for tier in self.tiers.tiers[start:]:
-            if tier.is_disk:
-                return self._place_on_disk(entry, payload, tier, now)
-            if tier.name != origin and self.tiers.codec is None:
+            if tier.name in entry.copies:
+                entry.copies.discard(tier.name)
+                self._settle(entry, tier)
+                return True
+            if payload is None:
                 continue
-            parts = unique_parts(payload.parts)
-            if tier.added_bytes(parts) > tier.capacity_bytes:
-                continue
-            if not self._make_room(tier, parts, entry.tenant, now):
-                continue
-            try:
-                moved = payload if tier.name == origin else self.tiers.to_memory(payload, tier)
-            except Exception:  # e.g. out of memory on the way: try the next tier
-                log.exception("copying a cache entry to %s failed", tier.name)
-                continue
-            tier.add(entry, moved.parts)
-            entry.payload = moved
-            return True
+
+            def room(parts: Parts, tier: Tier = tier) -> bool:
+                return self._room(tier, parts, entry, now)
+
+            if tier.put(entry, payload, room):
+                self._settle(entry, tier)
+                return True
         return False
 
-    def _place_on_disk(self, entry: Entry, payload: KVPayload, disk: Tier, now: float) -> bool:
-        codec = self.tiers.codec
-        if codec is None or payload.nbytes > disk.capacity_bytes:
+    def _room(self, tier: Tier, parts: Parts, entry: Entry, now: float) -> bool:
+        """Whether ``parts`` of ``entry`` fit in ``tier`` once room is made (never by moving
+        ``entry`` itself)."""
+        if tier.added_bytes(parts) > tier.capacity_bytes:
             return False
-        path = self.tiers.path(entry.key)
-        try:
-            codec.save(payload, path, entry_metadata(entry))
-            size = path.stat().st_size
-        except OSError as exc:
-            log.warning("writing cache entry to %s failed: %s", path, exc)
-            return False
-        parts = ((disk_part(entry.key), size),)
-        if size > disk.capacity_bytes or not self._make_room(disk, parts, entry.tenant, now):
-            path.unlink(missing_ok=True)
-            return False
-        disk.add(entry, parts)
-        entry.payload = None
-        return True
+        return self._make_room(tier, parts, entry, now)
 
-    def _make_room(
-        self, tier: Tier, parts: tuple[tuple[int, int], ...], tenant: TenantId, now: float
-    ) -> bool:
-        """Free ``tier`` until ``parts`` (of an entry of ``tenant``) fit: expired entries first,
-        then unpinned ones move down a tier (or go, from the last), least recently used first,
-        those of tenants over their share before any other."""
+    def _make_room(self, tier: Tier, parts: Parts, placing: Entry, now: float) -> bool:
+        """Free ``tier`` until ``parts`` (of ``placing``) fit: expired entries first, then the
+        copies it holds, then unpinned entries move down a tier (or go, from the last), least
+        recently used first, those of tenants over their share before any other."""
         if tier.fits(parts):
             return True
         for entry in tier.entries():
-            if entry.ref_cnt == 0 and not entry.is_live(now):
+            if entry is not placing and entry.ref_cnt == 0 and not entry.is_live(now):
                 self._remove(entry, "expired")
         while not tier.fits(parts):
-            choice = self._victim(tier, parts, tenant)
+            copy = next(
+                (
+                    e
+                    for e in tier.entries()
+                    if e is not placing and e.ref_cnt == 0 and e.tier != tier.name
+                ),
+                None,
+            )
+            if copy is not None:
+                self._drop_copy(copy, tier)
+                continue
+            choice = self._victim(tier, parts, placing)
             if choice is None:
                 return False
             victim, reason = choice
             self._demote(victim, tier, now, reason)
         return True
 
-    def _victim(
-        self, tier: Tier, parts: tuple[tuple[int, int], ...], tenant: TenantId
-    ) -> tuple[Entry, MoveReason] | None:
-        """The next entry to leave ``tier`` to make room for ``parts`` of ``tenant``, or None.
+    def _victim(self, tier: Tier, parts: Parts, placing: Entry) -> tuple[Entry, MoveReason] | None:
+        """The next entry to leave ``tier`` to make room for ``parts`` of ``placing``, or None.
 
         Without a share, or with one tenant alone in the tier, that is plain LRU. Otherwise the
         least recently used entry of a tenant over its share goes first; an entry of a tenant
-        within its share goes only when ``tenant`` itself stays within its share. A flood by one
-        tenant thus pushes out its own entries, never its neighbours' (spec §1.13).
+        within its share goes only when the placing tenant itself stays within its share. A
+        flood by one tenant thus pushes out its own entries, never its neighbours' (§1.13).
         """
-        movable = [e for e in tier.entries() if e.ref_cnt == 0]  # least recently used first
+        movable = [  # least recently used first
+            e for e in tier.entries() if e.ref_cnt == 0 and e is not placing and e.tier == tier.name
+        ]
         if not movable:
             return None
+        tenant = placing.tenant
         if self.tenant_share is None or tier.tenants() <= {tenant}:
             return movable[0], "capacity"
         added = tier.added_bytes(parts)
@@ -430,12 +540,11 @@ class PrefixStore:
         return tier.tenant_bytes(tenant) + extra > self.tenant_share * tier.capacity_bytes
 
     def _demote(self, entry: Entry, source: Tier, now: float, reason: MoveReason) -> bool:
-        payload = entry.payload
-        self._leave(entry, source)
         below = self.tiers.below(source)
-        if below is not None and payload is not None:
-            start = self.tiers.tiers.index(below)
-            if self._place(entry, payload, source.name, start, now):
+        if below is not None:
+            start = self.tiers.index(below)
+            if self._place(entry, source.payload(entry), start, now):
+                source.release(entry)
                 self.stats.demotions[source.name, reason] += 1
                 log.debug("demoted a cache entry from %s to %s", source.name, entry.tier)
                 return True
@@ -447,30 +556,69 @@ class PrefixStore:
                 entry.expires_at - now,
                 source.name,
             )
-        del self._entries[entry.key]
-        entry.payload = None
-        cause: EvictReason = "tenant_share" if reason == "tenant_share" else "capacity"
-        self.tombstones.add(
-            entry.key, Tombstone(entry.tenant, cause, source.name, entry.expires_at)
-        )
-        self.stats.evictions[source.name, cause] += 1
+        source.release(entry)
+        self._forget(entry, source.name, "tenant_share" if reason == "tenant_share" else "capacity")
         return False
-
-    def _leave(self, entry: Entry, tier: Tier) -> None:
-        """Take ``entry`` out of ``tier`` (deleting its file there), keeping it in the index."""
-        tier.remove(entry)
-        if tier.is_disk and self.tiers.codec is not None:
-            self.tiers.path(entry.key).unlink(missing_ok=True)
-        entry.tier = None
-        entry.parts = ()
 
     def _remove(self, entry: Entry, reason: EvictReason) -> None:
         tier = self._tier_of(entry)
-        self._leave(entry, tier)
-        del self._entries[entry.key]
-        entry.payload = None
-        self.tombstones.add(entry.key, Tombstone(entry.tenant, reason, tier.name, entry.expires_at))
-        self.stats.evictions[tier.name, reason] += 1
+        tier.release(entry)
+        self._forget(entry, tier.name, reason)
+
+    def _forget(self, entry: Entry, tier: TierName, reason: EvictReason) -> None:
+        """Drop ``entry`` (released from its tier ``tier`` already) and its copies."""
+        for name in sorted(entry.copies):
+            self.tiers.tier(name).release(entry)
+        entry.copies.clear()
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        self.copy_queue.discard(entry)
+        entry.tier = None
+        entry.parts = ()
+        self.tombstones.add(entry.key, Tombstone(entry.tenant, reason, tier, entry.expires_at))
+        self.stats.evictions[tier, reason] += 1
+
+    def _drop_copy(self, entry: Entry, tier: Tier) -> None:
+        tier.release(entry)
+        entry.copies.discard(tier.name)
+        self.stats.copies[tier.name, "dropped"] += 1
+
+    def _copy_tiers_below(self, entry: Entry) -> list[CopyTier]:
+        """The tiers that could hold a copy of ``entry``, from the bytes of its home."""
+        if entry.tier is None or self.copy_queue.limit == 0:
+            return []
+        home = self._tier_of(entry)
+        if home.payload(entry) is None:
+            return []  # its bytes are not in memory: nothing to write a copy from
+        index = self.tiers.index(home)
+        return [t for t in self.tiers.copy_tiers if self.tiers.index(t) > index]
+
+    def _queue_copy(self, entry: Entry, tier: CopyTier) -> None:
+        if not self.copy_queue.offer(entry, tier):
+            self.stats.copies[tier.name, "skipped"] += 1
+
+    def _queue_stale_copies(self, entry: Entry) -> None:
+        """Queue a new copy where the one held lags the entry's refreshed expiry too far."""
+        lag = REFRESH_COPY_AFTER * TTL_SECONDS[entry.ttl]
+        for tier in self._copy_tiers_below(entry):
+            if tier.name in entry.copies and tier.staleness(entry) > lag:
+                self._queue_copy(entry, tier)
+
+    def _wants_copy(self, entry: Entry, tier: CopyTier, now: float) -> bool:
+        """Whether ``entry`` is live, indexed, served from above ``tier`` and has no copy
+        there, or a stale one."""
+        if self._entries.get(entry.key) is not entry or not entry.is_live(now):
+            return False
+        if entry.tier is None or self.tiers.index(tier) <= self.tiers.index(self._tier_of(entry)):
+            return False
+        return tier.name not in entry.copies or tier.staleness(entry) > 0
 
 
-__all__ = ["Entry", "EvictReason", "MoveReason", "PrefixStore", "StoreStats"]
+__all__ = [
+    "CopyOutcome",
+    "Entry",
+    "EvictReason",
+    "MoveReason",
+    "PrefixStore",
+    "StoreStats",
+]

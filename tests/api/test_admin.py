@@ -114,8 +114,11 @@ def test_metrics_and_listing_show_tiers_and_moves(tmp_path: Path) -> None:
     assert hit["cache_read_input_tokens"] > 1024
     assert metric(text, 'promptcache_cache_entries{tier="host"}') == 1
     assert metric(text, 'promptcache_cache_entries{tier="disk"}') == 1
+    # The hit kept its file as a copy: a later demotion writes nothing.
+    assert metric(text, 'promptcache_cache_copies{tier="disk"}') == 1
     assert metric(text, 'promptcache_cache_bytes{tier="disk"}') > 64 * 1400
     assert metric(text, 'promptcache_cache_capacity_bytes{tier="host"}') == 64 * 1600
     assert metric(text, 'promptcache_cache_demotions_total{reason="capacity",tier="host"}') == 2
     assert metric(text, 'promptcache_cache_promotions_total{reason="hit",tier="disk"}') == 1
     assert [e["tier"] for e in listing] == ["host", "disk"]  # most recently used first
+    assert [e["copies"] for e in listing] == [["disk"], []]

@@ -43,6 +43,12 @@ def test_health_reports_loading_then_ready() -> None:
     with TestClient(build_app(service)) as client:
         loading = client.get("/health")
         assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        # No tiers before the engine (they move its bytes): the cache reads as empty.
+        assert client.get("/metrics").status_code == 200
+        stats = client.get("/v1/cache/stats")
+        assert stats.status_code == 200 and stats.json()["total"]["requests"] == 0
+        dashboard = client.get("/v1/cache/dashboard").json()
+        assert dashboard["entries"] == [] and dashboard["tiers"] == []
         busy = client.post(
             "/v1/messages",
             headers={"anthropic-version": "2023-06-01"},

@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from promptcache.cache.tiers import DiskTier, Tier, TierStack
+from promptcache.cache.disk import DiskTier
+from promptcache.cache.store import PrefixStore
+from promptcache.cache.tiers import MemoryTier, Tier, TierStack
 from promptcache.engine.fake import FakeCodec, FakePayload
 from promptcache.types import BlockHash, TenantId
 
@@ -35,9 +37,16 @@ def stack(
     device: int, host: int | None = None, disk: Path | None = None, disk_bytes: int = 0
 ) -> TierStack:
     """A ``TierStack`` with the fake codec: ``device`` [-> ``host``] [-> ``disk``]."""
-    tiers: list[Tier] = [Tier("device", device)]
+    codec = FakeCodec()
+    tiers: list[Tier] = [MemoryTier("device", device, codec)]
     if host is not None:
-        tiers.append(Tier("host", host))
+        tiers.append(MemoryTier("host", host, codec))
     if disk is not None:
-        tiers.append(DiskTier(disk, disk_bytes))
-    return TierStack(tiers, FakeCodec())
+        tiers.append(DiskTier(disk, disk_bytes, codec))
+    return TierStack(tiers)
+
+
+def host_store(capacity_bytes: int, tenant_share: float | None = None) -> PrefixStore:
+    """A store of a single ``host`` tier (a CPU engine without a disk tier)."""
+    tiers = TierStack([MemoryTier("host", capacity_bytes, FakeCodec())])
+    return PrefixStore(tiers, tenant_share=tenant_share)

@@ -8,9 +8,8 @@ import pytest
 
 from promptcache.cache.inflight import InFlight
 from promptcache.cache.lease import Lease
-from promptcache.cache.store import PrefixStore
 from promptcache.types import BlockHash, TenantId
-from tests.cache.payloads import payload
+from tests.cache.payloads import host_store, payload
 
 KEY = BlockHash(b"k" * 32)
 OTHER = BlockHash(b"o" * 32)
@@ -18,7 +17,7 @@ OTHER = BlockHash(b"o" * 32)
 
 def test_release_unpins_and_finishes_once() -> None:
     async def scenario() -> None:
-        store, inflight = PrefixStore(1 << 20), InFlight()
+        store, inflight = host_store(1 << 20), InFlight()
         entry = store.put(KEY, payload(64), "5m", 0.0, TenantId("t"), 0.0)
         assert entry is not None
         store.pin(entry)  # the planner pins the hit it plans
@@ -38,7 +37,7 @@ def test_release_unpins_and_finishes_once() -> None:
 
 def test_keys_another_request_computes_are_not_held() -> None:
     async def scenario() -> None:
-        store, inflight = PrefixStore(1 << 20), InFlight()
+        store, inflight = host_store(1 << 20), InFlight()
         first, second = Lease(store, inflight), Lease(store, inflight)
         first.hold(None, [KEY])
         second.hold(None, [KEY, OTHER])
@@ -53,7 +52,7 @@ def test_keys_another_request_computes_are_not_held() -> None:
 
 def test_a_new_pin_needs_the_old_one_released() -> None:
     async def scenario() -> None:
-        store, inflight = PrefixStore(1 << 20), InFlight()
+        store, inflight = host_store(1 << 20), InFlight()
         entry = store.put(KEY, payload(64), "5m", 0.0, TenantId("t"), 0.0)
         assert entry is not None
         store.pin(entry)

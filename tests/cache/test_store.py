@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from promptcache.cache.store import PrefixStore
-from tests.cache.payloads import BPT, T, key, payload
+from tests.cache.payloads import BPT, T, host_store, key, payload
 
 ENTRY = 10 * BPT  # a 10-token payload
 
 
 def test_put_get_and_strict_expiry() -> None:
-    store = PrefixStore(1000)
+    store = host_store(1000)
     entry = store.put(key(1), payload(10), "5m", t0=0.0, tenant=T, now=1.0)
     assert entry is not None and entry.expires_at == 300.0 and entry.tier == "host"
     assert store.get(key(1), 299.0) is entry
@@ -22,7 +21,7 @@ def test_put_get_and_strict_expiry() -> None:
 
 
 def test_touch_refreshes_from_request_start_and_never_shortens() -> None:
-    store = PrefixStore(10_000)
+    store = host_store(10_000)
     entry = store.put(key(1), payload(10), "5m", t0=0.0, tenant=T, now=0.0)
     assert entry is not None
     store.touch(entry, t0=240.0)
@@ -36,7 +35,7 @@ def test_touch_refreshes_from_request_start_and_never_shortens() -> None:
 
 
 def test_entries_are_immutable_put_returns_existing() -> None:
-    store = PrefixStore(10_000)
+    store = host_store(10_000)
     first = store.put(key(1), payload(10), "5m", 0.0, T, 0.0)
     second = store.put(key(1), payload(20), "1h", 1.0, T, 1.0)
     assert second is first and store.used_bytes == ENTRY
@@ -44,7 +43,7 @@ def test_entries_are_immutable_put_returns_existing() -> None:
 
 
 def test_eviction_expired_first_then_lru_and_pins_protected() -> None:
-    store = PrefixStore(3 * ENTRY)
+    store = host_store(3 * ENTRY)
     a = store.put(key(1), payload(10, 1), "1h", 0.0, T, 0.0)
     b = store.put(key(2), payload(10, 2), "5m", 0.0, T, 0.0)
     c = store.put(key(3), payload(10, 3), "1h", 0.0, T, 0.0)
@@ -65,7 +64,7 @@ def test_eviction_expired_first_then_lru_and_pins_protected() -> None:
 
 
 def test_no_room_is_a_result_not_an_error() -> None:
-    store = PrefixStore(ENTRY + ENTRY // 2)
+    store = host_store(ENTRY + ENTRY // 2)
     a = store.put(key(1), payload(10, 1), "5m", 0.0, T, 0.0)
     assert a is not None
     store.pin(a)
@@ -79,7 +78,7 @@ def test_no_room_is_a_result_not_an_error() -> None:
 
 
 def test_clear_and_sweep() -> None:
-    store = PrefixStore(10_000)
+    store = host_store(10_000)
     store.put(key(1), payload(10, 1), "5m", 0.0, T, 0.0)
     store.put(key(2), payload(10, 2), "1h", 0.0, T, 0.0)
     assert store.evict_expired(301.0) == 1
@@ -91,7 +90,7 @@ def test_clear_and_sweep() -> None:
 
 def test_nested_entries_share_pages_and_are_charged_once() -> None:
     # 10-token pages: entries at 25, 50 and 75 tokens share [0, 20) and [0, 50).
-    store = PrefixStore(10_000)
+    store = host_store(10_000)
     entries = [store.put(key(n), payload(n), "5m", 0.0, T, 0.0) for n in (25, 50, 75)]
     assert all(entries)
     unique_tokens = 70 + 5 + 5  # pages 0..6 once, plus the partial pages of 25 and 75
@@ -104,7 +103,7 @@ def test_nested_entries_share_pages_and_are_charged_once() -> None:
 
 
 def test_shared_pages_count_when_making_room() -> None:
-    store = PrefixStore(60 * BPT)
+    store = host_store(60 * BPT)
     a = store.put(key(1), payload(50), "5m", 0.0, T, 0.0)
     # 55 tokens shares a's five pages: only its 5-token tail is new, so a stays.
     b = store.put(key(2), payload(55), "5m", 0.0, T, 0.0)
@@ -113,7 +112,7 @@ def test_shared_pages_count_when_making_room() -> None:
 
 
 def test_unpin_of_unpinned_and_discard_of_replaced_entry() -> None:
-    store = PrefixStore(10_000)
+    store = host_store(10_000)
     a = store.put(key(1), payload(10), "5m", 0.0, T, 0.0)
     assert a is not None
     store.pin(a)

@@ -1,7 +1,9 @@
 """``PrefixStore`` as a state machine (hypothesis): random writes, reads (with promotion), pins,
-clock jumps, sweeps, demotions, damaged files and restarts over device -> host -> disk tiers,
-for two tenants sharing the budget (``tenant_share``), with ``check_integrity()`` and the
-serving invariants checked after every step."""
+clock jumps, sweeps, demotions, damaged files, copies written behind (taken, written and kept
+in any order with the other steps, so they race with moves and removals), restarts and crashes
+over device -> host -> disk tiers, for two tenants sharing the budget (``tenant_share``), with
+``check_integrity()``, the serving invariants and "no file the index does not know" checked after
+every step."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from promptcache.cache.disk import DiskTier
 from promptcache.cache.entry import Entry
 from promptcache.cache.store import PrefixStore
+from promptcache.cache.tiers import Copy, CopyJob
 from promptcache.core.payload import CorruptPayload
-from promptcache.engine.fake import FakeCodec, FakePayload
+from promptcache.engine.fake import FakePayload
 from promptcache.types import TenantId, Ttl
 from tests.cache.payloads import BPT, PAGE, key, payload, stack
 
@@ -46,9 +50,17 @@ class StoreMachine(RuleBasedStateMachine):
         self.corrupt: list[Entry] = []  # removed for a damaged file, possibly while pinned
         # id(entry) -> (entry, last expires_at seen); holding the entry keeps its id unique
         self.expiry: dict[int, tuple[Entry, float]] = {}
+        self.writing: list[tuple[CopyJob, Copy]] = []  # copies written, not yet kept
 
     def _open(self) -> PrefixStore:
-        return PrefixStore(tiers=stack(DEVICE, HOST, self.dir, DISK), tenant_share=0.5)
+        tiers = stack(DEVICE, HOST, self.dir, DISK)
+        return PrefixStore(tiers, tenant_share=0.5, write_behind=4)
+
+    @property
+    def _disk(self) -> DiskTier:
+        disk = self.store.tiers.tier("disk")
+        assert isinstance(disk, DiskTier)
+        return disk
 
     def teardown(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -72,7 +84,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.touch(entry, self.now)
         self.store.pin(entry)
         try:
-            loaded = self.store.tiers.loader(entry)()
+            loaded = self.store.loader(entry)()
         except CorruptPayload:
             self.store.unpin(entry)
             assert self.store.discard(entry)
@@ -92,7 +104,7 @@ class StoreMachine(RuleBasedStateMachine):
             return
         self.store.pin(entry)
         try:
-            loaded = self.store.tiers.loader(entry)()
+            loaded = self.store.loader(entry)()
         except CorruptPayload:
             loaded = None
         finally:
@@ -134,9 +146,9 @@ class StoreMachine(RuleBasedStateMachine):
         entry = self._entry(k)
         while entry is not None and entry.tier != "disk" and self.store.demote(entry, self.now):
             pass  # push it down to its file first
-        if entry is None or entry.tier != "disk":
-            return
-        path = self.store.tiers.path(entry.key)
+        if entry is None or (entry.tier != "disk" and "disk" not in entry.copies):
+            return  # a copy may be damaged too: it serves once its entry is demoted
+        path = self._disk.path(entry.key)
         data = bytearray(path.read_bytes())
         data[-1] = (data[-1] + 1) % 256  # never undone by a second damage
         path.write_bytes(bytes(data))
@@ -148,33 +160,73 @@ class StoreMachine(RuleBasedStateMachine):
         k = data.draw(st.sampled_from(sorted(self.damaged)))
         damaged = self.damaged.pop(k)
         entry = self._entry(k)
-        path = self.store.tiers.path(key(k))
+        path = self._disk.path(key(k))
         broken = entry is not None and entry.tier == "disk" and path.read_bytes() == damaged
         self.read(k)
         if broken:
             # A damaged file never serves: the read failed and took the entry and its file away.
-            assert self._entry(k) is None and not self.store.tiers.path(key(k)).exists()
+            assert self._entry(k) is None and not self._disk.path(key(k)).exists()
 
     @rule()
     def clear(self) -> None:
         self.store.clear()
         assert all(e.ref_cnt > 0 for e in self.store.entries())
 
+    @rule()
+    def write_copy(self) -> None:
+        """The writer takes the next queued copy and writes it (off the loop, in the service)."""
+        job = self.store.take_copy(self.now)
+        if job is not None:
+            assert job.entry.tier in ("device", "host") and job.tier.name == "disk"
+            self.writing.append((job, job.tier.stage(job)))
+
+    @precondition(lambda self: self.writing)
+    @rule(data=st.data())
+    def keep_copy(self, data: st.DataObject) -> None:
+        job, copy = self.writing.pop(data.draw(st.integers(0, len(self.writing) - 1)))
+        if self.store.copied(job, copy, self.now):
+            entry = job.entry
+            assert "disk" in entry.copies and entry.tier in ("device", "host")
+            k = int.from_bytes(entry.key, "big")
+            loaded = self._disk.codec.load(self._disk.path(entry.key))
+            assert isinstance(loaded, FakePayload)
+            assert loaded.tokens == payload(*spec(k)).tokens, "a copy of other bytes"
+
     @precondition(lambda self: not self.pinned)
     @rule()
     def restart(self) -> None:
+        while self.writing:  # the writer finishes its write before the shutdown's persist
+            self.store.copied(*self.writing.pop(), self.now)
         live = {e.key for e in self.store.entries() if e.is_live(self.now)}
         self.store.persist(self.now)
         self.store = self._open()
-        disk = self.store.tiers.disk
-        assert disk is not None
-        self.store.restore(disk.scan(FakeCodec()), self.now)
+        self.store.restore(self._disk, self._disk.scan(), self.now)
         assert {e.key for e in self.store.entries()} <= live
         assert all(e.tier == "disk" for e in self.store.entries())
+
+    @precondition(lambda self: not self.pinned)
+    @rule()
+    def crash(self) -> None:
+        """kill -9: no persist, copies being written are left as they are. What was on disk
+        (served from there, or a copy) comes back, with the expiry its file recorded."""
+        disk = self._disk
+        durable = {
+            e.key
+            for e in self.store.entries()
+            if e in disk and e.expires_at - disk.staleness(e) > self.now
+        }
+        self.writing.clear()  # their staged files are *.tmp: the scan deletes them
+        self.store = self._open()
+        self.store.restore(self._disk, self._disk.scan(), self.now)
+        assert {e.key for e in self.store.entries()} == durable
+        assert not [p for p in self.dir.iterdir() if p.name.endswith(".tmp")]
 
     @invariant()
     def consistent(self) -> None:
         self.store.check_integrity()
+        # No orphan: every file is one the disk tier charges (or a copy still being written).
+        files = {p.name for p in self.dir.iterdir() if not p.name.endswith(".tmp")}
+        assert files == {self._disk.path(e.key).name for e in self._disk.entries()}
         for tier in self.store.tiers:
             assert tier.peak_bytes <= tier.capacity_bytes
         for entry in self.store.entries():

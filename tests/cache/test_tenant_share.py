@@ -8,7 +8,7 @@ import pytest
 from promptcache.cache.entry import Entry
 from promptcache.cache.store import PrefixStore
 from promptcache.types import TenantId
-from tests.cache.payloads import BPT, key, payload, stack
+from tests.cache.payloads import BPT, host_store, key, payload, stack
 
 A, B = TenantId("a"), TenantId("b")
 ENTRY = 5 * BPT  # a 5-token payload: no complete page, so no bytes shared between entries
@@ -23,7 +23,7 @@ def keys_of(store: PrefixStore, tenant: TenantId) -> set[int]:
 
 
 def test_a_flood_evicts_only_the_flooding_tenant() -> None:
-    store = PrefixStore(10 * ENTRY, tenant_share=0.5)
+    store = host_store(10 * ENTRY, tenant_share=0.5)
     for n in range(4):
         assert put(store, n, A) is not None
     for n in range(100, 120):  # b writes 20 entries into a budget of 10
@@ -37,7 +37,7 @@ def test_a_flood_evicts_only_the_flooding_tenant() -> None:
 
 def test_without_a_share_the_flood_takes_everything() -> None:
     """The attack the share prevents (plain LRU)."""
-    store = PrefixStore(10 * ENTRY)
+    store = host_store(10 * ENTRY)
     for n in range(4):
         put(store, n, A)
     for n in range(100, 120):
@@ -47,7 +47,7 @@ def test_without_a_share_the_flood_takes_everything() -> None:
 
 
 def test_the_tenant_over_its_share_goes_first_even_when_more_recent() -> None:
-    store = PrefixStore(10 * ENTRY, tenant_share=0.5)
+    store = host_store(10 * ENTRY, tenant_share=0.5)
     put(store, 0, A)  # a's entry is the least recently used
     for n in range(100, 109):  # b alone would fill the tier; with a there, it holds 9/10
         put(store, n, B, now=1.0)
@@ -58,7 +58,7 @@ def test_the_tenant_over_its_share_goes_first_even_when_more_recent() -> None:
 
 
 def test_a_tenant_alone_may_use_the_whole_budget() -> None:
-    store = PrefixStore(10 * ENTRY, tenant_share=0.5)
+    store = host_store(10 * ENTRY, tenant_share=0.5)
     for n in range(12):
         assert put(store, n, B) is not None
     assert keys_of(store, B) == set(range(2, 12))
@@ -66,7 +66,7 @@ def test_a_tenant_alone_may_use_the_whole_budget() -> None:
 
 
 def test_within_its_share_a_tenant_makes_room_by_plain_lru() -> None:
-    store = PrefixStore(10 * ENTRY, tenant_share=0.5)
+    store = host_store(10 * ENTRY, tenant_share=0.5)
     for n in range(5):
         put(store, n, A)
     for n in range(100, 105):
@@ -78,7 +78,7 @@ def test_within_its_share_a_tenant_makes_room_by_plain_lru() -> None:
 
 
 def test_an_over_share_entry_is_refused_rather_than_evicting_a_neighbour() -> None:
-    store = PrefixStore(10 * ENTRY, tenant_share=0.5)
+    store = host_store(10 * ENTRY, tenant_share=0.5)
     for n in range(5):
         put(store, n, A)
     pinned = [put(store, n, B, now=1.0) for n in range(100, 105)]
@@ -107,7 +107,7 @@ def test_share_applies_per_tier_and_demotes_the_flood() -> None:
 
 
 def test_shared_pages_are_charged_once_to_their_tenant() -> None:
-    store = PrefixStore(1000 * BPT, tenant_share=0.5)
+    store = host_store(1000 * BPT, tenant_share=0.5)
     store.put(key(1), payload(25, 7), "5m", 0.0, A, 0.0)  # pages (7, 0), (7, 1) + a tail
     store.put(key(2), payload(35, 7), "5m", 0.0, A, 0.0)  # shares both pages
     tier = store.tiers.top
@@ -118,4 +118,4 @@ def test_shared_pages_are_charged_once_to_their_tenant() -> None:
 @pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
 def test_share_must_be_a_fraction(share: float) -> None:
     with pytest.raises(ValueError, match="tenant_share"):
-        PrefixStore(100, tenant_share=share)
+        host_store(100, tenant_share=share)

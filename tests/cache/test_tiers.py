@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from promptcache.cache.disk import DiskTier
 from promptcache.cache.entry import Entry
 from promptcache.cache.store import PrefixStore
-from promptcache.cache.tiers import DiskTier, Tier, TierStack
+from promptcache.cache.tiers import MemoryTier, TierStack
 from promptcache.core.payload import CorruptPayload, KVPayload
 from promptcache.engine.fake import FakeCodec, FakePayload
 from tests.cache.payloads import BPT, T, key, payload, stack
@@ -21,7 +22,7 @@ def fetch(store: PrefixStore, entry: Entry, now: float) -> KVPayload:
     """What the service does on a hit: read the bytes (pinned), then promote."""
     store.pin(entry)
     try:
-        loaded = store.tiers.loader(entry)()
+        loaded = store.loader(entry)()
         store.promote(entry, loaded, now)
         return loaded
     finally:
@@ -30,6 +31,18 @@ def fetch(store: PrefixStore, entry: Entry, now: float) -> KVPayload:
 
 def tiers_of(store: PrefixStore) -> dict[int, str | None]:
     return {int.from_bytes(e.key, "big"): e.tier for e in store.entries()}
+
+
+def disk_of(store: PrefixStore) -> DiskTier:
+    disk = store.tiers.tier("disk")
+    assert isinstance(disk, DiskTier)
+    return disk
+
+
+def restart(store: PrefixStore, now: float) -> int:
+    """What the service does at start: index what the disk tier holds."""
+    disk = disk_of(store)
+    return store.restore(disk, disk.scan(), now)
 
 
 def test_pressure_demotes_down_the_stack_instead_of_dropping(tmp_path: Path) -> None:
@@ -66,7 +79,8 @@ def test_a_hit_in_a_lower_tier_is_promoted(tmp_path: Path) -> None:
     loaded = fetch(store, entry, 1.0)
     assert isinstance(loaded, FakePayload) and loaded.tokens == payload(10, 1).tokens
     assert entry.tier == "device" and store.is_resident(entry)
-    assert not (tmp_path / f"{key(1).hex()}.fakekv").exists()  # an entry lives in one tier
+    # The file stays as the entry's copy: a later demotion or shutdown writes nothing.
+    assert (tmp_path / f"{key(1).hex()}.fakekv").exists() and entry.copies == {"disk"}
     assert store.stats.promotions == {("disk", "hit"): 1}
     store.check_integrity()
 
@@ -144,7 +158,7 @@ def test_a_damaged_file_is_a_miss_and_is_removed(tmp_path: Path, damage: str) ->
         path.unlink()
     store.pin(entry)
     with pytest.raises(CorruptPayload):
-        store.tiers.loader(entry)()
+        store.loader(entry)()
     store.unpin(entry)
     assert store.discard(entry, "corrupt")
     assert not path.exists() and store.get(key(1), 1.0) is None
@@ -171,9 +185,7 @@ def test_restart_finds_unexpired_entries_and_drops_the_rest(tmp_path: Path) -> N
 
     # The server was down for six minutes: the 5m entry expired meanwhile.
     fresh = PrefixStore(tiers=stack(10 * E, None, tmp_path, 100 * E))
-    disk = fresh.tiers.disk
-    assert disk is not None
-    assert fresh.restore(disk.scan(FakeCodec()), now=360.0) == 1
+    assert restart(fresh, now=360.0) == 1
     found = fresh.get(key(2), 360.0)
     assert found is not None and found.tier == "disk" and found.num_tokens == 20
     assert found.expires_at == 3700.0 and found.ttl == "1h" and found.tenant == T
@@ -191,21 +203,81 @@ def test_restore_respects_the_disk_budget(tmp_path: Path) -> None:
     store.persist(0.0)
     size = next(tmp_path.iterdir()).stat().st_size
     small = PrefixStore(tiers=stack(10 * E, None, tmp_path, 2 * size + 10))
-    disk = small.tiers.disk
-    assert disk is not None
-    assert small.restore(disk.scan(FakeCodec()), 1.0) == 2
+    assert restart(small, 1.0) == 2
     assert len(list(tmp_path.iterdir())) == 2
     small.check_integrity()
 
 
 def test_stack_validation(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        TierStack([])
+    codec = FakeCodec()
     with pytest.raises(ValueError, match="repeat"):
-        TierStack([Tier("host", 1), Tier("host", 1)])
-    with pytest.raises(ValueError, match="last"):
-        TierStack([DiskTier(tmp_path, 1), Tier("host", 1)])
+        TierStack([MemoryTier("host", 1, codec), MemoryTier("host", 1, codec)])
+    with pytest.raises(ValueError, match="first tier"):
+        TierStack([DiskTier(tmp_path, 1, codec), MemoryTier("host", 1, codec)])
+    with pytest.raises(ValueError, match="memory tiers must come first"):
+        TierStack(
+            [
+                MemoryTier("device", 1, codec),
+                DiskTier(tmp_path, 1, codec),
+                MemoryTier("host", 1, codec),
+            ]
+        )
     with pytest.raises(ValueError, match="capacity"):
-        Tier("host", -1)
-    with pytest.raises(ValueError, match="capacity_bytes or tiers"):
-        PrefixStore()
+        MemoryTier("host", -1, codec)
+    with pytest.raises(ValueError, match="device or host"):
+        MemoryTier("disk", 1, codec)
+    # No tiers: the store a service shows while its model loads holds nothing.
+    loading = PrefixStore(TierStack(()))
+    assert len(loading) == 0 and loading.used_bytes == 0 and loading.clear() == 0
+    with pytest.raises(LookupError):
+        loading.put(key(1), payload(10), "5m", 0.0, T, 0.0)
+
+
+# --- memory tiers alone ---------------------------------------------------------------------
+
+
+class Recording(FakeCodec):
+    """The fake codec, noting which copies were asked for (and failing them on demand)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[str] = []
+        self.fail = fail
+
+    def to_host(self, payload: KVPayload) -> KVPayload:
+        self.calls.append("to_host")
+        if self.fail:
+            raise MemoryError("no host memory")
+        return payload
+
+    def to_device(self, payload: KVPayload) -> KVPayload:
+        self.calls.append("to_device")
+        return payload
+
+
+def test_a_memory_tier_copies_payloads_in_and_holds_them() -> None:
+    codec = Recording()
+    device, host = MemoryTier("device", 100 * E, codec), MemoryTier("host", 100 * E, codec)
+    a, b, c = (Entry(key(n), T, 25, "5m", 0.0, 300.0) for n in (1, 2, 3))
+    a.tier, b.tier, c.tier = "device", "host", "device"  # the store's to say
+    pa, pc = payload(25, 1), payload(25, 1)  # one chain: two shared pages, own tails
+    asked: list[object] = []
+    assert device.put(a, pa, lambda parts: asked.append(parts) or True)
+    assert host.put(b, payload(25, 2), lambda parts: True)
+    assert codec.calls == ["to_device", "to_host"] and asked == [device.parts_of(a)]
+    assert device.payload(a) is pa and device.reader(a)() is pa and host.payload(a) is None
+    assert device.put(c, pc, lambda parts: True)
+    assert device.used_bytes == (20 + 5 + 5) * BPT  # shared pages charged once
+    device.check_integrity()
+    host.check_integrity()
+    device.release(a)
+    assert device.payload(a) is None and a not in device and device.used_bytes == 25 * BPT
+    device.check_integrity()
+
+
+def test_a_memory_tier_that_cannot_take_a_payload_holds_nothing() -> None:
+    host = MemoryTier("host", 100 * E, Recording(fail=True))
+    a = Entry(key(1), T, 10, "5m", 0.0, 300.0)
+    assert not host.put(a, payload(10, 1), lambda parts: False)  # no room: never copied
+    assert not host.put(a, payload(10, 1), lambda parts: True)  # the copy failed
+    assert len(host) == 0 and host.used_bytes == 0
+    host.check_integrity()

@@ -89,7 +89,8 @@ function render(data) {
   chart(data.series);
   rows("#misses", Object.entries(data.total.misses_by_reason).map(([r, n]) => [r, fmt(n)]));
   tiers(data.tiers);
-  rows("#entries", data.entries.map((e) => [e.tenant, fmt(e.tokens), e.tier, e.ttl, clock(e.ttl_left_s), e.hits]));
+  // A tier with a copy below it (written behind to disk) reads "host + disk".
+  rows("#entries", data.entries.map((e) => [e.tenant, fmt(e.tokens), [e.tier, ...(e.copies || [])].join(" + "), e.ttl, clock(e.ttl_left_s), e.hits]));
   rows("#recent", data.recent.map((r) => [
     new Date(r.time * 1000).toLocaleTimeString(), r.tenant, fmt(r.prompt_tokens), fmt(r.read_tokens),
     fmt(r.written_tokens), el("span", { class: r.outcome }, r.outcome),
