@@ -61,6 +61,8 @@ for _ in range(args["repeats"]):
     first, _, _ = run(args["long"], 1)
     ttfts.append(first)
 out["cold_ttft_s"] = sorted(ttfts)[len(ttfts) // 2]
+first, total, count = run(args["long"], args["decode"])
+out["decode_long_tok_s"] = (count - 1) / (total - first)
 print(json.dumps(out))
 """
 
@@ -216,6 +218,9 @@ def main() -> int:
     figures["cold_ttft_s"] = statistics.median(cold)
     figures["cold_write_ttft_s"] = statistics.median(write)
     figures["hit_ttft_s"] = statistics.median(hit)
+    # Decoding after the long prompt: attention now reads thousands of keys a token.
+    deep = run(engine, [EngineRequest(long, greedy(n), payload, args.prefix)])
+    figures["decode_long_tok_s"] = (deep["tokens"] - 1) / (deep["total"] - deep["first"][0])
 
     # Fidelity: a hit's greedy answer against the cold one, and one prompt's logits prefilled
     # alone against the same prompt prefilled while 7 other streams decode in the same steps.
@@ -245,6 +250,10 @@ def main() -> int:
         f"  {args.streams} streams total     {figures['batch_tok_s']:8.1f} tok/s   "
         f"({figures['batch_tok_s'] / figures['decode_tok_s']:.1f}x one stream; "
         f"{figures['batch_per_stream_tok_s']:.1f} tok/s each)"
+    )
+    print(
+        f"  1 stream after {args.prefix + SUFFIX} prompt tokens "
+        f"{figures['decode_long_tok_s']:6.1f} tok/s"
     )
     print(f"ttft, {args.prefix} + {SUFFIX} tokens")
     print(f"  cold                {figures['cold_ttft_s'] * 1000:8.0f} ms")
@@ -276,6 +285,11 @@ def main() -> int:
             f"(promptcache / llama.cpp {figures['decode_tok_s'] / peer['decode_tok_s']:.2f}x)"
         )
         print(
+            f"  decode after {len(long)} {peer['decode_long_tok_s']:8.1f} tok/s   "
+            f"(promptcache / llama.cpp "
+            f"{figures['decode_long_tok_s'] / peer['decode_long_tok_s']:.2f}x)"
+        )
+        print(
             f"  cold ttft           {peer['cold_ttft_s'] * 1000:8.0f} ms   "
             f"(llama.cpp cold / promptcache hit "
             f"{peer['cold_ttft_s'] / figures['hit_ttft_s']:.1f}x)"
@@ -293,7 +307,7 @@ def run_peer(
         raise SystemExit("--peer needs a GGUF model and .venv-peers (scripts/setup-peers)")
     payload = {
         "gguf": str(gguf),
-        "n_ctx": len(long) + 16,
+        "n_ctx": len(long) + n + 16,
         "short": short,
         "long": long,
         "decode": n,

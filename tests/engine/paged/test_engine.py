@@ -377,3 +377,20 @@ def test_cuda_unavailable_is_a_clear_error() -> None:
         from promptcache.engine.device import resolve_device
 
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_cpu_attention_kernels_agree(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU small score matrices take the grouped matmul path and large ones SDPA's flash
+    kernel; both give the same logits (fp32) for prefill chunks, hits and batched decodes."""
+    from promptcache.engine.paged import attention
+
+    tokens = random_prompt(N, seed=33)
+    logits = {}
+    for limit in (attention.MATH_MAX_SCORES, 0):
+        monkeypatch.setattr(attention, "MATH_MAX_SCORES", limit)
+        eng = build_tiny_engine(kind, max_batch_tokens=40)
+        others = [EngineRequest(random_prompt(20, seed=s), greedy(30)) for s in (1, 2)]
+        logits[limit] = eng.prompt_logits(EngineRequest(tokens, greedy(1)), batch_with=others)
+    first, second = logits.values()
+    torch.testing.assert_close(first, second, atol=ATOL, rtol=0)
