@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from redis.asyncio import Redis
 
+from promptcache.api.dashboard import stats_json
 from promptcache.cache.clock import FakeClock
 from promptcache.cache.hashing import block_hashes
 from promptcache.cache.remote.store import RemoteStore
@@ -121,6 +122,9 @@ def test_a_new_entry_is_written_behind_with_its_ttl(redis_server: RedisServer) -
         assert meta[b"promptcache.ttl"] == b"5m"
         assert int(meta[b"promptcache.num_tokens"]) == result.usage.written_total
         assert remote(a).store.stats.writes == 1
+        stats = stats_json(a, None)["remote"]  # an admin's /v1/cache/stats
+        assert (stats["writes"], stats["up"], stats["pending_writes"]) == (1, True, 0)
+        assert "promptcache_remote_writes_total 1.0" in a.metrics.render().decode()
         a.store.check_integrity()
 
     run_replicas([a], body)
