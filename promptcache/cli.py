@@ -42,6 +42,8 @@ _HELP = {
     "disk_cache_size": "disk tier budget, e.g. 100GiB (default 16GiB)",
     "disk_write_behind": "copy new entries to the disk tier in the background, so a crash "
     "keeps them (default true)",
+    "redis_url": "redis://host:port/db: a cache tier shared by every replica, below the local "
+    "ones (default none)",
     "min_cacheable_tokens": "minimum cacheable prefix in tokens (default 1024)",
     "max_cacheable_tokens": "maximum cacheable prefix in tokens (default: none)",
     "tool_cache_points": "allow breakpoints on tool definitions (default true)",

@@ -79,6 +79,9 @@ class CacheConfig:
     disk_capacity_bytes: int = 16 << 30
     disk_write_behind: bool = True
     """Copy new memory entries to the disk tier in the background, so a crash keeps them."""
+    redis_url: str | None = None
+    """``redis://host:port/db``: the shared tier below the local ones, one cache for every
+    replica of the model (``cache/remote/``); None: no shared tier."""
     min_cacheable_tokens: int = 1024
     max_cacheable_tokens: int | None = None
     tool_cache_points: bool = True
@@ -244,6 +247,13 @@ def _opt_str(value: str | None) -> str | None:
     return None if value in (None, "", "none") else str(value)
 
 
+def _redis_url(value: str | None) -> str | None:
+    url = _opt_str(value)
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"redis_url: expected redis://host:port/db, got {url!r}")
+    return url
+
+
 def _opt_path(value: str | Path | None) -> Path | None:
     return None if value in (None, "", "none") else Path(value).expanduser()
 
@@ -277,6 +287,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "disk_cache_dir": ("cache", "disk_dir", _opt_path),
     "disk_cache_size": ("cache", "disk_capacity_bytes", parse_bytes),
     "disk_write_behind": ("cache", "disk_write_behind", _bool),
+    "redis_url": ("cache", "redis_url", _redis_url),
     "min_cacheable_tokens": ("cache", "min_cacheable_tokens", int),
     "max_cacheable_tokens": ("cache", "max_cacheable_tokens", _opt_int),
     "tool_cache_points": ("cache", "tool_cache_points", _bool),

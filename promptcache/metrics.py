@@ -5,7 +5,9 @@ promotion counts read at scrape time, and the process's own figures (resident me
 
 Misses are counted by reason (one per breakpoint not read), hits and read tokens by the tier the
 entry was found in, and each tenant's bytes and share of each tier are read at scrape time,
-labelled with a digest of the tenant (never the key or its name)."""
+labelled with a digest of the tenant (never the key or its name). With a shared tier
+(``--redis-url``), its reads, writes, drops and errors and whether Redis is up are read from its
+counters at scrape time (``promptcache_remote_*``)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from promptcache.cache.remote.tier import RemoteTier
 from promptcache.cache.store import PrefixStore
 from promptcache.core.response import CacheMiss, CacheUsage
 
@@ -133,10 +136,54 @@ class _StoreCollector(Collector):
         yield from (tenant_bytes, tenant_share, evictions, demotions, promotions, write_behind)
 
 
+class _RemoteCollector(Collector):
+    """The shared tier's counters (``RemoteStats``) and health, read when Prometheus scrapes;
+    nothing without a shared tier."""
+
+    COUNTERS = (
+        ("hits", "Values read from Redis (a hit there: its bytes fetched and checked)"),
+        ("misses", "Reads that found nothing usable (gone, corrupt, failed, Redis down)"),
+        ("writes", "Entries stored in Redis, written behind the requests"),
+        ("extends", "Expiries in Redis moved later by a read that refreshed an entry"),
+        ("dropped", "Writes to Redis dropped: the write-behind queue was full, or stopping"),
+        ("errors", "Redis operations that failed (unreachable, too slow, refused)"),
+        ("skipped", "Redis operations answered at once because Redis was down"),
+        ("corrupt", "Values found damaged or foreign in Redis, and deleted"),
+        ("bytes_written", "Bytes stored in Redis"),
+        ("bytes_read", "Bytes read from Redis"),
+    )
+
+    def __init__(self, remote: Callable[[], RemoteTier | None]) -> None:
+        self._remote = remote
+
+    def collect(self) -> Iterator[Metric]:
+        remote = self._remote()
+        if remote is None:
+            return
+        stats = remote.store.stats
+        for name, doc in self.COUNTERS:
+            yield CounterMetricFamily(f"promptcache_remote_{name}", doc, value=getattr(stats, name))
+        yield GaugeMetricFamily(
+            "promptcache_remote_up",
+            "1 while Redis answers, 0 from a failure until a retry finds it back",
+            value=1 if remote.store.is_up else 0,
+        )
+        yield GaugeMetricFamily(
+            "promptcache_remote_pending_writes",
+            "Writes to Redis queued or running",
+            value=remote.writer.pending,
+        )
+
+
 class Metrics:
     """The server's metrics; ``observe`` once per served request."""
 
-    def __init__(self, store: Callable[[], PrefixStore], inflight: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        store: Callable[[], PrefixStore],
+        inflight: Callable[[], int],
+        remote: Callable[[], RemoteTier | None] = lambda: None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "promptcache_requests",
@@ -192,6 +239,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_StoreCollector(store, inflight))
+        self.registry.register(_RemoteCollector(remote))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
     def observe(

@@ -5,8 +5,11 @@ between them. One request::
 
     layout = render(request)                 tokens, block offsets (per-block tokenization)
     bps    = resolve_breakpoints(...)        validation steps 4-6
+    share  = shared tier (--redis-url)        on a local miss: index what Redis holds, lock
+                                             what this request will write (or wait for the
+                                             replica that computes it)
     plan   = planner.plan(...)               20-block lookback; refresh; pin the deepest hit
-    reuse  = hit's bytes in engine memory     read from a lower tier or file; promoted
+    reuse  = hit's bytes in engine memory     read from a lower tier, file or Redis; promoted
     engine.add(tokens, reuse=hit)            the worker's loop steps it: restore, prefill, snapshot
     store.put(each written span)             at the exact breakpoint offsets
     Started(usage) -> TextOut... -> Finished
@@ -39,6 +42,8 @@ from promptcache.cache.policy import (
     resolve_breakpoints,
 )
 from promptcache.cache.profiles import CacheProfile
+from promptcache.cache.remote.store import RemoteStore
+from promptcache.cache.remote.tier import RemoteTier, namespace
 from promptcache.cache.store import PrefixStore
 from promptcache.cache.tiers import MemoryTier, Tier, TierStack
 from promptcache.config import AwsCredential, CacheConfig, ConfigError, ServerConfig, profile_table
@@ -131,11 +136,13 @@ class Service:
         # The tiers move bytes through the engine's codec, so the store exists once the engine
         # does; until then readers (metrics, stats, the dashboard) see an empty one.
         self._loading_store = PrefixStore(TierStack(()), tenant_share=self._tenant_share)
+        self.remote: RemoteTier | None = None
+        """The shared tier (``--redis-url``), once the engine exists; None without one."""
         self._store = None if self._engine is None else self._open_store(self._engine)
         self.copies: CopyWriter | None = None
         """Writes new memory entries to the disk tier behind the requests (``cache/copies.py``)."""
         self.inflight = InFlight()
-        self.metrics = Metrics(lambda: self.store, lambda: len(self.inflight))
+        self.metrics = Metrics(lambda: self.store, lambda: len(self.inflight), lambda: self.remote)
         self.history = PromptHistory()
         """The tenants' recent prompts (key chains), to explain misses (``cache/misses.py``)."""
         self.messages = RecentMessages()
@@ -205,6 +212,8 @@ class Service:
         await asyncio.to_thread(self.worker.stop)
         if self.copies is not None:
             await self.copies.stop()  # the write in progress finishes; persist does the rest
+        if self.remote is not None:
+            await self.remote.stop()  # queued writes get a few seconds; locks are released
         if self._store is not None and self._store.tiers.copy_tiers:
             # Memory tiers die with the process: keep what fits on disk for the next start.
             moved = self._store.persist(self.clock.now())
@@ -212,8 +221,14 @@ class Service:
 
     def _open_store(self, engine: Engine) -> PrefixStore:
         cache = self.config.cache
+        info, codec = engine.info, engine.kv_codec
+        if cache.redis_url is not None:
+            name = namespace(info.model_id, info.revision, codec.layout)
+            self.remote = RemoteTier(
+                RemoteStore(cache.redis_url, namespace=name, clock=self.clock), codec
+            )
         return PrefixStore(
-            tier_stack(cache, engine.info.device, engine.kv_codec),
+            tier_stack(cache, info.device, codec, self.remote),
             tenant_share=self._tenant_share,
             write_behind=DEFAULT_QUEUE if cache.disk_write_behind else 0,
         )
@@ -229,6 +244,10 @@ class Service:
         if store.copy_queue.limit and store.tiers.copy_tiers:
             self.copies = CopyWriter(store, self.clock.now)
             self.copies.start()
+        if self.remote is not None:
+            self.remote.start()
+            up = await self.remote.store.ping()  # an unreachable Redis is logged now, once
+            log.info("shared tier %s (%s)", self.remote.store.namespace, "up" if up else "down")
 
     async def _sweep(self) -> None:
         while True:
@@ -373,10 +392,10 @@ class Service:
         layout = prepared.layout
         keys = block_hashes(layout.blocks, self.namespace(request))
         explain = self._explain(request, prepared)
-        lease = Lease(self.store, self.inflight)
+        lease = Lease(self.store, self.inflight, self.remote)
         job = None
         try:
-            plan, reuse = await self._acquire(prepared, keys, t0, lease, explain)
+            plan, reuse = await self._acquire(prepared, keys, t0, lease, explain, request.tenant)
             diagnosis = self._diagnose(request, prepared, explain, plan)
             # Logits are needed for the last prompt token: restore at most N - 1 tokens (§2.5).
             reuse_tokens = min(plan.read_tokens, layout.num_tokens - 1) if plan.hit else 0
@@ -398,7 +417,7 @@ class Service:
             if not isinstance(first, Prefilled):
                 raise EngineFailure("engine did not prefill")
             self.ledger.rate.observe(first.num_computed_tokens, time.perf_counter() - prefill_from)
-            self._commit(plan, first, request.tenant, t0)
+            self._commit(plan, first, request.tenant, t0, lease)
             lease.release()  # the entries are stored and the prefix restored
             observed = False
             async for event in self._decode(job, request, plan.usage):
@@ -438,19 +457,28 @@ class Service:
         t0: float,
         lease: Lease,
         explain: planner.Explain | None = None,
+        tenant: TenantId = DEFAULT_TENANT,
     ) -> tuple[planner.CachePlan, KVPayload | None]:
         """Plan, hold the hit's pin and the planned writes in ``lease``, and get the hit's bytes
         into the engine's memory.
 
-        A hit in a lower tier is read there (a file on a worker thread) and promoted. One that
-        proves unusable (a corrupt or truncated file) is removed and the request plans again, a
-        miss of that entry; its in-flight keys stay held meanwhile, so no other request starts
+        With a shared tier, what Redis holds for the request is indexed first and the keys it
+        will write are locked there (``_share``). A hit in a lower tier is read there (a file on
+        a worker thread, a Redis value) and promoted. One that proves unusable (a corrupt or
+        truncated file, a Redis value gone or damaged) is removed and the request plans again,
+        a miss of that entry; its in-flight keys stay held meanwhile, so no other request starts
         computing them. Whatever this raises, the caller releases the lease.
         """
+        given_up: set[BlockHash] = set()
         while True:
+            if self.remote is not None:
+                await self._share(self.remote, prepared, keys, lease, tenant, given_up)
             plan = await self._plan(prepared, keys, t0, mine=lease.keys, explain=explain)
             # Plan and registration happen in one event-loop step: no lookup misses between.
             lease.hold(plan.hit, (span.key for span in plan.writes))
+            # Locks on keys the plan does not write after all go at once (a local request
+            # computed them meanwhile): other replicas' waits end with this one's.
+            lease.unlock(set(lease.locked) - {span.key for span in plan.writes})
             hit = plan.hit
             if hit is None:
                 return plan, None
@@ -463,6 +491,68 @@ class Service:
                 log.warning("cache entry unusable, counted as a miss: %s", exc)
                 lease.unpin()
                 self.store.discard(hit, "corrupt")
+
+    async def _share(
+        self,
+        remote: RemoteTier,
+        prepared: Prepared,
+        keys: list[BlockHash],
+        lease: Lease,
+        tenant: TenantId,
+        given_up: set[BlockHash],
+    ) -> None:
+        """Before planning, with a shared tier: index the entries Redis holds deeper than the
+        local hit (one round trip), then lock the keys the plan will write, so that other
+        replicas wait for this one's prefill instead of repeating it (spec §1.11).
+
+        A key another replica holds locked is waited for (its entry appears in Redis, or its
+        lock goes: the holder failed, or died and the lock lapsed), bounded by the single-flight
+        timeout, and everything is looked up again; a key waited for in vain joins
+        ``given_up`` and is computed here without a lock. Keys computed by a request of this
+        replica are left to local single flight. With Redis down nothing waits: lookups miss
+        and locks are granted at once.
+        """
+        layout = prepared.layout
+        timeout = self.config.cache.inflight_wait_timeout_s
+        while True:
+            now = self.clock.now()
+            pending = _Pending(self.inflight, set(lease.keys))
+            found = planner.reach(
+                keys=keys,
+                block_ends=[b.end for b in layout.blocks],
+                breakpoints=prepared.breakpoints,
+                policy=prepared.policy,
+                store=self.store,
+                now=now,
+                pending=pending,
+            )
+            read = found.read
+            if found.probe:
+                entries = await remote.lookup(found.probe, tenant)
+                now = self.clock.now()
+                for entry in entries:
+                    if self.store.adopt(remote, entry, now):
+                        read = max(read, entry.num_tokens)
+            wanted = [
+                key
+                for key in found.writes(read)
+                if key not in pending and key not in given_up and key not in lease.locked
+            ]
+            busy = []
+            for key in wanted:
+                if await remote.try_lock(key, lease.owner, timeout):
+                    lease.locked_remote(key)
+                else:
+                    busy.append(key)
+            if not busy:
+                return
+            # Another replica computes part of this prefix. Release what this request took
+            # (no two replicas ever wait on each other), wait for it, and look again.
+            lease.unlock()
+            given_up |= await remote.wait(busy, timeout, self._live)
+
+    def _live(self, key: BlockHash) -> bool:
+        return self.store.get(key, self.clock.now()) is not None
 
     async def _fetch(self, entry: Entry) -> KVPayload:
         """``entry``'s payload in the engine's memory, read once on a worker thread however many
@@ -528,16 +618,43 @@ class Service:
                 ignored.add(plan.wait_for)
 
     def _commit(
-        self, plan: planner.CachePlan, prefilled: Prefilled, tenant: TenantId, t0: float
+        self,
+        plan: planner.CachePlan,
+        prefilled: Prefilled,
+        tenant: TenantId,
+        t0: float,
+        lease: Lease | None = None,
     ) -> None:
+        """Store the snapshots of the planned writes; with a shared tier, queue each new entry
+        for Redis, its lock (if this request holds it) released once that write is done."""
         now = self.clock.now()
         for span in plan.writes:
             payload = prefilled.snapshots.get(span.offset)
             if payload is None:
                 log.error("engine returned no snapshot at offset %d", span.offset)
                 continue
+            known = self.store.get(span.key, now)
             # Usage reports the write even when the budget rejects it: it counts as evicted (§1.13).
-            self.store.put(span.key, payload, span.ttl, t0, tenant, now)
+            entry = self.store.put(span.key, payload, span.ttl, t0, tenant, now)
+            if self.remote is not None and entry is not None and known is None:
+                self._write_shared(self.remote, entry, lease)
+
+    def _write_shared(self, remote: RemoteTier, entry: Entry, lease: Lease | None) -> None:
+        """Queue ``entry`` for Redis (behind the request). Once stored, Redis counts as its
+        copy; its lock, handed over by ``lease``, goes when the write is done or dropped."""
+        owner = lease.hand_over(entry.key) if lease is not None else None
+        key = entry.key
+
+        def done(stored: bool) -> None:
+            if stored:
+                self.store.shared(entry, remote)
+            if owner is not None:
+                remote.unlock_soon(key, owner)
+
+        payload = self.store.tiers.tier(entry.tier).payload(entry) if entry.tier else None
+        queued = payload is not None and remote.write(entry, payload, done)
+        if not queued and owner is not None:
+            remote.unlock_soon(key, owner)
 
     async def _decode(
         self, job: Job, request: ChatRequest, usage: CacheUsage
@@ -574,11 +691,13 @@ class Service:
         yield Finished(reason, stop_sequence, usage.with_output(len(token_ids)))
 
 
-def tier_stack(config: CacheConfig, device: str, codec: KVCodec) -> TierStack:
+def tier_stack(
+    config: CacheConfig, device: str, codec: KVCodec, remote: RemoteTier | None = None
+) -> TierStack:
     """The tiers for an engine on ``device`` moving bytes with ``codec``: ``device`` (CUDA
     memory, ``cache_memory``) and ``host`` (``host_cache_memory``, if set), or on a CPU engine a
     single ``host`` tier (its memory is host memory: ``cache_memory``), then ``disk`` when a
-    directory is configured."""
+    directory is configured, then the shared ``remote`` tier when given."""
     tiers: list[Tier] = []
     if device.startswith("cuda"):
         tiers.append(MemoryTier("device", config.capacity_bytes, codec))
@@ -590,6 +709,8 @@ def tier_stack(config: CacheConfig, device: str, codec: KVCodec) -> TierStack:
         tiers.append(MemoryTier("host", config.capacity_bytes, codec))
     if config.disk_dir is not None:
         tiers.append(DiskTier(config.disk_dir, config.disk_capacity_bytes, codec))
+    if remote is not None:
+        tiers.append(remote)
     return TierStack(tiers)
 
 

@@ -19,9 +19,10 @@ TenantId = NewType("TenantId", str)
 
 DEFAULT_TENANT: Final = TenantId("default")
 
-TierName = Literal["device", "host", "disk"]
-"""Where an entry's bytes sit: the engine's accelerator memory, host RAM, or files on disk. On a
-CPU engine the engine's memory is host RAM, so its stack is ``host`` then ``disk``."""
+TierName = Literal["device", "host", "disk", "remote"]
+"""Where an entry's bytes sit: the engine's accelerator memory, host RAM, files on disk, or the
+Redis every replica shares (``--redis-url``). On a CPU engine the engine's memory is host RAM, so
+its stack is ``host``, then ``disk`` and ``remote`` where configured."""
 
 Section = Literal["tools", "system", "messages"]
 Role = Literal["user", "assistant"]

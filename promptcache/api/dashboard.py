@@ -65,6 +65,15 @@ def stats_json(service: Service, tenant: TenantId | None) -> dict[str, Any]:
         body["scope"] = "all"
         body["total"] = ledger.totals().to_json()
         body["tenants"] = {name: t.to_json() for name, t in sorted(ledger.tenants().items())}
+        remote = service.remote
+        if remote is not None:  # the shared tier's counters: the whole server's, admins only
+            stats = remote.store.stats
+            body["remote"] = {
+                "namespace": remote.store.namespace,
+                "up": remote.store.is_up,
+                "pending_writes": remote.writer.pending,
+                **{name: getattr(stats, name) for name in stats.__slots__},
+            }
     else:
         body["scope"] = "tenant"
         body["tenant"] = tenant

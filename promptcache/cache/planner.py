@@ -87,6 +87,56 @@ def eligible_breakpoints(
     return kept
 
 
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """What a plan would find now, without planning (``reach``): the tokens of the deepest live
+    hit (``read``), the keys a shared tier could still answer deeper than it (``probe``), and
+    each eligible breakpoint's key and offset (``breakpoints``), from which the keys a plan
+    writes follow (``writes``)."""
+
+    read: int
+    probe: tuple[BlockHash, ...]
+    breakpoints: tuple[tuple[BlockHash, int], ...]
+
+    def writes(self, read: int) -> list[BlockHash]:
+        """The keys a plan reading ``read`` tokens writes (§1.6 step 5), shallowest first."""
+        ordered = sorted(self.breakpoints, key=lambda b: b[1])
+        return [key for key, offset in ordered if offset > read]
+
+
+def reach(
+    *,
+    keys: Sequence[BlockHash],
+    block_ends: Sequence[int],
+    breakpoints: Sequence[Breakpoint],
+    policy: ModelCachePolicy,
+    store: PrefixStore,
+    now: float,
+    pending: Container[BlockHash] = (),
+) -> Reach:
+    """The probe of ``plan`` without its effects (nothing refreshed, pinned or counted): for
+    the lookup in a shared tier before planning. Each breakpoint's window is walked as ``plan``
+    walks it; the keys above its first live or ``pending`` key are those a lower tier could
+    answer, and only those deeper than the deepest live hit are worth asking for."""
+    candidates = eligible_breakpoints(breakpoints, block_ends, policy)
+    read = 0
+    probe: dict[BlockHash, int] = {}
+    for bp in candidates:
+        for index in range(bp.block_index, max(-1, bp.block_index - LOOKBACK_BLOCKS), -1):
+            entry = store.get(keys[index], now)
+            if entry is not None:
+                read = max(read, entry.num_tokens)
+                break
+            if keys[index] in pending:
+                break
+            probe.setdefault(keys[index], block_ends[index])
+    return Reach(
+        read,
+        tuple(key for key, end in probe.items() if end > read),
+        tuple((keys[bp.block_index], block_ends[bp.block_index]) for bp in candidates),
+    )
+
+
 def plan(
     *,
     keys: Sequence[BlockHash],
@@ -225,6 +275,8 @@ __all__ = [
     "CachePlan",
     "CacheSpan",
     "Explain",
+    "Reach",
     "eligible_breakpoints",
     "plan",
+    "reach",
 ]

@@ -413,6 +413,41 @@ class PrefixStore:
             self._entries[record.key] = entry
         return len(tier)
 
+    # -- tiers found by lookup (shared) ------------------------------------------------------
+
+    def adopt(self, tier: Tier, entry: Entry, now: float, parts: Parts = ()) -> bool:
+        """Index ``entry``, found in ``tier`` by a lookup (the shared tier, on a local miss), as
+        served from there and charged ``parts`` (``()`` for the shared tier: its bytes cost
+        this replica nothing). A hit on it is read and promoted like any lower tier's. False
+        when it has expired, a live entry is known under its key, or there is no room."""
+        if not entry.is_live(now) or self.get(entry.key, now) is not None:
+            return False
+        stale = self._entries.get(entry.key)
+        if stale is not None:  # expired but pinned: replace the mapping, the reader keeps its ref
+            self._remove(stale, "expired")
+        if not self._room(tier, parts, entry, now):
+            return False
+        tier.add(entry, parts)
+        self._settle(entry, tier)
+        self._entries[entry.key] = entry
+        self.tombstones.discard(entry.key)
+        return True
+
+    def shared(self, entry: Entry, tier: Tier) -> bool:
+        """Record that ``tier`` (below the entry's home, charged nothing) now holds a copy of
+        ``entry``'s bytes: its write to the shared tier is done. An entry that later leaves
+        the local tiers is then served from there instead of dropped. False when the entry is
+        gone or served from ``tier`` or below."""
+        if self._entries.get(entry.key) is not entry or entry.tier is None:
+            return False
+        if tier.name in entry.copies:
+            return True
+        if self.tiers.index(tier) <= self.tiers.index(self._tier_of(entry)):
+            return False
+        tier.add(entry, ())
+        entry.copies.add(tier.name)
+        return True
+
     # -- checks ------------------------------------------------------------------------------
 
     def check_integrity(self) -> None:

@@ -5,6 +5,7 @@
     device  MemoryTier  (accelerator memory; CUDA engines only)   payloads on the engine's device
     host    MemoryTier  (RAM; on a CPU engine this is the top)    payloads in host memory
     disk    DiskTier    (a directory, optional; ``disk.py``)      one self-contained file per entry
+    remote  RemoteTier  (Redis, optional; ``remote/tier.py``)     bytes shared by every replica
 
 Every ``Tier`` keeps the same accounting: which entries it holds, least recently used first, and
 the bytes they hold, counting a part shared by several entries once (nested prefixes share
@@ -13,10 +14,11 @@ keys are namespaced by tenant, so entries of two tenants never share a part). Su
 bytes, through the engine's ``KVCodec`` given at construction: ``put`` (store and charge),
 ``reader`` (read back), ``release`` (uncharge and let go).
 
-A ``CopyTier`` (the disk tier; next, a remote tier shared by replicas) may also hold *copies*:
-the bytes of an entry served from a tier above, written behind the request
-(``cache/copies.py``), so a crash keeps them and a demotion needs no write. Policy (what to
-demote, promote, copy or drop, and when) belongs to ``PrefixStore``; tiers never decide.
+A ``CopyTier`` (the disk tier) may also hold *copies*: the bytes of an entry served from a tier
+above, written behind the request (``cache/copies.py``), so a crash keeps them and a demotion
+needs no write. The shared ``remote`` tier holds copies too (``holds_copies``), written by its
+own queue. Policy (what to demote, promote, copy or drop, and when) belongs to
+``PrefixStore``; tiers never decide.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """A crash: ``promptcache serve`` in its own process, killed with SIGKILL once its entry is on
 disk, then started again on the same disk directory. The entry was written behind the request
 (no shutdown ran), so the restarted server reads it. The fake engine (``--engine fake``) keeps
-its model revision across processes, so every key's namespace is the same after the restart."""
+its model revision across processes, so every key's namespace is the same after the restart.
+With a shared Redis, the restarted replica still reads its own disk, and another replica reads
+the entry from Redis."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 
 from promptcache.bench.peers import free_port
 from tests.conftest import words
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -117,3 +120,41 @@ def test_a_killed_server_keeps_what_it_wrote_behind(serve: Any, tmp_path: Path) 
     assert second.usage.cache_read_input_tokens == written
     assert second.usage.cache_creation_input_tokens == 0
     assert second.content == first.content  # greedy: the restored state gives the same tokens
+
+
+def ask_raw(server: Process) -> tuple[Any, str]:
+    """The message and its ``x-promptcache-cache`` header."""
+    with anthropic.Anthropic(base_url=server.base_url, api_key="k", max_retries=0) as client:
+        raw = client.messages.with_raw_response.create(
+            model="m",
+            max_tokens=16,
+            extra_body={"temperature": 0.0},
+            system=[{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}],
+            messages=[{"role": "user", "content": "What is this about?"}],
+        )
+        return raw.parse(), raw.headers["x-promptcache-cache"]
+
+
+def test_with_redis_a_killed_replica_reads_its_disk_and_the_others_read_redis(
+    serve: Any, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    shared = ("--engine", "fake", "--redis-url", redis_server.url)
+    first_server = serve(*shared, "--disk-cache-dir", str(tmp_path / "disk-1"))
+    first, _ = ask_raw(first_server)
+    written = first.usage.cache_creation_input_tokens
+    assert written > 1024
+    deadline = time.monotonic() + 30  # written behind, to disk and to Redis
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{first_server.base_url}/metrics").text
+        on_disk = list((tmp_path / "disk-1").glob("*.fakekv"))
+        if on_disk and "promptcache_remote_writes_total 1.0" in metrics:
+            break
+        time.sleep(0.02)
+    assert first_server.kill() == -signal.SIGKILL
+
+    again, header = ask_raw(serve(*shared, "--disk-cache-dir", str(tmp_path / "disk-1")))
+    assert "tier=disk" in header and again.usage.cache_read_input_tokens == written
+    other, header = ask_raw(serve(*shared, "--disk-cache-dir", str(tmp_path / "disk-2")))
+    assert "tier=remote" in header and other.usage.cache_read_input_tokens == written
+    assert other.usage.cache_creation_input_tokens == 0
+    assert again.content == other.content == first.content

@@ -31,6 +31,7 @@ class _Put:
     meta: Mapping[str, str]
     expires_at: float
     nbytes: int
+    on_done: Callable[[bool], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,7 @@ class _Extend:
     key: BlockHash
     expires_at: float
     nbytes: int = 0
+    on_done: None = None
 
 
 class RemoteWriter:
@@ -77,15 +79,18 @@ class RemoteWriter:
         expires_at: float,
         *,
         nbytes: int | None = None,
+        on_done: Callable[[bool], None] | None = None,
     ) -> bool:
         """Queue ``store.put(key, data, meta, expires_at)``. ``data`` may be a function making
         the bytes (then ``nbytes``, their expected size, is required: it is what the queue's
-        byte bound counts). False when dropped."""
+        byte bound counts). False when dropped. ``on_done`` (on the event loop) is told once
+        whether the value was stored when a queued put has run, failed or been dropped at
+        ``stop``; never when this returns False (the caller knows then)."""
         if nbytes is None:
             if not isinstance(data, bytes):
                 raise TypeError("nbytes is required when data is made later")
             nbytes = len(data)
-        return self._submit(_Put(key, data, dict(meta), expires_at, nbytes))
+        return self._submit(_Put(key, data, dict(meta), expires_at, nbytes, on_done))
 
     def submit_extend(self, key: BlockHash, expires_at: float) -> bool:
         """Queue ``store.extend(key, expires_at)``. False when dropped."""
@@ -127,14 +132,15 @@ class RemoteWriter:
             self._task = None
         while not self._queue.empty():
             job = self._queue.get_nowait()
-            self._done(job)
+            self._done(job, False)
             self.store.stats.dropped += 1
 
     async def _run(self) -> None:
         while True:
             job = await self._queue.get()
+            stored = False
             try:
-                await self._write(job)
+                stored = await self._write(job)
             except asyncio.CancelledError:  # stopped before it was done
                 self.store.stats.dropped += 1
                 raise
@@ -142,27 +148,31 @@ class RemoteWriter:
                 self.store.stats.errors += 1
                 log.exception("shared cache write of %s failed", job.key.hex()[:12])
             finally:
-                self._done(job)
+                self._done(job, stored)
 
-    async def _write(self, job: _Put | _Extend) -> None:
+    async def _write(self, job: _Put | _Extend) -> bool:
         if isinstance(job, _Extend):
-            await self.store.extend(job.key, job.expires_at)
-            return
+            return await self.store.extend(job.key, job.expires_at)
         if job.expires_at <= self.store.clock.now():
-            return  # expired while it waited
+            return False  # expired while it waited
         if isinstance(job.data, bytes):
             data = job.data
         elif self.store.available:
             data = await asyncio.to_thread(job.data)
         else:  # the store would drop it at once: spare the encoding
             self.store.stats.skipped += 1
-            return
-        await self.store.put(job.key, data, job.meta, job.expires_at)
+            return False
+        return await self.store.put(job.key, data, job.meta, job.expires_at)
 
-    def _done(self, job: _Put | _Extend) -> None:
+    def _done(self, job: _Put | _Extend, stored: bool) -> None:
         self._bytes -= job.nbytes
         self._pending -= 1
         self._queue.task_done()
+        if job.on_done is not None:
+            try:
+                job.on_done(stored)
+            except Exception:  # the caller's bug: logged, and the writer goes on
+                log.exception("after the shared cache write of %s", job.key.hex()[:12])
 
 
 __all__ = ["Data", "RemoteWriter"]
