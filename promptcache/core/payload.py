@@ -129,11 +129,21 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def read_saved(path: Path) -> bytes:
+    """The bytes ``write_atomically`` wrote at ``path``; a file that cannot be read (gone,
+    unreadable) is a ``CorruptPayload``, a miss like a damaged one."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CorruptPayload(f"{path.name}: {exc}") from exc
+
+
 __all__ = [
     "CorruptPayload",
     "KVCodec",
     "KVPayload",
     "PartId",
     "new_part_id",
+    "read_saved",
     "write_atomically",
 ]

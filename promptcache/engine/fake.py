@@ -26,6 +26,7 @@ from promptcache.core.payload import (
     KVPayload,
     PartId,
     new_part_id,
+    read_saved,
     write_atomically,
 )
 from promptcache.core.tokenizer import ByteTokenizer
@@ -139,11 +140,7 @@ class FakeCodec:
         return {str(k): str(v) for k, v in header["metadata"].items()}
 
     def load(self, path: Path) -> FakePayload:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CorruptPayload(f"{path.name}: {exc}") from exc
-        payload, _ = self._decode(data, path.name)
+        payload, _ = self._decode(read_saved(path), path.name)
         return payload
 
     def decode(self, data: bytes) -> tuple[FakePayload, dict[str, str]]:

@@ -27,7 +27,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from promptcache.core.payload import CorruptPayload, KVPayload, PartId, write_atomically
+from promptcache.core.payload import (
+    CorruptPayload,
+    KVPayload,
+    PartId,
+    read_saved,
+    write_atomically,
+)
 from promptcache.engine.files import digest, header_of, read_header
 from promptcache.engine.paged.pool import KVPool, PoolPayload
 
@@ -182,11 +188,7 @@ class PagedCodec:
 
     def load(self, path: Path) -> KVPayload:
         self.read_metadata(path)  # a foreign or truncated file fails before it is read whole
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CorruptPayload(f"{path.name}: {exc}") from exc
-        payload, _ = self._decode(data, path.name)
+        payload, _ = self._decode(read_saved(path), path.name)
         return payload
 
     def decode(self, data: bytes) -> tuple[KVPayload, dict[str, str]]:
