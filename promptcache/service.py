@@ -62,6 +62,7 @@ from promptcache.core.response import (
 )
 from promptcache.credentials import find_secret, secret_bytes
 from promptcache.diagnosis import RecentMessages, shape_of
+from promptcache.engine import threads
 from promptcache.engine.base import (
     Engine,
     EngineRequest,
@@ -183,6 +184,9 @@ class Service:
 
     async def start(self) -> None:
         """Start the worker and the TTL sweeper, and load the model in the background."""
+        # Work handed to threads (file reads, tier copies, encodes) never slows the engine's
+        # kernels down (engine/threads.py).
+        asyncio.get_running_loop().set_default_executor(threads.side_executor())
         self.worker.start()
         if self._engine is not None:
             await self._open_tiers()
@@ -193,7 +197,7 @@ class Service:
     async def _load(self) -> None:
         assert self._load_engine is not None
         try:
-            engine = await asyncio.to_thread(self._load_engine)
+            engine = await threads.in_own_thread(self._load_engine)
             self._store = self._open_store(engine)
             await self._open_tiers()
             self._engine = engine

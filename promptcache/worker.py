@@ -15,6 +15,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from promptcache.engine import threads
 from promptcache.engine.base import Engine, EngineEvent, EngineRequest, SeqId, Stopped
 from promptcache.errors import Overloaded
 
@@ -109,6 +110,7 @@ class EngineWorker:
             self._cond.notify()
 
     def _run(self) -> None:
+        claimed = False
         while True:
             with self._cond:
                 while not self._stopping and not self._running and not self._pending:
@@ -122,6 +124,9 @@ class EngineWorker:
                 self._admit(job)
             self._reap()
             if self._running:
+                # This thread runs the engine's kernels, on every core (engine/threads.py);
+                # torch is imported by the engine's load, which may come after this loop starts.
+                claimed = claimed or threads.claim()
                 self._step()
 
     def _admit(self, job: Job) -> None:
