@@ -32,7 +32,7 @@ from promptcache.cache.copies import DEFAULT_QUEUE, CopyWriter
 from promptcache.cache.disk import DiskTier
 from promptcache.cache.entry import Entry
 from promptcache.cache.hashing import Namespace, block_hashes
-from promptcache.cache.inflight import InFlight
+from promptcache.cache.inflight import InFlight, Pending
 from promptcache.cache.lease import Lease
 from promptcache.cache.misses import PromptHistory
 from promptcache.cache.policy import (
@@ -82,6 +82,7 @@ from promptcache.errors import (
 )
 from promptcache.metrics import Metrics
 from promptcache.savings import Ledger
+from promptcache.sharing import Prompt, Sharing
 from promptcache.templates import Template, TemplateStore
 from promptcache.types import DEFAULT_TENANT, BlockHash, Section, TenantId
 from promptcache.worker import EngineWorker, Job
@@ -139,10 +140,12 @@ class Service:
         self._loading_store = PrefixStore(TierStack(()), tenant_share=self._tenant_share)
         self.remote: RemoteTier | None = None
         """The shared tier (``--redis-url``), once the engine exists; None without one."""
+        self.sharing: Sharing | None = None
+        """Requests' use of ``remote`` (``sharing.py``)."""
+        self.inflight = InFlight()
         self._store = None if self._engine is None else self._open_store(self._engine)
         self.copies: CopyWriter | None = None
         """Writes new memory entries to the disk tier behind the requests (``cache/copies.py``)."""
-        self.inflight = InFlight()
         self.metrics = Metrics(lambda: self.store, lambda: len(self.inflight), lambda: self.remote)
         self.history = PromptHistory()
         """The tenants' recent prompts (key chains), to explain misses (``cache/misses.py``)."""
@@ -230,6 +233,13 @@ class Service:
             name = namespace(info.model_id, info.revision, codec.layout)
             self.remote = RemoteTier(
                 RemoteStore(cache.redis_url, namespace=name, clock=self.clock), codec
+            )
+            self.sharing = Sharing(
+                self.remote,
+                lambda: self.store,
+                self.inflight,
+                self.clock,
+                cache.inflight_wait_timeout_s,
             )
         return PrefixStore(
             tier_stack(cache, info.device, codec, self.remote),
@@ -467,7 +477,7 @@ class Service:
         into the engine's memory.
 
         With a shared tier, what Redis holds for the request is indexed first and the keys it
-        will write are locked there (``_share``). A hit in a lower tier is read there (a file on
+        will write are locked there (``Sharing.prepare``). A hit in a lower tier is read there (a file on
         a worker thread, a Redis value) and promoted. One that proves unusable (a corrupt or
         truncated file, a Redis value gone or damaged) is removed and the request plans again,
         a miss of that entry; its in-flight keys stay held meanwhile, so no other request starts
@@ -475,8 +485,15 @@ class Service:
         """
         given_up: set[BlockHash] = set()
         while True:
-            if self.remote is not None:
-                await self._share(self.remote, prepared, keys, lease, tenant, given_up)
+            if self.sharing is not None:
+                prompt = Prompt(
+                    keys,
+                    [b.end for b in prepared.layout.blocks],
+                    prepared.breakpoints,
+                    prepared.policy,
+                    tenant,
+                )
+                await self.sharing.prepare(prompt, lease, given_up)
             plan = await self._plan(prepared, keys, t0, mine=lease.keys, explain=explain)
             # Plan and registration happen in one event-loop step: no lookup misses between.
             lease.hold(plan.hit, (span.key for span in plan.writes))
@@ -495,68 +512,6 @@ class Service:
                 log.warning("cache entry unusable, counted as a miss: %s", exc)
                 lease.unpin()
                 self.store.discard(hit, "corrupt")
-
-    async def _share(
-        self,
-        remote: RemoteTier,
-        prepared: Prepared,
-        keys: list[BlockHash],
-        lease: Lease,
-        tenant: TenantId,
-        given_up: set[BlockHash],
-    ) -> None:
-        """Before planning, with a shared tier: index the entries Redis holds deeper than the
-        local hit (one round trip), then lock the keys the plan will write, so that other
-        replicas wait for this one's prefill instead of repeating it (spec §1.11).
-
-        A key another replica holds locked is waited for (its entry appears in Redis, or its
-        lock goes: the holder failed, or died and the lock lapsed), bounded by the single-flight
-        timeout, and everything is looked up again; a key waited for in vain joins
-        ``given_up`` and is computed here without a lock. Keys computed by a request of this
-        replica are left to local single flight. With Redis down nothing waits: lookups miss
-        and locks are granted at once.
-        """
-        layout = prepared.layout
-        timeout = self.config.cache.inflight_wait_timeout_s
-        while True:
-            now = self.clock.now()
-            pending = _Pending(self.inflight, set(lease.keys))
-            found = planner.reach(
-                keys=keys,
-                block_ends=[b.end for b in layout.blocks],
-                breakpoints=prepared.breakpoints,
-                policy=prepared.policy,
-                store=self.store,
-                now=now,
-                pending=pending,
-            )
-            read = found.read
-            if found.probe:
-                entries = await remote.lookup(found.probe, tenant)
-                now = self.clock.now()
-                for entry in entries:
-                    if self.store.adopt(remote, entry, now):
-                        read = max(read, entry.num_tokens)
-            wanted = [
-                key
-                for key in found.writes(read)
-                if key not in pending and key not in given_up and key not in lease.locked
-            ]
-            busy = []
-            for key in wanted:
-                if await remote.try_lock(key, lease.owner, timeout):
-                    lease.locked_remote(key)
-                else:
-                    busy.append(key)
-            if not busy:
-                return
-            # Another replica computes part of this prefix. Release what this request took
-            # (no two replicas ever wait on each other), wait for it, and look again.
-            lease.unlock()
-            given_up |= await remote.wait(busy, timeout, self._live)
-
-    def _live(self, key: BlockHash) -> bool:
-        return self.store.get(key, self.clock.now()) is not None
 
     async def _fetch(self, entry: Entry) -> KVPayload:
         """``entry``'s payload in the engine's memory, read once on a worker thread however many
@@ -611,7 +566,7 @@ class Service:
                 store=self.store,
                 t0=t0,
                 now=self.clock.now(),
-                pending=_Pending(self.inflight, ignored),
+                pending=Pending(self.inflight, ignored),
                 explain=explain,
             )
             if plan.wait_for is None:
@@ -640,25 +595,8 @@ class Service:
             known = self.store.get(span.key, now)
             # Usage reports the write even when the budget rejects it: it counts as evicted (§1.13).
             entry = self.store.put(span.key, payload, span.ttl, t0, tenant, now)
-            if self.remote is not None and entry is not None and known is None:
-                self._write_shared(self.remote, entry, lease)
-
-    def _write_shared(self, remote: RemoteTier, entry: Entry, lease: Lease | None) -> None:
-        """Queue ``entry`` for Redis (behind the request). Once stored, Redis counts as its
-        copy; its lock, handed over by ``lease``, goes when the write is done or dropped."""
-        owner = lease.hand_over(entry.key) if lease is not None else None
-        key = entry.key
-
-        def done(stored: bool) -> None:
-            if stored:
-                self.store.shared(entry, remote)
-            if owner is not None:
-                remote.unlock_soon(key, owner)
-
-        payload = self.store.tiers.tier(entry.tier).payload(entry) if entry.tier else None
-        queued = payload is not None and remote.write(entry, payload, done)
-        if not queued and owner is not None:
-            remote.unlock_soon(key, owner)
+            if self.sharing is not None and entry is not None and known is None:
+                self.sharing.write(entry, lease)
 
     async def _decode(
         self, job: Job, request: ChatRequest, usage: CacheUsage
@@ -716,17 +654,6 @@ def tier_stack(
     if remote is not None:
         tiers.append(remote)
     return TierStack(tiers)
-
-
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    """In-flight keys, less those a timed-out waiter no longer waits for."""
-
-    inflight: InFlight
-    ignored: set[BlockHash]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.inflight and key not in self.ignored
 
 
 __all__ = ["CacheProfile", "MarkRules", "ModelCachePolicy", "Prepared", "Service", "tier_stack"]

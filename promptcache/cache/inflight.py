@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from promptcache.types import BlockHash
 
@@ -53,4 +54,16 @@ class InFlight:
         return True
 
 
-__all__ = ["InFlight"]
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """The keys of ``inflight``, less ``ignored`` (a request's own, or those a timed-out waiter
+    no longer waits for): what the planner treats as being computed by someone else."""
+
+    inflight: InFlight
+    ignored: set[BlockHash]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.inflight and key not in self.ignored
+
+
+__all__ = ["InFlight", "Pending"]
