@@ -477,11 +477,11 @@ class Service:
         into the engine's memory.
 
         With a shared tier, what Redis holds for the request is indexed first and the keys it
-        will write are locked there (``Sharing.prepare``). A hit in a lower tier is read there (a file on
-        a worker thread, a Redis value) and promoted. One that proves unusable (a corrupt or
-        truncated file, a Redis value gone or damaged) is removed and the request plans again,
-        a miss of that entry; its in-flight keys stay held meanwhile, so no other request starts
-        computing them. Whatever this raises, the caller releases the lease.
+        will write are locked there (``Sharing.prepare``). A hit in a lower tier is read there
+        (a file on a worker thread, a Redis value) and promoted. One that proves unusable (a
+        corrupt or truncated file, a Redis value gone or damaged) is removed and the request
+        plans again, a miss of that entry; its in-flight keys stay held meanwhile, so no other
+        request starts computing them. Whatever this raises, the caller releases the lease.
         """
         given_up: set[BlockHash] = set()
         while True:
