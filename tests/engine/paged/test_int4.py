@@ -4,9 +4,11 @@ alone as in a batch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from promptcache.engine.paged.models import int4
 from promptcache.engine.paged.models.int4 import GROUP_SIZE, RescoredHead, pack_int4
 from promptcache.engine.paged.models.int8 import DecodeInt8Linear, add_decode_int8
 from promptcache.engine.paged.models.layers import Linear
@@ -41,7 +43,11 @@ def test_the_kernel_multiplies_by_the_dequantized_weight() -> None:
     assert (out - expected).abs().max() <= 2**-7 * expected.abs().max()
 
 
-def test_candidates_carry_the_dense_logits_and_the_winner_is_the_dense_winner() -> None:
+@pytest.mark.parametrize("int4_rows", [0, 1000], ids=["int8-candidates", "int4-candidates"])
+def test_candidates_carry_the_dense_logits_and_the_winner_is_the_dense_winner(
+    int4_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(int4, "INT4_MAX_ROWS", int4_rows)
     dense = head()
     rescored = RescoredHead(dense)
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
@@ -57,7 +63,10 @@ def test_candidates_carry_the_dense_logits_and_the_winner_is_the_dense_winner() 
 
 
 def test_a_row_scores_the_same_alone_and_in_a_batch() -> None:
+    """One row is scored by the int4 copy, eight by the int8 one: the winner and its logit
+    are the same."""
     rescored = RescoredHead(head())
+    assert rescored.int8 is not None  # this PyTorch has fbgemm
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     batch = rescored(x)
     for i in range(8):
