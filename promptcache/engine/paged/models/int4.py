@@ -17,12 +17,14 @@ alike, and so do a sequence alone and one in a batch.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from promptcache.engine import threads
 from promptcache.engine.paged.models.layers import Linear, frozen
 
 GROUP_SIZE = 32
@@ -79,11 +81,12 @@ def pack_int8_fbgemm(weight: torch.Tensor) -> Any | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            w = weight.detach().float()
-            scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+            w = weight.detach()
+            scales = (w.abs().amax(dim=1).float() / 127.0).clamp(min=1e-12)
+            q = torch.round(w.float().div_(scales[:, None])).clamp_(-128, 127).to(torch.int8)
             zeros = torch.zeros(w.shape[0], dtype=torch.long)
-            q = torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8)
-            return torch.ops.quantized.linear_prepack(q, None)
+            qt = torch._make_per_channel_quantized_tensor(q, scales.double(), zeros, 0)
+            return torch.ops.quantized.linear_prepack(qt, None)
     except (RuntimeError, AttributeError, NotImplementedError):
         return None
 
@@ -95,7 +98,12 @@ class RescoredHead(nn.Module):
     Which copy chose a row's candidates never changes its winner's logit, only (rarely) which
     other tokens were rescored."""
 
-    def __init__(self, dense: Linear, candidates: int = CANDIDATES) -> None:
+    def __init__(
+        self, dense: Linear, candidates: int = CANDIDATES, *, int8_in_background: bool = False
+    ) -> None:
+        """``int8_in_background``: pack the int8 copy on a thread of its own (2 s for Gemma 3's
+        head, which would otherwise delay the server's start); until it is done, every row
+        count uses int4."""
         super().__init__()
         if not int4_supported(dense):
             raise ValueError("the int4 head needs a CPU weight with a multiple of 32 columns")
@@ -104,7 +112,16 @@ class RescoredHead(nn.Module):
         packed, scales_and_zeros = pack_int4(dense.weight)
         self.packed = frozen(packed)
         self.scales_and_zeros = frozen(scales_and_zeros)
-        self.int8 = pack_int8_fbgemm(dense.weight)
+        self.int8: Any | None = None
+        if int8_in_background:
+            threading.Thread(target=self._pack_int8, name="promptcache-pack", daemon=True).start()
+        else:
+            self.int8 = pack_int8_fbgemm(dense.weight)
+
+    def _pack_int8(self) -> None:
+        # One PyTorch thread: no thread team beside the engine's (engine/threads.py).
+        threads.confine()
+        self.int8 = pack_int8_fbgemm(self.dense.weight)
 
     def approximate(self, flat: torch.Tensor) -> torch.Tensor:
         """Every logit of the rows of ``flat``, float32, from the cheaper copy for that many."""

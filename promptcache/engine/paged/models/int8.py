@@ -114,7 +114,7 @@ def add_decode_int8(model: CausalLM, *, max_rows: int = 4) -> DecodeSwitch:
         parent = model.get_submodule(parent_name) if parent_name else model
         replacement: nn.Module
         if name == "lm_head" and int4_supported(module):
-            replacement = RescoredHead(module)
+            replacement = RescoredHead(module, int8_in_background=True)
         else:
             replacement = DecodeInt8Linear(module, switch, by_rows=name == "lm_head")
         setattr(parent, attr, replacement)
