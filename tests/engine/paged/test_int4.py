@@ -89,15 +89,11 @@ def test_add_decode_int8_gives_the_head_int4_rescoring() -> None:
 
 
 def test_the_int8_copy_packed_in_the_background_takes_over_when_ready() -> None:
-    import time
-
     dense = head(seed=4)
     rescored = RescoredHead(dense, int8_in_background=True)
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     before = rescored(x)  # int4 until the int8 copy is packed: the same winners either way
-    deadline = time.monotonic() + 60
-    while rescored.int8 is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert rescored.int8_done.wait(60)
     assert rescored.int8 is not None
     after = rescored(x)
     assert torch.equal(before.argmax(-1), after.argmax(-1))

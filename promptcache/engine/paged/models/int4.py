@@ -113,15 +113,23 @@ class RescoredHead(nn.Module):
         self.packed = frozen(packed)
         self.scales_and_zeros = frozen(scales_and_zeros)
         self.int8: Any | None = None
+        self.int8_done = threading.Event()
+        """Set once the int8 copy is packed (or known unavailable)."""
         if int8_in_background:
-            threading.Thread(target=self._pack_int8, name="promptcache-pack", daemon=True).start()
+            threading.Thread(
+                target=self._pack_int8, args=(True,), name="promptcache-pack", daemon=True
+            ).start()
         else:
-            self.int8 = pack_int8_fbgemm(dense.weight)
+            self._pack_int8(False)
 
-    def _pack_int8(self) -> None:
-        # One PyTorch thread: no thread team beside the engine's (engine/threads.py).
-        threads.confine()
-        self.int8 = pack_int8_fbgemm(self.dense.weight)
+    def _pack_int8(self, aside: bool) -> None:
+        try:
+            if aside:
+                # One PyTorch thread: no thread team beside the engine's (engine/threads.py).
+                threads.confine()
+            self.int8 = pack_int8_fbgemm(self.dense.weight)
+        finally:
+            self.int8_done.set()
 
     def approximate(self, flat: torch.Tensor) -> torch.Tensor:
         """Every logit of the rows of ``flat``, float32, from the cheaper copy for that many."""
