@@ -98,3 +98,17 @@ def test_the_int8_copy_packed_in_the_background_takes_over_when_ready() -> None:
     after = rescored(x)
     assert torch.equal(before.argmax(-1), after.argmax(-1))
     assert torch.equal(after.argmax(-1), F.linear(x, dense.weight).float().argmax(-1))
+
+
+def test_a_head_with_a_bias_ranks_and_scores_with_it() -> None:
+    dense = head(vocab=4096, seed=6)
+    bias = torch.zeros(4096)
+    bias[123] = 50.0  # far above every product: the winner whatever the row
+    biased = Linear(dense.weight, bias.to(torch.bfloat16))
+    rescored = RescoredHead(biased)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    for rows in (x[:1], x):  # the int4 copy, then the int8 one
+        out = rescored(rows)
+        ref = F.linear(rows, biased.weight, biased.bias).float()
+        assert (out.argmax(-1) == 123).all()
+        assert torch.allclose(out[:, 123], ref[:, 123], atol=0.5)

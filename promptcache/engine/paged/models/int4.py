@@ -147,6 +147,8 @@ class RescoredHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         approx = self.approximate(flat)
+        if self.dense.bias is not None:  # the copies carry no bias: rank with it all the same
+            approx += self.dense.bias.float()
         top = approx.topk(self.candidates, dim=-1).indices  # [rows, k]
         weight = self.dense.weight
         # Exact logits of the candidates: each row against its own k rows of the weight, in the
