@@ -484,15 +484,15 @@ class Service:
         request starts computing them. Whatever this raises, the caller releases the lease.
         """
         given_up: set[BlockHash] = set()
+        prompt = Prompt(
+            keys,
+            [b.end for b in prepared.layout.blocks],
+            prepared.breakpoints,
+            prepared.policy,
+            tenant,
+        )
         while True:
             if self.sharing is not None:
-                prompt = Prompt(
-                    keys,
-                    [b.end for b in prepared.layout.blocks],
-                    prepared.breakpoints,
-                    prepared.policy,
-                    tenant,
-                )
                 await self.sharing.prepare(prompt, lease, given_up)
             plan = await self._plan(prepared, keys, t0, mine=lease.keys, explain=explain)
             # Plan and registration happen in one event-loop step: no lookup misses between.

@@ -20,7 +20,7 @@ import asyncio
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -67,28 +67,17 @@ def side_executor() -> ThreadPoolExecutor:
 async def in_own_thread(fn: Callable[[], T], name: str = "promptcache-load") -> T:
     """``fn()`` on a new thread with every core, which ends when ``fn`` returns (taking its
     thread team with it)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.cancelled():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
+    future: Future[T] = Future()
 
     def run() -> None:
+        claim()
         try:
-            claim()
-            result = fn()
+            future.set_result(fn())
         except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
+            future.set_exception(exc)
 
     threading.Thread(target=run, name=name, daemon=True).start()
-    return await future
+    return await asyncio.wrap_future(future)
 
 
 __all__ = ["claim", "confine", "default_threads", "in_own_thread", "side_executor"]
