@@ -44,6 +44,8 @@ _HELP = {
     "keeps them (default true)",
     "redis_url": "redis://host:port/db: a cache tier shared by every replica, below the local "
     "ones (default none)",
+    "redis_timeout_s": "seconds one Redis operation may take before the shared tier counts as "
+    "down until a retry finds it back (default 0.5)",
     "min_cacheable_tokens": "minimum cacheable prefix in tokens (default 1024)",
     "max_cacheable_tokens": "maximum cacheable prefix in tokens (default: none)",
     "tool_cache_points": "allow breakpoints on tool definitions (default true)",

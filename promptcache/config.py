@@ -82,6 +82,9 @@ class CacheConfig:
     redis_url: str | None = None
     """``redis://host:port/db``: the shared tier below the local ones, one cache for every
     replica of the model (``cache/remote/``); None: no shared tier."""
+    redis_timeout_s: float = 0.5
+    """How long one Redis operation may take (plus the transfer time of its bytes) before the
+    shared tier counts as down and is skipped until a retry finds it back."""
     min_cacheable_tokens: int = 1024
     max_cacheable_tokens: int | None = None
     tool_cache_points: bool = True
@@ -288,6 +291,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "disk_cache_size": ("cache", "disk_capacity_bytes", parse_bytes),
     "disk_write_behind": ("cache", "disk_write_behind", _bool),
     "redis_url": ("cache", "redis_url", _redis_url),
+    "redis_timeout_s": ("cache", "redis_timeout_s", float),
     "min_cacheable_tokens": ("cache", "min_cacheable_tokens", int),
     "max_cacheable_tokens": ("cache", "max_cacheable_tokens", _opt_int),
     "tool_cache_points": ("cache", "tool_cache_points", _bool),

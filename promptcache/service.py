@@ -232,7 +232,13 @@ class Service:
         if cache.redis_url is not None:
             name = namespace(info.model_id, info.revision, codec.layout)
             self.remote = RemoteTier(
-                RemoteStore(cache.redis_url, namespace=name, clock=self.clock), codec
+                RemoteStore(
+                    cache.redis_url,
+                    namespace=name,
+                    op_timeout_s=cache.redis_timeout_s,
+                    clock=self.clock,
+                ),
+                codec,
             )
             self.sharing = Sharing(
                 self.remote,

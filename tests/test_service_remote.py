@@ -45,6 +45,8 @@ def replica(
     shared tier."""
     if redis is not None:
         cache["redis_url"] = redis if isinstance(redis, str) else redis.url
+        # A loaded CI machine can stall a healthy Redis past the 0.5 s default.
+        cache.setdefault("redis_timeout_s", 5.0)
     config = make_config(**cache)
     return Service(FakeEngine(), config, clock=clock or FakeClock(time.time()))
 

@@ -47,6 +47,9 @@ def run(
 
     async def main() -> T:
         options.setdefault("chunk_bytes", CHUNK)
+        # A loaded CI machine can stall a healthy Redis past the 0.5 s default; the tests of
+        # a slow Redis give their own.
+        options.setdefault("op_timeout_s", 5.0)
         store = RemoteStore(server.url, namespace="test-model", **options)
         raw = Redis.from_url(server.url)
         try:

@@ -138,7 +138,7 @@ def ask_raw(server: Process) -> tuple[Any, str]:
 def test_with_redis_a_killed_replica_reads_its_disk_and_the_others_read_redis(
     serve: Any, tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    shared = ("--engine", "fake", "--redis-url", redis_server.url)
+    shared = ("--engine", "fake", "--redis-url", redis_server.url, "--redis-timeout-s", "5")
     first_server = serve(*shared, "--disk-cache-dir", str(tmp_path / "disk-1"))
     first, _ = ask_raw(first_server)
     written = first.usage.cache_creation_input_tokens

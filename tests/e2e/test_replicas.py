@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 def start(redis_url: str | None = None) -> BackgroundServer:
     """A replica on the wall clock (Redis expires on it too)."""
-    config = make_config(redis_url=redis_url) if redis_url else make_config()
+    config = make_config(redis_url=redis_url, redis_timeout_s=5.0) if redis_url else make_config()
     return BackgroundServer(Service(FakeEngine(), config)).start(timeout_s=60)
 
 
