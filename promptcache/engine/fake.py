@@ -44,6 +44,7 @@ from promptcache.engine.base import (
 from promptcache.engine.stepper import GeneratorEngine
 
 _ALPHABET = b"abcdefghijklmnopqrstuvwxyz     ."
+_LETTERS = 26
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +316,10 @@ class FakeEngine(GeneratorEngine):
             if i >= length:
                 yield Stopped("end_turn")
                 return
-            token = _ALPHABET[state[1] % len(_ALPHABET)]
+            # A reply starts with a letter: a client that checks for visible output (Claude
+            # Code asks again after a blank reply) sees some, so one question is one request.
+            letters = _LETTERS if i == 0 else len(_ALPHABET)
+            token = _ALPHABET[state[1] % letters]
             yield TokenOut(token)
             state = _step(state, token)
             position += 1
