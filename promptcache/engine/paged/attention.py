@@ -76,6 +76,8 @@ class PagedAttention:
         self._decode: dict[int | None, _Keys] = {}
         self._prefill: list[tuple[int, int, dict[int | None, _Keys]]] = []
         self._tables: dict[int, torch.Tensor] = {}
+        # On a CPU, decode reads keys in widths rounded up to KEY_BUCKET (see there).
+        self._bucket = 1 if self._device.type == "cuda" else KEY_BUCKET
 
     def plan(self, decode: Sequence[StepSeq], prefill: Sequence[StepSeq]) -> None:
         """Index tensors for a step of ``decode`` sequences (one token each, packed first) and
@@ -107,7 +109,7 @@ class PagedAttention:
             end = seq.start + 1  # the query at position start sees [lo, start]
             lo = 0 if window is None else max(0, end - window)
             rows.append(self._slots(seq, lo, end))
-        width = max(len(r) for r in rows)
+        width = -(-max(len(r) for r in rows) // self._bucket) * self._bucket
         slots = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), 1, 1, width), dtype=torch.bool)
         for i, row in enumerate(rows):
@@ -155,6 +157,12 @@ class PagedAttention:
             out[offset : offset + n] = o[0].transpose(0, 1)
         return out
 
+
+KEY_BUCKET = 64
+"""Decode steps on a CPU read their keys padded (masked, from the null block) to a multiple of
+this many: oneDNN builds a kernel for each new matmul shape, and a width that grew by one every
+step cost 0.6 ms per matmul shape per step (docs/benchmarks.md), against 36 us for a shape it
+has seen."""
 
 MATH_MAX_SCORES = 16 << 20
 """On a CPU, attention whose score matrix has at most this many elements (64 MiB in float32)

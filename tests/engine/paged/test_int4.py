@@ -112,3 +112,18 @@ def test_a_head_with_a_bias_ranks_and_scores_with_it() -> None:
         ref = F.linear(rows, biased.weight, biased.bias).float()
         assert (out.argmax(-1) == 123).all()
         assert torch.allclose(out[:, 123], ref[:, 123], atol=0.5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_top_indices_are_topk_s(rows: int) -> None:
+    """The two-pass search finds exactly ``topk``'s columns, with ties and a winner's block
+    holding several of the best (the case a one-per-block search would miss)."""
+    torch.manual_seed(rows)
+    scores = torch.randn(rows, 64 * int4.TOP_BLOCK)
+    scores[0, 5 : 5 + 20] = 10.0 + torch.arange(20)  # 20 of the best in one block
+    scores[-1, -3:] = 50.0  # ties at the end
+    found = int4.top_indices(scores, 32)
+    expected = scores.topk(32, dim=-1)
+    for row in range(rows):
+        assert sorted(scores[row, found[row]].tolist()) == sorted(expected.values[row].tolist())
+        assert len(set(found[row].tolist())) == 32

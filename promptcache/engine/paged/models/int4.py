@@ -91,6 +91,27 @@ def pack_int8_fbgemm(weight: torch.Tensor) -> Any | None:
         return None
 
 
+TOP_BLOCK = 128
+"""Logits per block in ``top_indices``' first pass."""
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The columns of the ``k`` highest scores of each row of ``scores [rows, n]`` (in no
+    particular order), as ``topk`` finds them, 3-4x sooner over a large vocabulary.
+
+    Two passes: the ``k`` blocks of ``TOP_BLOCK`` columns with the highest maxima, then the top
+    ``k`` of those blocks' columns. Exact: a value among a row's ``k`` highest lies in one of
+    those blocks, or else ``k`` block maxima, all at least as high, would join it above it."""
+    rows, n = scores.shape
+    if n % TOP_BLOCK or n < 4 * k * TOP_BLOCK:
+        return scores.topk(k, dim=-1).indices
+    blocks = scores.view(rows, n // TOP_BLOCK, TOP_BLOCK)
+    best = blocks.amax(dim=-1).topk(k, dim=-1).indices  # [rows, k] block numbers
+    picked = torch.gather(blocks, 1, best[:, :, None].expand(-1, -1, TOP_BLOCK))
+    local = picked.view(rows, k * TOP_BLOCK).topk(k, dim=-1).indices
+    return best.gather(1, local // TOP_BLOCK) * TOP_BLOCK + local % TOP_BLOCK
+
+
 class RescoredHead(nn.Module):
     """``dense(x)`` for the ``candidates`` highest logits of each row, approximate values
     elsewhere; float32 out. Keeps the dense weight (tied to the embedding, it costs nothing
@@ -149,7 +170,7 @@ class RescoredHead(nn.Module):
         approx = self.approximate(flat)
         if self.dense.bias is not None:  # the copies carry no bias: rank with it all the same
             approx += self.dense.bias.float()
-        top = approx.topk(self.candidates, dim=-1).indices  # [rows, k]
+        top = top_indices(approx, self.candidates)  # [rows, k]
         weight = self.dense.weight
         # Exact logits of the candidates: each row against its own k rows of the weight, in the
         # weight's dtype, rounded as the dense matmul rounds its output.
@@ -168,4 +189,5 @@ __all__ = [
     "int4_supported",
     "pack_int4",
     "pack_int8_fbgemm",
+    "top_indices",
 ]
