@@ -58,6 +58,9 @@ class EngineConfig:
     """Tokens per engine step (decode tokens plus prefill chunks); None: by device."""
     kv_block_tokens: int = 32
     quantize: str | None = None
+    compile: str = "auto"
+    """Compile the narrow decode steps: ``auto`` (where int8 decode weights and a C++ compiler
+    are), ``on`` or ``off``."""
     model_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "promptcache")
 
 
@@ -250,6 +253,18 @@ def _opt_str(value: str | None) -> str | None:
     return None if value in (None, "", "none") else str(value)
 
 
+def _compile_mode(value: str | bool) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    mode = value.lower()
+    if mode == "auto":
+        return mode
+    try:
+        return "on" if _bool(mode) else "off"
+    except ConfigError:
+        raise ConfigError(f"compile: expected auto, on or off, got {value!r}") from None
+
+
 def _redis_url(value: str | None) -> str | None:
     url = _opt_str(value)
     if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
@@ -285,6 +300,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "max_batch_tokens": ("engine", "max_batch_tokens", _opt_int),
     "kv_block_tokens": ("engine", "kv_block_tokens", int),
     "quantize": ("engine", "quantize", _opt_str),
+    "compile": ("engine", "compile", _compile_mode),
     "cache_memory": ("cache", "capacity_bytes", parse_bytes),
     "host_cache_memory": ("cache", "host_capacity_bytes", parse_bytes),
     "disk_cache_dir": ("cache", "disk_dir", _opt_path),

@@ -29,6 +29,7 @@ def _hf(config: EngineConfig, cache_bytes: int) -> Engine:
         max_batch_tokens=config.max_batch_tokens,
         kv_block_tokens=config.kv_block_tokens,
         quantize=config.quantize,
+        compile_mode=config.compile,
     )
 
 

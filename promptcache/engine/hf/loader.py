@@ -32,6 +32,7 @@ from promptcache.core.chatformat import CHATML, FORMATS, GEMMA, ChatFormat
 from promptcache.engine.device import resolve_device
 from promptcache.engine.hf.tokenizer import HFTokenizer
 from promptcache.engine.models import DEFAULT, EmbeddedModel, resolve_model
+from promptcache.engine.paged.compiled import compiler_available, use_cache_dir
 from promptcache.engine.paged.engine import (
     DEFAULT_BLOCK_TOKENS,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -39,6 +40,7 @@ from promptcache.engine.paged.engine import (
     PagedEngine,
 )
 from promptcache.engine.paged.models import from_hf
+from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.int8 import add_decode_int8
 
 log = logging.getLogger("promptcache.engine")
@@ -86,6 +88,7 @@ def load_engine(
     max_batch_tokens: int | None = None,
     kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
     quantize: str | None = None,
+    compile_mode: str = "off",
 ) -> PagedEngine:
     """Load ``model``: ``None`` (the embedded default), an embedded model's name (see
     ``engine.models``), a ``.gguf`` file or an HF model directory, into a ``PagedEngine`` with a
@@ -95,7 +98,8 @@ def load_engine(
     elsewhere) or a name in ``DTYPES``. ``chat_format`` names one of ``core.chatformat.FORMATS``;
     by default it is detected. ``max_context_tokens`` defaults to the config's
     ``max_position_embeddings``. ``quantize`` is ``auto``, ``int8`` or ``none``: int8 copies of
-    the projections for narrow decode steps (``resolve_quantize``).
+    the projections for narrow decode steps (``resolve_quantize``). ``compile_mode`` is ``auto``,
+    ``on`` or ``off``: compile those steps (``resolve_compile``), in the background.
     """
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
@@ -132,7 +136,17 @@ def load_engine(
     lean = from_hf(hf_model, DTYPES[dtype])
     del hf_model  # the lean model shares or copied its weights
     switch = add_decode_int8(lean) if quant == "int8" else None
-    log.info("engine: %s on %s, %s, int8 decode weights: %s", model_id, dev, dtype, quant)
+    compiled = resolve_compile(compile_mode, lean, switch is not None)
+    if compiled:
+        use_cache_dir(Path(cache_dir))
+    log.info(
+        "engine: %s on %s, %s, int8 decode weights: %s, compiled decode: %s",
+        model_id,
+        dev,
+        dtype,
+        quant,
+        "yes (compiling in the background)" if compiled else "no",
+    )
     return PagedEngine(
         lean,
         tokenizer,
@@ -145,6 +159,7 @@ def load_engine(
         block_tokens=kv_block_tokens,
         max_batch_tokens=max_batch_tokens or default_batch_tokens(dev),
         decode_switch=switch,
+        compile_decode=compiled,
     )
 
 
@@ -163,6 +178,26 @@ def resolve_quantize(quantize: str | None, device: torch.device, model: Any) -> 
         raise ValueError(f"unknown quantization {quantize!r}; choose auto, int8 or none")
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return "int8" if device.type == "cpu" and size < AUTO_INT8_MAX_BYTES else "none"
+
+
+def resolve_compile(mode: str, model: CausalLM, int8: bool) -> bool:
+    """Whether to compile the narrow decode steps (``paged.compiled``). They exist only with
+    int8 decode weights; ``auto`` also wants a C++ compiler (Inductor builds C++) and a model
+    without attention softcapping; ``on`` insists and fails loudly where it cannot."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"unknown compile mode {mode!r}; choose auto, on or off")
+    if mode == "off":
+        return False
+    reasons = []
+    if not int8:
+        reasons.append("no int8 decode weights (--quantize)")
+    if not compiler_available():
+        reasons.append("no C++ compiler (g++) on the PATH")
+    if any(spec.softcap is not None for spec in model.attn_specs):
+        reasons.append("the model softcaps attention logits")
+    if reasons and mode == "on":
+        raise ValueError("cannot compile the decode step: " + "; ".join(reasons))
+    return not reasons
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:

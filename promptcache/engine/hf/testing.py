@@ -97,6 +97,7 @@ def build_tiny_engine(
     block_tokens: int = TINY_BLOCK_TOKENS,
     pool_bytes: int = 64 << 20,
     decode_int8: bool = False,
+    compile_decode: bool = False,
 ) -> PagedEngine:
     """A ``PagedEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``).
 
@@ -121,6 +122,7 @@ def build_tiny_engine(
         block_tokens=block_tokens,
         max_batch_tokens=max_batch_tokens,
         decode_switch=switch,
+        compile_decode=compile_decode,
     )
 
 

@@ -94,6 +94,27 @@ class PagedAttention:
             self._prefill.append((offset, seq.num_new, keys))
             offset += seq.num_new
 
+    @property
+    def pool(self) -> KVPool:
+        return self._pool
+
+    def decode_inputs(
+        self, windows: Sequence[int | None]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """For a step of decode tokens only: per window in ``windows``, the key slots
+        ``[B, W]`` each token reads and their additive float32 mask ``[B, 1, 1, W]`` (zeros
+        where nothing is masked), as ``compiled.decode_attention`` takes them."""
+        slots, masks = [], []
+        for window in windows:
+            keys = self._decode[window]
+            mask = keys.additive(torch.float32)
+            if mask is None:
+                b, w = keys.slots.shape
+                mask = torch.zeros((b, 1, 1, w), device=keys.slots.device)
+            slots.append(keys.slots)
+            masks.append(mask)
+        return slots, masks
+
     def _slots(self, seq: StepSeq, lo: int, hi: int) -> torch.Tensor:
         """Pool slots of ``seq``'s positions ``[lo, hi)`` (a CPU tensor)."""
         table = self._tables.get(id(seq))
@@ -166,7 +187,7 @@ has seen."""
 
 MATH_MAX_SCORES = 16 << 20
 """On a CPU, attention whose score matrix has at most this many elements (64 MiB in float32)
-runs as two matmuls and a softmax (``_grouped``); larger ones, long prefill chunks over long
+runs as two matmuls and a softmax (``grouped``); larger ones, long prefill chunks over long
 contexts, use SDPA's flash kernel, which never holds the scores."""
 
 
@@ -181,7 +202,7 @@ def _sdpa(
     """Attention of ``q [B, H, Lq, D]`` over ``k, v [B, Hkv, Lk, D]`` (grouped-query)."""
     if spec.softcap is None:
         if not q.is_cuda and q.numel() // q.shape[-1] * k.shape[2] <= MATH_MAX_SCORES:
-            return _grouped(q, k, v, keys.additive(torch.float32, causal=causal), spec.scale)
+            return grouped(q, k, v, keys.additive(torch.float32, causal=causal), spec.scale)
         mask = keys.additive(q.dtype)
         if mask is not None and q.is_cuda and k.shape[1] != q.shape[1]:
             # CUDA's kernels that take a mask (memory-efficient) do not take grouped heads, and
@@ -208,7 +229,7 @@ def _sdpa(
     return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 
-def _grouped(
+def grouped(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v``: products in the model dtype, the softmax in float32
@@ -235,4 +256,4 @@ def _grouped(
     return out.view(b, h, lq, d)
 
 
-__all__ = ["PagedAttention", "StepSeq"]
+__all__ = ["KEY_BUCKET", "MATH_MAX_SCORES", "PagedAttention", "StepSeq", "grouped"]

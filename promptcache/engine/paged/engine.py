@@ -41,6 +41,7 @@ from promptcache.engine.base import (
 )
 from promptcache.engine.paged.attention import PagedAttention, StepSeq
 from promptcache.engine.paged.codec import PagedCodec
+from promptcache.engine.paged.compiled import CompiledDecode
 from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.int8 import DecodeSwitch
 from promptcache.engine.paged.pool import KVPool, PoolExhausted, PoolPayload
@@ -96,10 +97,13 @@ class PagedEngine:
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         decode_switch: DecodeSwitch | None = None,
+        compile_decode: bool = False,
     ) -> None:
         """``pool_bytes`` sizes the KV pool (cached entries plus live sequences); the model
         must already sit on its device in its compute dtype. ``decode_switch`` is set before
-        each step when the model has int8 decode weights (``add_decode_int8``)."""
+        each step when the model has int8 decode weights (``add_decode_int8``).
+        ``compile_decode``: compile the forward of the narrow decode steps the switch marks
+        (``compiled.CompiledDecode``), on a thread of its own; eager until it is ready."""
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
         self._model = model
@@ -125,6 +129,12 @@ class PagedEngine:
         self._stop_ids = frozenset(int(i) for i in stop_token_ids)
         self._max_batch = max_batch_tokens
         self._decode_switch = decode_switch
+        self.compiled: CompiledDecode | None = None
+        if compile_decode:
+            if decode_switch is None:
+                raise ValueError("the compiled decode step needs the int8 decode switch")
+            self.compiled = CompiledDecode(model, decode_switch.max_rows)
+            self.compiled.start(self._pool.kv)
         dtype_name = str(dtype).removeprefix("torch.")
         if revision is None:
             revision = parameter_revision(model, chat_format.name, dtype_name)
@@ -298,10 +308,11 @@ class PagedEngine:
         for seq, n in prefill:
             ids += seq.tokens[seq.computed : seq.computed + n]
             positions += range(seq.computed, seq.computed + n)
-        self._attn.plan(
-            [StepSeq(s.table, s.computed, 1) for s in decode],
-            [StepSeq(s.table, s.computed, n) for s, n in prefill],
-        )
+        with torch.inference_mode():  # index tensors as the compiled step was traced with
+            self._attn.plan(
+                [StepSeq(s.table, s.computed, 1) for s in decode],
+                [StepSeq(s.table, s.computed, n) for s, n in prefill],
+            )
         # Rows whose logits are sampled: every decode token, and the last token of a prefill
         # that completes its prompt in this step.
         rows = list(range(len(decode)))
@@ -319,7 +330,13 @@ class PagedEngine:
         with torch.inference_mode():
             input_ids = torch.tensor(ids, dtype=torch.long, device=self._device)
             pos = torch.tensor(positions, dtype=torch.long, device=self._device)
-            hidden = self._model(input_ids, pos, self._attn)
+            hidden = None
+            if self.compiled is not None and self.compiled.covers(
+                len(decode), len(ids) - len(decode)
+            ):
+                hidden = self.compiled(input_ids, pos, self._attn)
+            if hidden is None:
+                hidden = self._model(input_ids, pos, self._attn)
             logits = self._model.logits(hidden[rows]) if rows else None
         by_seq = {s.seq_id: i for i, s in enumerate(sampled)}
         out: StepResult = []

@@ -94,7 +94,11 @@ class DecodeInt8Linear(nn.Module):
         self.by_rows = by_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.by_rows:
+        if torch.compiler.is_compiling():
+            # Only narrow decode steps are compiled (``compiled.CompiledDecode``), and the
+            # switch is never read there: a guard on it would tie the graph to its value.
+            narrow = True
+        elif self.by_rows:
             narrow = x.numel() // x.shape[-1] <= self.switch.max_rows
         else:
             narrow = self.switch.on

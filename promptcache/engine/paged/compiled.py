@@ -1,0 +1,229 @@
+"""A compiled decode step (``CompiledDecode``): the model's forward for steps of a few decode
+tokens, as one graph that TorchInductor compiles to C++.
+
+On a CPU, a decode step of a small model is bound by what surrounds its matmuls: Gemma 3
+270M runs ~600 small kernels per token (norms, rope, casts, residual adds), each with the
+dispatcher's and Python's cost, and those cost as much as the weights' bytes. One graph for the
+whole body fuses the elementwise work into a few C++ loops and calls the matmuls directly.
+
+Attention stays outside what Inductor generates: it is one custom operator
+(``promptcache::decode_attention``) that writes the step's keys and values into the pool and
+attends over the slots the step planned, with the same code as the eager path. So the graph's
+shapes vary only in the number of decode rows and the (64-aligned) key width, and the pool
+tensor is an input the operator mutates in place.
+
+Compiling takes tens of seconds (cached on disk after the first time, a few seconds then), so it
+runs on a thread of its own after the engine is up; until it is ready, and for any step it does
+not cover (prompt tokens, more rows than the int8 switch's, a shape it was not compiled for),
+the engine runs the eager model. The step it replaces computes the same function in a
+different order of float operations: which path a decode step takes depends on the kind of step
+and on whether compilation is done, never on the other sequences in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from promptcache.engine import threads
+from promptcache.engine.paged.attention import MATH_MAX_SCORES, PagedAttention, grouped
+from promptcache.engine.paged.models.base import CausalLM
+
+log = logging.getLogger(__name__)
+
+
+@torch.library.custom_op("promptcache::decode_attention", mutates_args=("kv",))
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    slot_mapping: torch.Tensor,
+    slots: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Store ``k, v [B, kv_heads, D]`` at ``slot_mapping`` in layer ``layer`` of the pool ``kv``
+    (``KVPool.kv``), then attend ``q [B, heads, D]`` over the keys at ``slots [B, W]`` with the
+    additive float32 ``mask [B, 1, 1, W]``."""
+    keys = kv[layer, 0].flatten(0, 1)
+    values = kv[layer, 1].flatten(0, 1)
+    keys.index_copy_(0, slot_mapping, k)
+    values.index_copy_(0, slot_mapping, v)
+    kk = keys[slots].transpose(1, 2)  # [B, kv_heads, W, D]
+    vv = values[slots].transpose(1, 2)
+    qq = q.unsqueeze(2)
+    if qq.numel() // qq.shape[-1] * kk.shape[2] <= MATH_MAX_SCORES:
+        out = grouped(qq, kk, vv, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(
+            qq, kk, vv, attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=True
+        )
+    return out.squeeze(2)
+
+
+@decode_attention.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    slot_mapping: torch.Tensor,
+    slots: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def compiler_available() -> bool:
+    """Whether Inductor can build C++ here (it needs a C++ compiler on the PATH)."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
+def use_cache_dir(cache_dir: Path) -> None:
+    """Keep Inductor's compiled kernels under ``cache_dir`` (unless the user chose a place), so
+    a second start loads them instead of compiling again."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+
+
+class CompiledDecode:
+    """The forward of ``model`` for decode steps of 1 to ``max_rows`` tokens, compiled.
+
+    ``start`` compiles on a thread of its own; ``__call__`` runs a step once ``ready`` is set
+    and returns None for a step to run eagerly (not ready, or a shape that would need another
+    compilation: those are never compiled on the engine's thread)."""
+
+    def __init__(self, model: CausalLM, max_rows: int) -> None:
+        if any(spec.softcap is not None for spec in model.attn_specs):
+            raise ValueError("the compiled decode step does not do attention softcapping")
+        self._model = model
+        self.max_rows = max_rows
+        self._windows = sorted(
+            {s.window for s in model.attn_specs}, key=lambda w: -1 if w is None else w
+        )
+        self._which = [self._windows.index(s.window) for s in model.attn_specs]
+        self._compiled = torch.compile(self._body, dynamic=True, fullgraph=True)
+        self.ready = threading.Event()
+        """Set once compiled (and warmed for one row and for several)."""
+        self.failed: str | None = None
+        """Why compilation failed, if it did (the engine then stays eager)."""
+        self.num_steps = 0
+        """Steps run compiled."""
+        self.num_steps = 0
+        """Steps run compiled."""
+        self.num_fallbacks = 0
+        """Steps this covered by kind but ran eagerly because their shape was not compiled."""
+
+    def _body(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        slots: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        specs = self._model.attn_specs
+        which = self._which
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            i = which[layer]
+            out: torch.Tensor = torch.ops.promptcache.decode_attention(
+                q, k, v, kv, layer, slot_mapping, slots[i], masks[i], specs[layer].scale
+            )
+            return out
+
+        hidden: torch.Tensor = self._model(input_ids, positions, attend)
+        return hidden
+
+    def covers(self, num_decode: int, num_prefill_tokens: int) -> bool:
+        """Whether a step of this kind runs compiled (once ready)."""
+        return num_prefill_tokens == 0 and 0 < num_decode <= self.max_rows and self.ready.is_set()
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention
+    ) -> torch.Tensor | None:
+        """The final hidden states of a decode step ``attn`` has planned, or None when this
+        step must run eagerly."""
+        slots, masks = attn.decode_inputs(self._windows)
+        try:
+            # A shape outside what was compiled falls back rather than compiling here, on the
+            # engine's thread, for seconds.
+            with torch.compiler.set_stance("fail_on_recompile"):
+                out = self._call(
+                    input_ids, positions, attn.pool.kv, attn.slot_mapping, slots, masks
+                )
+        except RuntimeError as exc:  # what dynamo raises for the stance
+            if "recompile" not in str(exc):
+                raise
+            self.num_fallbacks += 1
+            if self.num_fallbacks == 1:
+                log.info("compiled decode: a step shape it was not compiled for runs eagerly")
+            return None
+        self.num_steps += 1
+        return out
+
+    def _call(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        slots: list[torch.Tensor],
+        masks: list[torch.Tensor],
+    ) -> torch.Tensor:
+        out: torch.Tensor = self._compiled(input_ids, positions, kv, slot_mapping, slots, masks)
+        return out
+
+    def warm(self, kv: torch.Tensor) -> None:
+        """Compile for one row and for several, on scratch inputs shaped like a step over a
+        pool like ``kv`` (written to a scratch pool, never the live one)."""
+        # An odd width, so that it coincides with no other size (a guard would tie them).
+        width = 37 * 64
+        blocks = -(-width // kv.shape[3]) + 1
+        # The pool is an ordinary tensor, every other input an inference tensor (as in the
+        # engine's step): the graph is guarded on which kind each is.
+        scratch = kv.new_zeros((*kv.shape[:2], blocks, *kv.shape[3:]))
+        with torch.inference_mode():
+            for rows in (1, min(3, self.max_rows)):
+                ids = torch.zeros(rows, dtype=torch.long)
+                positions = torch.arange(rows) + width - 1
+                slot_mapping = torch.arange(rows)
+                slots = [torch.arange(width).repeat(rows, 1) for _ in self._windows]
+                masks = [torch.zeros(rows, 1, 1, width) for _ in self._windows]
+                self._call(ids, positions, scratch, slot_mapping, slots, masks)
+
+    def start(self, kv: torch.Tensor) -> threading.Thread:
+        """Compile for a pool like ``kv`` on a thread of its own, which ends when done (and
+        ``ready`` is set). It claims the engine's thread count: the compiled graph is guarded on
+        it, so one compiled with another count would never run on the engine's thread."""
+
+        def run() -> None:
+            threads.claim()
+            started = time.monotonic()
+            try:
+                self.warm(kv)
+            except Exception as exc:  # a missing or failing compiler: stay eager
+                self.failed = f"{type(exc).__name__}: {exc}"
+                log.warning("compiled decode unavailable, decoding eagerly: %s", self.failed)
+                return
+            log.info("compiled decode step ready in %.1f s", time.monotonic() - started)
+            self.ready.set()
+
+        thread = threading.Thread(target=run, name="promptcache-compile", daemon=True)
+        thread.start()
+        return thread
+
+
+__all__ = ["CompiledDecode", "compiler_available", "decode_attention", "use_cache_dir"]

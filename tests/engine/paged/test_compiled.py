@@ -1,0 +1,133 @@
+"""The compiled decode step (``paged.compiled``): the same hidden states and tokens as the eager
+model, hits still exact, no compilation on the engine's thread, and ``--compile``'s choices.
+
+One tiny sliding-window Gemma 3 engine is compiled for the module (Inductor builds C++: tens of
+seconds); the tests skip where no C++ compiler is installed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from promptcache.core.request import Sampling
+from promptcache.engine import threads
+from promptcache.engine.base import EngineRequest
+from promptcache.engine.hf.testing import (
+    build_tiny_engine,
+    prefilled,
+    random_prompt,
+    run_all,
+    token_ids,
+)
+from promptcache.engine.paged.attention import StepSeq
+from promptcache.engine.paged.compiled import CompiledDecode, compiler_available
+from promptcache.engine.paged.engine import PagedEngine
+from tests.engine.test_contract import Run
+
+needs_compiler = pytest.mark.skipif(not compiler_available(), reason="no C++ compiler (g++)")
+
+
+@pytest.fixture(autouse=True)
+def engine_thread() -> None:
+    """The test's thread computes with the default team, as the engine's thread does (the
+    graph is guarded on the thread count; other tests change this thread's)."""
+    threads.claim()
+
+
+@pytest.fixture(scope="module")
+def compiled_engine() -> Iterator[PagedEngine]:
+    if not compiler_available():
+        pytest.skip("no C++ compiler (g++)")
+    engine = build_tiny_engine("gemma3", decode_int8=True, compile_decode=True)
+    assert engine.compiled is not None
+    assert engine.compiled.ready.wait(timeout=900), "compilation did not finish"
+    assert engine.compiled.failed is None
+    yield engine
+
+
+def eager_twin() -> PagedEngine:
+    return build_tiny_engine("gemma3", decode_int8=True)
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_a_decode_step_computes_what_the_eager_model_does(
+    compiled_engine: PagedEngine, rows: int
+) -> None:
+    """The same planned step through the compiled graph and through the eager model (float32):
+    the same hidden states, for one row (its own graph) and several (the other)."""
+    compiled = compiled_engine.compiled
+    assert compiled is not None
+    attn, pool, model = compiled_engine._attn, compiled_engine._pool, compiled_engine._model
+    blocks = pool.allocate(8 * rows)
+    seqs = [StepSeq(blocks[8 * i : 8 * i + 8], 30 + 7 * i, 1) for i in range(rows)]
+    try:
+        with torch.inference_mode():
+            attn.plan(seqs, [])
+            ids = torch.tensor(random_prompt(rows, seed=rows))
+            positions = torch.tensor([s.start for s in seqs])
+            compiled_engine._decode_switch.set_step(rows, 0)  # type: ignore[union-attr]
+            fast = compiled(ids, positions, attn)
+            slow = model(ids, positions, attn)
+    finally:
+        pool.decref(blocks)
+    assert fast is not None
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+@needs_compiler
+def test_streams_decode_the_eager_engines_tokens(compiled_engine: PagedEngine) -> None:
+    """Three streams, then one alone: every step of at most four decode tokens runs compiled,
+    none needs another compilation, and the tokens are the eager engine's."""
+    compiled = compiled_engine.compiled
+    assert compiled is not None
+    before = compiled.num_steps
+    greedy = Sampling(max_tokens=12, temperature=0.0)
+    requests = [EngineRequest(random_prompt(20 + 9 * i, seed=i), greedy) for i in range(3)]
+    fast, slow = Run(compiled_engine), Run(eager_twin())
+    for run in (fast, slow):
+        for request in requests:
+            run.add(request)
+        run.finish()
+    assert [token_ids(e) for e in fast.events.values()] == [
+        token_ids(e) for e in slow.events.values()
+    ]
+    assert compiled.num_steps - before >= 11
+    assert compiled.num_fallbacks == 0
+    alone = run_all(compiled_engine, requests[0])
+    assert token_ids(alone) == token_ids(next(iter(fast.events.values())))
+
+
+@needs_compiler
+def test_hits_stay_exact(compiled_engine: PagedEngine) -> None:
+    tokens = random_prompt(70, seed=4)
+    greedy = Sampling(max_tokens=16, temperature=0.0)
+    cold = run_all(compiled_engine, EngineRequest(tokens, greedy, snapshot_at=(40, 70)))
+    snaps = prefilled(cold).snapshots
+    for x, reuse in ((40, 40), (70, 69)):
+        warm = run_all(compiled_engine, EngineRequest(tokens, greedy, snaps[x], reuse))
+        assert token_ids(warm) == token_ids(cold)
+
+
+def test_wide_steps_and_prompt_tokens_run_eagerly() -> None:
+    engine = build_tiny_engine("gemma3", decode_int8=True)
+    compiled = CompiledDecode(engine._model, max_rows=4)
+    assert not compiled.covers(1, 0)  # not ready yet
+    compiled.ready.set()
+    assert compiled.covers(1, 0) and compiled.covers(4, 0)
+    assert not compiled.covers(5, 0) and not compiled.covers(1, 3) and not compiled.covers(0, 8)
+
+
+def test_compile_modes() -> None:
+    from promptcache.engine.hf.loader import resolve_compile
+
+    model = build_tiny_engine("gemma3")._model
+    assert resolve_compile("off", model, int8=True) is False
+    assert resolve_compile("auto", model, int8=False) is False
+    assert resolve_compile("auto", model, int8=True) is compiler_available()
+    with pytest.raises(ValueError, match="no int8 decode weights"):
+        resolve_compile("on", model, int8=False)
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        resolve_compile("sometimes", model, int8=True)
