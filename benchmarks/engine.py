@@ -81,6 +81,7 @@ def build_engine(args: argparse.Namespace) -> tuple[PagedEngine, Path | None]:
         dtype=args.dtype,
         kv_pool_bytes=args.pool_gib << 30,
         quantize=args.quantize,
+        compile_mode=args.compile,
     )
     gguf = Path(args.model) if args.model and args.model.endswith(".gguf") else None
     if gguf is None and args.model is None:
@@ -171,6 +172,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantize", default=None)
+    parser.add_argument("--compile", default="auto", help="auto (default), on or off")
     parser.add_argument("--pool-gib", type=int, default=4)
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--prefix", type=int, default=4096)
@@ -191,10 +193,16 @@ def main() -> int:
     for module in engine.model.modules():
         if isinstance(module, RescoredHead):
             module.int8_done.wait(300)
+    ready_s = time.perf_counter() - started
+    # Likewise the compiled decode step (engine/paged/compiled.py): compiled in the background.
+    compiled = "no"
+    if engine.compiled is not None:
+        engine.compiled.ready.wait(900)
+        compiled = engine.compiled.failed or f"yes, {time.perf_counter() - started:.0f} s in"
     info = engine.info
     print(
-        f"engine: {info.model_id} on {info.device}, {info.dtype}, ready in "
-        f"{time.perf_counter() - started:.1f} s, {torch.get_num_threads()} threads"
+        f"engine: {info.model_id} on {info.device}, {info.dtype}, ready in {ready_s:.1f} s, "
+        f"{torch.get_num_threads()} threads, compiled decode: {compiled}"
     )
     vocab = engine.model.shape.vocab_size
     greedy = lambda n: Sampling(max_tokens=n, temperature=0.0)  # noqa: E731

@@ -86,6 +86,11 @@ def _(
     return torch.empty_like(q)
 
 
+MAX_FALLBACKS = 64
+"""Steps the compiled graph may refuse (a shape it was not compiled for) before the engine
+stops offering it any."""
+
+
 def compiler_available() -> bool:
     """Whether Inductor can build C++ here (it needs a C++ compiler on the PATH)."""
     return shutil.which(os.environ.get("CXX", "g++")) is not None
@@ -169,7 +174,11 @@ class CompiledDecode:
                 raise
             self.num_fallbacks += 1
             if self.num_fallbacks == 1:
-                log.info("compiled decode: a step shape it was not compiled for runs eagerly")
+                log.info("compiled decode: a step it was not compiled for runs eagerly: %s", exc)
+            if self.num_fallbacks == MAX_FALLBACKS:
+                # Each costs a failed guard check: stop trying rather than slow every step.
+                log.warning("compiled decode: %d steps fell back; decoding eagerly", MAX_FALLBACKS)
+                self.ready.clear()
             return None
         self.num_steps += 1
         return out
@@ -189,8 +198,10 @@ class CompiledDecode:
     def warm(self, kv: torch.Tensor) -> None:
         """Compile for one row and for several, on scratch inputs shaped like a step over a
         pool like ``kv`` (written to a scratch pool, never the live one)."""
-        # An odd width, so that it coincides with no other size (a guard would tie them).
-        width = 37 * 64
+        # Odd widths, a different one per window, so that no width coincides with another size
+        # (the graph would be guarded on their equality).
+        widths = [(37 + 4 * i) * 64 for i in range(len(self._windows))]
+        width = max(widths)
         blocks = -(-width // kv.shape[3]) + 1
         # The pool is an ordinary tensor, every other input an inference tensor (as in the
         # engine's step): the graph is guarded on which kind each is.
@@ -200,8 +211,8 @@ class CompiledDecode:
                 ids = torch.zeros(rows, dtype=torch.long)
                 positions = torch.arange(rows) + width - 1
                 slot_mapping = torch.arange(rows)
-                slots = [torch.arange(width).repeat(rows, 1) for _ in self._windows]
-                masks = [torch.zeros(rows, 1, 1, width) for _ in self._windows]
+                slots = [torch.arange(w).repeat(rows, 1) for w in widths]
+                masks = [torch.zeros(rows, 1, 1, w) for w in widths]
                 self._call(ids, positions, scratch, slot_mapping, slots, masks)
 
     def start(self, kv: torch.Tensor) -> threading.Thread:
