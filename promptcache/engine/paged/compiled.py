@@ -1,5 +1,5 @@
-"""A compiled decode step (``CompiledDecode``): the model's forward for steps of a few decode
-tokens, as one graph that TorchInductor compiles to C++.
+"""A compiled decode step (``CompiledDecode``): the model's forward for steps of decode tokens
+only, as graphs that TorchInductor compiles to C++.
 
 On a CPU, a decode step of a small model is bound by what surrounds its matmuls: Gemma 3
 270M runs ~600 small kernels per token (norms, rope, casts, residual adds), each with the
@@ -14,10 +14,11 @@ tensor is an input the operator mutates in place.
 
 Compiling takes tens of seconds (cached on disk after the first time, a few seconds then), so it
 runs on a thread of its own after the engine is up; until it is ready, and for any step it does
-not cover (prompt tokens, more rows than the int8 switch's, a shape it was not compiled for),
-the engine runs the eager model. The step it replaces computes the same function in a
-different order of float operations: which path a decode step takes depends on the kind of step
-and on whether compilation is done, never on the other sequences in it.
+not cover (prompt tokens, a shape it was not compiled for), the engine runs the eager model. The
+graphs compute the same function as the eager model in another order of float operations, with
+the same choice of int8 or dense weights (by the number of decode rows): which path a step takes
+depends on the kind of step and on whether compilation is done, never on what its sequences
+hold.
 """
 
 from __future__ import annotations
@@ -103,17 +104,19 @@ def use_cache_dir(cache_dir: Path) -> None:
 
 
 class CompiledDecode:
-    """The forward of ``model`` for decode steps of 1 to ``max_rows`` tokens, compiled.
+    """The forward of ``model`` for steps of decode tokens only, compiled: three graphs, for one
+    row, for up to ``narrow_rows`` (the int8 weights' steps, ``DecodeSwitch``) and for more (the
+    dense weights).
 
     ``start`` compiles on a thread of its own; ``__call__`` runs a step once ``ready`` is set
     and returns None for a step to run eagerly (not ready, or a shape that would need another
     compilation: those are never compiled on the engine's thread)."""
 
-    def __init__(self, model: CausalLM, max_rows: int) -> None:
+    def __init__(self, model: CausalLM, narrow_rows: int) -> None:
         if any(spec.softcap is not None for spec in model.attn_specs):
             raise ValueError("the compiled decode step does not do attention softcapping")
         self._model = model
-        self.max_rows = max_rows
+        self.narrow_rows = narrow_rows
         self._windows = sorted(
             {s.window for s in model.attn_specs}, key=lambda w: -1 if w is None else w
         )
@@ -154,7 +157,7 @@ class CompiledDecode:
 
     def covers(self, num_decode: int, num_prefill_tokens: int) -> bool:
         """Whether a step of this kind runs compiled (once ready)."""
-        return num_prefill_tokens == 0 and 0 < num_decode <= self.max_rows and self.ready.is_set()
+        return num_prefill_tokens == 0 and num_decode > 0 and self.ready.is_set()
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention
@@ -207,7 +210,8 @@ class CompiledDecode:
         # engine's step): the graph is guarded on which kind each is.
         scratch = kv.new_zeros((*kv.shape[:2], blocks, *kv.shape[3:]))
         with torch.inference_mode():
-            for rows in (1, min(3, self.max_rows)):
+            # Odd counts again; one per graph (the int8 projections' row limit splits them).
+            for rows in sorted({1, min(3, self.narrow_rows), self.narrow_rows + 3}):
                 ids = torch.zeros(rows, dtype=torch.long)
                 positions = torch.arange(rows) + width - 1
                 slot_mapping = torch.arange(rows)

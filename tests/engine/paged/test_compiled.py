@@ -52,17 +52,18 @@ def eager_twin() -> PagedEngine:
 
 
 @needs_compiler
-@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
 def test_a_decode_step_computes_what_the_eager_model_does(
     compiled_engine: PagedEngine, rows: int
 ) -> None:
     """The same planned step through the compiled graph and through the eager model (float32):
-    the same hidden states, for one row (its own graph) and several (the other)."""
+    the same hidden states, for one row (its own graph), a few (int8 weights) and more (dense
+    weights)."""
     compiled = compiled_engine.compiled
     assert compiled is not None
     attn, pool, model = compiled_engine._attn, compiled_engine._pool, compiled_engine._model
-    blocks = pool.allocate(8 * rows)
-    seqs = [StepSeq(blocks[8 * i : 8 * i + 8], 30 + 7 * i, 1) for i in range(rows)]
+    blocks = pool.allocate(12 * rows)
+    seqs = [StepSeq(blocks[12 * i : 12 * i + 12], 30 + 7 * i, 1) for i in range(rows)]
     try:
         with torch.inference_mode():
             attn.plan(seqs, [])
@@ -79,14 +80,14 @@ def test_a_decode_step_computes_what_the_eager_model_does(
 
 @needs_compiler
 def test_streams_decode_the_eager_engines_tokens(compiled_engine: PagedEngine) -> None:
-    """Three streams, then one alone: every step of at most four decode tokens runs compiled,
-    none needs another compilation, and the tokens are the eager engine's."""
+    """Six streams (the dense weights' graph while all decode), then one alone: every decode
+    step runs compiled, none needs another compilation, and the tokens are the eager engine's."""
     compiled = compiled_engine.compiled
     assert compiled is not None
     before = compiled.num_steps
     greedy = Sampling(max_tokens=12, temperature=0.0)
     # The last one is long enough that its window layers and full layers read different widths.
-    requests = [EngineRequest(random_prompt(n, seed=n), greedy) for n in (20, 29, 110)]
+    requests = [EngineRequest(random_prompt(n, seed=n), greedy) for n in (20, 29, 33, 40, 51, 110)]
     fast, slow = Run(compiled_engine), Run(eager_twin())
     for run in (fast, slow):
         for request in requests:
@@ -112,13 +113,13 @@ def test_hits_stay_exact(compiled_engine: PagedEngine) -> None:
         assert token_ids(warm) == token_ids(cold)
 
 
-def test_wide_steps_and_prompt_tokens_run_eagerly() -> None:
+def test_prompt_tokens_run_eagerly() -> None:
     engine = build_tiny_engine("gemma3", decode_int8=True)
-    compiled = CompiledDecode(engine._model, max_rows=4)
+    compiled = CompiledDecode(engine._model, narrow_rows=4)
     assert not compiled.covers(1, 0)  # not ready yet
     compiled.ready.set()
-    assert compiled.covers(1, 0) and compiled.covers(4, 0)
-    assert not compiled.covers(5, 0) and not compiled.covers(1, 3) and not compiled.covers(0, 8)
+    assert compiled.covers(1, 0) and compiled.covers(4, 0) and compiled.covers(9, 0)
+    assert not compiled.covers(1, 3) and not compiled.covers(0, 8)
 
 
 def test_compile_modes() -> None:

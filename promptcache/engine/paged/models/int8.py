@@ -94,11 +94,10 @@ class DecodeInt8Linear(nn.Module):
         self.by_rows = by_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # Only narrow decode steps are compiled (``compiled.CompiledDecode``), and the
-            # switch is never read there: a guard on it would tie the graph to its value.
-            narrow = True
-        elif self.by_rows:
+        if self.by_rows or torch.compiler.is_compiling():
+            # Compiled graphs run decode steps only (``compiled.CompiledDecode``): the row count
+            # decides there, a guard on the shape, where one on the switch would tie the graph
+            # to a value the engine's thread changes.
             narrow = x.numel() // x.shape[-1] <= self.switch.max_rows
         else:
             narrow = self.switch.on
