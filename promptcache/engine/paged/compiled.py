@@ -41,7 +41,16 @@ from promptcache.engine.paged.models.base import CausalLM
 log = logging.getLogger(__name__)
 
 
-@torch.library.custom_op("promptcache::decode_attention", mutates_args=("kv",))
+# Defined with the low-level registration: ``torch.library.custom_op`` wraps every call in
+# Python autograd and view-tracking layers (16 us a call against 4 us, 18 calls a step), and
+# the op never meets autograd (the engine runs in inference mode).
+_LIBRARY = torch.library.Library("promptcache", "DEF")  # type: ignore[no-untyped-call]
+_LIBRARY.define(  # type: ignore[no-untyped-call]
+    "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv, int layer, "
+    "Tensor slot_mapping, Tensor slots, Tensor mask, float scale) -> Tensor"
+)
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,8 +81,10 @@ def decode_attention(
     return out.squeeze(2)
 
 
-@decode_attention.register_fake
-def _(
+_LIBRARY.impl("decode_attention", decode_attention, "CPU")  # type: ignore[no-untyped-call]
+
+
+def _shape_only(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -85,6 +96,9 @@ def _(
     scale: float,
 ) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+torch.library.register_fake("promptcache::decode_attention", _shape_only, lib=_LIBRARY)
 
 
 MAX_FALLBACKS = 64

@@ -59,9 +59,16 @@ def test_a_decode_step_computes_what_the_eager_model_does(
     """The same planned step through the compiled graph and through the eager model (float32):
     the same hidden states, for one row (its own graph), a few (int8 weights) and more (dense
     weights)."""
-    compiled = compiled_engine.compiled
+    fast, slow = one_step(compiled_engine, rows)
+    assert fast is not None
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def one_step(engine: PagedEngine, rows: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A decode step of ``rows`` sequences planned once, run compiled and then eagerly."""
+    compiled = engine.compiled
     assert compiled is not None
-    attn, pool, model = compiled_engine._attn, compiled_engine._pool, compiled_engine._model
+    attn, pool, model = engine._attn, engine._pool, engine._model
     blocks = pool.allocate(12 * rows)
     seqs = [StepSeq(blocks[12 * i : 12 * i + 12], 30 + 7 * i, 1) for i in range(rows)]
     try:
@@ -69,13 +76,33 @@ def test_a_decode_step_computes_what_the_eager_model_does(
             attn.plan(seqs, [])
             ids = torch.tensor(random_prompt(rows, seed=rows))
             positions = torch.tensor([s.start for s in seqs])
-            compiled_engine._decode_switch.set_step(rows, 0)  # type: ignore[union-attr]
+            engine._decode_switch.set_step(rows, 0)  # type: ignore[union-attr]
             fast = compiled(ids, positions, attn)
             slow = model(ids, positions, attn)
     finally:
         pool.decref(blocks)
+    return fast, slow
+
+
+@needs_compiler
+def test_a_step_it_was_not_compiled_for_runs_eagerly(compiled_engine: PagedEngine) -> None:
+    """A thread with another PyTorch thread count (the graphs are guarded on it): the step
+    falls back to the eager model at once, it never compiles on the engine's thread."""
+    compiled = compiled_engine.compiled
+    assert compiled is not None
+    if threads.default_threads() == 1:
+        pytest.skip("one core: no other thread count to try")
+    before = compiled.num_fallbacks
+    torch.set_num_threads(1)
+    try:
+        fast, _ = one_step(compiled_engine, 1)
+    finally:
+        threads.claim()
+    assert fast is None
+    assert compiled.num_fallbacks == before + 1
+    assert compiled.ready.is_set()  # one refusal does not give up on it
+    fast, _ = one_step(compiled_engine, 1)
     assert fast is not None
-    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
 @needs_compiler
@@ -84,7 +111,7 @@ def test_streams_decode_the_eager_engines_tokens(compiled_engine: PagedEngine) -
     step runs compiled, none needs another compilation, and the tokens are the eager engine's."""
     compiled = compiled_engine.compiled
     assert compiled is not None
-    before = compiled.num_steps
+    before, fallbacks = compiled.num_steps, compiled.num_fallbacks
     greedy = Sampling(max_tokens=12, temperature=0.0)
     # The last one is long enough that its window layers and full layers read different widths.
     requests = [EngineRequest(random_prompt(n, seed=n), greedy) for n in (20, 29, 33, 40, 51, 110)]
@@ -97,7 +124,7 @@ def test_streams_decode_the_eager_engines_tokens(compiled_engine: PagedEngine) -
         token_ids(e) for e in slow.events.values()
     ]
     assert compiled.num_steps - before >= 11
-    assert compiled.num_fallbacks == 0
+    assert compiled.num_fallbacks == fallbacks
     alone = run_all(compiled_engine, requests[0])
     assert token_ids(alone) == token_ids(next(iter(fast.events.values())))
 
