@@ -16,7 +16,6 @@ from promptcache.engine import threads
 from promptcache.engine.base import EngineRequest
 from promptcache.engine.hf.testing import (
     build_tiny_engine,
-    prefilled,
     random_prompt,
     run_all,
     token_ids,
@@ -24,6 +23,7 @@ from promptcache.engine.hf.testing import (
 from promptcache.engine.paged.attention import StepSeq
 from promptcache.engine.paged.compiled import CompiledDecode, compiler_available
 from promptcache.engine.paged.engine import PagedEngine
+from tests.engine.paged.test_int8 import assert_hits_exact
 from tests.engine.test_contract import Run
 
 needs_compiler = pytest.mark.skipif(not compiler_available(), reason="no C++ compiler (g++)")
@@ -131,13 +131,7 @@ def test_streams_decode_the_eager_engines_tokens(compiled_engine: PagedEngine) -
 
 @needs_compiler
 def test_hits_stay_exact(compiled_engine: PagedEngine) -> None:
-    tokens = random_prompt(70, seed=4)
-    greedy = Sampling(max_tokens=16, temperature=0.0)
-    cold = run_all(compiled_engine, EngineRequest(tokens, greedy, snapshot_at=(40, 70)))
-    snaps = prefilled(cold).snapshots
-    for x, reuse in ((40, 40), (70, 69)):
-        warm = run_all(compiled_engine, EngineRequest(tokens, greedy, snaps[x], reuse))
-        assert token_ids(warm) == token_ids(cold)
+    assert_hits_exact(compiled_engine)
 
 
 def test_prompt_tokens_run_eagerly() -> None:

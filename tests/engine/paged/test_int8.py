@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from promptcache.engine.paged.engine import PagedEngine
 from promptcache.engine.paged.models import Gemma3, Llama, from_hf
 from promptcache.engine.paged.models.int8 import Int8Linear, quantize_int8, quantize_weight
 from promptcache.engine.paged.models.layers import Linear
@@ -91,17 +92,17 @@ def test_int8_decode_weights_keep_hits_exact(kind: str) -> None:
     """With int8 decode weights, prompt tokens still use the dense weights: a whole-prompt hit
     (one prompt token computed) and a partial hit give the cold run's tokens; the decode tokens
     themselves come from the int8 weights, so they may differ from the dense-only engine's."""
+    from promptcache.engine.hf.testing import build_tiny_engine
+
+    assert_hits_exact(build_tiny_engine(kind, decode_int8=True, dtype=torch.bfloat16))
+
+
+def assert_hits_exact(engine: PagedEngine) -> None:
+    """A whole-prompt hit (one prompt token computed) and a partial hit give the cold tokens."""
     from promptcache.core.request import Sampling
     from promptcache.engine.base import EngineRequest
-    from promptcache.engine.hf.testing import (
-        build_tiny_engine,
-        prefilled,
-        random_prompt,
-        run_all,
-        token_ids,
-    )
+    from promptcache.engine.hf.testing import prefilled, random_prompt, run_all, token_ids
 
-    engine = build_tiny_engine(kind, decode_int8=True, dtype=torch.bfloat16)
     tokens = random_prompt(70, seed=4)
     greedy = Sampling(max_tokens=16, temperature=0.0)
     cold = run_all(engine, EngineRequest(tokens, greedy, snapshot_at=(40, 70)))
