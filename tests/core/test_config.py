@@ -77,3 +77,11 @@ def test_tenant_cache_share(tmp_path: Path) -> None:
     for bad in ("0", "1.5", "half"):
         with pytest.raises(ConfigError, match="bad value for tenant_cache_share"):
             load({"tenant_cache_share": bad}, env={})
+
+
+def test_compile_mode() -> None:
+    assert load({}, env={}).engine.compile == "auto"
+    assert load({"compile": "off"}, env={}).engine.compile == "off"
+    assert load({}, env={"PROMPTCACHE_COMPILE": "true"}).engine.compile == "on"
+    with pytest.raises(ConfigError, match="expected auto, on or off"):
+        load({"compile": "sometimes"}, env={})

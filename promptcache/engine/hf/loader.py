@@ -181,14 +181,16 @@ def resolve_quantize(quantize: str | None, device: torch.device, model: Any) -> 
 
 
 def resolve_compile(mode: str, model: CausalLM, int8: bool) -> bool:
-    """Whether to compile the narrow decode steps (``paged.compiled``). They exist only with
-    int8 decode weights; ``auto`` also wants a C++ compiler (Inductor builds C++) and a model
+    """Whether to compile the decode steps (``paged.compiled``): on a CPU, with int8 decode
+    weights; ``auto`` also wants a C++ compiler (Inductor builds C++) and a model
     without attention softcapping; ``on`` insists and fails loudly where it cannot."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"unknown compile mode {mode!r}; choose auto, on or off")
     if mode == "off":
         return False
     reasons = []
+    if next(model.parameters()).device.type != "cpu":
+        reasons.append("not on a CPU (the CUDA path is eager for now)")
     if not int8:
         reasons.append("no int8 decode weights (--quantize)")
     if not compiler_available():
