@@ -174,7 +174,7 @@ class CompiledDecode:
             # A shape outside what was compiled falls back rather than compiling here, on the
             # engine's thread, for seconds.
             with torch.compiler.set_stance("fail_on_recompile"):
-                out = self._call(
+                out: torch.Tensor = self._compiled(
                     input_ids, positions, attn.pool.kv, attn.slot_mapping, slots, masks
                 )
         except RuntimeError as exc:  # what dynamo raises for the stance
@@ -189,18 +189,6 @@ class CompiledDecode:
                 self.ready.clear()
             return None
         self.num_steps += 1
-        return out
-
-    def _call(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        slots: list[torch.Tensor],
-        masks: list[torch.Tensor],
-    ) -> torch.Tensor:
-        out: torch.Tensor = self._compiled(input_ids, positions, kv, slot_mapping, slots, masks)
         return out
 
     def warm(self, kv: torch.Tensor) -> None:
@@ -222,7 +210,7 @@ class CompiledDecode:
                 slot_mapping = torch.arange(rows)
                 slots = [torch.arange(w).repeat(rows, 1) for w in widths]
                 masks = [torch.zeros(rows, 1, 1, w) for w in widths]
-                self._call(ids, positions, scratch, slot_mapping, slots, masks)
+                self._compiled(ids, positions, scratch, slot_mapping, slots, masks)
 
     def start(self, kv: torch.Tensor) -> threading.Thread:
         """Compile for a pool like ``kv`` on a thread of its own, which ends when done (and
