@@ -32,8 +32,9 @@ _HELP = {
     "(default 512 on CPU, 2048 on CUDA)",
     "kv_block_tokens": "tokens per KV pool block (default 32)",
     "quantize": "auto (default: int8 decode weights on a CPU for models under 4 GiB), int8 or none",
-    "compile": "auto (default: compile the narrow decode steps of int8 decode weights where a "
-    "C++ compiler is found; eager until compiled, cached in model_cache_dir), on or off",
+    "compile": "auto (default: compile the decode-only steps of a CPU engine with int8 decode "
+    "weights where a C++ compiler is found; eager until compiled, cached in model_cache_dir), "
+    "on or off",
     "chat_format": "chat format: gemma, chatml or plain (default: detected)",
     "max_context_tokens": "context window (default: from the model config)",
     "max_output_tokens": "cap on every request's max_tokens (default: none; the context limits)",

@@ -59,8 +59,8 @@ class EngineConfig:
     kv_block_tokens: int = 32
     quantize: str | None = None
     compile: str = "auto"
-    """Compile the narrow decode steps: ``auto`` (where int8 decode weights and a C++ compiler
-    are), ``on`` or ``off``."""
+    """Compile the decode-only steps: ``auto`` (a CPU engine with int8 decode weights and a C++
+    compiler), ``on`` or ``off``."""
     model_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "promptcache")
 
 

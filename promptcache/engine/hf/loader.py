@@ -99,7 +99,7 @@ def load_engine(
     by default it is detected. ``max_context_tokens`` defaults to the config's
     ``max_position_embeddings``. ``quantize`` is ``auto``, ``int8`` or ``none``: int8 copies of
     the projections for narrow decode steps (``resolve_quantize``). ``compile_mode`` is ``auto``,
-    ``on`` or ``off``: compile those steps (``resolve_compile``), in the background.
+    ``on`` or ``off``: compile the decode-only steps (``resolve_compile``), in the background.
     """
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)

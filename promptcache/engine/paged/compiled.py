@@ -12,7 +12,7 @@ attends over the slots the step planned, with the same code as the eager path. S
 shapes vary only in the number of decode rows and the (64-aligned) key width, and the pool
 tensor is an input the operator mutates in place.
 
-Compiling takes tens of seconds (cached on disk after the first time, a few seconds then), so it
+Compiling takes a minute or two (cached on disk after the first time: ~25 s then), so it
 runs on a thread of its own after the engine is up; until it is ready, and for any step it does
 not cover (prompt tokens, a shape it was not compiled for), the engine runs the eager model. The
 graphs compute the same function as the eager model in another order of float operations, with
@@ -128,11 +128,9 @@ class CompiledDecode:
         self._which = [self._windows.index(s.window) for s in model.attn_specs]
         self._compiled = torch.compile(self._body, dynamic=True, fullgraph=True)
         self.ready = threading.Event()
-        """Set once compiled (and warmed for one row and for several)."""
+        """Set once all three graphs are compiled."""
         self.failed: str | None = None
         """Why compilation failed, if it did (the engine then stays eager)."""
-        self.num_steps = 0
-        """Steps run compiled."""
         self.num_steps = 0
         """Steps run compiled."""
         self.num_fallbacks = 0
@@ -192,8 +190,8 @@ class CompiledDecode:
         return out
 
     def warm(self, kv: torch.Tensor) -> None:
-        """Compile for one row and for several, on scratch inputs shaped like a step over a
-        pool like ``kv`` (written to a scratch pool, never the live one)."""
+        """Compile the three graphs, on scratch inputs shaped like steps over a pool like
+        ``kv`` (written to a scratch pool, never the live one)."""
         # Odd widths, a different one per window, so that no width coincides with another size
         # (the graph would be guarded on their equality).
         widths = [(37 + 4 * i) * 64 for i in range(len(self._windows))]

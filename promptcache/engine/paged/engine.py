@@ -102,8 +102,8 @@ class PagedEngine:
         """``pool_bytes`` sizes the KV pool (cached entries plus live sequences); the model
         must already sit on its device in its compute dtype. ``decode_switch`` is set before
         each step when the model has int8 decode weights (``add_decode_int8``).
-        ``compile_decode``: compile the forward of the narrow decode steps the switch marks
-        (``compiled.CompiledDecode``), on a thread of its own; eager until it is ready."""
+        ``compile_decode``: compile the forward of decode-only steps (``compiled.CompiledDecode``;
+        it needs the switch's int8 weights), on a thread of its own; eager until it is ready."""
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
         self._model = model
