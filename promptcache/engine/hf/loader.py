@@ -42,6 +42,7 @@ from promptcache.engine.paged.engine import (
 from promptcache.engine.paged.models import from_hf
 from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.int8 import add_decode_int8
+from promptcache.engine.paged.models.packed import pack_linears, packing_available
 
 log = logging.getLogger("promptcache.engine")
 
@@ -127,8 +128,9 @@ def load_engine(
     tokenizer = HFTokenizer(hf_tok)
     fmt = FORMATS[chat_format] if chat_format else detect_chat_format(hf_model.config, tokenizer)
     quant = resolve_quantize(quantize, dev, hf_model)
+    packed = packing_available(dev, DTYPES[dtype])
     revision = hashlib.sha256(
-        "\0".join((KV_FORMAT, source, fmt.name, dtype, dev.type, quant)).encode()
+        "\0".join((KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed)).encode()
     ).hexdigest()[:32]
     stops = stop_token_ids(fmt, tokenizer, hf_model)
     context = max_context_tokens or int(hf_model.config.max_position_embeddings)
@@ -136,6 +138,8 @@ def load_engine(
     lean = from_hf(hf_model, DTYPES[dtype])
     del hf_model  # the lean model shares or copied its weights
     switch = add_decode_int8(lean) if quant == "int8" else None
+    if packed:  # after the int8 copies, which are made from the plain weights
+        pack_linears(lean)
     compiled = resolve_compile(compile_mode, lean, switch is not None)
     if compiled:
         use_cache_dir(Path(cache_dir))

@@ -28,6 +28,7 @@ from promptcache.engine.base import (
 from promptcache.engine.paged.engine import PagedEngine
 from promptcache.engine.paged.models import from_hf
 from promptcache.engine.paged.models.int8 import add_decode_int8
+from promptcache.engine.paged.models.packed import pack_linears
 
 TinyKind = Literal["llama", "gemma3"]
 TINY_SLIDING_WINDOW = 16
@@ -98,11 +99,14 @@ def build_tiny_engine(
     pool_bytes: int = 64 << 20,
     decode_int8: bool = False,
     compile_decode: bool = False,
+    packed: bool = False,
 ) -> PagedEngine:
     """A ``PagedEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``).
 
     Blocks are small (``TINY_BLOCK_TOKENS``) so that short test prompts span several, and so is
-    the step (``max_batch_tokens``), so that prompts prefill in several chunks.
+    the step (``max_batch_tokens``), so that prompts prefill in several chunks. ``packed``:
+    the layers' projections in oneDNN's layout, as the loader packs bf16 ones on a CPU
+    (``models.packed``).
     """
     tokenizer = ByteTokenizer()
     model = build_tiny_model(kind, seed=seed).to(device)
@@ -110,6 +114,8 @@ def build_tiny_engine(
         stop_token_ids = (tokenizer.token_id("<end_of_turn>"), tokenizer.token_id("<eos>"))
     lean = from_hf(model, dtype)
     switch = add_decode_int8(lean) if decode_int8 else None
+    if packed:
+        pack_linears(lean)
     return PagedEngine(
         lean,
         tokenizer,

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # Defined with the low-level registration: ``torch.library.custom_op`` wraps every call in
 # Python autograd and view-tracking layers (16 us a call against 4 us, 18 calls a step), and
 # the op never meets autograd (the engine runs in inference mode).
-_LIBRARY = torch.library.Library("promptcache", "DEF")  # type: ignore[no-untyped-call]
+_LIBRARY = torch.library.Library("promptcache", "FRAGMENT")  # type: ignore[no-untyped-call]
 _LIBRARY.define(  # type: ignore[no-untyped-call]
     "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv, int layer, "
     "Tensor slot_mapping, Tensor slots, Tensor mask, float scale) -> Tensor"
