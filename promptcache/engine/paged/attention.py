@@ -165,10 +165,14 @@ class PagedAttention:
         d = self._num_decode
         if d:
             plan = self._decode[spec.window]
-            kk = keys[plan.slots].transpose(1, 2)  # [D, kv_heads, L, head_dim]
-            vv = values[plan.slots].transpose(1, 2)
-            o = _sdpa(q[:d].unsqueeze(2), kk, vv, plan, False, spec)
-            out[:d] = o.squeeze(2)
+            if not q.is_cuda and spec.softcap is None:
+                mask = plan.additive(torch.float32)
+                out[:d] = decode_attend(q[:d], keys, values, plan.slots, mask, spec.scale)
+            else:
+                kk = keys[plan.slots].transpose(1, 2)  # [D, kv_heads, L, head_dim]
+                vv = values[plan.slots].transpose(1, 2)
+                o = _sdpa(q[:d].unsqueeze(2), kk, vv, plan, False, spec)
+                out[:d] = o.squeeze(2)
         for offset, n, plans in self._prefill:
             plan = plans[spec.window]
             kk = keys[plan.slots[0]].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, head_dim]
@@ -229,6 +233,53 @@ def _sdpa(
     return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 
+def decode_attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention on a CPU: each row ``q [B, heads, D]`` over the keys and values at its
+    ``slots [B, W]`` of the pool's ``keys, values [slots, kv_heads, D]``, with the additive
+    float32 ``mask [B, 1, 1, W]`` (None: nothing masked). The same arithmetic as ``grouped``
+    (products in the model dtype, softmax in float32), in fewer operations: a decode step
+    calls this once per layer, and on a small model each operation's fixed cost is most of
+    its time. Gathering along the pool's first dimension (``index_select``) copies a key at a
+    time; indexing or selecting along another dimension was 3-40x slower over long contexts
+    (docs/benchmarks.md)."""
+    b, h, d = q.shape
+    w = slots.shape[1]
+    kv_heads = keys.shape[1]
+    g = h // kv_heads
+    flat = slots.reshape(-1)
+    kk = keys.index_select(0, flat).view(b, w, kv_heads, d)
+    vv = values.index_select(0, flat).view(b, w, kv_heads, d)
+    if b * h * w > MATH_MAX_SCORES:  # long contexts in wide batches: never hold the scores
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),
+            kk.transpose(1, 2),
+            vv.transpose(1, 2),
+            attn_mask=None if mask is None else mask.to(q.dtype),
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.squeeze(2)
+    if b == 1 and kv_heads == 1:
+        # One stream of a one-KV-head model: ``linear`` multiplies by the keys as gathered.
+        scores = F.linear(q.view(g, d), kk.view(w, d)).view(1, 1, g, w)
+    else:
+        scores = torch.matmul(q.view(b, kv_heads, g, d), kk.permute(0, 2, 3, 1))
+    if mask is None:
+        weights = scores.float().mul_(scale)
+    else:  # scale and mask in one pass, in float32
+        weights = torch.add(mask.view(b, 1, 1, w), scores, alpha=scale)
+    probs = torch.softmax(weights, dim=-1).to(q.dtype)  # [B, kv_heads, G, W]
+    out = torch.matmul(probs, vv.transpose(1, 2))  # [B, kv_heads, G, D]
+    return out.view(b, h, d)
+
+
 def grouped(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
@@ -256,4 +307,11 @@ def grouped(
     return out.view(b, h, lq, d)
 
 
-__all__ = ["KEY_BUCKET", "MATH_MAX_SCORES", "PagedAttention", "StepSeq", "grouped"]
+__all__ = [
+    "KEY_BUCKET",
+    "MATH_MAX_SCORES",
+    "PagedAttention",
+    "StepSeq",
+    "decode_attend",
+    "grouped",
+]

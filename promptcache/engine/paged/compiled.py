@@ -32,10 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from promptcache.engine import threads
-from promptcache.engine.paged.attention import MATH_MAX_SCORES, PagedAttention, grouped
+from promptcache.engine.paged.attention import PagedAttention, decode_attend
 from promptcache.engine.paged.models.base import CausalLM
 
 log = logging.getLogger(__name__)
@@ -69,16 +68,7 @@ def decode_attention(
     values = kv[layer, 1].flatten(0, 1)
     keys.index_copy_(0, slot_mapping, k)
     values.index_copy_(0, slot_mapping, v)
-    kk = keys[slots].transpose(1, 2)  # [B, kv_heads, W, D]
-    vv = values[slots].transpose(1, 2)
-    qq = q.unsqueeze(2)
-    if qq.numel() // qq.shape[-1] * kk.shape[2] <= MATH_MAX_SCORES:
-        out = grouped(qq, kk, vv, mask, scale)
-    else:
-        out = F.scaled_dot_product_attention(
-            qq, kk, vv, attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=True
-        )
-    return out.squeeze(2)
+    return decode_attend(q, keys, values, slots, mask, scale)
 
 
 _LIBRARY.impl("decode_attention", decode_attention, "CPU")  # type: ignore[no-untyped-call]
