@@ -175,8 +175,9 @@ class PagedAttention:
                 out[:d] = o.squeeze(2)
         for offset, n, plans in self._prefill:
             plan = plans[spec.window]
-            kk = keys[plan.slots[0]].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, head_dim]
-            vv = values[plan.slots[0]].transpose(0, 1).unsqueeze(0)
+            # index_select: see decode_attend.
+            kk = keys.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
+            vv = values.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
             qq = q[offset : offset + n].transpose(0, 1).unsqueeze(0)
             o = _sdpa(qq, kk, vv, plan, plan.mask is None, spec)
             out[offset : offset + n] = o[0].transpose(0, 1)

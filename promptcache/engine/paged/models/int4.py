@@ -27,9 +27,11 @@ from torch import nn
 from promptcache.engine import threads
 from promptcache.engine.paged.models.layers import Linear, frozen
 
-GROUP_SIZE = 32
-"""Weights per int4 scale: as llama.cpp's Q4_0/Q8_0 blocks; a smaller group is closer to the
-dense weight, and on this kernel barely slower than 128."""
+GROUP_SIZE = 64
+"""Weights per int4 scale. The scales are read with the weights (bfloat16 scale and zero per
+group: at 32, 21 MB beside Gemma 3's 84 MB of packed weights); 64 halves them for 0.4 ms less a
+one-row step, and the dense winner stays inside the 32 candidates (docs/benchmarks.md). Gemma
+3 270M's 640 and SmolLM2's 576 features both divide by 64."""
 
 CANDIDATES = 32
 """Rows rescored with the dense weight. The dense winner falls outside int4's top 32 only when
