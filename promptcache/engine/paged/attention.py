@@ -16,7 +16,7 @@ layer, so what a layer reads is chosen here, by the layer's ``AttnSpec``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -76,13 +76,22 @@ class PagedAttention:
         self._decode: dict[int | None, _Keys] = {}
         self._prefill: list[tuple[int, int, dict[int | None, _Keys]]] = []
         self._tables: dict[int, torch.Tensor] = {}
+        self._keep: frozenset[int] | None = None
         # On a CPU, decode reads keys in widths rounded up to KEY_BUCKET (see there).
         self._bucket = 1 if self._device.type == "cuda" else KEY_BUCKET
 
-    def plan(self, decode: Sequence[StepSeq], prefill: Sequence[StepSeq]) -> None:
+    def plan(
+        self,
+        decode: Sequence[StepSeq],
+        prefill: Sequence[StepSeq],
+        keep: Collection[int] | None = None,
+    ) -> None:
         """Index tensors for a step of ``decode`` sequences (one token each, packed first) and
-        ``prefill`` chunks (packed after them, in order)."""
+        ``prefill`` chunks (packed after them, in order). ``keep``: the rows whose output the
+        model keeps (its forward's ``keep``); the last layer then attends only from those
+        prefill rows, and a chunk with none of them only stores its keys and values."""
         self._tables.clear()
+        self._keep = None if keep is None else frozenset(keep)
         new = [self._slots(seq, seq.start, seq.start + seq.num_new) for seq in (*decode, *prefill)]
         self.slot_mapping = torch.cat(new).to(self._device)
         self._num_decode = len(decode)
@@ -173,8 +182,15 @@ class PagedAttention:
                 vv = values[plan.slots].transpose(1, 2)
                 o = _sdpa(q[:d].unsqueeze(2), kk, vv, plan, False, spec)
                 out[:d] = o.squeeze(2)
+        trim = self._keep is not None and layer == len(self._specs) - 1
         for offset, n, plans in self._prefill:
             plan = plans[spec.window]
+            if trim:
+                last = offset + n - 1
+                assert self._keep is not None
+                if last in self._keep:
+                    out[last] = self._last_query(q[last], keys, values, plan, spec)
+                continue
             # index_select: see decode_attend.
             kk = keys.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
             vv = values.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
@@ -182,6 +198,20 @@ class PagedAttention:
             o = _sdpa(qq, kk, vv, plan, plan.mask is None, spec)
             out[offset : offset + n] = o[0].transpose(0, 1)
         return out
+
+    @staticmethod
+    def _last_query(
+        q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: _Keys, spec: AttnSpec
+    ) -> torch.Tensor:
+        """The attention output ``[heads, D]`` of a chunk's last query ``q [heads, D]`` alone:
+        it reads what its row of the chunk's mask allows (every key of a plain causal chunk)."""
+        one = _Keys(plan.slots, None if plan.mask is None else plan.mask[-1:])
+        if not q.is_cuda and spec.softcap is None:
+            mask = one.additive(torch.float32)
+            return decode_attend(q[None], keys, values, plan.slots, mask, spec.scale)[0]
+        kk = keys.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
+        vv = values.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
+        return _sdpa(q[None, :, None, :], kk, vv, one, False, spec)[0, :, 0]
 
 
 KEY_BUCKET = 64

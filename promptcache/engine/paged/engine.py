@@ -308,11 +308,6 @@ class PagedEngine:
         for seq, n in prefill:
             ids += seq.tokens[seq.computed : seq.computed + n]
             positions += range(seq.computed, seq.computed + n)
-        with torch.inference_mode():  # index tensors as the compiled step was traced with
-            self._attn.plan(
-                [StepSeq(s.table, s.computed, 1) for s in decode],
-                [StepSeq(s.table, s.computed, n) for s, n in prefill],
-            )
         # Rows whose logits are sampled: every decode token, and the last token of a prefill
         # that completes its prompt in this step.
         rows = list(range(len(decode)))
@@ -325,6 +320,12 @@ class PagedEngine:
             ):
                 rows.append(offset - 1)
                 sampled.append(seq)
+        with torch.inference_mode():  # index tensors as the compiled step was traced with
+            self._attn.plan(
+                [StepSeq(s.table, s.computed, 1) for s in decode],
+                [StepSeq(s.table, s.computed, n) for s, n in prefill],
+                keep=rows,
+            )
         if self._decode_switch is not None:
             self._decode_switch.set_step(len(decode), sum(n for _, n in prefill))
         with torch.inference_mode():
@@ -336,8 +337,12 @@ class PagedEngine:
             ):
                 hidden = self.compiled(input_ids, pos, self._attn)
             if hidden is None:
-                hidden = self._model(input_ids, pos, self._attn)
-            logits = self._model.logits(hidden[rows]) if rows else None
+                # The last layer finishes only the sampled rows (``CausalLM.forward``).
+                keep = torch.tensor(rows, dtype=torch.long, device=self._device)
+                hidden = self._model(input_ids, pos, self._attn, keep)
+            else:  # a compiled decode step: every row is sampled
+                hidden = hidden[rows]
+            logits = self._model.logits(hidden) if rows else None
         by_seq = {s.seq_id: i for i, s in enumerate(sampled)}
         out: StepResult = []
         for seq in decode:

@@ -95,6 +95,38 @@ def test_lean_model_matches_transformers_end_to_end(engine: PagedEngine) -> None
     torch.testing.assert_close(mine, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_the_last_layer_finishes_only_the_kept_rows(kind: str) -> None:
+    """A step of a decode row and two prompt chunks past the sliding window, one completing its
+    prompt: with ``keep``, the kept rows' hidden states are those of the whole computation, and
+    the keys and values written are the same."""
+    from promptcache.engine.paged.attention import StepSeq
+
+    engine = build_tiny_engine(kind)
+    attn, pool, model = engine._attn, engine._pool, engine._model
+    blocks = pool.allocate(30)
+    seqs = [
+        StepSeq(blocks[:10], 2 * W + 7, 1),
+        StepSeq(blocks[10:20], W + 9, 13),
+        StepSeq(blocks[20:], 3 * W + 1, 11),
+    ]
+    ids = torch.tensor(random_prompt(25, seed=8))
+    positions = torch.tensor([s.start + i for s in seqs for i in range(s.num_new)])
+    keep = [0, 24]  # the decode row and the second chunk's last row
+    try:
+        with torch.inference_mode():
+            attn.plan(seqs[:1], seqs[1:])
+            whole = model(ids, positions, attn)
+            kv = pool.kv.clone()
+            attn.plan(seqs[:1], seqs[1:], keep=keep)
+            kept = model(ids, positions, attn, torch.tensor(keep))
+    finally:
+        pool.decref(blocks)
+    assert kept.shape == (2, whole.shape[1])
+    torch.testing.assert_close(kept, whole[keep], atol=1e-5, rtol=1e-5)
+    assert torch.equal(pool.kv, kv)
+
+
 def test_snapshot_taken_in_a_restored_request(engine: PagedEngine) -> None:
     """Checklist 70: extend a cached prefix, then both prefixes still hit exactly."""
     base = random_prompt(N, seed=3)

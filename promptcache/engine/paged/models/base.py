@@ -37,7 +37,8 @@ class Attention(Protocol):
         """q ``[T, num_heads, head_dim]``, k/v ``[T, num_kv_heads, head_dim]`` for the step's T
         packed tokens, after rope and q/k norms (they may be strided views of one projection).
         The backend stores k/v and returns the attention output ``[T, num_heads, head_dim]``.
-        Which sequence each token belongs to and its position are the backend's business."""
+        Which sequence each token belongs to and its position are the backend's business; so
+        is leaving unset, in the last layer, rows the model's ``keep`` will drop."""
         ...
 
 
@@ -72,10 +73,17 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Attention
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: Attention,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: ``[T]`` long (packed tokens of several sequences, positions
-        absolute per sequence) -> final-normed hidden ``[T, hidden]``."""
+        absolute per sequence) -> final-normed hidden ``[T, hidden]``, or ``[K, hidden]`` for
+        the rows ``keep [K]`` only: the last layer then computes its attention output,
+        o-projection and MLP for those rows alone (as llama.cpp does for the rows it samples:
+        the others only need their keys and values, which every layer still writes)."""
         raise NotImplementedError
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -48,9 +48,14 @@ class Gemma3Layer(nn.Module):
         """Index of this layer's ``Rotary`` in ``Gemma3.rotaries``."""
 
     def forward(
-        self, x: torch.Tensor, ropes: list[tuple[torch.Tensor, torch.Tensor]], attn: Attention
+        self,
+        x: torch.Tensor,
+        ropes: list[tuple[torch.Tensor, torch.Tensor]],
+        attn: Attention,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.post_attn_norm(self.attn(self.input_norm(x), ropes[self.rope], attn))
+        a = self.post_attn_norm(self.attn(self.input_norm(x), ropes[self.rope], attn, keep))
+        x = (x if keep is None else x[keep]) + a
         out: torch.Tensor = x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
         return out
 
@@ -83,12 +88,17 @@ class Gemma3(CausalLM):
         return self.embed.dtype
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Attention
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: Attention,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed) * self.embed_scale
         ropes = [rotary(positions, x.dtype) for rotary in self.rotaries]
-        for layer in self.layers:
-            x = layer(x, ropes, attn)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ropes, attn, keep if i == last else None)
         out: torch.Tensor = self.norm(x)
         return out
 

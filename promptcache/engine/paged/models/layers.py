@@ -240,7 +240,10 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         attn: Attention,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``keep``: project only these rows' attention outputs (the model's last layer; the
+        keys and values of every row are still written)."""
         tokens = x.shape[0]
         heads, qk_heads = self.num_heads, self.num_heads + self.num_kv_heads
         qkv = self.qkv(x).view(tokens, qk_heads + self.num_kv_heads, self.head_dim)
@@ -251,5 +254,7 @@ class SelfAttention(nn.Module):
         if rope is not None:
             qk = apply_rope(qk, *rope)
         out = attn(self.layer, qk[:, :heads], qk[:, heads:], v)
-        result: torch.Tensor = self.o(out.reshape(tokens, heads * self.head_dim))
+        if keep is not None:
+            out = out[keep]
+        result: torch.Tensor = self.o(out.reshape(out.shape[0], heads * self.head_dim))
         return result

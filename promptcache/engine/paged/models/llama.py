@@ -46,9 +46,14 @@ class LlamaLayer(nn.Module):
         self.use_rope = use_rope
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: Attention
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn: Attention,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), rope if self.use_rope else None, attn)
+        a = self.attn(self.input_norm(x), rope if self.use_rope else None, attn, keep)
+        x = (x if keep is None else x[keep]) + a
         out: torch.Tensor = x + self.mlp(self.post_attn_norm(x))
         return out
 
@@ -76,12 +81,17 @@ class Llama(CausalLM):
         return self.embed.dtype
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Attention
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: Attention,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
         rope = self.rotary(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rope, attn)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, attn, keep if i == last else None)
         out: torch.Tensor = self.norm(x)
         return out
 
