@@ -127,6 +127,26 @@ def test_decode_switch_is_on_only_in_narrow_decode_steps() -> None:
         assert switch.on is on
 
 
+def test_a_compilation_on_another_thread_leaves_the_eager_choice_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the compile thread traces, PyTorch's process-wide ``is_compiling`` flag is set on
+    every thread: the engine thread's eager steps must still choose by the switch (prompt
+    tokens dense, even three of them; a last layer with no sampled row has zero rows)."""
+    from promptcache.engine.paged.models.int8 import DecodeInt8Linear, DecodeSwitch
+
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+    assert torch.compiler.is_compiling()
+    gen = torch.Generator().manual_seed(6)
+    dense = Linear(torch.randn(96, 64, generator=gen))
+    switch = DecodeSwitch(max_rows=4)
+    layer = DecodeInt8Linear(dense, switch)
+    switch.set_step(0, 3)  # a step of three prompt tokens
+    for rows in (3, 0):
+        x = torch.randn(rows, 64, generator=gen)
+        assert torch.equal(layer(x), dense(x))
+
+
 def test_auto_quantize_is_int8_decode_on_a_cpu_for_small_models() -> None:
     from promptcache.engine.hf.loader import resolve_quantize
     from promptcache.engine.hf.testing import build_tiny_model

@@ -94,10 +94,12 @@ class DecodeInt8Linear(nn.Module):
         self.by_rows = by_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.by_rows or torch.compiler.is_compiling():
+        if self.by_rows or torch.compiler.is_dynamo_compiling():
             # Compiled graphs run decode steps only (``compiled.CompiledDecode``): the row count
             # decides there, a guard on the shape, where one on the switch would tie the graph
-            # to a value the engine's thread changes.
+            # to a value the engine's thread changes. ``is_dynamo_compiling`` is True only in
+            # code Dynamo traces: ``is_compiling`` reads a process-wide flag, True on the
+            # engine's thread too while the compile thread traces.
             narrow = x.numel() // x.shape[-1] <= self.switch.max_rows
         else:
             narrow = self.switch.on

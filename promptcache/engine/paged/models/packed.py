@@ -75,7 +75,7 @@ class PackedLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             out: torch.Tensor = torch.ops.promptcache.packed_linear(flat, self.packed, self.bias)
         else:
             out = packed_linear(flat, self.packed, self.bias)
