@@ -28,7 +28,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -81,6 +81,9 @@ def _shape_only(q: torch.Tensor, *_: object) -> torch.Tensor:
 
 torch.library.register_fake("promptcache::decode_attention", _shape_only, lib=_LIBRARY)
 
+
+IDLE_POLL_S = 0.25
+"""How often the compile thread looks whether the engine is idle."""
 
 MAX_FALLBACKS = 64
 """Steps the compiled graph may refuse (a shape it was not compiled for) before the engine
@@ -179,9 +182,9 @@ class CompiledDecode:
         self.num_steps += 1
         return out
 
-    def warm(self, kv: torch.Tensor) -> None:
+    def warm(self, kv: torch.Tensor, idle: Callable[[], bool] = lambda: True) -> None:
         """Compile the three graphs, on scratch inputs shaped like steps over a pool like
-        ``kv`` (written to a scratch pool, never the live one)."""
+        ``kv`` (written to a scratch pool, never the live one), each once ``idle()`` holds."""
         # Odd widths, a different one per window, so that no width coincides with another size
         # (the graph would be guarded on their equality).
         widths = [(37 + 4 * i) * 64 for i in range(len(self._windows))]
@@ -193,6 +196,8 @@ class CompiledDecode:
         with torch.inference_mode():
             # Odd counts again; one per graph (the int8 projections' row limit splits them).
             for rows in sorted({1, min(3, self.narrow_rows), self.narrow_rows + 3}):
+                while not idle():
+                    time.sleep(IDLE_POLL_S)
                 ids = torch.zeros(rows, dtype=torch.long)
                 positions = torch.arange(rows) + width - 1
                 slot_mapping = torch.arange(rows)
@@ -200,16 +205,20 @@ class CompiledDecode:
                 masks = [torch.zeros(rows, 1, 1, w) for w in widths]
                 self._compiled(ids, positions, scratch, slot_mapping, slots, masks)
 
-    def start(self, kv: torch.Tensor) -> threading.Thread:
+    def start(self, kv: torch.Tensor, idle: Callable[[], bool] = lambda: True) -> threading.Thread:
         """Compile for a pool like ``kv`` on a thread of its own, which ends when done (and
-        ``ready`` is set). It claims the engine's thread count: the compiled graph is guarded on
-        it, so one compiled with another count would never run on the engine's thread."""
+        ``ready`` is set), one graph at a time and each only once ``idle()`` says the engine
+        has nothing to do: tracing holds the GIL for seconds at a time, and a step running
+        beside it waited for the GIL at every operator (a 2.5 s prefill took 30 s while
+        the graphs compiled). It claims the engine's thread count: the compiled graph is
+        guarded on it, so one compiled with another count would never run on the engine's
+        thread."""
 
         def run() -> None:
             threads.claim()
             started = time.monotonic()
             try:
-                self.warm(kv)
+                self.warm(kv, idle)
             except Exception as exc:  # a missing or failing compiler: stay eager
                 self.failed = f"{type(exc).__name__}: {exc}"
                 log.warning("compiled decode unavailable, decoding eagerly: %s", self.failed)

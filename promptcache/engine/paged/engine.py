@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,11 @@ log = logging.getLogger("promptcache.engine")
 
 KV_FORMAT = "paged-kv-1"
 """Bumped whenever the payload layout or KV numerics of this engine change (part of revisions)."""
+IDLE_BEFORE_COMPILE_S = 2.0
+"""The compiled decode step compiles its graphs only after the engine has had nothing to do
+for this long (``CompiledDecode.start``): requests that come right after the start, or one after
+another, run eagerly at full speed instead of beside the compiler."""
+
 DEFAULT_BLOCK_TOKENS = 32
 DEFAULT_MAX_BATCH_TOKENS = 512
 
@@ -129,12 +135,13 @@ class PagedEngine:
         self._stop_ids = frozenset(int(i) for i in stop_token_ids)
         self._max_batch = max_batch_tokens
         self._decode_switch = decode_switch
+        self._last_step = 0.0
         self.compiled: CompiledDecode | None = None
         if compile_decode:
             if decode_switch is None:
                 raise ValueError("the compiled decode step needs the int8 decode switch")
             self.compiled = CompiledDecode(model, decode_switch.max_rows)
-            self.compiled.start(self._pool.kv)
+            self.compiled.start(self._pool.kv, self._idle)
         dtype_name = str(dtype).removeprefix("torch.")
         if revision is None:
             revision = parameter_revision(model, chat_format.name, dtype_name)
@@ -184,6 +191,12 @@ class PagedEngine:
     @property
     def num_running(self) -> int:
         return len(self._seqs)
+
+    def _idle(self) -> bool:
+        """Nothing running and no step for ``IDLE_BEFORE_COMPILE_S`` (the compile thread's
+        cue; read from that thread, so it only reads)."""
+        quiet = time.monotonic() - self._last_step >= IDLE_BEFORE_COMPILE_S
+        return not self._seqs and quiet
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -245,6 +258,7 @@ class PagedEngine:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self) -> StepResult:
+        self._last_step = time.monotonic()
         out: StepResult = []
         decode: list[_Seq] = []
         prefill: list[tuple[_Seq, int]] = []

@@ -154,3 +154,39 @@ def test_compile_modes() -> None:
         resolve_compile("on", model, int8=False)
     with pytest.raises(ValueError, match="unknown compile mode"):
         resolve_compile("sometimes", model, int8=True)
+
+
+def test_graphs_compile_only_while_the_engine_is_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compile thread waits for ``idle`` before each graph (tracing beside a running step
+    slowed the step tenfold); the engine is idle only with nothing running and no step for
+    ``IDLE_BEFORE_COMPILE_S``."""
+    from promptcache.engine.paged import compiled as compiled_module
+    from promptcache.engine.paged import engine as engine_module
+
+    engine = build_tiny_engine("gemma3", decode_int8=True)
+    assert engine._idle()  # never stepped
+    engine.add(EngineRequest(random_prompt(8), Sampling(max_tokens=2, temperature=0.0)))
+    assert not engine._idle()  # a request is running
+    while engine.num_running:
+        engine.step()
+    assert not engine._idle()  # it just stepped
+    monkeypatch.setattr(engine_module, "IDLE_BEFORE_COMPILE_S", 0.0)
+    assert engine._idle()
+
+    class Busy(Exception):
+        pass
+
+    calls = 0
+
+    def idle() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise Busy  # stop here: nothing was compiled while it said no
+        return False
+
+    monkeypatch.setattr(compiled_module, "IDLE_POLL_S", 0.0)
+    compiled = CompiledDecode(engine._model, 4)
+    with pytest.raises(Busy):
+        compiled.warm(engine._pool.kv, idle)
+    assert calls == 3 and not compiled.ready.is_set()
