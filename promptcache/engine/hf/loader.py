@@ -184,10 +184,18 @@ def resolve_quantize(quantize: str | None, device: torch.device, model: Any) -> 
     return "int8" if device.type == "cpu" and size < AUTO_INT8_MAX_BYTES else "none"
 
 
+AUTO_COMPILE_MIN_CORES = 4
+"""``--compile auto`` compiles only on machines with at least this many cores: compiling takes
+~25 s of CPU after each start (from Inductor's cache), and on 2 cores a request that meets it
+ran 2-3x slower (a 2.4 s prefill took 6.7 s in ``bench qa``) even with the compile thread at
+the lowest priority and only while idle (``CompiledDecode.start``)."""
+
+
 def resolve_compile(mode: str, model: CausalLM, int8: bool) -> bool:
     """Whether to compile the decode steps (``paged.compiled``): on a CPU, with int8 decode
-    weights; ``auto`` also wants a C++ compiler (Inductor builds C++) and a model
-    without attention softcapping; ``on`` insists and fails loudly where it cannot."""
+    weights; ``auto`` also wants a C++ compiler (Inductor builds C++), a model without
+    attention softcapping and ``AUTO_COMPILE_MIN_CORES``; ``on`` insists on the rest and fails
+    loudly where it cannot."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"unknown compile mode {mode!r}; choose auto, on or off")
     if mode == "off":
@@ -201,6 +209,8 @@ def resolve_compile(mode: str, model: CausalLM, int8: bool) -> bool:
         reasons.append("no C++ compiler (g++) on the PATH")
     if any(spec.softcap is not None for spec in model.attn_specs):
         reasons.append("the model softcaps attention logits")
+    if mode == "auto" and (os.cpu_count() or 1) < AUTO_COMPILE_MIN_CORES:
+        reasons.append(f"fewer than {AUTO_COMPILE_MIN_CORES} cores (use --compile on)")
     if reasons and mode == "on":
         raise ValueError("cannot compile the decode step: " + "; ".join(reasons))
     return not reasons

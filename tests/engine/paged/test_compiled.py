@@ -143,13 +143,18 @@ def test_prompt_tokens_run_eagerly() -> None:
     assert not compiled.covers(1, 3) and not compiled.covers(0, 8)
 
 
-def test_compile_modes() -> None:
-    from promptcache.engine.hf.loader import resolve_compile
+def test_compile_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from promptcache.engine.hf.loader import AUTO_COMPILE_MIN_CORES, resolve_compile
 
     model = build_tiny_engine("gemma3")._model
     assert resolve_compile("off", model, int8=True) is False
     assert resolve_compile("auto", model, int8=False) is False
-    assert resolve_compile("auto", model, int8=True) is compiler_available()
+    for cores in (AUTO_COMPILE_MIN_CORES - 2, AUTO_COMPILE_MIN_CORES):
+        monkeypatch.setattr("os.cpu_count", lambda n=cores: n)
+        expected = compiler_available() and cores >= AUTO_COMPILE_MIN_CORES
+        assert resolve_compile("auto", model, int8=True) is expected
+        # "on" compiles whatever the cores (where a compiler is).
+        assert resolve_compile("on", model, int8=True) is True or not compiler_available()
     with pytest.raises(ValueError, match="no int8 decode weights"):
         resolve_compile("on", model, int8=False)
     with pytest.raises(ValueError, match="unknown compile mode"):
