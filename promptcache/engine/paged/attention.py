@@ -182,36 +182,24 @@ class PagedAttention:
                 vv = values[plan.slots].transpose(1, 2)
                 o = _sdpa(q[:d].unsqueeze(2), kk, vv, plan, False, spec)
                 out[:d] = o.squeeze(2)
-        trim = self._keep is not None and layer == len(self._specs) - 1
+        # The last layer attends only from kept rows: a chunk's last query, over what its row
+        # of the chunk's mask allows (every key of a plain causal chunk), or nothing at all.
+        keep = self._keep if layer == len(self._specs) - 1 else None
         for offset, n, plans in self._prefill:
             plan = plans[spec.window]
-            if trim:
-                last = offset + n - 1
-                assert self._keep is not None
-                if last in self._keep:
-                    out[last] = self._last_query(q[last], keys, values, plan, spec)
-                continue
+            causal = plan.mask is None
+            if keep is not None:
+                if offset + n - 1 not in keep:
+                    continue
+                offset, n, causal = offset + n - 1, 1, False
+                plan = _Keys(plan.slots, None if plan.mask is None else plan.mask[-1:])
             # index_select: see decode_attend.
             kk = keys.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
             vv = values.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
             qq = q[offset : offset + n].transpose(0, 1).unsqueeze(0)
-            o = _sdpa(qq, kk, vv, plan, plan.mask is None, spec)
+            o = _sdpa(qq, kk, vv, plan, causal, spec)
             out[offset : offset + n] = o[0].transpose(0, 1)
         return out
-
-    @staticmethod
-    def _last_query(
-        q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: _Keys, spec: AttnSpec
-    ) -> torch.Tensor:
-        """The attention output ``[heads, D]`` of a chunk's last query ``q [heads, D]`` alone:
-        it reads what its row of the chunk's mask allows (every key of a plain causal chunk)."""
-        one = _Keys(plan.slots, None if plan.mask is None else plan.mask[-1:])
-        if not q.is_cuda and spec.softcap is None:
-            mask = one.additive(torch.float32)
-            return decode_attend(q[None], keys, values, plan.slots, mask, spec.scale)[0]
-        kk = keys.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
-        vv = values.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
-        return _sdpa(q[None, :, None, :], kk, vv, one, False, spec)[0, :, 0]
 
 
 KEY_BUCKET = 64

@@ -52,6 +52,7 @@ log = logging.getLogger("promptcache.engine")
 
 KV_FORMAT = "paged-kv-1"
 """Bumped whenever the payload layout or KV numerics of this engine change (part of revisions)."""
+
 IDLE_BEFORE_COMPILE_S = 2.0
 """The compiled decode step compiles its graphs only after the engine has had nothing to do
 for this long (``CompiledDecode.start``): requests that come right after the start, or one after
