@@ -118,6 +118,19 @@ def test_revision_is_stable_and_tracks_format_and_dtype(
     assert auto.dtype == ("bfloat16" if loader.cpu_has_bf16() else "float32")
 
 
+def test_revision_tracks_the_cpu_kernels(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """KV computed with the engine's CPU kernels (``paged.native``) adds in another order than
+    PyTorch's: a cached entry from one must not be restored into the other."""
+    from promptcache.engine.paged import native
+
+    if native.kernels() is None:
+        pytest.skip("the CPU kernels are not used here")
+    with_kernels = load(model_dirs["gemma"], tmp_path, dtype="float32").info
+    with native.disabled():
+        without = load(model_dirs["gemma"], tmp_path, dtype="float32").info
+    assert with_kernels.revision != without.revision
+
+
 def test_hf_tokenizer_keeps_user_text_out_of_special_tokens(
     model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -32,6 +32,7 @@ from promptcache.core.chatformat import CHATML, FORMATS, GEMMA, ChatFormat
 from promptcache.engine.device import resolve_device
 from promptcache.engine.hf.tokenizer import HFTokenizer
 from promptcache.engine.models import DEFAULT, EmbeddedModel, resolve_model
+from promptcache.engine.paged import native
 from promptcache.engine.paged.compiled import compiler_available, use_cache_dir
 from promptcache.engine.paged.engine import (
     DEFAULT_BLOCK_TOKENS,
@@ -129,9 +130,13 @@ def load_engine(
     fmt = FORMATS[chat_format] if chat_format else detect_chat_format(hf_model.config, tokenizer)
     quant = resolve_quantize(quantize, dev, hf_model)
     packed = packing_available(dev, DTYPES[dtype])
-    revision = hashlib.sha256(
-        "\0".join((KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed)).encode()
-    ).hexdigest()[:32]
+    # Built now (a second, once per machine) rather than in the first request; the kernels
+    # round like PyTorch but add in another order, so KV computed with them is another
+    # revision (a disk-tier entry from a process without them would not reproduce cold runs).
+    native.use_directory(Path(cache_dir) / "native")
+    kernels = dev.type == "cpu" and native.kernels() is not None
+    parts = (KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed)
+    revision = hashlib.sha256("\0".join((*parts, "native" * kernels)).encode()).hexdigest()[:32]
     stops = stop_token_ids(fmt, tokenizer, hf_model)
     context = max_context_tokens or int(hf_model.config.max_position_embeddings)
     hf_model = hf_model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
@@ -144,11 +149,12 @@ def load_engine(
     if compiled:
         use_cache_dir(Path(cache_dir))
     log.info(
-        "engine: %s on %s, %s, int8 decode weights: %s, compiled decode: %s",
+        "engine: %s on %s, %s, int8 decode weights: %s, CPU kernels: %s, compiled decode: %s",
         model_id,
         dev,
         dtype,
         quant,
+        "yes" if kernels else "no",
         "yes (compiling in the background)" if compiled else "no",
     )
     return PagedEngine(

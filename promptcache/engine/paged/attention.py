@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from promptcache.engine.paged import native
 from promptcache.engine.paged.models.base import AttnSpec
 from promptcache.engine.paged.pool import KVPool
 
@@ -265,9 +266,15 @@ def decode_attend(
     float32 ``mask [B, 1, 1, W]`` (None: nothing masked). The same arithmetic as ``grouped``
     (products in the model dtype, softmax in float32), in fewer operations: a decode step
     calls this once per layer, and on a small model each operation's fixed cost is most of
-    its time. Gathering along the pool's first dimension (``index_select``) copies a key at a
+    its time; where the engine's own kernel runs (``native``), it does all of it in one
+    pass. Gathering along the pool's first dimension (``index_select``) copies a key at a
     time; indexing or selecting along another dimension was 3-40x slower over long contexts
     (docs/benchmarks.md)."""
+    fast = native.kernels()
+    if fast is not None:
+        out = fast.decode_attention(q, keys, values, slots, mask, scale)
+        if out is not None:
+            return out
     b, h, d = q.shape
     w = slots.shape[1]
     kv_heads = keys.shape[1]

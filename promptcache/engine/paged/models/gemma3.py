@@ -26,6 +26,7 @@ from promptcache.engine.paged.models.layers import (
     activation,
     adopt,
     frozen,
+    residual_norm,
 )
 from promptcache.engine.paged.models.rope import Rotary
 
@@ -50,14 +51,20 @@ class Gemma3Layer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        h: torch.Tensor,
         ropes: list[tuple[torch.Tensor, torch.Tensor]],
         attn: Attention,
+        next_norm: OffsetRMSNorm,
         keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        a = self.post_attn_norm(self.attn(self.input_norm(x), ropes[self.rope], attn, keep))
-        x = (x if keep is None else x[keep]) + a
-        out: torch.Tensor = x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
-        return out
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream ``x`` and its normalised copy ``h`` (this layer's input norm
+        of ``x``) in; the same two out, ``h`` by ``next_norm`` (the next layer's input norm,
+        or the model's final one)."""
+        a = self.attn(h, ropes[self.rope], attn, keep)
+        if keep is not None:
+            x = x[keep]
+        x, h = residual_norm(x, a, self.post_attn_norm, self.pre_mlp_norm)
+        return residual_norm(x, self.mlp(h), self.post_mlp_norm, next_norm)
 
 
 class Gemma3(CausalLM):
@@ -96,11 +103,13 @@ class Gemma3(CausalLM):
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed) * self.embed_scale
         ropes = [rotary(positions, x.dtype) for rotary in self.rotaries]
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ropes, attn, keep if i == last else None)
-        out: torch.Tensor = self.norm(x)
-        return out
+        layers: list[Gemma3Layer] = list(self.layers)  # type: ignore[arg-type]
+        h: torch.Tensor = layers[0].input_norm(x)
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1
+            next_norm = self.norm if last else layers[i + 1].input_norm
+            x, h = layer(x, h, ropes, attn, next_norm, keep if last else None)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.lm_head(hidden)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptcache.engine.paged import native
 from promptcache.engine.paged.models.base import Attention
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -107,12 +108,24 @@ class RMSNorm(nn.Module):
     ``F.rms_norm`` without a weight computes in float32 and rounds once, which is exactly
     transformers' ``x.float()`` ... ``.to(dtype)`` in one kernel."""
 
+    offset = False
+
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
         self.weight = frozen(weight)
         self.eps = eps
 
+    @property
+    def kernel_args(self) -> tuple[torch.Tensor, float]:
+        """The weight and epsilon as ``native`` takes them."""
+        return self.weight, self.eps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = _kernels()
+        if fast is not None:
+            out = fast.rms_norm(x, self.weight, self.eps, offset=False)
+            if out is not None:
+                return out
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
     @classmethod
@@ -125,17 +138,56 @@ class OffsetRMSNorm(nn.Module):
 
     ``1 + w`` is precomputed once in float32 (what transformers computes on every call)."""
 
+    offset = True
+
     def __init__(self, scale: torch.Tensor, eps: float) -> None:
         super().__init__()
         self.scale = frozen(scale)
         self.eps = eps
 
+    @property
+    def kernel_args(self) -> tuple[torch.Tensor, float]:
+        """The weight and epsilon as ``native`` takes them."""
+        return self.scale, self.eps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = _kernels()
+        if fast is not None:
+            out = fast.rms_norm(x, self.scale, self.eps, offset=True)
+            if out is not None:
+                return out
         return F.rms_norm(x.float(), (x.shape[-1],), self.scale, self.eps).to(x.dtype)
 
     @classmethod
     def adopt(cls, norm: Any) -> OffsetRMSNorm:
         return cls(1.0 + norm.weight.detach().float(), _eps(norm))
+
+
+Norm = RMSNorm | OffsetRMSNorm
+
+
+def _kernels() -> native.Kernels | None:
+    """The engine's CPU kernels, except in code Dynamo traces (the compiled decode step fuses
+    the PyTorch operations itself)."""
+    if torch.compiler.is_dynamo_compiling():
+        return None
+    return native.kernels()
+
+
+def residual_norm(
+    x: torch.Tensor, a: torch.Tensor, pre: Norm | None, post: Norm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream between two parts of a layer: ``x + pre(a)`` (``x + a`` without
+    ``pre``), and ``post`` of it (the next part's input), in one pass where ``native`` runs."""
+    fast = _kernels()
+    if fast is not None and (pre is None or pre.offset == post.offset):
+        done = fast.residual_norm(
+            x, a, None if pre is None else pre.kernel_args, post.kernel_args, post.offset
+        )
+        if done is not None:
+            return done
+    x = x + (a if pre is None else pre(a))
+    return x, post(x)
 
 
 class HeadNorm(nn.Module):
@@ -249,10 +301,19 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(tokens, qk_heads + self.num_kv_heads, self.head_dim)
         # q and k travel together through the norm and the rotation: half the kernel launches.
         qk, v = qkv[:, :qk_heads], qkv[:, qk_heads:]
-        if self.head_norm is not None:
-            qk = self.head_norm(qk)
-        if rope is not None:
-            qk = apply_rope(qk, *rope)
+        fast = _kernels()
+        norm = self.head_norm
+        done = None
+        if fast is not None:
+            args = None if norm is None else (norm.table, norm.eps)
+            done = fast.qk_norm_rope(qk, args, norm is not None and norm.offset, rope)
+        if done is not None:
+            qk = done
+        else:
+            if norm is not None:
+                qk = norm(qk)
+            if rope is not None:
+                qk = apply_rope(qk, *rope)
         out = attn(self.layer, qk[:, :heads], qk[:, heads:], v)
         if keep is not None:
             out = out[keep]

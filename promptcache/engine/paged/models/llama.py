@@ -23,6 +23,7 @@ from promptcache.engine.paged.models.layers import (
     activation,
     adopt,
     frozen,
+    residual_norm,
 )
 from promptcache.engine.paged.models.rope import Rotary
 
@@ -48,14 +49,20 @@ class LlamaLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        h: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         attn: Attention,
+        next_norm: RMSNorm,
         keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        a = self.attn(self.input_norm(x), rope if self.use_rope else None, attn, keep)
-        x = (x if keep is None else x[keep]) + a
-        out: torch.Tensor = x + self.mlp(self.post_attn_norm(x))
-        return out
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream ``x`` and its normalised copy ``h`` (this layer's input norm
+        of ``x``) in; the same two out, ``h`` by ``next_norm`` (the next layer's input norm,
+        or the model's final one)."""
+        a = self.attn(h, rope if self.use_rope else None, attn, keep)
+        if keep is not None:
+            x = x[keep]
+        x, h = residual_norm(x, a, None, self.post_attn_norm)
+        return residual_norm(x, self.mlp(h), None, next_norm)
 
 
 class Llama(CausalLM):
@@ -89,11 +96,13 @@ class Llama(CausalLM):
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
         rope = self.rotary(positions, x.dtype)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, attn, keep if i == last else None)
-        out: torch.Tensor = self.norm(x)
-        return out
+        layers: list[LlamaLayer] = list(self.layers)  # type: ignore[arg-type]
+        h: torch.Tensor = layers[0].input_norm(x)
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1
+            next_norm = self.norm if last else layers[i + 1].input_norm
+            x, h = layer(x, h, rope, attn, next_norm, keep if last else None)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.lm_head(hidden)

@@ -1,0 +1,409 @@
+// CPU kernels for the small operations of a decode step (promptcache/engine/paged/native.py
+// builds this file with the machine's C++ compiler and calls it through ctypes).
+//
+// A decode step of a small model on a CPU spends as much time in the fixed cost of small
+// operations as in its matmuls: attending from one query over a few hundred keys through
+// PyTorch is a gather, two oneDNN matmuls and a softmax, ~90 us of which a few are arithmetic.
+// Each function here does one such piece in a single pass over plain memory.
+//
+// Every function exists for bfloat16 (uint16_t storage) and float32, and computes in float32,
+// rounding to the storage type exactly where the PyTorch code it replaces rounds (documented
+// per function), so the two paths agree up to the order of float additions.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define PC_AVX512 1
+#else
+#define PC_AVX512 0
+#endif
+
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as PyTorch's float -> bfloat16 conversion (NaN stays NaN).
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+struct BF16 {
+  using T = uint16_t;
+  static float load(T x) { return bf16_to_float(x); }
+  static T store(float f) { return float_to_bf16(f); }
+  static float round(float f) { return bf16_to_float(float_to_bf16(f)); }
+#if PC_AVX512
+  static __m512 load16(const T* p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+#endif
+};
+
+struct F32 {
+  using T = float;
+  static float load(T x) { return x; }
+  static T store(float f) { return f; }
+  static float round(float f) { return f; }
+#if PC_AVX512
+  static __m512 load16(const T* p) { return _mm512_loadu_ps(p); }
+#endif
+};
+
+#if PC_AVX512
+// exp(x) for a vector, ~1 ulp (Cephes' polynomial); exactly 0 for x below -88 (-inf included).
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-88.0f);
+  __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero), _mm512_scalef_ps(p, n));
+}
+
+inline float exp1(float x) {
+  alignas(64) float buf[16];
+  _mm512_store_ps(buf, exp16(_mm512_set1_ps(x)));
+  return buf[0];
+}
+#else
+inline float exp1(float x) { return x < -88.0f ? 0.0f : std::exp(x); }
+#endif
+
+// Softmax of each of the G rows of scores [G, W] in place, each probability rounded to the
+// storage type (PyTorch: softmax in float32, then .to(dtype)).
+template <class S>
+void softmax_rows(float* scores, int64_t G, int64_t W) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * W;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < W; ++j) mx = s[j] > mx ? s[j] : mx;
+    float sum = 0.0f;
+    int64_t j = 0;
+#if PC_AVX512
+    __m512 vmx = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+    for (; j + 16 <= W; j += 16) {
+      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx));
+      _mm512_storeu_ps(s + j, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; j < W; ++j) {
+      s[j] = exp1(s[j] - mx);
+      sum += s[j];
+    }
+    const float inv = 1.0f / sum;
+    for (j = 0; j < W; ++j) s[j] = S::round(s[j] * inv);
+  }
+}
+
+#if PC_AVX512
+// One key head's part of decode_attention, for GQ (a compile-time count) query heads per key
+// head, D a multiple of 32: the accumulators stay in registers.
+template <class S, int GQ>
+void attend_head(const float* qf, const typename S::T* keys, const typename S::T* values,
+                 const int64_t* srow, const float* mrow, float* sc, float* acc, int64_t KVH,
+                 int64_t kh, int64_t D, int64_t W, float scale) {
+  using T = typename S::T;
+  for (int64_t j = 0; j < W; ++j) {
+    const float m = mrow ? mrow[j] : 0.0f;
+    if (m == -INFINITY) {
+      for (int g = 0; g < GQ; ++g) sc[g * W + j] = -INFINITY;
+      continue;
+    }
+    const T* kp = keys + (srow[j] * KVH + kh) * D;
+    __m512 a[GQ];
+    for (int g = 0; g < GQ; ++g) a[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 k = S::load16(kp + d);
+      for (int g = 0; g < GQ; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + d), k, a[g]);
+    }
+    for (int g = 0; g < GQ; ++g) sc[g * W + j] = S::round(_mm512_reduce_add_ps(a[g])) * scale + m;
+  }
+  softmax_rows<S>(sc, GQ, W);
+  // 32 values of D at a time: each pass reads its own 64 bytes of each value row.
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    __m512 a0[GQ], a1[GQ];
+    for (int g = 0; g < GQ; ++g) a0[g] = a1[g] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < W; ++j) {
+      if (mrow && mrow[j] == -INFINITY) continue;
+      const T* vp = values + (srow[j] * KVH + kh) * D + d0;
+      const __m512 v0 = S::load16(vp), v1 = S::load16(vp + 16);
+      for (int g = 0; g < GQ; ++g) {
+        const __m512 p = _mm512_set1_ps(sc[g * W + j]);
+        a0[g] = _mm512_fmadd_ps(p, v0, a0[g]);
+        a1[g] = _mm512_fmadd_ps(p, v1, a1[g]);
+      }
+    }
+    for (int g = 0; g < GQ; ++g) {
+      _mm512_storeu_ps(acc + g * D + d0, a0[g]);
+      _mm512_storeu_ps(acc + g * D + d0 + 16, a1[g]);
+    }
+  }
+}
+#endif
+
+// One key head's part of decode_attention, any shape: plain loops.
+template <class S>
+void attend_head_any(const float* qf, const typename S::T* keys, const typename S::T* values,
+                     const int64_t* srow, const float* mrow, float* sc, float* acc, int64_t G,
+                     int64_t KVH, int64_t kh, int64_t D, int64_t W, float scale) {
+  using T = typename S::T;
+  for (int64_t j = 0; j < W; ++j) {
+    const float m = mrow ? mrow[j] : 0.0f;
+    if (m == -INFINITY) {
+      for (int64_t g = 0; g < G; ++g) sc[g * W + j] = -INFINITY;
+      continue;
+    }
+    const T* kp = keys + (srow[j] * KVH + kh) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) s += qf[g * D + d] * S::load(kp[d]);
+      sc[g * W + j] = S::round(s) * scale + m;
+    }
+  }
+  softmax_rows<S>(sc, G, W);
+  for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.0f;
+  for (int64_t j = 0; j < W; ++j) {
+    if (mrow && mrow[j] == -INFINITY) continue;
+    const T* vp = values + (srow[j] * KVH + kh) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = sc[g * W + j];
+      for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p * S::load(vp[d]);
+    }
+  }
+}
+
+// Attention of the decode queries q [B, H, D] (row stride q_stride, heads contiguous) over
+// the pool's keys and values [slots, KVH, D] at slots [B, W], with the additive float32 mask
+// [B, W] (nullptr: none); out [B, H, D] contiguous. Query head h reads key head h / (H / KVH).
+// As PyTorch's decode_attend: scores q.k rounded to the storage type, then * scale + mask and
+// softmax in float32, probabilities rounded, their product with the values accumulated in
+// float32 and rounded once. A masked key (-inf) is not read at all.
+template <class S>
+void decode_attention(const typename S::T* q, int64_t q_stride, const typename S::T* keys,
+                      const typename S::T* values, const int64_t* slots, const float* mask,
+                      typename S::T* out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                      int64_t W, float scale) {
+  using T = typename S::T;
+  const int64_t G = H / KVH;
+  std::vector<float> qf(G * D), sc(G * W), acc(G * D);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* srow = slots + b * W;
+    const float* mrow = mask ? mask + b * W : nullptr;
+    for (int64_t kh = 0; kh < KVH; ++kh) {
+      for (int64_t g = 0; g < G; ++g) {
+        const T* qp = q + b * q_stride + (kh * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = S::load(qp[d]);
+      }
+      const float* f = qf.data();
+      float* s = sc.data();
+      float* a = acc.data();
+      bool done = false;
+#if PC_AVX512
+      if (D % 32 == 0) {
+        done = true;
+        switch (G) {
+#define PC_CASE(n) \
+  case n:          \
+    attend_head<S, n>(f, keys, values, srow, mrow, s, a, KVH, kh, D, W, scale); \
+    break;
+          PC_CASE(1) PC_CASE(2) PC_CASE(3) PC_CASE(4) PC_CASE(5) PC_CASE(6) PC_CASE(7)
+          PC_CASE(8)
+#undef PC_CASE
+          default:
+            done = false;
+        }
+      }
+#endif
+      if (!done) attend_head_any<S>(f, keys, values, srow, mrow, s, a, G, KVH, kh, D, W, scale);
+      for (int64_t g = 0; g < G; ++g) {
+        T* op = out + (b * H + kh * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) op[d] = S::store(acc[g * D + d]);
+      }
+    }
+  }
+}
+
+// Sum of squares of n floats.
+inline float sum_squares(const float* x, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#if PC_AVX512
+  __m512 a = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    a = _mm512_fmadd_ps(v, v, a);
+  }
+  s = _mm512_reduce_add_ps(a);
+#endif
+  for (; i < n; ++i) s += x[i] * x[i];
+  return s;
+}
+
+// The two RMSNorms of the model families, on one row xf (float32) of n, into out:
+//   OFFSET (Gemma): out = T(x * r * w) with w = 1 + weight in float32;
+//   PLAIN (Llama): out = T(T(x * r) * w) with w in the storage type (PyTorch: weight *
+//   F.rms_norm(x), the norm rounded once, then the product rounded).
+// r = 1 / sqrt(mean(x^2) + eps). Returns nothing; w is the row of weights to use.
+enum NormMode { OFFSET = 0, PLAIN = 1 };
+
+template <class S>
+void norm_row(const float* xf, int64_t n, const void* w, float eps, int mode,
+              typename S::T* out) {
+  const float r = 1.0f / std::sqrt(sum_squares(xf, n) / static_cast<float>(n) + eps);
+  if (mode == OFFSET) {
+    const float* wf = static_cast<const float*>(w);
+    for (int64_t i = 0; i < n; ++i) out[i] = S::store(xf[i] * r * wf[i]);
+  } else {
+    const typename S::T* wt = static_cast<const typename S::T*>(w);
+    for (int64_t i = 0; i < n; ++i) out[i] = S::store(S::round(xf[i] * r) * S::load(wt[i]));
+  }
+}
+
+// out [rows, n] = norm(x) for x [rows, n] (row stride x_stride).
+template <class S>
+void rms_norm(const typename S::T* x, int64_t x_stride, int64_t rows, int64_t n, const void* w,
+              float eps, int mode, typename S::T* out) {
+  std::vector<float> xf(n);
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename S::T* xr = x + r * x_stride;
+    for (int64_t i = 0; i < n; ++i) xf[i] = S::load(xr[i]);
+    norm_row<S>(xf.data(), n, w, eps, mode, out + r * n);
+  }
+}
+
+// The residual stream's step between two parts of a layer, per row:
+//   x_out = T(x + (w1 ? norm1(a) : a)),  h_out = norm2(x_out)
+// (Gemma: x + post_norm(a), then the next pre_norm; Llama: x + a, then the next norm).
+// x, a, x_out, h_out: [rows, n] contiguous.
+template <class S>
+void residual_norm(const typename S::T* x, const typename S::T* a, int64_t rows, int64_t n,
+                   const void* w1, float eps1, const void* w2, float eps2, int mode,
+                   typename S::T* x_out, typename S::T* h_out) {
+  using T = typename S::T;
+  std::vector<float> af(n), xf(n);
+  std::vector<T> an(n);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * n;
+    const T* ar = a + r * n;
+    T* xo = x_out + r * n;
+    if (w1) {
+      for (int64_t i = 0; i < n; ++i) af[i] = S::load(ar[i]);
+      norm_row<S>(af.data(), n, w1, eps1, mode, an.data());
+      ar = an.data();
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = S::round(S::load(xr[i]) + S::load(ar[i]));
+      xf[i] = v;
+      xo[i] = S::store(v);
+    }
+    norm_row<S>(xf.data(), n, w2, eps2, mode, h_out + r * n);
+  }
+}
+
+// q and k of one step, normalised per head (table: [heads, D] of norm weights; mode < 0: no
+// norm) and rotated (cos, sin: [rows, D] in the storage type, sin's first half negated; null:
+// no rotation), as layers.HeadNorm and layers.apply_rope round:
+//   out = T(T(n * cos) + T(roll(n, D/2) * sin)).
+// qk: [rows, heads, D] with row stride qk_stride; out: [rows, heads, D] contiguous.
+template <class S>
+void qk_norm_rope(const typename S::T* qk, int64_t qk_stride, int64_t rows, int64_t heads,
+                  int64_t D, const void* table, float eps, int mode, const typename S::T* cos,
+                  const typename S::T* sin, typename S::T* out) {
+  using T = typename S::T;
+  std::vector<float> xf(D);
+  std::vector<T> normed(D);
+  const int64_t half = D / 2;
+  const size_t row_bytes = static_cast<size_t>(D) * sizeof(T);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* x = qk + r * qk_stride + h * D;
+      T* o = out + (r * heads + h) * D;
+      const T* n = x;
+      if (mode >= 0) {
+        for (int64_t i = 0; i < D; ++i) xf[i] = S::load(x[i]);
+        const size_t w_size = mode == OFFSET ? sizeof(float) : sizeof(T);
+        const void* w = static_cast<const char*>(table) + static_cast<size_t>(h * D) * w_size;
+        norm_row<S>(xf.data(), D, w, eps, mode, normed.data());
+        n = normed.data();
+      }
+      if (!cos) {
+        std::memcpy(o, n, row_bytes);
+        continue;
+      }
+      const T* c = cos + r * D;
+      const T* s = sin + r * D;
+      for (int64_t i = 0; i < D; ++i) {
+        const float rolled = S::load(n[i < half ? i + half : i - half]);
+        o[i] = S::store(S::round(S::load(n[i]) * S::load(c[i])) + S::round(rolled * S::load(s[i])));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 when the vector paths are compiled in (the Python side uses these kernels only then: the
+// portable loops are correct but not faster than PyTorch).
+int pc_vectorized() { return PC_AVX512; }
+
+void pc_decode_attention_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* keys,
+                              const uint16_t* values, const int64_t* slots, const float* mask,
+                              uint16_t* out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                              int64_t W, float scale) {
+  decode_attention<BF16>(q, q_stride, keys, values, slots, mask, out, B, H, KVH, D, W, scale);
+}
+
+void pc_decode_attention_f32(const float* q, int64_t q_stride, const float* keys,
+                             const float* values, const int64_t* slots, const float* mask,
+                             float* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t W,
+                             float scale) {
+  decode_attention<F32>(q, q_stride, keys, values, slots, mask, out, B, H, KVH, D, W, scale);
+}
+
+#define PC_NORMS(name, T, S)                                                                  \
+  void pc_rms_norm_##name(const T* x, int64_t x_stride, int64_t rows, int64_t n, const void* w, \
+                          float eps, int mode, T* out) {                                      \
+    rms_norm<S>(x, x_stride, rows, n, w, eps, mode, out);                                     \
+  }                                                                                           \
+  void pc_residual_norm_##name(const T* x, const T* a, int64_t rows, int64_t n, const void* w1, \
+                               float eps1, const void* w2, float eps2, int mode, T* x_out,    \
+                               T* h_out) {                                                    \
+    residual_norm<S>(x, a, rows, n, w1, eps1, w2, eps2, mode, x_out, h_out);                  \
+  }                                                                                           \
+  void pc_qk_norm_rope_##name(const T* qk, int64_t qk_stride, int64_t rows, int64_t heads,    \
+                              int64_t D, const void* table, float eps, int mode, const T* cos, \
+                              const T* sin, T* out) {                                         \
+    qk_norm_rope<S>(qk, qk_stride, rows, heads, D, table, eps, mode, cos, sin, out);          \
+  }
+
+PC_NORMS(bf16, uint16_t, BF16)
+PC_NORMS(f32, float, F32)
+
+}  // extern "C"

@@ -1,0 +1,353 @@
+"""The engine's own CPU kernels (``native.cpp``), built with the machine's C++ compiler and
+called through ctypes.
+
+A decode step of a small model on a CPU pays a fixed cost per PyTorch operation (dispatch,
+allocation, oneDNN's set-up for each small matmul) that is larger than the operation's
+arithmetic: attention from one query over 128 keys took ~90 us through PyTorch and takes
+~12 us here (docs/benchmarks.md). The file is plain C++ with no PyTorch headers, so it builds in
+about a second, once per machine and source (``-march=native``: the build is keyed by the CPU's
+features too), into ``directory()``; later starts load the built library.
+
+The kernels are used only where they pay: a CPU with AVX-512 (the vector paths; elsewhere the
+portable loops would be slower than PyTorch), tensors in bfloat16 or float32. Without a
+compiler, or with ``PROMPTCACHE_NATIVE=off``, everything runs through PyTorch as before. ctypes
+releases the GIL for the call's duration, so the HTTP threads run beside a kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.cpp")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17")
+"""No ``-ffast-math``: linking with it would set the CPU's flush-to-zero mode for the whole
+process, PyTorch included."""
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+_lock = threading.Lock()
+_loaded: Kernels | None = None
+_tried = False
+_directory: Path | None = None
+_disabled = 0
+
+
+def use_directory(path: Path) -> None:
+    """Build into (and load from) ``path`` (the engine's cache directory) unless the user chose
+    one (``PROMPTCACHE_NATIVE_DIR``) or a library is already loaded."""
+    global _directory
+    _directory = path
+
+
+def directory() -> Path:
+    chosen = os.environ.get("PROMPTCACHE_NATIVE_DIR")
+    if chosen:
+        return Path(chosen)
+    if _directory is not None:
+        return _directory
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "promptcache" / "native"
+
+
+def _cpu_features() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags where the OS lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def build(compiler: str, target_dir: Path) -> Path:
+    """The library for this source, compiler and CPU under ``target_dir``, compiled now unless
+    a previous build left it there. Raises ``RuntimeError`` when the compiler fails."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256(
+        "\n".join((SOURCE.read_text(), version, " ".join(FLAGS), _cpu_features())).encode()
+    ).hexdigest()[:16]
+    target = target_dir / f"promptcache-native-{key}.so"
+    if target.exists():
+        return target
+    target_dir.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: a concurrent start never loads half a file.
+    fd, tmp = tempfile.mkstemp(dir=target_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+class Kernels:
+    """The loaded library's functions, over tensors."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+        signatures = {
+            "decode_attention": [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32],
+            "rms_norm": [ptr, i64, i64, i64, ptr, f32, i32, ptr],
+            "residual_norm": [ptr, ptr, i64, i64, ptr, f32, ptr, f32, i32, ptr, ptr],
+            "qk_norm_rope": [ptr, i64, i64, i64, i64, ptr, f32, i32, ptr, ptr, ptr],
+        }
+        self._fns: dict[tuple[str, torch.dtype], Any] = {}
+        for op, argtypes in signatures.items():
+            for dtype, suffix in _DTYPES.items():
+                fn = getattr(library, f"pc_{op}_{suffix}")
+                fn.restype = None
+                fn.argtypes = argtypes
+                self._fns[op, dtype] = fn
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        slots: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """``attention.decode_attend``'s result, or None when these tensors are not the
+        kernel's (another dtype or device, a layout it does not read)."""
+        fn = self._fns.get(("decode_attention", q.dtype))
+        b, h, d = q.shape
+        if (
+            fn is None
+            or q.device.type != "cpu"
+            or q.stride(2) != 1
+            or q.stride(1) != d
+            or not (keys.is_contiguous() and values.is_contiguous() and slots.is_contiguous())
+            or keys.dtype != q.dtype
+            or values.dtype != q.dtype
+            or slots.dtype != torch.long
+            or (mask is not None and (mask.dtype != torch.float32 or not mask.is_contiguous()))
+        ):
+            return None
+        out = torch.empty((b, h, d), dtype=q.dtype)
+        fn(
+            q.data_ptr(),
+            q.stride(0),
+            keys.data_ptr(),
+            values.data_ptr(),
+            slots.data_ptr(),
+            None if mask is None else mask.data_ptr(),
+            out.data_ptr(),
+            b,
+            h,
+            keys.shape[1],
+            d,
+            slots.shape[1],
+            scale,
+        )
+        return out
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool
+    ) -> torch.Tensor | None:
+        """``layers.OffsetRMSNorm`` (``offset``: ``weight`` is ``1 + w`` in float32) or
+        ``layers.RMSNorm`` (``weight`` in ``x``'s dtype) of ``x [..., n]``; None when not
+        this kernel's."""
+        fn = self._fns.get(("rms_norm", x.dtype))
+        n = x.shape[-1]
+        if fn is None or not _fits(x, weight, offset) or weight.dim() != 1 or x.stride(-1) != 1:
+            return None
+        flat = x if x.dim() == 2 else x.reshape(-1, n)
+        if flat.dim() != 2 or flat.stride(1) != 1:
+            return None
+        out = torch.empty(x.shape, dtype=x.dtype)
+        fn(
+            flat.data_ptr(),
+            flat.stride(0),
+            flat.shape[0],
+            n,
+            weight.data_ptr(),
+            eps,
+            _mode(offset),
+            out.data_ptr(),
+        )
+        return out
+
+    def residual_norm(
+        self,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        pre: tuple[torch.Tensor, float] | None,
+        post: tuple[torch.Tensor, float],
+        offset: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``x + pre(a)`` (``x + a`` without ``pre``) and ``post`` of that, each norm given as
+        ``(weight, eps)`` as ``rms_norm`` takes them; None when not this kernel's."""
+        fn = self._fns.get(("residual_norm", x.dtype))
+        weights = [post[0]] if pre is None else [pre[0], post[0]]
+        if (
+            fn is None
+            or a.dtype != x.dtype
+            or a.shape != x.shape
+            or not (x.is_contiguous() and a.is_contiguous())
+            or not all(_fits(x, w, offset) and w.dim() == 1 for w in weights)
+        ):
+            return None
+        n = x.shape[-1]
+        x_out = torch.empty(x.shape, dtype=x.dtype)
+        h_out = torch.empty(x.shape, dtype=x.dtype)
+        fn(
+            x.data_ptr(),
+            a.data_ptr(),
+            x.numel() // n,
+            n,
+            None if pre is None else pre[0].data_ptr(),
+            0.0 if pre is None else pre[1],
+            post[0].data_ptr(),
+            post[1],
+            _mode(offset),
+            x_out.data_ptr(),
+            h_out.data_ptr(),
+        )
+        return x_out, h_out
+
+    def qk_norm_rope(
+        self,
+        qk: torch.Tensor,
+        norm: tuple[torch.Tensor, float] | None,
+        offset: bool,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor | None:
+        """``layers.HeadNorm`` (``norm``: its ``(table, eps)``) then ``layers.apply_rope`` on
+        ``qk [T, heads, D]``, either one optional; None when not this kernel's."""
+        fn = self._fns.get(("qk_norm_rope", qk.dtype))
+        t, heads, d = qk.shape
+        if (
+            fn is None
+            or qk.stride(2) != 1
+            or qk.stride(1) != d
+            or (norm is not None and not _fits(qk, norm[0], offset))
+            or (norm is not None and norm[0].shape != (heads, d))
+        ):
+            return None
+        if rope is not None:
+            cos, sin = rope
+            if not (
+                cos.dtype == sin.dtype == qk.dtype
+                and cos.is_contiguous()
+                and sin.is_contiguous()
+                and cos.numel() == sin.numel() == t * d
+            ):
+                return None
+        out = torch.empty((t, heads, d), dtype=qk.dtype)
+        fn(
+            qk.data_ptr(),
+            qk.stride(0),
+            t,
+            heads,
+            d,
+            None if norm is None else norm[0].data_ptr(),
+            0.0 if norm is None else norm[1],
+            -1 if norm is None else _mode(offset),
+            None if rope is None else rope[0].data_ptr(),
+            None if rope is None else rope[1].data_ptr(),
+            out.data_ptr(),
+        )
+        return out
+
+
+def _mode(offset: bool) -> int:
+    """native.cpp's NormMode."""
+    return 0 if offset else 1
+
+
+def _fits(x: torch.Tensor, weight: torch.Tensor, offset: bool) -> bool:
+    """Whether ``weight`` is a norm weight the kernels read for ``x``: contiguous, as long as
+    ``x``'s rows (or a table of such rows), float32 for an offset norm, else ``x``'s dtype."""
+    return (
+        x.device.type == "cpu"
+        and weight.is_contiguous()
+        and weight.dtype == (torch.float32 if offset else x.dtype)
+        and weight.shape[-1] == x.shape[-1]
+    )
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run PyTorch's code instead of the kernels inside (side-by-side benchmarks, tests);
+    affects every thread."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def kernels() -> Kernels | None:
+    """The kernels, built and loaded on first use; None where they are not used (see the
+    module's docstring, and ``disabled``). A failed build is logged once and not retried."""
+    global _loaded, _tried
+    if _disabled:
+        return None
+    if _tried:
+        return _loaded
+    with _lock:
+        if not _tried:
+            _loaded = _load()
+            _tried = True
+    return _loaded
+
+
+def _load() -> Kernels | None:
+    if os.environ.get("PROMPTCACHE_NATIVE", "").lower() in ("0", "off", "false", "no"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C++ compiler: the engine's CPU kernels are not built")
+        return None
+    try:
+        library = ctypes.CDLL(str(build(compiler, directory())))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("the engine's CPU kernels could not be built, using PyTorch's: %s", exc)
+        return None
+    if not library.pc_vectorized():
+        log.info("no AVX-512 here: the engine's CPU kernels are not used")
+        return None
+    return Kernels(library)
+
+
+__all__ = [
+    "FLAGS",
+    "SOURCE",
+    "Kernels",
+    "build",
+    "directory",
+    "disabled",
+    "kernels",
+    "use_directory",
+]

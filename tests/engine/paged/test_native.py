@@ -1,0 +1,257 @@
+"""The engine's CPU kernels (``native``): each computes what the PyTorch code it replaces
+computes (the same roundings, float additions in another order), row by row independently of
+the other rows, and the engine with them keeps hits exact."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from promptcache.engine.paged import native
+from promptcache.engine.paged.attention import decode_attend
+from promptcache.engine.paged.models.layers import (
+    HeadNorm,
+    OffsetRMSNorm,
+    RMSNorm,
+    apply_rope,
+    residual_norm,
+)
+from promptcache.engine.paged.models.rope import Rotary
+
+KERNELS = native.kernels()
+pytestmark = pytest.mark.skipif(
+    KERNELS is None, reason="no C++ compiler or no AVX-512 here: the kernels are not used"
+)
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def close(dtype: torch.dtype) -> dict[str, float]:
+    """Tolerances between two computations that differ in the order of float additions:
+    float32 rounding error, or one bfloat16 rounding (2^-8 relative)."""
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}
+
+
+def kernels() -> native.Kernels:
+    assert KERNELS is not None
+    return KERNELS
+
+
+def pool(slots: int, kv_heads: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(slots, kv_heads, d, generator=gen).to(dtype)
+    values = torch.randn(slots, kv_heads, d, generator=gen).to(dtype)
+    return keys, values
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d"),
+    [(4, 1, 256), (9, 3, 64), (4, 2, 16), (12, 1, 32), (2, 2, 48)],  # vector paths and loops
+)
+def test_decode_attention_matches_pytorch(
+    dtype: torch.dtype, heads: int, kv_heads: int, d: int
+) -> None:
+    keys, values = pool(600, kv_heads, d, dtype)
+    gen = torch.Generator().manual_seed(4)
+    # Queries as the model passes them: a slice of the q/k/v slab, rows further apart.
+    slab = torch.randn(3, heads + 2 * kv_heads, d, generator=gen).to(dtype)
+    q = slab[:, :heads]
+    width = 320
+    slots = torch.randint(1, 600, (3, width), generator=gen)
+    mask = torch.zeros(3, 1, 1, width)
+    lengths = (width, 250, 7)
+    for row, length in enumerate(lengths):
+        mask[row, 0, 0, length:] = float("-inf")
+        slots[row, length:] = 0
+    for m in (mask, None):
+        got = decode_attend(q, keys, values, slots, m, 0.125)
+        with native.disabled():
+            want = decode_attend(q, keys, values, slots, m, 0.125)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, **close(dtype))
+
+
+def test_a_masked_key_is_never_read() -> None:
+    keys, values = pool(64, 1, 64, torch.float32)
+    q = torch.randn(1, 2, 64)
+    slots = torch.arange(40).unsqueeze(0)
+    mask = torch.zeros(1, 1, 1, 40)
+    mask[..., 30:] = float("-inf")
+    want = kernels().decode_attention(q, keys, values, slots, mask, 0.1)
+    keys[30:40] = float("nan")
+    values[30:40] = float("nan")
+    got = kernels().decode_attention(q, keys, values, slots, mask, 0.1)
+    assert got is not None and want is not None
+    assert torch.equal(got, want)
+
+
+def test_tensors_the_kernels_do_not_read_fall_back() -> None:
+    keys, values = pool(8, 1, 32, torch.float16)
+    q = torch.randn(1, 2, 32).to(torch.float16)
+    slots = torch.arange(4).unsqueeze(0)
+    assert kernels().decode_attention(q, keys, values, slots, None, 0.1) is None
+    x = torch.randn(3, 32)
+    assert kernels().rms_norm(x, torch.ones(32, dtype=torch.float64), 1e-6, offset=True) is None
+    assert kernels().rms_norm(x.t(), torch.ones(3), 1e-6, offset=True) is None
+
+
+def norms(dtype: torch.dtype, n: int, seed: int) -> tuple[OffsetRMSNorm, RMSNorm]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=gen) * 0.5
+    return OffsetRMSNorm(1.0 + w, 1e-6), RMSNorm(w.to(dtype), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [64, 640, 40])
+def test_norms_match_pytorch(dtype: torch.dtype, n: int) -> None:
+    x = (torch.randn(5, n) * 3).to(dtype)
+    for norm in norms(dtype, n, 5):
+        got = norm(x)
+        with native.disabled():
+            want = norm(x)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **close(dtype))
+        # The 3-D and strided views the layers pass.
+        torch.testing.assert_close(norm(x.view(5, 1, n)), want.view(5, 1, n))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_norm_matches_pytorch(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 64, generator=gen).to(dtype)
+    a = (torch.randn(7, 64, generator=gen) * 4).to(dtype)
+    offset, plain = norms(dtype, 64, 7)
+    offset2, plain2 = norms(dtype, 64, 8)
+    for pre, post in ((offset, offset2), (plain, plain2), (None, plain), (None, offset)):
+        got = residual_norm(x, a, pre, post)
+        with native.disabled():
+            want = residual_norm(x, a, pre, post)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, **close(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [True, False])
+def test_head_norm_and_rope_match_pytorch(dtype: torch.dtype, offset: bool) -> None:
+    heads, kv_heads, d, t = 4, 1, 64, 6
+    gen = torch.Generator().manual_seed(9)
+    slab = (torch.randn(t, heads + 2 * kv_heads, d, generator=gen) * 2).to(dtype)
+    qk = slab[:, : heads + kv_heads]  # strided, as the model passes it
+    w = torch.randn(d, generator=gen) * 0.3
+    table = torch.cat([(1.0 + w if offset else w.to(dtype)).expand(heads + kv_heads, -1)])
+    norm = HeadNorm(table.contiguous(), 1e-6, offset)
+    rope = Rotary(torch.rand(d // 2), 1.0)(torch.arange(100, 100 + t), dtype)
+    for args, r in (((norm.table, norm.eps), rope), ((norm.table, norm.eps), None), (None, rope)):
+        got = kernels().qk_norm_rope(qk, args, offset, r)
+        want = norm(qk) if args is not None else qk
+        if r is not None:
+            want = apply_rope(want, *r)
+        assert got is not None
+        torch.testing.assert_close(got, want, **close(dtype))
+
+
+def test_each_row_is_computed_alone() -> None:
+    """What lets a cache hit reproduce a cold run: a row's result never depends on which other
+    rows share its call (a prompt is cut into different chunks cold and on a hit)."""
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(9, 640, generator=gen).to(dtype)
+    a = torch.randn(9, 640, generator=gen).to(dtype)
+    offset, _ = norms(dtype, 640, 11)
+    offset2, _ = norms(dtype, 640, 12)
+    whole = residual_norm(x, a, offset, offset2)
+    for lo, hi in ((0, 1), (3, 9), (4, 5)):
+        part = residual_norm(x[lo:hi], a[lo:hi], offset, offset2)
+        for p, w in zip(part, whole, strict=True):
+            assert torch.equal(p, w[lo:hi])
+    keys, values = pool(300, 1, 256, dtype)
+    q = torch.randn(4, 4, 256, generator=gen).to(dtype)
+    slots = torch.randint(1, 300, (4, 128), generator=gen)
+    both = decode_attend(q, keys, values, slots, None, 0.0625)
+    assert torch.equal(decode_attend(q[2:3], keys, values, slots[2:3], None, 0.0625), both[2:3])
+
+
+def test_the_build_is_cached_by_source_and_machine(tmp_path: Path) -> None:
+    compiler = native._compiler()
+    assert compiler is not None
+    first = native.build(compiler, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(compiler, tmp_path) == first
+    assert first.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_a_failing_compiler_is_reported(tmp_path: Path) -> None:
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match="broken compiler"):
+        native.build(str(fake), tmp_path / "out")
+
+
+def test_they_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMPTCACHE_NATIVE", "off")
+    assert native._load() is None
+    monkeypatch.delenv("PROMPTCACHE_NATIVE")
+    assert native._load() is not None
+    with native.disabled():
+        assert native.kernels() is None
+    assert native.kernels() is KERNELS
+
+
+def test_no_kernel_runs_inside_a_compiled_graph() -> None:
+    """Dynamo cannot trace a ctypes call: the compiled step keeps PyTorch's operations."""
+    norm, _ = norms(torch.float32, 64, 13)
+    compiled = torch.compile(norm, fullgraph=True, dynamic=False, backend="eager")
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(compiled(x), norm(x))
+
+
+def test_the_default_directory_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMPTCACHE_NATIVE_DIR", os.fspath(Path("somewhere")))
+    assert native.directory() == Path("somewhere")
+    monkeypatch.delenv("PROMPTCACHE_NATIVE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "cachehome")
+    monkeypatch.setattr(native, "_directory", None)
+    assert native.directory() == Path("cachehome") / "promptcache" / "native"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_an_engine_with_the_kernels_keeps_hits_exact(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from promptcache.engine.hf.testing import build_tiny_engine
+    from tests.engine.paged.test_int8 import assert_hits_exact
+
+    calls: dict[str, int] = {}
+    for name in ("decode_attention", "rms_norm", "residual_norm", "qk_norm_rope"):
+        real = getattr(native.Kernels, name)
+
+        def counted(
+            self: native.Kernels, *args: object, _real: Any = real, _name: str = name, **kw: Any
+        ) -> object:
+            out = _real(self, *args, **kw)
+            calls[_name] = calls.get(_name, 0) + (out is not None)
+            return out
+
+        monkeypatch.setattr(native.Kernels, name, counted)
+    assert_hits_exact(build_tiny_engine(kind, dtype=torch.bfloat16, decode_int8=True))
+    # Every kernel ran (and none was turned down) while the engine computed.
+    assert set(calls) == {"decode_attention", "rms_norm", "residual_norm", "qk_norm_rope"}
+    assert all(calls.values())
+
+
+def test_rms_norm_reference_formula() -> None:
+    """The offset norm in plain formulas (transformers' Gemma3RMSNorm), as an anchor that does
+    not go through either implementation's code."""
+    x = torch.randn(3, 64)
+    norm, _ = norms(torch.float32, 64, 14)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.scale
+    torch.testing.assert_close(norm(x), want)
+    torch.testing.assert_close(F.rms_norm(x, (64,), norm.scale, 1e-6), want)
