@@ -24,6 +24,10 @@
 
 namespace {
 
+// Elements of work below which a kernel stays on the calling thread: waking the others
+// (OpenMP, the same runtime and threads as PyTorch's) costs more than it saves.
+constexpr int64_t PARALLEL_MIN_WORK = 1 << 16;
+
 inline float bf16_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
@@ -210,11 +214,17 @@ void decode_attention(const typename S::T* q, int64_t q_stride, const typename S
                       int64_t W, float scale) {
   using T = typename S::T;
   const int64_t G = H / KVH;
-  std::vector<float> qf(G * D), sc(G * W), acc(G * D);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t* srow = slots + b * W;
-    const float* mrow = mask ? mask + b * W : nullptr;
-    for (int64_t kh = 0; kh < KVH; ++kh) {
+  const int64_t units = B * KVH;
+  // Units (a row's key head) split over the threads when there are several and enough work
+  // to cover waking them (a unit's result does not depend on which thread computes it).
+#pragma omp parallel if (units > 1 && units * W * D >= PARALLEL_MIN_WORK)
+  {
+    std::vector<float> qf(G * D), sc(G * W), acc(G * D);
+#pragma omp for schedule(static)
+    for (int64_t unit = 0; unit < units; ++unit) {
+      const int64_t b = unit / KVH, kh = unit % KVH;
+      const int64_t* srow = slots + b * W;
+      const float* mrow = mask ? mask + b * W : nullptr;
       for (int64_t g = 0; g < G; ++g) {
         const T* qp = q + b * q_stride + (kh * G + g) * D;
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = S::load(qp[d]);
@@ -288,11 +298,15 @@ void norm_row(const float* xf, int64_t n, const void* w, float eps, int mode,
 template <class S>
 void rms_norm(const typename S::T* x, int64_t x_stride, int64_t rows, int64_t n, const void* w,
               float eps, int mode, typename S::T* out) {
-  std::vector<float> xf(n);
-  for (int64_t r = 0; r < rows; ++r) {
-    const typename S::T* xr = x + r * x_stride;
-    for (int64_t i = 0; i < n; ++i) xf[i] = S::load(xr[i]);
-    norm_row<S>(xf.data(), n, w, eps, mode, out + r * n);
+#pragma omp parallel if (rows > 1 && rows * n >= PARALLEL_MIN_WORK)
+  {
+    std::vector<float> xf(n);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const typename S::T* xr = x + r * x_stride;
+      for (int64_t i = 0; i < n; ++i) xf[i] = S::load(xr[i]);
+      norm_row<S>(xf.data(), n, w, eps, mode, out + r * n);
+    }
   }
 }
 
@@ -305,23 +319,27 @@ void residual_norm(const typename S::T* x, const typename S::T* a, int64_t rows,
                    const void* w1, float eps1, const void* w2, float eps2, int mode,
                    typename S::T* x_out, typename S::T* h_out) {
   using T = typename S::T;
-  std::vector<float> af(n), xf(n);
-  std::vector<T> an(n);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * n;
-    const T* ar = a + r * n;
-    T* xo = x_out + r * n;
-    if (w1) {
-      for (int64_t i = 0; i < n; ++i) af[i] = S::load(ar[i]);
-      norm_row<S>(af.data(), n, w1, eps1, mode, an.data());
-      ar = an.data();
+#pragma omp parallel if (rows > 1 && rows * n >= PARALLEL_MIN_WORK)
+  {
+    std::vector<float> af(n), xf(n);
+    std::vector<T> an(n);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* xr = x + r * n;
+      const T* ar = a + r * n;
+      T* xo = x_out + r * n;
+      if (w1) {
+        for (int64_t i = 0; i < n; ++i) af[i] = S::load(ar[i]);
+        norm_row<S>(af.data(), n, w1, eps1, mode, an.data());
+        ar = an.data();
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = S::round(S::load(xr[i]) + S::load(ar[i]));
+        xf[i] = v;
+        xo[i] = S::store(v);
+      }
+      norm_row<S>(xf.data(), n, w2, eps2, mode, h_out + r * n);
     }
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = S::round(S::load(xr[i]) + S::load(ar[i]));
-      xf[i] = v;
-      xo[i] = S::store(v);
-    }
-    norm_row<S>(xf.data(), n, w2, eps2, mode, h_out + r * n);
   }
 }
 
@@ -335,31 +353,36 @@ void qk_norm_rope(const typename S::T* qk, int64_t qk_stride, int64_t rows, int6
                   int64_t D, const void* table, float eps, int mode, const typename S::T* cos,
                   const typename S::T* sin, typename S::T* out) {
   using T = typename S::T;
-  std::vector<float> xf(D);
-  std::vector<T> normed(D);
   const int64_t half = D / 2;
   const size_t row_bytes = static_cast<size_t>(D) * sizeof(T);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t h = 0; h < heads; ++h) {
-      const T* x = qk + r * qk_stride + h * D;
-      T* o = out + (r * heads + h) * D;
-      const T* n = x;
-      if (mode >= 0) {
-        for (int64_t i = 0; i < D; ++i) xf[i] = S::load(x[i]);
-        const size_t w_size = mode == OFFSET ? sizeof(float) : sizeof(T);
-        const void* w = static_cast<const char*>(table) + static_cast<size_t>(h * D) * w_size;
-        norm_row<S>(xf.data(), D, w, eps, mode, normed.data());
-        n = normed.data();
-      }
-      if (!cos) {
-        std::memcpy(o, n, row_bytes);
-        continue;
-      }
-      const T* c = cos + r * D;
-      const T* s = sin + r * D;
-      for (int64_t i = 0; i < D; ++i) {
-        const float rolled = S::load(n[i < half ? i + half : i - half]);
-        o[i] = S::store(S::round(S::load(n[i]) * S::load(c[i])) + S::round(rolled * S::load(s[i])));
+#pragma omp parallel if (rows > 1 && rows * heads * D >= PARALLEL_MIN_WORK)
+  {
+    std::vector<float> xf(D);
+    std::vector<T> normed(D);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const T* x = qk + r * qk_stride + h * D;
+        T* o = out + (r * heads + h) * D;
+        const T* n = x;
+        if (mode >= 0) {
+          for (int64_t i = 0; i < D; ++i) xf[i] = S::load(x[i]);
+          const size_t w_size = mode == OFFSET ? sizeof(float) : sizeof(T);
+          const void* w = static_cast<const char*>(table) + static_cast<size_t>(h * D) * w_size;
+          norm_row<S>(xf.data(), D, w, eps, mode, normed.data());
+          n = normed.data();
+        }
+        if (!cos) {
+          std::memcpy(o, n, row_bytes);
+          continue;
+        }
+        const T* c = cos + r * D;
+        const T* s = sin + r * D;
+        for (int64_t i = 0; i < D; ++i) {
+          const float rolled = S::load(n[i < half ? i + half : i - half]);
+          const float turned = S::round(rolled * S::load(s[i]));
+          o[i] = S::store(S::round(S::load(n[i]) * S::load(c[i])) + turned);
+        }
       }
     }
   }
