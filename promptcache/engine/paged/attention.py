@@ -108,6 +108,15 @@ class PagedAttention:
     def pool(self) -> KVPool:
         return self._pool
 
+    def decode_keys(
+        self, windows: Sequence[int | None]
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """For a step of decode tokens only: per window in ``windows``, the key slots
+        ``[B, W]`` each token reads and their additive float32 mask ``[B, 1, 1, W]``, None
+        where nothing is masked."""
+        keys = [self._decode[w] for w in windows]
+        return [(k.slots, k.additive(torch.float32)) for k in keys]
+
     def decode_inputs(
         self, windows: Sequence[int | None]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

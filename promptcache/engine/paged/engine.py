@@ -45,6 +45,7 @@ from promptcache.engine.paged.codec import PagedCodec
 from promptcache.engine.paged.compiled import CompiledDecode
 from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.int8 import DecodeSwitch
+from promptcache.engine.paged.native_decode import NativeDecode
 from promptcache.engine.paged.pool import KVPool, PoolExhausted, PoolPayload
 from promptcache.engine.sampling import make_generator, sample_token
 
@@ -137,6 +138,11 @@ class PagedEngine:
         self._max_batch = max_batch_tokens
         self._decode_switch = decode_switch
         self._last_step = 0.0
+        # Narrow decode steps run in the engine's own kernels where they can (int8 weights, a
+        # CPU with them): one call for the whole model instead of ~400 operations.
+        self.native_decode: NativeDecode | None = None
+        if decode_switch is not None:
+            self.native_decode = NativeDecode.build(model, self._attn, decode_switch.max_rows)
         self.compiled: CompiledDecode | None = None
         if compile_decode:
             if decode_switch is None:
@@ -347,9 +353,12 @@ class PagedEngine:
             input_ids = torch.tensor(ids, dtype=torch.long, device=self._device)
             pos = torch.tensor(positions, dtype=torch.long, device=self._device)
             hidden = None
-            if self.compiled is not None and self.compiled.covers(
-                len(decode), len(ids) - len(decode)
+            num_prompt = len(ids) - len(decode)
+            if self.native_decode is not None and self.native_decode.covers(
+                len(decode), num_prompt
             ):
+                hidden = self.native_decode(input_ids, pos)
+            elif self.compiled is not None and self.compiled.covers(len(decode), num_prompt):
                 hidden = self.compiled(input_ids, pos, self._attn)
             if hidden is None:
                 # The last layer finishes only the sampled rows (``CausalLM.forward``).

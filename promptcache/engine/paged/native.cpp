@@ -10,6 +10,7 @@
 // rounding to the storage type exactly where the PyTorch code it replaces rounds (documented
 // per function), so the two paths agree up to the order of float additions.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -388,6 +389,190 @@ void qk_norm_rope(const typename S::T* qk, int64_t qk_stride, int64_t rows, int6
   }
 }
 
+// y [B, N] = x [B, K] W^T for int8 W [N, K] with one scale per output row (the storage
+// type), and an optional bias: y = T(T(sum_k x w * s) + b), as models.int8.Int8Linear rounds
+// (the product rounded once, then the bias added). xf: x converted to float32, [B, K].
+template <class S>
+void gemv_int8(const float* xf, int64_t B, int64_t K, const int8_t* w,
+               const typename S::T* scales, const typename S::T* bias, int64_t N,
+               typename S::T* y) {
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* wr = w + n * K;
+    const float s = S::load(scales[n]);
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+      const int64_t bn = B - b0 < 4 ? B - b0 : 4;
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      int64_t k = 0;
+#if PC_AVX512
+      __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+      for (; k + 16 <= K; k += 16) {
+        const __m512 wv = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))));
+        for (int64_t b = 0; b < bn; ++b)
+          a[b] = _mm512_fmadd_ps(_mm512_loadu_ps(xf + (b0 + b) * K + k), wv, a[b]);
+      }
+      for (int64_t b = 0; b < bn; ++b) acc[b] = _mm512_reduce_add_ps(a[b]);
+#endif
+      for (; k < K; ++k)
+        for (int64_t b = 0; b < bn; ++b) acc[b] += xf[(b0 + b) * K + k] * wr[k];
+      for (int64_t b = 0; b < bn; ++b) {
+        float v = S::round(acc[b] * s);
+        if (bias) v = S::round(v + S::load(bias[n]));
+        y[(b0 + b) * N + n] = S::store(v);
+      }
+    }
+  }
+}
+
+template <class S>
+void to_float(const typename S::T* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = S::load(x[i]);
+}
+
+enum Act { GELU_TANH = 0, SILU = 1 };
+
+// The gated MLP's middle, per row: out = T(T(act(gate)) * up) for gu = [gate | up] ([B, 2I]),
+// as PyTorch's F.gelu(approximate="tanh") / F.silu in float32, rounded, times up, rounded.
+template <class S>
+void gated_act(const typename S::T* gu, int64_t B, int64_t I, int act, float* out_f) {
+  for (int64_t b = 0; b < B; ++b) {
+    const typename S::T* g = gu + b * 2 * I;
+    const typename S::T* u = g + I;
+    float* o = out_f + b * I;
+    int64_t i = 0;
+#if PC_AVX512
+    for (; i + 16 <= I; i += 16) {
+      const __m512 x = S::load16(g + i);
+      __m512 y;
+      if (act == GELU_TANH) {
+        // tanh(z) = 1 - 2 / (exp(2z) + 1)
+        const __m512 z = _mm512_mul_ps(
+            _mm512_set1_ps(0.7978845608028654f),
+            _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+        const __m512 e = exp16(_mm512_add_ps(z, z));
+        const __m512 t = _mm512_sub_ps(
+            _mm512_set1_ps(1.0f),
+            _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+        y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x),
+                          _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+      } else {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        y = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      }
+      alignas(64) float ys[16];
+      _mm512_store_ps(ys, y);
+      for (int j = 0; j < 16; ++j) o[i + j] = S::round(S::round(ys[j]) * S::load(u[i + j]));
+    }
+#endif
+    for (; i < I; ++i) {
+      const float x = S::load(g[i]);
+      float y;
+      if (act == GELU_TANH) {
+        y = 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+      } else {
+        y = x / (1.0f + std::exp(-x));
+      }
+      o[i] = S::round(S::round(y) * S::load(u[i]));
+    }
+  }
+}
+
+}  // namespace
+
+// One layer of a decode step, as the Python side lays it out (native.py's _Layer).
+struct PcLayer {
+  const int8_t* w[4];       // int8 weights: qkv, o, gate_up, down
+  const void* scales[4];    // their per-row scales (storage type)
+  const void* bias[4];      // their biases or null
+  const void* norm_w[4];    // Gemma: input, post-attention, pre-MLP, post-MLP norms;
+                            // Llama: input, (null), post-attention, (null)
+  float norm_eps[4];
+  const void* head_norm;    // q/k norm table [heads + kv_heads, D] or null
+  float head_eps;
+  int rope;                 // index of the step's cos/sin, or -1
+  int window;               // index of the step's key slots and mask
+  float scale;              // softmax scale
+  void* keys;               // the pool's keys and values of this layer: [slots, KVH, D]
+  void* values;
+};
+
+struct PcModel {
+  int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate;
+  int norm_mode;            // NormMode
+  int act;                  // Act
+  const void* final_norm;
+  float final_eps;
+  const PcLayer* layers;
+};
+
+// The step's per-row inputs (native.py's _Step).
+struct PcStep {
+  int64_t rows;
+  const void* x;            // embeddings [rows, hidden] (scaled, for Gemma)
+  const void* cos[4];       // per rope table: [rows, D]
+  const void* sin[4];
+  const int64_t* slot_mapping;   // [rows]: where each row's key and value go
+  const int64_t* slots[4];  // per window: [rows, width]
+  const float* masks[4];    // per window: [rows, width] additive, or null
+  int64_t widths[4];
+  void* out;                // final hidden states [rows, hidden] (after the final norm)
+};
+
+namespace {
+
+template <class S>
+void decode_step(const PcModel& m, const PcStep& st) {
+  using T = typename S::T;
+  const int64_t B = st.rows, E = m.hidden, H = m.heads, KVH = m.kv_heads, D = m.head_dim;
+  const int64_t I = m.intermediate, QKV = (H + 2 * KVH) * D, QK = H + KVH;
+  std::vector<T> x(B * E), h(B * E), x2(B * E), qkv(B * QKV), qk(B * QK * D), att(B * H * D),
+      proj(B * std::max(2 * I, E));
+  std::vector<float> xf(B * std::max({E, H * D, I}));
+  std::memcpy(x.data(), st.x, sizeof(T) * B * E);
+  const PcLayer& first = m.layers[0];
+  rms_norm<S>(x.data(), E, B, E, first.norm_w[0], first.norm_eps[0], m.norm_mode, h.data());
+  const bool gemma = m.norm_mode == OFFSET;
+  for (int64_t l = 0; l < m.num_layers; ++l) {
+    const PcLayer& L = m.layers[l];
+    to_float<S>(h.data(), B * E, xf.data());
+    gemv_int8<S>(xf.data(), B, E, L.w[0], static_cast<const T*>(L.scales[0]),
+                 static_cast<const T*>(L.bias[0]), QKV, qkv.data());
+    const T* cos = L.rope >= 0 ? static_cast<const T*>(st.cos[L.rope]) : nullptr;
+    const T* sin = L.rope >= 0 ? static_cast<const T*>(st.sin[L.rope]) : nullptr;
+    qk_norm_rope<S>(qkv.data(), QKV, B, QK, D, L.head_norm, L.head_eps,
+                    L.head_norm ? m.norm_mode : -1, cos, sin, qk.data());
+    T* keys = static_cast<T*>(L.keys);
+    T* values = static_cast<T*>(L.values);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t slot = st.slot_mapping[b];
+      std::memcpy(keys + slot * KVH * D, qk.data() + (b * QK + H) * D, sizeof(T) * KVH * D);
+      std::memcpy(values + slot * KVH * D, qkv.data() + b * QKV + QK * D, sizeof(T) * KVH * D);
+    }
+    decode_attention<S>(qk.data(), QK * D, keys, values, st.slots[L.window],
+                        st.masks[L.window], att.data(), B, H, KVH, D, st.widths[L.window],
+                        L.scale);
+    to_float<S>(att.data(), B * H * D, xf.data());
+    gemv_int8<S>(xf.data(), B, H * D, L.w[1], static_cast<const T*>(L.scales[1]),
+                 static_cast<const T*>(L.bias[1]), E, proj.data());
+    residual_norm<S>(x.data(), proj.data(), B, E, gemma ? L.norm_w[1] : nullptr, L.norm_eps[1],
+                     L.norm_w[2], L.norm_eps[2], m.norm_mode, x2.data(), h.data());
+    to_float<S>(h.data(), B * E, xf.data());
+    gemv_int8<S>(xf.data(), B, E, L.w[2], static_cast<const T*>(L.scales[2]),
+                 static_cast<const T*>(L.bias[2]), 2 * I, proj.data());
+    gated_act<S>(proj.data(), B, I, m.act, xf.data());
+    gemv_int8<S>(xf.data(), B, I, L.w[3], static_cast<const T*>(L.scales[3]),
+                 static_cast<const T*>(L.bias[3]), E, proj.data());
+    const bool last = l + 1 == m.num_layers;
+    const void* next_w = last ? m.final_norm : m.layers[l + 1].norm_w[0];
+    const float next_eps = last ? m.final_eps : m.layers[l + 1].norm_eps[0];
+    residual_norm<S>(x2.data(), proj.data(), B, E, gemma ? L.norm_w[3] : nullptr, L.norm_eps[3],
+                     next_w, next_eps, m.norm_mode, x.data(),
+                     last ? static_cast<T*>(st.out) : h.data());
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -428,5 +613,13 @@ void pc_decode_attention_f32(const float* q, int64_t q_stride, const float* keys
 
 PC_NORMS(bf16, uint16_t, BF16)
 PC_NORMS(f32, float, F32)
+
+// Sizes of the structs, for the Python side to check its layout against.
+int64_t pc_sizeof_layer() { return sizeof(PcLayer); }
+int64_t pc_sizeof_model() { return sizeof(PcModel); }
+int64_t pc_sizeof_step() { return sizeof(PcStep); }
+
+void pc_decode_step_bf16(const PcModel* m, const PcStep* st) { decode_step<BF16>(*m, *st); }
+void pc_decode_step_f32(const PcModel* m, const PcStep* st) { decode_step<F32>(*m, *st); }
 
 }  // extern "C"

@@ -113,6 +113,8 @@ class Kernels:
     """The loaded library's functions, over tensors."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
+        self.library = library
+        """The library itself (``native_decode`` calls its whole-step function)."""
         ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
         signatures = {
             "decode_attention": [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32],

@@ -41,6 +41,9 @@ def compiled_engine() -> Iterator[PagedEngine]:
     if not compiler_available():
         pytest.skip("no C++ compiler (g++)")
     engine = build_tiny_engine("gemma3", decode_int8=True, compile_decode=True)
+    # The compiled graphs are what these tests exercise: narrow decode steps would otherwise
+    # run in the engine's own kernels (``NativeDecode``), which take them first.
+    engine.native_decode = None
     assert engine.compiled is not None
     assert engine.compiled.ready.wait(timeout=900), "compilation did not finish"
     assert engine.compiled.failed is None
@@ -48,7 +51,9 @@ def compiled_engine() -> Iterator[PagedEngine]:
 
 
 def eager_twin() -> PagedEngine:
-    return build_tiny_engine("gemma3", decode_int8=True)
+    engine = build_tiny_engine("gemma3", decode_int8=True)
+    engine.native_decode = None  # the PyTorch model, as the compiled graphs trace it
+    return engine
 
 
 @needs_compiler

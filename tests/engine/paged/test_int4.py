@@ -127,3 +127,14 @@ def test_top_indices_are_topk_s(rows: int) -> None:
     for row in range(rows):
         assert sorted(scores[row, found[row]].tolist()) == sorted(expected.values[row].tolist())
         assert len(set(found[row].tolist())) == 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_leaves_the_weight_alone(dtype: torch.dtype) -> None:
+    """A tied head's weight is the model's embedding table: packing its int8 copy must not
+    touch it (a float32 weight was once divided by its scales in place, on the background
+    thread, while the engine embedded tokens with it)."""
+    weight = torch.randn(96, 64).to(dtype)
+    before = weight.clone()
+    assert int4.pack_int8_fbgemm(weight) is not None
+    assert torch.equal(weight, before)

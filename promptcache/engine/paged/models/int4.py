@@ -85,7 +85,9 @@ def pack_int8_fbgemm(weight: torch.Tensor) -> Any | None:
             warnings.simplefilter("ignore", UserWarning)
             w = weight.detach()
             scales = (w.abs().amax(dim=1).float() / 127.0).clamp(min=1e-12)
-            q = torch.round(w.float().div_(scales[:, None])).clamp_(-128, 127).to(torch.int8)
+            # Out of place: for a float32 weight ``float()`` is the weight itself (the model's
+            # embedding table, when the head is tied to it).
+            q = torch.round(w.float() / scales[:, None]).clamp_(-128, 127).to(torch.int8)
             zeros = torch.zeros(w.shape[0], dtype=torch.long)
             qt = torch._make_per_channel_quantized_tensor(q, scales.double(), zeros, 0)
             return torch.ops.quantized.linear_prepack(qt, None)

@@ -1,0 +1,139 @@
+"""A whole narrow decode step in the engine's own kernels (``native_decode.NativeDecode``): the
+hidden states the PyTorch model computes for the same planned step, for every model family,
+and the engine's tokens unchanged by it (hits exact, batches as alone)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from promptcache.core.chatformat import PLAIN
+from promptcache.core.tokenizer import ByteTokenizer
+from promptcache.engine.hf.testing import build_tiny_engine, random_prompt
+from promptcache.engine.paged import native
+from promptcache.engine.paged.attention import StepSeq
+from promptcache.engine.paged.engine import PagedEngine
+from promptcache.engine.paged.models import from_hf
+from promptcache.engine.paged.models.int8 import add_decode_int8
+from tests.engine.paged.test_int8 import assert_hits_exact
+from tests.engine.paged.tiny_models import KINDS, build
+
+pytestmark = pytest.mark.skipif(
+    native.kernels() is None, reason="no C++ compiler or no AVX-512 here: the kernels are not used"
+)
+
+
+def engine_of(kind: str, dtype: torch.dtype, *, int8: bool = True) -> PagedEngine:
+    lean = from_hf(build(kind), dtype)
+    switch = add_decode_int8(lean) if int8 else None
+    return PagedEngine(
+        lean,
+        ByteTokenizer(),
+        PLAIN,
+        model_id=f"tiny-{kind}",
+        revision=None,
+        max_context_tokens=4096,
+        stop_token_ids=(),
+        pool_bytes=16 << 20,
+        block_tokens=8,
+        decode_switch=switch,
+    )
+
+
+def one_step(engine: PagedEngine, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A narrow decode step of ``rows`` sequences (contexts of different lengths, beyond the
+    tiny models' sliding window) planned once, run natively and then through PyTorch."""
+    step = engine.native_decode
+    assert step is not None
+    attn, pool, model = engine._attn, engine._pool, engine._model
+    per_seq = 20
+    blocks = pool.allocate(per_seq * rows)
+    gen = torch.Generator().manual_seed(rows)
+    # Keys and values already in the blocks: random, as a real context's would be.
+    for b in blocks:
+        pool.kv[:, :, b] = torch.randn(pool.kv[:, :, b].shape, generator=gen).to(pool.dtype)
+    seqs = [StepSeq(blocks[per_seq * i : per_seq * (i + 1)], 37 + 53 * i, 1) for i in range(rows)]
+    try:
+        with torch.inference_mode():
+            attn.plan(seqs, [])
+            ids = torch.tensor(random_prompt(rows, seed=rows))
+            positions = torch.tensor([s.start for s in seqs])
+            engine._decode_switch.set_step(rows, 0)  # type: ignore[union-attr]
+            before = pool.kv[:, :, blocks].clone()
+            fast = step(ids, positions)
+            written = pool.kv[:, :, blocks].clone()
+            slow = model(ids, positions, attn)
+            # Both wrote the step's keys and values, alike, and nothing else.
+            torch.testing.assert_close(pool.kv[:, :, blocks], written, **tolerance(pool.dtype))
+            changed = (written != before).flatten(3).any(-1).flatten(0, 1).any(0)
+            assert changed.sum().item() == rows  # one (block, position) per row
+    finally:
+        pool.decref(blocks)
+    return fast, slow
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """float32: the order of additions; bfloat16: a rounding or two apart (2^-8 each)."""
+    return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 4e-2, "rtol": 4e-2}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_step_computes_what_the_pytorch_model_does(
+    kind: str, dtype: torch.dtype, rows: int
+) -> None:
+    engine = engine_of(kind, dtype)
+    assert engine.native_decode is not None
+    fast, slow = one_step(engine, rows)
+    assert fast.shape == slow.shape and fast.dtype == dtype
+    torch.testing.assert_close(fast, slow, **tolerance(dtype))
+
+
+def test_it_takes_only_narrow_decode_steps() -> None:
+    engine = engine_of("gemma3", torch.float32)
+    step = engine.native_decode
+    assert step is not None
+    assert step.covers(1, 0) and step.covers(step.max_rows, 0)
+    assert not step.covers(step.max_rows + 1, 0)  # wide batches: dense weights, PyTorch
+    assert not step.covers(1, 5) and not step.covers(0, 5)  # prompt tokens: dense weights
+
+
+def test_models_it_does_not_run_keep_pytorch() -> None:
+    assert engine_of("llama", torch.float32, int8=False).native_decode is None  # no int8
+    engine = engine_of("gemma3", torch.float16)
+    assert engine.native_decode is None  # a dtype the kernels do not have
+    with native.disabled():
+        assert engine_of("gemma3", torch.float32).native_decode is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_the_engine_keeps_hits_exact_and_decodes_natively(kind: str) -> None:
+    engine = build_tiny_engine(kind, dtype=torch.bfloat16, decode_int8=True)
+    assert engine.native_decode is not None
+    assert_hits_exact(engine)
+    assert engine.native_decode.num_steps > 0
+
+
+def test_a_stream_decodes_the_same_alone_and_beside_others() -> None:
+    """Up to the int8 row limit, the step is one call for every row: a row's tokens must not
+    depend on the others (each row's products, norms and attention are its own). The prompts
+    fit one step together, so that every later step is a narrow decode step."""
+    from promptcache.core.request import Sampling
+    from promptcache.engine.base import EngineRequest, TokenOut
+    from promptcache.engine.hf.testing import run_all, token_ids
+
+    engine = build_tiny_engine("gemma3", dtype=torch.bfloat16, decode_int8=True)
+    assert engine.native_decode is not None
+    greedy = Sampling(max_tokens=24, temperature=0.0)
+    prompts = [random_prompt(12 + 6 * i, seed=20 + i) for i in range(3)]
+    alone = [token_ids(run_all(engine, EngineRequest(p, greedy))) for p in prompts]
+    seqs = [engine.add(EngineRequest(p, greedy)) for p in prompts]
+    together: dict[int, list[int]] = {s: [] for s in seqs}
+    while engine.num_running:
+        for seq, item in engine.step():
+            assert not isinstance(item, Exception)
+            if isinstance(item, TokenOut):
+                together[seq].append(item.token_id)
+    assert [together[s] for s in seqs] == alone
+    assert all(len(t) > 1 for t in alone)
