@@ -40,6 +40,7 @@ from promptcache.engine.base import (
     TokenOut,
     check_request,
 )
+from promptcache.engine.paged import native_decode
 from promptcache.engine.paged.attention import PagedAttention, StepSeq
 from promptcache.engine.paged.codec import PagedCodec
 from promptcache.engine.paged.compiled import CompiledDecode
@@ -142,7 +143,7 @@ class PagedEngine:
         # CPU with them): one call for the whole model instead of ~400 operations.
         self.native_decode: NativeDecode | None = None
         if decode_switch is not None:
-            self.native_decode = NativeDecode.build(model, self._attn, decode_switch.max_rows)
+            self.native_decode = NativeDecode.build(model, self._attn, native_decode.MAX_ROWS)
         self.compiled: CompiledDecode | None = None
         if compile_decode:
             if decode_switch is None:

@@ -9,8 +9,10 @@ PyTorch's OpenMP threads), norms, rope, the KV write and attention, with no Pyth
 
 It computes what the eager model computes in a narrow decode step (int8 weights, the same
 roundings, float additions in another order), and it is taken by the kind of step alone (decode
-rows only, no more than the int8 weights' row limit), like the int8 weights themselves: a
-sequence's tokens never depend on its neighbours, and a cache hit decodes as the cold run did.
+rows only, at most ``MAX_ROWS``), like the int8 weights themselves: each row's products, norms
+and attention are its own, so a sequence's tokens never depend on its neighbours, and a cache
+hit decodes as the cold run did. Where AVX512-BF16 is at hand, bfloat16 rows multiply the int8
+weights as bfloat16 pairs (``vdpbf16ps``), half the instructions of float32 products.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class _Step(ctypes.Structure):
         ("out", _P),
     ]
 
+
+MAX_ROWS = 8
+"""Decode rows up to which a step runs here (wider, PyTorch's dense bf16 matmuls are faster:
+measured 26 vs 29 ms for 8 rows of Gemma 3 270M on 2 cores, 49 vs 43 ms for 16)."""
 
 _ACTS = {id(ACTIVATIONS["gelu_pytorch_tanh"]): 0, id(ACTIVATIONS["silu"]): 1}
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
