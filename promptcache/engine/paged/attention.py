@@ -331,13 +331,17 @@ def grouped(
         # keys, the same result). Batches keep one ``matmul``: stacking their heads costs more.
         heads = [F.linear(rows[0, j], k[0, j]) for j in range(kv)]
         stacked = heads[0] if kv == 1 else torch.stack(heads)
-        scores = stacked.view(b, h, lq, -1).float()
+        raw = stacked.view(b, h, lq, -1)
     else:
-        scores = torch.matmul(rows, k.transpose(-1, -2)).view(b, h, lq, -1).float()
-    scores.mul_(scale)
-    if mask is not None:
-        scores.add_(mask)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        raw = torch.matmul(rows, k.transpose(-1, -2)).view(b, h, lq, -1)
+    fast = native.kernels()
+    probs = None if fast is None else fast.scale_mask_softmax(raw, mask, scale)
+    if probs is None:
+        scores = raw.float()
+        scores.mul_(scale)
+        if mask is not None:
+            scores.add_(mask)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs.view(b, kv, (h // kv) * lq, -1), v)
     return out.view(b, h, lq, d)
 

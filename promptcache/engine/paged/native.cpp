@@ -17,7 +17,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define PC_AVX512 1
 #else
@@ -58,6 +58,26 @@ struct BF16 {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
+  // float_to_bf16 on 16 lanes: the bfloat16 bits in each 32-bit lane's low half.
+  static __m512i bits16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r =
+        _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+  }
+  static void store16(T* p, __m512 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits16(v)));
+  }
+  static __m512 round16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits16(v), 16)); }
+  static __m512 load16(__mmask16 k, const T* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static void store16(T* p, __mmask16 k, __m512 v) {
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(bits16(v)));
+  }
 #endif
 };
 
@@ -68,8 +88,47 @@ struct F32 {
   static float round(float f) { return f; }
 #if PC_AVX512
   static __m512 load16(const T* p) { return _mm512_loadu_ps(p); }
+  static void store16(T* p, __m512 v) { _mm512_storeu_ps(p, v); }
+  static __m512 round16(__m512 v) { return v; }
+  static __m512 load16(__mmask16 k, const T* p) { return _mm512_maskz_loadu_ps(k, p); }
+  static void store16(T* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
 #endif
 };
+
+#if PC_AVX512
+// The lanes of a 16-wide step at j of a row of n: all of them but in the row's last step.
+// Every element of a row sits in lane j % 16 whatever the row's length, so a sum over a row
+// that a longer row extends with zeros (masked keys) adds in the same order.
+inline __mmask16 lanes(int64_t j, int64_t n) {
+  return n - j >= 16 ? static_cast<__mmask16>(0xffff)
+                     : static_cast<__mmask16>((1u << (n - j)) - 1u);
+}
+#endif
+
+// Rows between the storage type and float32, 16 lanes at a time where AVX-512 is at hand.
+template <class S>
+inline void load_row(const typename S::T* x, int64_t n, float* out) {
+#if PC_AVX512
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = lanes(i, n);
+    _mm512_mask_storeu_ps(out + i, k, S::load16(k, x + i));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = S::load(x[i]);
+#endif
+}
+
+template <class S>
+inline void store_row(const float* x, int64_t n, typename S::T* out) {
+#if PC_AVX512
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = lanes(i, n);
+    S::store16(out + i, k, _mm512_maskz_loadu_ps(k, x + i));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = S::store(x[i]);
+#endif
+}
 
 #if PC_AVX512
 // exp(x) for a vector, ~1 ulp (Cephes' polynomial); exactly 0 for x below -88 (-inf included).
@@ -91,11 +150,6 @@ inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero), _mm512_scalef_ps(p, n));
 }
 
-inline float exp1(float x) {
-  alignas(64) float buf[16];
-  _mm512_store_ps(buf, exp16(_mm512_set1_ps(x)));
-  return buf[0];
-}
 #else
 inline float exp1(float x) { return x < -88.0f ? 0.0f : std::exp(x); }
 #endif
@@ -106,25 +160,35 @@ template <class S>
 void softmax_rows(float* scores, int64_t G, int64_t W) {
   for (int64_t g = 0; g < G; ++g) {
     float* s = scores + g * W;
+#if PC_AVX512
+    const __m512 none = _mm512_set1_ps(-INFINITY);
+    __m512 vmx = none;
+    for (int64_t j = 0; j < W; j += 16)
+      vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(none, lanes(j, W), s + j));
+    vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < W; j += 16) {
+      const __mmask16 k = lanes(j, W);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(none, k, s + j), vmx));
+      _mm512_mask_storeu_ps(s + j, k, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    for (int64_t j = 0; j < W; j += 16) {
+      const __mmask16 k = lanes(j, W);
+      _mm512_mask_storeu_ps(s + j, k, S::round16(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), inv)));
+    }
+#else
     float mx = -INFINITY;
     for (int64_t j = 0; j < W; ++j) mx = s[j] > mx ? s[j] : mx;
     float sum = 0.0f;
-    int64_t j = 0;
-#if PC_AVX512
-    __m512 vmx = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
-    for (; j + 16 <= W; j += 16) {
-      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx));
-      _mm512_storeu_ps(s + j, e);
-      vsum = _mm512_add_ps(vsum, e);
-    }
-    sum = _mm512_reduce_add_ps(vsum);
-#endif
-    for (; j < W; ++j) {
+    for (int64_t j = 0; j < W; ++j) {
       s[j] = exp1(s[j] - mx);
       sum += s[j];
     }
     const float inv = 1.0f / sum;
-    for (j = 0; j < W; ++j) s[j] = S::round(s[j] * inv);
+    for (int64_t j = 0; j < W; ++j) s[j] = S::round(s[j] * inv);
+#endif
   }
 }
 
@@ -231,7 +295,7 @@ void decode_attention(const typename S::T* q, int64_t q_stride, const typename S
       const float* mrow = mask ? mask + b * W : nullptr;
       for (int64_t g = 0; g < G; ++g) {
         const T* qp = q + b * q_stride + (kh * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = S::load(qp[d]);
+        load_row<S>(qp, D, qf.data() + g * D);
       }
       const float* f = qf.data();
       float* s = sc.data();
@@ -256,7 +320,7 @@ void decode_attention(const typename S::T* q, int64_t q_stride, const typename S
       if (!done) attend_head_any<S>(f, keys, values, srow, mrow, s, a, G, KVH, kh, D, W, scale);
       for (int64_t g = 0; g < G; ++g) {
         T* op = out + (b * H + kh * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) op[d] = S::store(acc[g * D + d]);
+        store_row<S>(acc.data() + g * D, D, op);
       }
     }
   }
@@ -289,12 +353,25 @@ template <class S>
 void norm_row(const float* xf, int64_t n, const void* w, float eps, int mode,
               typename S::T* out) {
   const float r = 1.0f / std::sqrt(sum_squares(xf, n) / static_cast<float>(n) + eps);
+  int64_t i = 0;
   if (mode == OFFSET) {
     const float* wf = static_cast<const float*>(w);
-    for (int64_t i = 0; i < n; ++i) out[i] = S::store(xf[i] * r * wf[i]);
+#if PC_AVX512
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xf + i), _mm512_set1_ps(r));
+      S::store16(out + i, _mm512_mul_ps(v, _mm512_loadu_ps(wf + i)));
+    }
+#endif
+    for (; i < n; ++i) out[i] = S::store(xf[i] * r * wf[i]);
   } else {
     const typename S::T* wt = static_cast<const typename S::T*>(w);
-    for (int64_t i = 0; i < n; ++i) out[i] = S::store(S::round(xf[i] * r) * S::load(wt[i]));
+#if PC_AVX512
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = S::round16(_mm512_mul_ps(_mm512_loadu_ps(xf + i), _mm512_set1_ps(r)));
+      S::store16(out + i, _mm512_mul_ps(v, S::load16(wt + i)));
+    }
+#endif
+    for (; i < n; ++i) out[i] = S::store(S::round(xf[i] * r) * S::load(wt[i]));
   }
 }
 
@@ -308,7 +385,7 @@ void rms_norm(const typename S::T* x, int64_t x_stride, int64_t rows, int64_t n,
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const typename S::T* xr = x + r * x_stride;
-      for (int64_t i = 0; i < n; ++i) xf[i] = S::load(xr[i]);
+      load_row<S>(xr, n, xf.data());
       norm_row<S>(xf.data(), n, w, eps, mode, out + r * n);
     }
   }
@@ -333,11 +410,19 @@ void residual_norm(const typename S::T* x, const typename S::T* a, int64_t rows,
       const T* ar = a + r * n;
       T* xo = x_out + r * n;
       if (w1) {
-        for (int64_t i = 0; i < n; ++i) af[i] = S::load(ar[i]);
+        load_row<S>(ar, n, af.data());
         norm_row<S>(af.data(), n, w1, eps1, mode, an.data());
         ar = an.data();
       }
-      for (int64_t i = 0; i < n; ++i) {
+      int64_t i = 0;
+#if PC_AVX512
+      for (; i + 16 <= n; i += 16) {
+        const __m512 v = S::round16(_mm512_add_ps(S::load16(xr + i), S::load16(ar + i)));
+        _mm512_storeu_ps(xf.data() + i, v);
+        S::store16(xo + i, v);
+      }
+#endif
+      for (; i < n; ++i) {
         const float v = S::round(S::load(xr[i]) + S::load(ar[i]));
         xf[i] = v;
         xo[i] = S::store(v);
@@ -370,7 +455,7 @@ void qk_norm_rope(const typename S::T* qk, int64_t qk_stride, int64_t rows, int6
         T* o = out + (r * heads + h) * D;
         const T* n = x;
         if (mode >= 0) {
-          for (int64_t i = 0; i < D; ++i) xf[i] = S::load(x[i]);
+          load_row<S>(x, D, xf.data());
           const size_t w_size = mode == OFFSET ? sizeof(float) : sizeof(T);
           const void* w = static_cast<const char*>(table) + static_cast<size_t>(h * D) * w_size;
           norm_row<S>(xf.data(), D, w, eps, mode, normed.data());
@@ -382,10 +467,22 @@ void qk_norm_rope(const typename S::T* qk, int64_t qk_stride, int64_t rows, int6
         }
         const T* c = cos + r * D;
         const T* s = sin + r * D;
-        for (int64_t i = 0; i < D; ++i) {
-          const float rolled = S::load(n[i < half ? i + half : i - half]);
-          const float turned = S::round(rolled * S::load(s[i]));
-          o[i] = S::store(S::round(S::load(n[i]) * S::load(c[i])) + turned);
+        // roll(n, D/2): the first half reads the second and the second the first.
+        for (int64_t part = 0; part < 2; ++part) {
+          const int64_t lo = part * half, shift = part ? -half : half;
+          int64_t i = lo;
+#if PC_AVX512
+          for (; i + 16 <= lo + half; i += 16) {
+            const __m512 kept = S::round16(_mm512_mul_ps(S::load16(n + i), S::load16(c + i)));
+            const __m512 turned =
+                S::round16(_mm512_mul_ps(S::load16(n + i + shift), S::load16(s + i)));
+            S::store16(o + i, _mm512_add_ps(kept, turned));
+          }
+#endif
+          for (; i < lo + half; ++i) {
+            const float turned = S::round(S::load(n[i + shift]) * S::load(s[i]));
+            o[i] = S::store(S::round(S::load(n[i]) * S::load(c[i])) + turned);
+          }
         }
       }
     }
@@ -470,7 +567,7 @@ void gemv_int8_dpbf16(const uint16_t* x, int64_t B, int64_t K, const int8_t* w,
 
 template <class S>
 void to_float(const typename S::T* x, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = S::load(x[i]);
+  load_row<S>(x, n, out);
 }
 
 // y = x W^T (+ bias) through whichever gemv_int8 suits x's type; xf: scratch of [B, K] floats.
@@ -497,6 +594,7 @@ enum Act { GELU_TANH = 0, SILU = 1 };
 // as PyTorch's F.gelu(approximate="tanh") / F.silu in float32, rounded, times up, rounded.
 template <class S>
 void gated_act(const typename S::T* gu, int64_t B, int64_t I, int act, typename S::T* out) {
+#pragma omp parallel for schedule(static) if (B > 1 && B * I >= PARALLEL_MIN_WORK)
   for (int64_t b = 0; b < B; ++b) {
     const typename S::T* g = gu + b * 2 * I;
     const typename S::T* u = g + I;
@@ -521,9 +619,7 @@ void gated_act(const typename S::T* gu, int64_t B, int64_t I, int act, typename 
         const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
         y = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
       }
-      alignas(64) float ys[16];
-      _mm512_store_ps(ys, y);
-      for (int j = 0; j < 16; ++j) o[i + j] = S::store(S::round(ys[j]) * S::load(u[i + j]));
+      S::store16(o + i, _mm512_mul_ps(S::round16(y), S::load16(u + i)));
     }
 #endif
     for (; i < I; ++i) {
@@ -535,6 +631,36 @@ void gated_act(const typename S::T* gu, int64_t B, int64_t I, int act, typename 
         y = x / (1.0f + std::exp(-x));
       }
       o[i] = S::store(S::round(y) * S::load(u[i]));
+    }
+  }
+}
+
+// Attention probabilities of a prompt chunk, per row of scores [R, W] (the storage type, as
+// the product q k^T rounded): p = T(softmax(float(s) * scale + mask[r % mask_rows])), mask an
+// additive float32 [mask_rows, W] shared by every head (null: none). As attention.grouped
+// computes them in PyTorch: scores to float32, scaled, masked, softmax, rounded.
+template <class S>
+void scale_mask_softmax(const typename S::T* scores, int64_t R, int64_t W, const float* mask,
+                        int64_t mask_rows, float scale, typename S::T* probs) {
+#pragma omp parallel if (R > 1 && R * W >= PARALLEL_MIN_WORK)
+  {
+    std::vector<float> row(W);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const typename S::T* sr = scores + r * W;
+      const float* mr = mask ? mask + (r % mask_rows) * W : nullptr;
+#if PC_AVX512
+      const __m512 vs = _mm512_set1_ps(scale);
+      for (int64_t j = 0; j < W; j += 16) {
+        const __mmask16 k = lanes(j, W);
+        const __m512 m = mr ? _mm512_maskz_loadu_ps(k, mr + j) : _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(row.data() + j, k, _mm512_fmadd_ps(S::load16(k, sr + j), vs, m));
+      }
+#else
+      for (int64_t j = 0; j < W; ++j) row[j] = S::load(sr[j]) * scale + (mr ? mr[j] : 0.0f);
+#endif
+      softmax_rows<S>(row.data(), 1, W);
+      store_row<S>(row.data(), W, probs + r * W);
     }
   }
 }
@@ -666,6 +792,21 @@ void pc_decode_attention_f32(const float* q, int64_t q_stride, const float* keys
 
 PC_NORMS(bf16, uint16_t, BF16)
 PC_NORMS(f32, float, F32)
+
+void pc_gated_act_bf16(const uint16_t* gu, int64_t rows, int64_t I, int act, uint16_t* out) {
+  gated_act<BF16>(gu, rows, I, act, out);
+}
+void pc_gated_act_f32(const float* gu, int64_t rows, int64_t I, int act, float* out) {
+  gated_act<F32>(gu, rows, I, act, out);
+}
+void pc_scale_mask_softmax_bf16(const uint16_t* scores, int64_t R, int64_t W, const float* mask,
+                                int64_t mask_rows, float scale, uint16_t* probs) {
+  scale_mask_softmax<BF16>(scores, R, W, mask, mask_rows, scale, probs);
+}
+void pc_scale_mask_softmax_f32(const float* scores, int64_t R, int64_t W, const float* mask,
+                               int64_t mask_rows, float scale, float* probs) {
+  scale_mask_softmax<F32>(scores, R, W, mask, mask_rows, scale, probs);
+}
 
 // Sizes of the structs, for the Python side to check its layout against.
 int64_t pc_sizeof_layer() { return sizeof(PcLayer); }

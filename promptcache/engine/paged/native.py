@@ -35,9 +35,19 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.cpp")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-ffp-contract=off",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-std=c++17",
+)
 """No ``-ffast-math``: linking with it would set the CPU's flush-to-zero mode for the whole
-process, PyTorch included."""
+process, PyTorch included. No contraction of ``a * b + c`` into one rounding: a loop's scalar
+tail then computes exactly what its vector body computes."""
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -121,6 +131,8 @@ class Kernels:
             "rms_norm": [ptr, i64, i64, i64, ptr, f32, i32, ptr],
             "residual_norm": [ptr, ptr, i64, i64, ptr, f32, ptr, f32, i32, ptr, ptr],
             "qk_norm_rope": [ptr, i64, i64, i64, i64, ptr, f32, i32, ptr, ptr, ptr],
+            "gated_act": [ptr, i64, i64, i32, ptr],
+            "scale_mask_softmax": [ptr, i64, i64, ptr, i64, f32, ptr],
         }
         self._fns: dict[tuple[str, torch.dtype], Any] = {}
         for op, argtypes in signatures.items():
@@ -280,6 +292,46 @@ class Kernels:
             out.data_ptr(),
         )
         return out
+
+    def gated_act(self, gate_up: torch.Tensor, act: int) -> torch.Tensor | None:
+        """``act(gate) * up`` for ``gate_up [..., 2I]`` (gate then up), rounded as PyTorch
+        rounds each; ``act``: ``layers.kernel_act``'s code. None when not this kernel's."""
+        fn = self._fns.get(("gated_act", gate_up.dtype))
+        if fn is None or gate_up.device.type != "cpu" or not gate_up.is_contiguous():
+            return None
+        i = gate_up.shape[-1] // 2
+        out = torch.empty((*gate_up.shape[:-1], i), dtype=gate_up.dtype)
+        fn(gate_up.data_ptr(), gate_up.numel() // (2 * i), i, act, out.data_ptr())
+        return out
+
+    def scale_mask_softmax(
+        self, scores: torch.Tensor, mask: torch.Tensor | None, scale: float
+    ) -> torch.Tensor | None:
+        """``softmax(scores.float() * scale + mask).to(scores.dtype)`` over the last dim of
+        ``scores [..., Lq, W]``, ``mask`` an additive float32 ``[Lq, W]`` (or broadcastable
+        to it from the front); None when not this kernel's."""
+        fn = self._fns.get(("scale_mask_softmax", scores.dtype))
+        if fn is None or scores.device.type != "cpu" or not scores.is_contiguous():
+            return None
+        w = scores.shape[-1]
+        mask_rows = 1
+        if mask is not None:
+            if mask.dtype != torch.float32 or mask.shape[-1] != w:
+                return None
+            if any(n != 1 for n in mask.shape[:-2]):  # one mask for every head and batch row
+                return None
+            mask = mask.reshape(-1, w)
+            mask_rows = mask.shape[0]
+            if not mask.is_contiguous() or mask_rows not in (1, scores.shape[-2]):
+                return None
+        out = torch.empty_like(scores)
+        rows = scores.numel() // w
+        fn(scores.data_ptr(), rows, w, _ptr(mask), mask_rows, scale, out.data_ptr())
+        return out
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _mode(offset: bool) -> int:

@@ -27,7 +27,7 @@ from promptcache.engine.paged.attention import PagedAttention
 from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.gemma3 import Gemma3, Gemma3Layer
 from promptcache.engine.paged.models.int8 import DecodeInt8Linear
-from promptcache.engine.paged.models.layers import ACTIVATIONS, OffsetRMSNorm, RMSNorm
+from promptcache.engine.paged.models.layers import OffsetRMSNorm, RMSNorm, kernel_act
 from promptcache.engine.paged.models.llama import Llama, LlamaLayer
 
 _P = ctypes.c_void_p
@@ -86,7 +86,6 @@ MAX_ROWS = 8
 """Decode rows up to which a step runs here (wider, PyTorch's dense bf16 matmuls are faster:
 measured 26 vs 29 ms for 8 rows of Gemma 3 270M on 2 cores, 49 vs 43 ms for 16)."""
 
-_ACTS = {id(ACTIVATIONS["gelu_pytorch_tanh"]): 0, id(ACTIVATIONS["silu"]): 1}
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -263,7 +262,7 @@ def _fill_layer(
     if head_norm is not None:
         keep.append(head_norm.table)
         struct.head_norm, struct.head_eps = head_norm.table.data_ptr(), head_norm.eps
-    return _ACTS.get(id(mlp.act))
+    return kernel_act(mlp.act)
 
 
 __all__ = ["NativeDecode"]

@@ -259,3 +259,59 @@ def test_rms_norm_reference_formula() -> None:
     want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.scale
     torch.testing.assert_close(norm(x), want)
     torch.testing.assert_close(F.rms_norm(x, (64,), norm.scale, 1e-6), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["gelu_pytorch_tanh", "silu"])
+def test_the_gated_activation_matches_pytorch(dtype: torch.dtype, name: str) -> None:
+    from promptcache.engine.paged.models.layers import ACTIVATIONS, kernel_act
+
+    act = ACTIVATIONS[name]
+    code = kernel_act(act)
+    assert code is not None
+    gen = torch.Generator().manual_seed(15)
+    for rows, width in ((1, 2048), (67, 96), (3, 40)):  # vector lanes, many rows, loops
+        gate_up = (torch.randn(rows, 2 * width, generator=gen) * 3).to(dtype)
+        got = kernels().gated_act(gate_up, code)
+        gate, up = gate_up.chunk(2, dim=-1)
+        assert got is not None
+        torch.testing.assert_close(got, act(gate) * up, **close(dtype))
+    assert kernel_act(torch.nn.functional.gelu) is None  # erf gelu: PyTorch's
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prompt_attention_probabilities_match_pytorch(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(16)
+    heads, lq, width = 4, 9, 70
+    scores = (torch.randn(1, heads, lq, width, generator=gen) * 4).to(dtype)
+    allowed = torch.ones(lq, width, dtype=torch.bool).tril(width - lq)
+    mask = torch.zeros(lq, width).masked_fill(~allowed, float("-inf"))
+    for m in (mask, None, mask[None]):
+        got = kernels().scale_mask_softmax(scores, m, 0.3)
+        want = scores.float() * 0.3
+        if m is not None:
+            want = want + m
+        assert got is not None
+        torch.testing.assert_close(got, torch.softmax(want, -1).to(dtype), **close(dtype))
+    # A mask per batch row is not one it applies.
+    assert kernels().scale_mask_softmax(scores, torch.zeros(2, 1, 1, width), 0.3) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_probabilities_do_not_depend_on_the_masked_width(dtype: torch.dtype) -> None:
+    """A prompt row is computed in a chunk whose key width depends on where the chunk ends
+    (cold and on a hit, chunks end in different places): keys beyond the row are masked, and
+    its probabilities must come out bit for bit the same whatever their number."""
+    gen = torch.Generator().manual_seed(17)
+    scores = (torch.randn(1, 2, 1, 101, generator=gen) * 5).to(dtype)
+    seen = 37
+    got = []
+    for width in (37, 40, 48, 64, 101):
+        mask = torch.zeros(1, width)
+        mask[:, seen:] = float("-inf")
+        probs = kernels().scale_mask_softmax(scores[..., :width].contiguous(), mask, 0.2)
+        assert probs is not None
+        assert not probs[..., seen:].any()
+        got.append(probs[..., :seen])
+    for other in got[1:]:
+        assert torch.equal(other, got[0])

@@ -30,6 +30,19 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 
+KERNEL_ACTS = {
+    id(ACTIVATIONS["gelu_pytorch_tanh"]): 0,
+    id(ACTIVATIONS["gelu_new"]): 0,
+    id(ACTIVATIONS["silu"]): 1,
+}
+"""The activations ``native`` computes, by identity, with its codes (native.cpp's Act)."""
+
+
+def kernel_act(act: Activation) -> int | None:
+    """``act``'s code for the ``native`` kernels, or None when they do not compute it."""
+    return KERNEL_ACTS.get(id(act))
+
+
 def activation(name: str) -> Activation:
     try:
         return ACTIVATIONS[name]
@@ -243,8 +256,14 @@ class GatedMLP(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        out: torch.Tensor = self.down(self.act(gate) * up)
+        gate_up = self.gate_up(x)
+        fast = _kernels()
+        code = kernel_act(self.act)
+        mid = None if fast is None or code is None else fast.gated_act(gate_up, code)
+        if mid is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            mid = self.act(gate) * up
+        out: torch.Tensor = self.down(mid)
         return out
 
     @classmethod
