@@ -160,6 +160,10 @@ def test_compile_modes(monkeypatch: pytest.MonkeyPatch) -> None:
         assert resolve_compile("auto", model, int8=True) is expected
         # "on" compiles whatever the cores (where a compiler is).
         assert resolve_compile("on", model, int8=True) is True or not compiler_available()
+    # Where the engine's own kernels decode, auto leaves compiling to "on".
+    assert resolve_compile("auto", model, int8=True, native=True) is False
+    if compiler_available():
+        assert resolve_compile("on", model, int8=True, native=True) is True
     with pytest.raises(ValueError, match="no int8 decode weights"):
         resolve_compile("on", model, int8=False)
     with pytest.raises(ValueError, match="unknown compile mode"):
