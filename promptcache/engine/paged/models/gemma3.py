@@ -25,6 +25,7 @@ from promptcache.engine.paged.models.layers import (
     SelfAttention,
     activation,
     adopt,
+    chained,
     frozen,
     residual_norm,
 )
@@ -103,11 +104,9 @@ class Gemma3(CausalLM):
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed) * self.embed_scale
         ropes = [rotary(positions, x.dtype) for rotary in self.rotaries]
-        layers: list[Gemma3Layer] = list(self.layers)  # type: ignore[arg-type]
-        h: torch.Tensor = layers[0].input_norm(x)
-        for i, layer in enumerate(layers):
-            last = i == len(layers) - 1
-            next_norm = self.norm if last else layers[i + 1].input_norm
+        first_norm, layers = chained(self.layers, self.norm)
+        h: torch.Tensor = first_norm(x)
+        for layer, next_norm, last in layers:
             x, h = layer(x, h, ropes, attn, next_norm, keep if last else None)
         return h
 

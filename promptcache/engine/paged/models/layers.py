@@ -9,7 +9,7 @@ model keeps working.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -185,6 +185,23 @@ def _kernels() -> native.Kernels | None:
     if torch.compiler.is_dynamo_compiling():
         return None
     return native.kernels()
+
+
+def chained(
+    layers: Iterable[Any], final_norm: Norm
+) -> tuple[Norm, Iterator[tuple[Any, Norm, bool]]]:
+    """The first layer's input norm, and each layer with the norm whose output it hands on (the
+    next layer's input norm, the final norm for the last) and whether it is the last: a layer
+    ends with ``residual_norm`` into the next one's input."""
+    stack = list(layers)
+
+    def links() -> Iterator[tuple[Any, Norm, bool]]:
+        for i, layer in enumerate(stack):
+            last = i == len(stack) - 1
+            yield layer, final_norm if last else stack[i + 1].input_norm, last
+
+    first: Norm = stack[0].input_norm
+    return first, links()
 
 
 def residual_norm(

@@ -22,6 +22,7 @@ from promptcache.engine.paged.models.layers import (
     SelfAttention,
     activation,
     adopt,
+    chained,
     frozen,
     residual_norm,
 )
@@ -96,11 +97,9 @@ class Llama(CausalLM):
     ) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
         rope = self.rotary(positions, x.dtype)
-        layers: list[LlamaLayer] = list(self.layers)  # type: ignore[arg-type]
-        h: torch.Tensor = layers[0].input_norm(x)
-        for i, layer in enumerate(layers):
-            last = i == len(layers) - 1
-            next_norm = self.norm if last else layers[i + 1].input_norm
+        first_norm, layers = chained(self.layers, self.norm)
+        h: torch.Tensor = first_norm(x)
+        for layer, next_norm, last in layers:
             x, h = layer(x, h, rope, attn, next_norm, keep if last else None)
         return h
 
