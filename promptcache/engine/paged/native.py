@@ -8,10 +8,17 @@ arithmetic: attention from one query over 128 keys took ~90 us through PyTorch a
 about a second, once per machine and source (``-march=native``: the build is keyed by the CPU's
 features too), into ``directory()``; later starts load the built library.
 
+Two levels: ``Kernels`` wraps the per-operation kernels the layers call in every step
+(attention, norms with their residual adds, q/k norm and rope, the gated activation), and
+``native_decode.NativeDecode`` calls the whole-step function for narrow decode steps.
+
 The kernels are used only where they pay: a CPU with AVX-512 (the vector paths; elsewhere the
 portable loops would be slower than PyTorch), tensors in bfloat16 or float32. Without a
 compiler, or with ``PROMPTCACHE_NATIVE=off``, everything runs through PyTorch as before. ctypes
-releases the GIL for the call's duration, so the HTTP threads run beside a kernel.
+releases the GIL for the call's duration, so the HTTP threads run beside a kernel. The library
+is linked against ``libgomp.so.1`` by name, which resolves to the OpenMP runtime PyTorch has
+already loaded (its CPU wheels ship one of that name): the kernels split their work over
+PyTorch's own thread team, never a second one (``_openmp_runtimes`` warns if it ever is).
 """
 
 from __future__ import annotations
@@ -392,7 +399,22 @@ def _load() -> Kernels | None:
     if not library.pc_vectorized():
         log.info("no AVX-512 here: the engine's CPU kernels are not used")
         return None
+    runtimes = _openmp_runtimes()
+    if len(runtimes) > 1:
+        # Two thread teams on the same cores: every kernel of one waits for the other's
+        # spinning workers (engine/threads.py measured 1.5x slower steps from that).
+        log.warning("two OpenMP runtimes are loaded (%s): steps may be slower", ", ".join(runtimes))
     return Kernels(library)
+
+
+def _openmp_runtimes() -> list[str]:
+    """The GNU OpenMP libraries mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    paths = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    return sorted(paths)
 
 
 __all__ = [

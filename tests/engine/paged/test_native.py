@@ -315,3 +315,11 @@ def test_probabilities_do_not_depend_on_the_masked_width(dtype: torch.dtype) -> 
         got.append(probs[..., :seen])
     for other in got[1:]:
         assert torch.equal(other, got[0])
+
+
+def test_the_kernels_run_on_pytorchs_openmp_runtime() -> None:
+    """One OpenMP runtime in the process: the library's libgomp is the one PyTorch loaded."""
+    runtimes = native._openmp_runtimes()
+    if not runtimes:
+        pytest.skip("no /proc/self/maps here, or PyTorch without GNU OpenMP")
+    assert len(runtimes) == 1, runtimes
