@@ -561,6 +561,62 @@ void gemv_int8_dpbf16(const uint16_t* x, int64_t B, int64_t K, const int8_t* w,
     }
   }
 }
+
+inline __m512bh int8x32_to_bf16(const int8_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// 16 output rows n0 .. n0 + 15 of gemv_int8_paired for BN (compile-time) activation rows.
+template <int BN>
+inline void paired_block(const uint16_t* x, int64_t K, const int8_t* p, const uint16_t* scales,
+                         const uint16_t* bias, int64_t n0, int64_t N, uint16_t* y) {
+  __m512 a[BN];
+  const uint32_t* xp[BN];
+  for (int b = 0; b < BN; ++b) {
+    a[b] = _mm512_setzero_ps();
+    xp[b] = reinterpret_cast<const uint32_t*>(x + b * K);
+  }
+  for (int64_t kp = 0; kp < K / 2; ++kp) {
+    const __m512bh wv = int8x32_to_bf16(p + kp * 32);
+    for (int b = 0; b < BN; ++b)
+      a[b] = _mm512_dpbf16_ps(a[b], (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[b][kp])), wv);
+  }
+  const __m512 s = BF16::load16(scales + n0);
+  for (int b = 0; b < BN; ++b) {
+    __m512 v = BF16::round16(_mm512_mul_ps(a[b], s));
+    if (bias) v = BF16::round16(_mm512_add_ps(v, BF16::load16(bias + n0)));
+    BF16::store16(y + b * N + n0, v);
+  }
+}
+
+// gemv_int8 over weights paired for vdpbf16ps: p [N / 16, K / 2, 16, 2] (16 output rows side
+// by side, two input columns each), so that a pair of an activation row broadcast to every lane
+// multiplies 16 rows' pairs at once and each lane accumulates its own output: no horizontal
+// sums, the activation read as 4-byte broadcasts. Each output accumulates its K products
+// pairwise in float32 in k order, whatever B. N a multiple of 16, K even.
+void gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const int8_t* p,
+                      const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y) {
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    const uint16_t* xb = x + b0 * K;
+    uint16_t* yb = y + b0 * N;
+    const int64_t bn = B - b0 < 8 ? B - b0 : 8;
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
+    for (int64_t nb = 0; nb < N / 16; ++nb) {
+      const int8_t* pb = p + nb * 16 * K;
+      switch (bn) {
+#define PC_ROWS(r)                                              \
+  case r:                                                       \
+    paired_block<r>(xb, K, pb, scales, bias, nb * 16, N, yb);   \
+    break;
+        PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
+#undef PC_ROWS
+      }
+    }
+  }
+}
 #else
 #define PC_DPBF16 0
 #endif
@@ -573,10 +629,16 @@ void to_float(const typename S::T* x, int64_t n, float* out) {
 // y = x W^T (+ bias) through whichever gemv_int8 suits x's type; xf: scratch of [B, K] floats.
 template <class S>
 void project(const typename S::T* x, float* xf, int64_t B, int64_t K, const int8_t* w,
-             const void* scales, const void* bias, int64_t N, typename S::T* y) {
+             const int8_t* paired, const void* scales, const void* bias, int64_t N,
+             typename S::T* y) {
   using T = typename S::T;
 #if PC_DPBF16
   if constexpr (std::is_same_v<S, BF16>) {
+    if (paired && N % 16 == 0 && K % 2 == 0) {
+      gemv_int8_paired(x, B, K, paired, static_cast<const uint16_t*>(scales),
+                       static_cast<const uint16_t*>(bias), N, y);
+      return;
+    }
     if (K % 32 == 0) {
       gemv_int8_dpbf16(x, B, K, w, static_cast<const uint16_t*>(scales),
                        static_cast<const uint16_t*>(bias), N, y);
@@ -670,6 +732,7 @@ void scale_mask_softmax(const typename S::T* scores, int64_t R, int64_t W, const
 // One layer of a decode step, as the Python side lays it out (native.py's _Layer).
 struct PcLayer {
   const int8_t* w[4];       // int8 weights: qkv, o, gate_up, down
+  const int8_t* paired[4];  // the same paired for vdpbf16ps (gemv_int8_paired), or null
   const void* scales[4];    // their per-row scales (storage type)
   const void* bias[4];      // their biases or null
   const void* norm_w[4];    // Gemma: input, post-attention, pre-MLP, post-MLP norms;
@@ -722,7 +785,7 @@ void decode_step(const PcModel& m, const PcStep& st) {
   const bool gemma = m.norm_mode == OFFSET;
   for (int64_t l = 0; l < m.num_layers; ++l) {
     const PcLayer& L = m.layers[l];
-    project<S>(h.data(), xf.data(), B, E, L.w[0], L.scales[0], L.bias[0], QKV, qkv.data());
+    project<S>(h.data(), xf.data(), B, E, L.w[0], L.paired[0], L.scales[0], L.bias[0], QKV, qkv.data());
     const T* cos = L.rope >= 0 ? static_cast<const T*>(st.cos[L.rope]) : nullptr;
     const T* sin = L.rope >= 0 ? static_cast<const T*>(st.sin[L.rope]) : nullptr;
     qk_norm_rope<S>(qkv.data(), QKV, B, QK, D, L.head_norm, L.head_eps,
@@ -737,12 +800,12 @@ void decode_step(const PcModel& m, const PcStep& st) {
     decode_attention<S>(qk.data(), QK * D, keys, values, st.slots[L.window],
                         st.masks[L.window], att.data(), B, H, KVH, D, st.widths[L.window],
                         L.scale);
-    project<S>(att.data(), xf.data(), B, H * D, L.w[1], L.scales[1], L.bias[1], E, proj.data());
+    project<S>(att.data(), xf.data(), B, H * D, L.w[1], L.paired[1], L.scales[1], L.bias[1], E, proj.data());
     residual_norm<S>(x.data(), proj.data(), B, E, gemma ? L.norm_w[1] : nullptr, L.norm_eps[1],
                      L.norm_w[2], L.norm_eps[2], m.norm_mode, x2.data(), h.data());
-    project<S>(h.data(), xf.data(), B, E, L.w[2], L.scales[2], L.bias[2], 2 * I, proj.data());
+    project<S>(h.data(), xf.data(), B, E, L.w[2], L.paired[2], L.scales[2], L.bias[2], 2 * I, proj.data());
     gated_act<S>(proj.data(), B, I, m.act, mid.data());
-    project<S>(mid.data(), xf.data(), B, I, L.w[3], L.scales[3], L.bias[3], E, proj.data());
+    project<S>(mid.data(), xf.data(), B, I, L.w[3], L.paired[3], L.scales[3], L.bias[3], E, proj.data());
     const bool last = l + 1 == m.num_layers;
     const void* next_w = last ? m.final_norm : m.layers[l + 1].norm_w[0];
     const float next_eps = last ? m.final_eps : m.layers[l + 1].norm_eps[0];
@@ -807,6 +870,9 @@ void pc_scale_mask_softmax_f32(const float* scores, int64_t R, int64_t W, const 
                                int64_t mask_rows, float scale, float* probs) {
   scale_mask_softmax<F32>(scores, R, W, mask, mask_rows, scale, probs);
 }
+
+// 1 when bfloat16 steps multiply weights paired for vdpbf16ps (gemv_int8_paired).
+int pc_paired() { return PC_DPBF16; }
 
 // Sizes of the structs, for the Python side to check its layout against.
 int64_t pc_sizeof_layer() { return sizeof(PcLayer); }
