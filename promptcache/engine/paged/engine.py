@@ -40,7 +40,7 @@ from promptcache.engine.base import (
     TokenOut,
     check_request,
 )
-from promptcache.engine.paged import native_decode
+from promptcache.engine.paged import native, native_decode
 from promptcache.engine.paged.attention import PagedAttention, StepSeq
 from promptcache.engine.paged.codec import PagedCodec
 from promptcache.engine.paged.compiled import CompiledDecode
@@ -404,7 +404,11 @@ class PagedEngine:
             return []
         with torch.inference_mode():
             # In float32: argmax over bfloat16 takes 4x longer on a CPU (262k-token vocabularies).
-            greedy = torch.argmax(logits.float(), dim=-1).tolist()
+            scores = logits.float()
+            fast = native.kernels() if scores.device.type == "cpu" else None
+            greedy = None if fast is None else fast.argmax(scores)
+            if greedy is None:
+                greedy = torch.argmax(scores, dim=-1).tolist()
             tokens = [int(t) for t in greedy]
             for i, seq in enumerate(seqs):
                 sampling = seq.request.sampling

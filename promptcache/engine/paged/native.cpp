@@ -727,6 +727,44 @@ void scale_mask_softmax(const typename S::T* scores, int64_t R, int64_t W, const
   }
 }
 
+// The index of each row's largest value of x [R, W] (float32), the first on ties, as
+// torch.argmax; -1 for a row with a NaN (the caller asks PyTorch, which ranks NaN highest).
+void argmax_rows(const float* x, int64_t R, int64_t W, int64_t* out) {
+#pragma omp parallel for schedule(static) if (R > 1 && R * W >= PARALLEL_MIN_WORK)
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = x + r * W;
+    float best = -INFINITY;
+    bool nan = false;
+#if PC_AVX512
+    const __m512 none = _mm512_set1_ps(-INFINITY);
+    __m512 vmax = none;
+    __mmask16 unordered = 0;
+    for (int64_t j = 0; j < W; j += 16) {
+      const __m512 v = _mm512_mask_loadu_ps(none, lanes(j, W), row + j);
+      unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      vmax = _mm512_max_ps(vmax, v);
+    }
+    nan = unordered != 0;
+    best = _mm512_reduce_max_ps(vmax);
+#else
+    for (int64_t j = 0; j < W; ++j) {
+      nan |= row[j] != row[j];
+      best = row[j] > best ? row[j] : best;
+    }
+#endif
+    int64_t at = -1;
+    if (!nan) {
+      for (int64_t j = 0; j < W; ++j) {
+        if (row[j] == best) {
+          at = j;
+          break;
+        }
+      }
+    }
+    out[r] = at;
+  }
+}
+
 }  // namespace
 
 // One layer of a decode step, as the Python side lays it out (native.py's _Layer).
@@ -869,6 +907,10 @@ void pc_scale_mask_softmax_bf16(const uint16_t* scores, int64_t R, int64_t W, co
 void pc_scale_mask_softmax_f32(const float* scores, int64_t R, int64_t W, const float* mask,
                                int64_t mask_rows, float scale, float* probs) {
   scale_mask_softmax<F32>(scores, R, W, mask, mask_rows, scale, probs);
+}
+
+void pc_argmax_rows(const float* x, int64_t R, int64_t W, int64_t* out) {
+  argmax_rows(x, R, W, out);
 }
 
 // 1 when bfloat16 steps multiply weights paired for vdpbf16ps (gemv_int8_paired).

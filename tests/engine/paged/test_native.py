@@ -323,3 +323,18 @@ def test_the_kernels_run_on_pytorchs_openmp_runtime() -> None:
     if not runtimes:
         pytest.skip("no /proc/self/maps here, or PyTorch without GNU OpenMP")
     assert len(runtimes) == 1, runtimes
+
+
+def test_argmax_is_pytorchs() -> None:
+    gen = torch.Generator().manual_seed(18)
+    logits = torch.randn(5, 262_144 + 7, generator=gen)
+    logits[1, 100] = logits[1, 90_000] = 99.0  # a tie: the first index, as torch.argmax
+    logits[2] = float("-inf")
+    logits[2, -1] = 0.0  # the row's maximum in the vector loop's masked tail
+    assert kernels().argmax(logits) == torch.argmax(logits, dim=-1).tolist()
+    assert (
+        kernels().argmax(logits[:, :33].contiguous()) == torch.argmax(logits[:, :33], -1).tolist()
+    )
+    logits[3, 5] = float("nan")  # PyTorch ranks NaN highest: left to it
+    assert kernels().argmax(logits) is None
+    assert kernels().argmax(logits.double()) is None
