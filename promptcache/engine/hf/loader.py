@@ -142,7 +142,8 @@ def load_engine(
     hf_model = hf_model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
     lean = from_hf(hf_model, DTYPES[dtype])
     del hf_model  # the lean model shares or copied its weights
-    switch = add_decode_int8(lean) if quant == "int8" else None
+    head_cache = Path(cache_dir) / "int4"
+    switch = add_decode_int8(lean, head_cache=head_cache) if quant == "int8" else None
     if packed:  # after the int8 copies, which are made from the plain weights
         pack_linears(lean)
     compiled = resolve_compile(compile_mode, lean, switch is not None, native=kernels)

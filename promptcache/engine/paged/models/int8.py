@@ -8,6 +8,8 @@ falls back to dequantizing per call, which saves memory but not time.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,11 +109,14 @@ class DecodeInt8Linear(nn.Module):
         return out
 
 
-def add_decode_int8(model: CausalLM, *, max_rows: int = 4) -> DecodeSwitch:
+def add_decode_int8(
+    model: CausalLM, *, max_rows: int = 4, head_cache: Path | None = None
+) -> DecodeSwitch:
     """Give every projection an int8 copy for narrow decode steps of at most ``max_rows`` tokens
     (``DecodeInt8Linear``), in place, and the lm_head int4 weights with exact rescoring of its
-    best rows (``RescoredHead``, on a CPU; an int8 copy by row count elsewhere). Returns the
-    switch the engine sets before each step."""
+    best rows (``RescoredHead``, on a CPU, its int4 copy kept in ``head_cache`` between
+    starts; an int8 copy by row count elsewhere). Returns the switch the engine sets before each
+    step."""
     switch = DecodeSwitch(max_rows)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
     for name, module in targets:
@@ -119,7 +124,7 @@ def add_decode_int8(model: CausalLM, *, max_rows: int = 4) -> DecodeSwitch:
         parent = model.get_submodule(parent_name) if parent_name else model
         replacement: nn.Module
         if name == "lm_head" and int4_supported(module):
-            replacement = RescoredHead(module, int8_in_background=True)
+            replacement = RescoredHead(module, int8_in_background=True, cache=head_cache)
         else:
             replacement = DecodeInt8Linear(module, switch, by_rows=name == "lm_head")
         setattr(parent, attr, replacement)
