@@ -130,13 +130,11 @@ class PagedAttention:
         ``[B, W]`` each token reads and their additive float32 mask ``[B, 1, 1, W]`` (zeros
         where nothing is masked), as ``compiled.decode_attention`` takes them."""
         slots, masks = [], []
-        for window in windows:
-            keys = self._decode[window]
-            mask = keys.additive(torch.float32)
+        for keys, mask in self.decode_keys(windows):
             if mask is None:
-                b, w = keys.slots.shape
-                mask = torch.zeros((b, 1, 1, w), device=keys.slots.device)
-            slots.append(keys.slots)
+                b, w = keys.shape
+                mask = torch.zeros((b, 1, 1, w), device=keys.device)
+            slots.append(keys)
             masks.append(mask)
         return slots, masks
 

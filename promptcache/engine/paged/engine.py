@@ -40,13 +40,13 @@ from promptcache.engine.base import (
     TokenOut,
     check_request,
 )
-from promptcache.engine.paged import native, native_decode
+from promptcache.engine.paged import native
 from promptcache.engine.paged.attention import PagedAttention, StepSeq
 from promptcache.engine.paged.codec import PagedCodec
 from promptcache.engine.paged.compiled import CompiledDecode
 from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.int8 import DecodeSwitch
-from promptcache.engine.paged.native_decode import NativeDecode
+from promptcache.engine.paged.native_decode import MAX_ROWS, NativeDecode
 from promptcache.engine.paged.pool import KVPool, PoolExhausted, PoolPayload
 from promptcache.engine.sampling import make_generator, sample_token
 
@@ -143,7 +143,7 @@ class PagedEngine:
         # CPU with them): one call for the whole model instead of ~400 operations.
         self.native_decode: NativeDecode | None = None
         if decode_switch is not None:
-            self.native_decode = NativeDecode.build(model, self._attn, native_decode.MAX_ROWS)
+            self.native_decode = NativeDecode.build(model, self._attn, MAX_ROWS)
         self.compiled: CompiledDecode | None = None
         if compile_decode:
             if decode_switch is None:
