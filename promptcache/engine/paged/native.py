@@ -58,6 +58,9 @@ tail then computes exactly what its vector body computes."""
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
+INT4_GROUP = 64
+"""Inputs per scale of the int4 head's weights (``int4_logits``, native.cpp)."""
+
 _lock = threading.Lock()
 _loaded: Kernels | None = None
 _tried = False
@@ -132,6 +135,7 @@ class Kernels:
     def __init__(self, library: ctypes.CDLL) -> None:
         self.library = library
         """The library itself (``native_decode`` calls its whole-step function)."""
+        self._fns: dict[tuple[str, torch.dtype], Any] = {}
         ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
         signatures = {
             "decode_attention": [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32],
@@ -144,7 +148,14 @@ class Kernels:
         self._argmax = library.pc_argmax_rows
         self._argmax.restype = None
         self._argmax.argtypes = [ptr, i64, i64, ptr]
-        self._fns: dict[tuple[str, torch.dtype], Any] = {}
+        self.int4_head = bool(library.pc_int4_head())
+        """Whether ``int4_logits`` runs here (a CPU with AVX512-VNNI)."""
+        if self.int4_head:
+            for dtype, suffix in _DTYPES.items():
+                fn = getattr(library, f"pc_int4_logits_{suffix}")
+                fn.restype = None
+                fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
+                self._fns["int4_logits", dtype] = fn
         for op, argtypes in signatures.items():
             for dtype, suffix in _DTYPES.items():
                 fn = getattr(library, f"pc_{op}_{suffix}")
@@ -339,6 +350,37 @@ class Kernels:
         fn(scores.data_ptr(), rows, w, _ptr(mask), mask_rows, scale, out.data_ptr())
         return out
 
+    def int4_logits(
+        self, x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Approximate ``x W^T`` as float32 ``[rows, N]`` (N: ``packed``'s output rows, a
+        multiple of 16) from ``int4.pack_int4_native``'s copy of W; None where it does not run
+        (no VNNI, another dtype or device)."""
+        fn = self._fns.get(("int4_logits", x.dtype))
+        blocks, groups = packed.shape[0], packed.shape[1]
+        if (
+            fn is None
+            or x.device.type != "cpu"
+            or x.dim() != 2
+            or x.shape[1] != groups * INT4_GROUP
+            or packed.dtype != torch.uint8
+            or scale_low.dtype != torch.bfloat16
+            or not (packed.is_contiguous() and scale_low.is_contiguous())
+        ):
+            return None
+        x = x.contiguous()
+        out = torch.empty((x.shape[0], blocks * 16), dtype=torch.float32)
+        fn(
+            x.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+            packed.data_ptr(),
+            scale_low.data_ptr(),
+            blocks * 16,
+            out.data_ptr(),
+        )
+        return out
+
     def argmax(self, logits: torch.Tensor) -> list[int] | None:
         """``torch.argmax(logits, dim=-1).tolist()`` for float32 ``logits [R, W]`` (the first
         index on ties), several times sooner over a 262k vocabulary; None for other tensors or
@@ -438,6 +480,7 @@ def _openmp_runtimes() -> list[str]:
 
 __all__ = [
     "FLAGS",
+    "INT4_GROUP",
     "SOURCE",
     "Kernels",
     "build",

@@ -1,6 +1,6 @@
-"""The int4 head with exact rescoring: the kernel multiplies by the dequantized weight, the
-candidates carry the dense logits, the winner is the dense winner, and a row scores the same
-alone as in a batch."""
+"""The int4 head with exact rescoring: each kernel (PyTorch's, the engine's own) multiplies by
+its dequantized weight, the candidates carry the dense logits, the winner is the dense winner,
+and a row scores the same alone as in a batch."""
 
 from __future__ import annotations
 
@@ -10,10 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from promptcache.engine.paged import native
 from promptcache.engine.paged.models import int4
 from promptcache.engine.paged.models.int4 import GROUP_SIZE, RescoredHead, pack_int4
 from promptcache.engine.paged.models.int8 import DecodeInt8Linear, add_decode_int8
 from promptcache.engine.paged.models.layers import Linear
+
+
+def native_int4() -> bool:
+    kernels = native.kernels()
+    return kernels is not None and kernels.int4_head
+
+
+needs_native = pytest.mark.skipif(
+    not native_int4(), reason="the engine's int4 kernel needs AVX512-VNNI and a C++ compiler"
+)
 
 
 def head(vocab: int = 8192, hidden: int = 256, seed: int = 0) -> Linear:
@@ -45,13 +56,59 @@ def test_the_kernel_multiplies_by_the_dequantized_weight() -> None:
     assert (out - expected).abs().max() <= 2**-7 * expected.abs().max()
 
 
-@pytest.mark.parametrize("int4_rows", [0, 1000], ids=["int8-candidates", "int4-candidates"])
+def unpack_native(packed: torch.Tensor, scale_low: torch.Tensor) -> torch.Tensor:
+    """The weight ``int4_logits`` multiplies by, ``[N, K]`` float32, from its layout."""
+    blocks, groups = packed.shape[:2]
+    lo = (packed & 15).view(blocks, groups, 8, 16, 4)
+    hi = (packed >> 4).view(blocks, groups, 8, 16, 4)
+    q = torch.stack([lo, hi], dim=3)  # [block, group, step, half, row, input]
+    q = q.permute(0, 4, 1, 2, 3, 5).reshape(blocks * 16, groups * 64).float()
+
+    def per_input(i: int) -> torch.Tensor:
+        return scale_low[:, :, i].float().permute(0, 2, 1).reshape(blocks * 16, groups)
+
+    return q * per_input(0).repeat_interleave(64, 1) + per_input(1).repeat_interleave(64, 1)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_native_kernel_multiplies_by_its_dequantized_weight(dtype: torch.dtype) -> None:
+    """``int4_logits`` against its own weight, read back from the layout: within what rounding
+    the activations to 8 bits per group of 64 moves; a row scores the same in any batch."""
+    weight = head(vocab=520, hidden=128).weight  # 520 rows: padded to a multiple of 16
+    packed, scale_low = int4.pack_int4_native(weight)
+    assert packed.shape == (33, 2, 8, 64) and scale_low.shape == (33, 2, 2, 16)
+    deq = unpack_native(packed, scale_low)
+    step = scale_low[:, :, 0].float().permute(0, 2, 1).reshape(-1, 2).repeat_interleave(64, 1)
+    assert ((deq[:520] - weight.float()).abs() <= 0.51 * step[:520] + 1e-6).all()
+    assert (deq[520:].abs() <= 1e-6).all()  # the padding rows are zeros
+    kernels = native.kernels()
+    assert kernels is not None
+    x = torch.randn(11, 128, generator=torch.Generator().manual_seed(3)).to(dtype)
+    out = kernels.int4_logits(x, packed, scale_low)
+    assert out is not None and out.shape == (11, 528) and out.dtype == torch.float32
+    # Each activation moves by at most half its group's step (largest |x| / 127).
+    x_step = x.float().view(11, 2, 64).abs().amax(-1).repeat_interleave(64, 1) / 127
+    bound = (0.5 * x_step) @ deq.abs().t() + 1e-3
+    assert ((out - x.float() @ deq.t()).abs() <= bound).all()
+    alone = torch.cat([kernels.int4_logits(x[i : i + 1], packed, scale_low) for i in range(11)])
+    assert torch.equal(alone, out)
+
+
+@pytest.mark.parametrize(
+    ("int4_rows", "native_kernel"),
+    [(0, False), (1000, False), (0, True)],
+    ids=["int8-candidates", "int4-candidates", "native-candidates"],
+)
 def test_candidates_carry_the_dense_logits_and_the_winner_is_the_dense_winner(
-    int4_rows: int, monkeypatch: pytest.MonkeyPatch
+    int4_rows: int, native_kernel: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if native_kernel and not native_int4():
+        pytest.skip("no native int4 kernel here")
     monkeypatch.setattr(int4, "INT4_MAX_ROWS", int4_rows)
     dense = head()
-    rescored = RescoredHead(dense)
+    rescored = RescoredHead(dense, native_kernel=native_kernel)
+    assert (rescored.native is not None) == native_kernel
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     ref = F.linear(x, dense.weight).float()
     out = rescored(x)
@@ -64,10 +121,32 @@ def test_candidates_carry_the_dense_logits_and_the_winner_is_the_dense_winner(
     assert (out - ref).abs().mean() <= 0.15 * ref.abs().mean()
 
 
+@needs_native
+def test_the_native_head_scores_a_row_the_same_alone_and_in_a_batch() -> None:
+    """One kernel for every row count: a row's every logit is the same alone as in a batch,
+    and no int8 copy is made."""
+    rescored = RescoredHead(head(), int8_in_background=True)
+    assert rescored.native is not None and rescored.int8_done.is_set() and rescored.int8 is None
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    batch = rescored(x)
+    for i in range(8):
+        assert torch.equal(rescored(x[i : i + 1])[0], batch[i])
+
+
+@needs_native
+def test_the_native_head_scores_exactly_with_the_kernels_off() -> None:
+    dense = head(seed=8)
+    rescored = RescoredHead(dense)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    with native.disabled():
+        out = rescored(x)
+    assert torch.equal(out, F.linear(x, dense.weight).float())
+
+
 def test_a_row_scores_the_same_alone_and_in_a_batch() -> None:
-    """One row is scored by the int4 copy, eight by the int8 one: the winner and its logit
-    are the same."""
-    rescored = RescoredHead(head())
+    """PyTorch's kernels: one row is scored by the int4 copy, eight by the int8 one: the winner
+    and its logit are the same."""
+    rescored = RescoredHead(head(), native_kernel=False)
     assert rescored.int8 is not None  # this PyTorch has fbgemm
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     batch = rescored(x)
@@ -92,7 +171,7 @@ def test_add_decode_int8_gives_the_head_int4_rescoring() -> None:
 
 def test_the_int8_copy_packed_in_the_background_takes_over_when_ready() -> None:
     dense = head(seed=4)
-    rescored = RescoredHead(dense, int8_in_background=True)
+    rescored = RescoredHead(dense, int8_in_background=True, native_kernel=False)
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     before = rescored(x)  # int4 until the int8 copy is packed: the same winners either way
     assert rescored.int8_done.wait(60)
@@ -102,12 +181,15 @@ def test_the_int8_copy_packed_in_the_background_takes_over_when_ready() -> None:
     assert torch.equal(after.argmax(-1), F.linear(x, dense.weight).float().argmax(-1))
 
 
-def test_a_head_with_a_bias_ranks_and_scores_with_it() -> None:
+@pytest.mark.parametrize("native_kernel", [False, True], ids=["pytorch", "native"])
+def test_a_head_with_a_bias_ranks_and_scores_with_it(native_kernel: bool) -> None:
+    if native_kernel and not native_int4():
+        pytest.skip("no native int4 kernel here")
     dense = head(vocab=4096, seed=6)
     bias = torch.zeros(4096)
     bias[123] = 50.0  # far above every product: the winner whatever the row
     biased = Linear(dense.weight, bias.to(torch.bfloat16))
-    rescored = RescoredHead(biased)
+    rescored = RescoredHead(biased, native_kernel=native_kernel)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     for rows in (x[:1], x):  # the int4 copy, then the int8 one
         out = rescored(rows)
@@ -142,19 +224,23 @@ def test_packing_leaves_the_weight_alone(dtype: torch.dtype) -> None:
     assert torch.equal(weight, before)
 
 
-def test_the_packed_head_is_kept_between_starts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["torch", "native"])
+def test_the_packed_head_is_kept_between_starts(tmp_path: Path, layout: str) -> None:
     """A second start reads the int4 copy instead of packing again (3.4 s for Gemma 3's head):
-    the same tensors, from one file named by the weight; a damaged file is packed again."""
+    the same tensors, from one file named by the weight and layout; a damaged file is packed
+    again."""
     weight = torch.randn(200, 128).to(torch.bfloat16)
-    first = int4.pack_int4_cached(weight, tmp_path)
+    fresh = int4.pack_int4(weight) if layout == "torch" else int4.pack_int4_native(weight)
+    first = int4.pack_int4_cached(weight, tmp_path, layout=layout)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".safetensors"
-    again = int4.pack_int4_cached(weight, tmp_path)
+    again = int4.pack_int4_cached(weight, tmp_path, layout=layout)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(first, int4.pack_int4(weight), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh, strict=True))
     files[0].write_bytes(b"not a safetensors file")
-    repaired = int4.pack_int4_cached(weight, tmp_path)
+    repaired = int4.pack_int4_cached(weight, tmp_path, layout=layout)
     assert all(torch.equal(a, b) for a, b in zip(first, repaired, strict=True))
-    # Another weight is another file.
-    int4.pack_int4_cached(weight * 2, tmp_path)
-    assert len(list(tmp_path.iterdir())) == 2
+    # Another weight, or the other layout, is another file.
+    int4.pack_int4_cached(weight * 2, tmp_path, layout=layout)
+    int4.pack_int4_cached(weight, tmp_path, layout="native" if layout == "torch" else "torch")
+    assert len(list(tmp_path.iterdir())) == 3

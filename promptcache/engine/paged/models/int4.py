@@ -13,6 +13,13 @@ sampling reaches with vanishing probability) keeps int4 values.
 Each row is computed on its own, with the same weights whatever else is in the batch and
 whether its step was a prefill or a decode: a cache hit and a cold run score their first token
 alike, and so do a sequence alone and one in a batch.
+
+Two ways to compute the int4 scores. Where the engine's own kernels run with AVX512-VNNI
+(``native.cpp``'s ``int4_logits``): one kernel for every row count, the activations quantized
+to int8 per group of 64 and multiplied by the 4-bit weights in integers (``vpdpbusd``) from a
+layout of its own (``pack_int4_native``), prefetched as it streams; Gemma 3's head: one row
+~4 ms, 8 rows ~5 ms. Elsewhere PyTorch's: ``_weight_int4pack_mm_for_cpu`` for one or two
+rows, and for more an int8 copy through fbgemm (``INT4_MAX_ROWS``).
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from promptcache.engine import threads
+from promptcache.engine.paged import native
 from promptcache.engine.paged.models.layers import Linear, frozen
 
 GROUP_SIZE = 64
@@ -46,14 +55,14 @@ int4's error exceeds the gap between the winner and the 32nd logit; on Gemma 3 2
 never did (docs/benchmarks.md: the int4 head's agreement with the dense one)."""
 
 
-def pack_int4(
-    weight: torch.Tensor, group_size: int = GROUP_SIZE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(packed, scales_and_zeros)`` for ``_weight_int4pack_mm_for_cpu``: asymmetric int4 per
-    group of ``group_size`` input columns, ``w ≈ (q - 8) * scale + zero`` (gpt-fast's and
-    torchao's convention); ``scales_and_zeros`` is ``[in / group, out, 2]`` in bfloat16. The
-    kernel takes a multiple of 16 output rows: more are padded with zeros (their outputs are
-    dropped by the caller)."""
+def _quantize_int4(
+    weight: torch.Tensor, group_size: int, *, as_stored: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scales, low)``: ``q [out, in / group, group]`` in 0..15 (uint8) with ``w ≈ q *
+    scale + low`` per group of ``group_size`` inputs; ``scales`` and ``low [out, in / group]``
+    in float32. The output rows are padded with zeros to a multiple of 16 (what both int4
+    kernels take). ``as_stored``: the scales and lows rounded to bfloat16 first, and ``q``
+    rounded against them."""
     out_features, in_features = weight.shape
     if in_features % group_size:
         raise ValueError(f"{in_features} input features are not a multiple of {group_size}")
@@ -64,26 +73,68 @@ def pack_int4(
     w = w.reshape(out_features, in_features // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)
     scales = ((high - low) / 15).clamp(min=1e-6)
+    if as_stored:
+        scales = scales.to(torch.bfloat16).float()
+        low = low.to(torch.bfloat16).float()
+    q = ((w - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return q, scales, low
+
+
+def pack_int4_native(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, scale_low)`` for ``native.cpp``'s ``int4_logits`` (the layout is described
+    there): groups of 64 inputs, 16 output rows side by side, two inputs a byte; the scale and
+    low of each group in bfloat16, the 4-bit values rounded against them as stored."""
+    q, scales, low = _quantize_int4(weight, native.INT4_GROUP, as_stored=True)
+    blocks, groups = q.shape[0] // 16, q.shape[1]
+    # [block, row, group, step, half, input] -> [block, group, step, half, row, input]
+    q = q.view(blocks, 16, groups, 8, 2, 4).permute(0, 2, 3, 4, 1, 5)
+    packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(blocks, groups, 8, 64).contiguous()
+    scale_low = torch.stack([scales, low]).view(2, blocks, 16, groups).permute(1, 3, 0, 2)
+    return packed, scale_low.to(torch.bfloat16).contiguous()
+
+
+def pack_int4(
+    weight: torch.Tensor, group_size: int = GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, scales_and_zeros)`` for ``_weight_int4pack_mm_for_cpu``: asymmetric int4 per
+    group of ``group_size`` input columns, ``w ≈ (q - 8) * scale + zero`` (gpt-fast's and
+    torchao's convention); ``scales_and_zeros`` is ``[in / group, out, 2]`` in bfloat16. The
+    kernel takes a multiple of 16 output rows: more are padded with zeros (their outputs are
+    dropped by the caller)."""
+    q, scales, low = _quantize_int4(weight, group_size)
     zeros = low + scales * 8
-    q = ((w - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q.reshape(out_features, in_features), 1)
+    packed = torch._convert_weight_to_int4pack_for_cpu(
+        q.to(torch.int32).reshape(q.shape[0], weight.shape[1]), 1
+    )
     scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
     return packed, scales_and_zeros.to(torch.bfloat16)
 
 
 def pack_int4_cached(
-    weight: torch.Tensor, directory: Path | None, group_size: int = GROUP_SIZE
+    weight: torch.Tensor,
+    directory: Path | None,
+    group_size: int = GROUP_SIZE,
+    *,
+    layout: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pack_int4(weight)``, kept in ``directory`` (None: not kept) for the next start: packing
-    Gemma 3's 262k-row head takes ~3.4 s of a 2-core CPU, reading the file ~0.1 s. The file is
-    named by the weight (its shape, dtype and a sample of its rows), the group size and the
-    PyTorch version (the packed layout is the kernel's own)."""
+    """``pack_int4(weight)`` (``layout="torch"``) or ``pack_int4_native(weight)``
+    (``"native"``, its own group size), kept in ``directory`` (None: not kept) for the next
+    start: packing Gemma 3's 262k-row head takes ~3.4 s of a 2-core CPU, reading the file ~0.1
+    s. The file is named by the weight (its shape, dtype and a sample of its rows), the layout,
+    the group size and the PyTorch version (the torch layout is the kernel's own)."""
+
+    def pack() -> tuple[torch.Tensor, torch.Tensor]:
+        return pack_int4(weight, group_size) if layout == "torch" else pack_int4_native(weight)
+
+    if layout not in ("torch", "native"):
+        raise ValueError(f"unknown int4 layout {layout!r}")
     if directory is None:
-        return pack_int4(weight, group_size)
+        return pack()
     rows = weight.detach()[:: max(1, weight.shape[0] // 256)].contiguous()
     key = hashlib.sha256(
         "\0".join(
             (str(tuple(weight.shape)), str(weight.dtype), str(group_size), torch.__version__)
+            + (() if layout == "torch" else (layout, str(native.INT4_GROUP)))
         ).encode()
         + rows.view(torch.uint8).numpy().tobytes()
     ).hexdigest()[:24]
@@ -94,7 +145,7 @@ def pack_int4_cached(
             return saved["packed"], saved["scales_and_zeros"]
         except (OSError, KeyError, safetensors.SafetensorError):
             pass  # unreadable: pack again and replace it
-    packed, scales_and_zeros = pack_int4(weight, group_size)
+    packed, scales_and_zeros = pack()
     with contextlib.suppress(OSError):  # a read-only cache directory: pack at every start
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
@@ -164,9 +215,10 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 class RescoredHead(nn.Module):
     """``dense(x)`` for the ``candidates`` highest logits of each row, approximate values
     elsewhere; float32 out. Keeps the dense weight (tied to the embedding, it costs nothing
-    more) and adds an int4 copy for one or two rows and an int8 one for more (``INT4_MAX_ROWS``).
-    Which copy chose a row's candidates never changes its winner's logit, only (rarely) which
-    other tokens were rescored."""
+    more) and adds an int4 copy: the engine's own kernel's for every row count where it runs,
+    else PyTorch's for one or two rows and an int8 one for more (``INT4_MAX_ROWS``). Which copy
+    chose a row's candidates never changes its winner's logit, only (rarely) which other tokens
+    were rescored."""
 
     def __init__(
         self,
@@ -175,22 +227,32 @@ class RescoredHead(nn.Module):
         *,
         int8_in_background: bool = False,
         cache: Path | None = None,
+        native_kernel: bool = True,
     ) -> None:
         """``int8_in_background``: pack the int8 copy on a thread of its own (2 s for Gemma 3's
         head, which would otherwise delay the server's start); until it is done, every row
         count uses int4. ``cache``: a directory that keeps the int4 copy between starts
-        (``pack_int4_cached``)."""
+        (``pack_int4_cached``). ``native_kernel``: use the engine's own int4 kernel where it
+        runs (False: PyTorch's kernels, as where it does not)."""
         super().__init__()
         if not int4_supported(dense):
             raise ValueError("the int4 head needs a CPU weight with a multiple of 32 columns")
         self.dense = dense
         self.candidates = min(candidates, dense.out_features)
+        self.int8: Any | None = None
+        self.int8_done = threading.Event()
+        """Set once the int8 copy is packed (or known not to be needed, or unavailable)."""
+        kernels = native.kernels() if native_kernel else None
+        self.native: tuple[torch.Tensor, torch.Tensor] | None = None
+        """The copy the engine's kernel reads (``pack_int4_native``), where it runs."""
+        if kernels is not None and kernels.int4_head:
+            packed, scale_low = pack_int4_cached(dense.weight, cache, layout="native")
+            self.native = (frozen(packed), frozen(scale_low))
+            self.int8_done.set()
+            return
         packed, scales_and_zeros = pack_int4_cached(dense.weight, cache)
         self.packed = frozen(packed)
         self.scales_and_zeros = frozen(scales_and_zeros)
-        self.int8: Any | None = None
-        self.int8_done = threading.Event()
-        """Set once the int8 copy is packed (or known unavailable)."""
         if int8_in_background:
             threading.Thread(
                 target=self._pack_int8, args=(True,), name="promptcache-pack", daemon=True
@@ -209,6 +271,13 @@ class RescoredHead(nn.Module):
 
     def approximate(self, flat: torch.Tensor) -> torch.Tensor:
         """Every logit of the rows of ``flat``, float32, from the cheaper copy for that many."""
+        vocab = self.dense.out_features
+        if self.native is not None:
+            kernels = native.kernels()
+            found = None if kernels is None else kernels.int4_logits(flat, *self.native)
+            if found is None:  # the kernels switched off (``native.disabled``): exact scores
+                return F.linear(flat, self.dense.weight).float()
+            return found if found.shape[1] == vocab else found[:, :vocab].contiguous()
         if self.int8 is not None and flat.shape[0] > INT4_MAX_ROWS:
             out: torch.Tensor = torch.ops.quantized.linear_dynamic(
                 flat.float().contiguous(), self.int8
@@ -218,7 +287,7 @@ class RescoredHead(nn.Module):
         act = flat.to(torch.bfloat16).contiguous()
         return torch._weight_int4pack_mm_for_cpu(
             act, self.packed, GROUP_SIZE, self.scales_and_zeros
-        )[:, : self.dense.out_features].float()
+        )[:, :vocab].float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
