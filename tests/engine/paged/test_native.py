@@ -52,7 +52,8 @@ def pool(slots: int, kv_heads: int, d: int, dtype: torch.dtype) -> tuple[torch.T
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "d"),
-    [(4, 1, 256), (9, 3, 64), (4, 2, 16), (12, 1, 32), (2, 2, 48)],  # vector paths and loops
+    # Vector paths (bfloat16: 16 / (heads per key head) keys a block) and loops.
+    [(4, 1, 256), (9, 3, 64), (8, 8, 64), (8, 1, 32), (4, 2, 16), (12, 1, 32), (2, 2, 48)],
 )
 def test_decode_attention_matches_pytorch(
     dtype: torch.dtype, heads: int, kv_heads: int, d: int
@@ -77,9 +78,10 @@ def test_decode_attention_matches_pytorch(
         torch.testing.assert_close(got, want, **close(dtype))
 
 
-def test_a_masked_key_is_never_read() -> None:
-    keys, values = pool(64, 1, 64, torch.float32)
-    q = torch.randn(1, 2, 64)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_masked_key_is_never_read(dtype: torch.dtype) -> None:
+    keys, values = pool(64, 1, 64, dtype)
+    q = torch.randn(1, 2, 64).to(dtype)
     slots = torch.arange(40).unsqueeze(0)
     mask = torch.zeros(1, 1, 1, 40)
     mask[..., 30:] = float("-inf")
