@@ -1,8 +1,8 @@
 """A whole narrow decode step in the engine's own CPU kernels (``NativeDecode``): every layer of
 the model, for a few decode rows, in one call into ``native.cpp``'s ``decode_step``.
 
-A decode step of Gemma 3 270M on two cores streams ~100 MB of int8 weights (about 7 ms at the
-machine's memory bandwidth) and the 4-bit head (~4.5 ms); through PyTorch it took ~17 ms, the
+A decode step of Gemma 3 270M on two cores streams ~100 MB of int8 weights (~3.5 ms, prefetched
+as they stream) and the 4-bit head (~2.7 ms); through PyTorch it took ~17 ms, the
 rest being the fixed cost of ~400 small operations and their Python. Here the layers run as
 plain loops over the same weights: the int8 products (one pass over each weight, split over
 PyTorch's OpenMP threads), norms, rope, the KV write and attention, with no Python between.
@@ -13,9 +13,10 @@ rows only, at most ``MAX_ROWS``), like the int8 weights themselves: each row's p
 and attention are its own, so a sequence's tokens never depend on its neighbours, and a cache
 hit decodes as the cold run did. Where AVX512-BF16 is at hand, bfloat16 rows multiply the int8
 weights as bfloat16 pairs (``vdpbf16ps``) from a copy laid out for it (``pair_weight``: 16 output
-rows side by side, so each vector lane accumulates one output and no horizontal sum is needed):
-~100 GMAC/s on two cores, near the instruction's peak, where oneDNN's dense bf16 matmuls reach
-~89. So the step stays ahead of PyTorch well past a handful of rows (``MAX_ROWS``).
+rows side by side, so each vector lane accumulates one output and no horizontal sum is needed),
+prefetched as they stream: ~175 GMAC/s on two cores at 8 rows (the instruction's peak is ~234
+there), where oneDNN's dense bf16 matmuls reach ~200 at 64 rows. So the step stays ahead of
+PyTorch well past a handful of rows (``MAX_ROWS``).
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ class _Step(ctypes.Structure):
 
 MAX_ROWS = 24
 """Decode rows up to which a step runs here. Gemma 3 270M on 2 cores, one process, native
-step against PyTorch's path (dense bf16 matmuls past 4 rows): 8 rows 21.5-23.0 vs 30.2-32.1
-ms, 16 rows 37-42 vs 46-52, 24 rows 47-56 vs 55-64, 32 rows 80-100 vs 83-108 (even)."""
+step against PyTorch's path (dense bf16 matmuls past 4 rows), measured before the weights were
+prefetched (which made the native step faster still): 8 rows 21.5-23.0 vs 30.2-32.1 ms, 16 rows
+37-42 vs 46-52, 24 rows 47-56 vs 55-64, 32 rows 80-100 vs 83-108 (even)."""
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
