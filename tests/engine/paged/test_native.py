@@ -172,11 +172,20 @@ def test_each_row_is_computed_alone() -> None:
         part = residual_norm(x[lo:hi], a[lo:hi], offset, offset2)
         for p, w in zip(part, whole, strict=True):
             assert torch.equal(p, w[lo:hi])
-    keys, values = pool(300, 1, 256, dtype)
+    keys, values = pool(1200, 1, 256, dtype)
     q = torch.randn(4, 4, 256, generator=gen).to(dtype)
-    slots = torch.randint(1, 300, (4, 128), generator=gen)
-    both = decode_attend(q, keys, values, slots, None, 0.0625)
-    assert torch.equal(decode_attend(q[2:3], keys, values, slots[2:3], None, 0.0625), both[2:3])
+    # Past one chunk of keys (KEY_CHUNK, 256): one row alone is shared by both threads, in a
+    # batch each row's chunks are; the cut is the same.
+    slots = torch.randint(1, 1200, (4, 700), generator=gen)
+    mask = torch.zeros(4, 1, 1, 700)
+    mask[1, ..., 650:] = float("-inf")
+    for m in (None, mask):
+        both = decode_attend(q, keys, values, slots, m, 0.0625)
+        for row in range(4):
+            one = slice(row, row + 1)
+            m_row = None if m is None else m[one]
+            alone = decode_attend(q[one], keys, values, slots[one], m_row, 0.0625)
+            assert torch.equal(alone, both[one])
 
 
 def test_the_build_is_cached_by_source_and_machine(tmp_path: Path) -> None:
