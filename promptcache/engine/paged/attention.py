@@ -7,7 +7,9 @@ once per step; every layer then
 1. writes the step's keys and values into their slots (``index_copy_``, no growth),
 2. attends: the decode tokens together, one SDPA call over their keys gathered from the pool and
    padded to the longest (padding reads the zeroed null block and is masked out); each prefill
-   chunk with its own SDPA call over its sequence's keys, causal from its offset.
+   chunk with its own SDPA call over its sequence's keys, causal from its offset. A chunk whose
+   keys sit in consecutive slots (a sequence whose blocks were handed out in a run, as the pool
+   tends to: ``KVPool.decref``) reads them in place, a view of the pool; others are gathered.
 
 Sliding-window layers gather only the window (the last ``window`` positions a query can see),
 so their cost stays bounded however long the context. The pool keeps every position of every
@@ -44,6 +46,9 @@ class _Keys:
     mask: torch.Tensor | None
     num_queries: int = 1
     """Queries of the chunk (a ``mask`` of None with several queries means plain causal)."""
+    first: int | None = None
+    """For a prefill chunk whose key slots are consecutive: the first (its keys are read in
+    place, a view of the pool, not gathered)."""
     _additive: dict[tuple[torch.dtype, bool], torch.Tensor | None] = field(default_factory=dict)
 
     def additive(self, dtype: torch.dtype, *, causal: bool = False) -> torch.Tensor | None:
@@ -182,15 +187,25 @@ class PagedAttention:
         end = seq.start + seq.num_new
         lo = 0 if window is None else max(0, seq.start - window + 1)
         slots = self._slots(seq, lo, end).unsqueeze(0)
+        first = self._first_slot(seq.blocks, lo, end)
         if lo == seq.start and (window is None or seq.num_new <= window):
             # Plain causal: SDPA's own mask.
-            return _Keys(slots.to(self._device), None, seq.num_new)
+            return _Keys(slots.to(self._device), None, seq.num_new, first)
         q_pos = torch.arange(seq.start, end).unsqueeze(1)
         k_pos = torch.arange(lo, end).unsqueeze(0)
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
-        return _Keys(slots.to(self._device), mask.to(self._device), seq.num_new)
+        return _Keys(slots.to(self._device), mask.to(self._device), seq.num_new, first)
+
+    def _first_slot(self, blocks: Sequence[int], lo: int, hi: int) -> int | None:
+        """The slot of position ``lo`` when positions ``[lo, hi)`` sit in consecutive slots
+        (their blocks are consecutive), else None."""
+        bt = self._pool.block_tokens
+        run = blocks[lo // bt : (hi - 1) // bt + 1]
+        if any(b != run[0] + i for i, b in enumerate(run)):
+            return None
+        return run[0] * bt + lo % bt
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -222,10 +237,19 @@ class PagedAttention:
                 if offset + n - 1 not in keep:
                     continue
                 offset, n, causal = offset + n - 1, 1, False
-                plan = _Keys(plan.slots, None if plan.mask is None else plan.mask[-1:])
-            # index_select: see decode_attend.
-            kk = keys.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
-            vv = values.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
+                plan = _Keys(
+                    plan.slots, None if plan.mask is None else plan.mask[-1:], first=plan.first
+                )
+            if plan.first is not None:
+                # Consecutive slots: the pool's own rows, laid out as a gathered copy would be
+                # (the same strides, so the same kernels and roundings), without the copy.
+                span = slice(plan.first, plan.first + plan.slots.shape[1])
+                kk = keys[span].transpose(0, 1).unsqueeze(0)
+                vv = values[span].transpose(0, 1).unsqueeze(0)
+            else:
+                # index_select: see decode_attend.
+                kk = keys.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
+                vv = values.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
             qq = q[offset : offset + n].transpose(0, 1).unsqueeze(0)
             o = _sdpa(qq, kk, vv, plan, causal, spec)
             out[offset : offset + n] = o[0].transpose(0, 1)

@@ -367,7 +367,7 @@ class PagedEngine:
                 hidden = self._model(input_ids, pos, self._attn, keep)
             else:  # a compiled decode step: every row is sampled
                 hidden = hidden[rows]
-            logits = self._model.logits(hidden) if rows else None
+            logits, greedy = self._model.logits_and_greedy(hidden) if rows else (None, None)
         by_seq = {s.seq_id: i for i, s in enumerate(sampled)}
         out: StepResult = []
         for seq in decode:
@@ -375,7 +375,7 @@ class PagedEngine:
         for seq, n in prefill:
             seq.computed += n
             self.num_prefill_tokens_total += n
-        tokens = self._sample(sampled, logits)
+        tokens = self._sample(sampled, logits, greedy)
         for seq in decode:
             out += self._emit(seq, tokens[by_seq[seq.seq_id]])
         for seq, _ in prefill:
@@ -398,17 +398,21 @@ class PagedEngine:
             out += self._prefilled(seq, None if row is None else tokens[row])
         return out
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor | None) -> list[int]:
-        """One token per row of ``logits``: greedy rows in one argmax, the rest one by one."""
+    def _sample(
+        self, seqs: list[_Seq], logits: torch.Tensor | None, greedy: list[int] | None = None
+    ) -> list[int]:
+        """One token per row of ``logits``: greedy rows in one argmax (``greedy``: the argmax
+        of each row, where the head found it already), the rest one by one."""
         if logits is None or not seqs:
             return []
         with torch.inference_mode():
-            # In float32: argmax over bfloat16 takes 4x longer on a CPU (262k-token vocabularies).
-            scores = logits.float()
-            fast = native.kernels() if scores.device.type == "cpu" else None
-            greedy = None if fast is None else fast.argmax(scores)
             if greedy is None:
-                greedy = torch.argmax(scores, dim=-1).tolist()
+                # In float32: argmax over bfloat16 takes 4x longer on a CPU (262k vocabularies).
+                scores = logits.float()
+                fast = native.kernels() if scores.device.type == "cpu" else None
+                greedy = None if fast is None else fast.argmax(scores)
+                if greedy is None:
+                    greedy = torch.argmax(scores, dim=-1).tolist()
             tokens = [int(t) for t in greedy]
             for i, seq in enumerate(seqs):
                 sampling = seq.request.sampling

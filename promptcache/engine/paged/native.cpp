@@ -39,6 +39,9 @@ namespace {
 // Elements of work below which a kernel stays on the calling thread: waking the others
 // (OpenMP, the same runtime and threads as PyTorch's) costs more than it saves.
 constexpr int64_t PARALLEL_MIN_WORK = 1 << 16;
+// The same for the norms, which pass over each element four times or more (a 64-token chunk
+// of Gemma 3 270M, 64 x 640: 40 -> 26 us a residual_norm on two threads).
+constexpr int64_t PARALLEL_MIN_NORM = PARALLEL_MIN_WORK / 4;
 
 // Bytes ahead of the one in hand that a kernel streaming a weight asks the cache for (measured
 // best from 2 to 6 KB; a prefetch never faults: past the end of a weight it is only wasted).
@@ -716,7 +719,7 @@ void norm_row(const float* xf, int64_t n, const void* w, float eps, int mode,
 template <class S>
 void rms_norm(const typename S::T* x, int64_t x_stride, int64_t rows, int64_t n, const void* w,
               float eps, int mode, typename S::T* out) {
-#pragma omp parallel if (rows > 1 && rows * n >= PARALLEL_MIN_WORK)
+#pragma omp parallel if (rows > 1 && rows * n >= PARALLEL_MIN_NORM)
   {
     std::vector<float> xf(n);
 #pragma omp for schedule(static)
@@ -737,7 +740,7 @@ void residual_norm(const typename S::T* x, const typename S::T* a, int64_t rows,
                    const void* w1, float eps1, const void* w2, float eps2, int mode,
                    typename S::T* x_out, typename S::T* h_out) {
   using T = typename S::T;
-#pragma omp parallel if (rows > 1 && rows * n >= PARALLEL_MIN_WORK)
+#pragma omp parallel if (rows > 1 && rows * n >= PARALLEL_MIN_NORM)
   {
     std::vector<float> af(n), xf(n);
     std::vector<T> an(n);
@@ -1050,17 +1053,38 @@ void scale_mask_softmax(const typename S::T* scores, int64_t R, int64_t W, const
       const typename S::T* sr = scores + r * W;
       const float* mr = mask ? mask + (r % mask_rows) * W : nullptr;
 #if PC_AVX512
+      // softmax_rows' arithmetic in three passes over the row, not five: the maximum found
+      // as the scores are scaled and masked, the probabilities rounded straight into probs.
       const __m512 vs = _mm512_set1_ps(scale);
+      const __m512 none = _mm512_set1_ps(-INFINITY);
+      __m512 vmx = none;
+      float* rw = row.data();
       for (int64_t j = 0; j < W; j += 16) {
         const __mmask16 k = lanes(j, W);
         const __m512 m = mr ? _mm512_maskz_loadu_ps(k, mr + j) : _mm512_setzero_ps();
-        _mm512_mask_storeu_ps(row.data() + j, k, _mm512_fmadd_ps(S::load16(k, sr + j), vs, m));
+        const __m512 v = _mm512_fmadd_ps(S::load16(k, sr + j), vs, m);
+        _mm512_mask_storeu_ps(rw + j, k, v);
+        vmx = _mm512_mask_max_ps(vmx, k, vmx, v);
+      }
+      vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
+      __m512 vsum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < W; j += 16) {
+        const __mmask16 k = lanes(j, W);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(none, k, rw + j), vmx));
+        _mm512_mask_storeu_ps(rw + j, k, e);
+        vsum = _mm512_add_ps(vsum, e);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+      typename S::T* pr = probs + r * W;
+      for (int64_t j = 0; j < W; j += 16) {
+        const __mmask16 k = lanes(j, W);
+        S::store16(pr + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, rw + j), inv));
       }
 #else
       for (int64_t j = 0; j < W; ++j) row[j] = S::load(sr[j]) * scale + (mr ? mr[j] : 0.0f);
-#endif
       softmax_rows<S>(row.data(), 1, W);
       store_row<S>(row.data(), W, probs + r * W);
+#endif
     }
   }
 }
@@ -1103,6 +1127,48 @@ void argmax_rows(const float* x, int64_t R, int64_t W, int64_t* out) {
   }
 }
 
+// argmax_rows of x [R, W] where each row's maxima over blocks of `block` columns are known,
+// bmax [R, W / block], except in the blocks holding one of the row's k columns `touched`
+// [R, k] (written since: RescoredHead's exact candidates), which are searched here: a row
+// reads its ~W / block maxima and k blocks, not W values. -1 for a row with a NaN in what
+// it reads, or whose every value is -inf (the caller searches those rows whole).
+void argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int64_t block,
+                   const int64_t* touched, int64_t k, int64_t* out) {
+  const int64_t nb = W / block;
+  std::vector<uint8_t> dirty(nb);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = x + r * W;
+    const float* rmax = bmax + r * nb;
+    std::fill(dirty.begin(), dirty.end(), 0);
+    for (int64_t i = 0; i < k; ++i) dirty[touched[r * k + i] / block] = 1;
+    float best = -INFINITY;
+    int64_t at = -1;
+    bool nan = false;
+    for (int64_t b = 0; b < nb && !nan; ++b) {
+      float v = rmax[b];
+      if (dirty[b]) {
+        v = -INFINITY;
+        for (int64_t j = b * block; j < (b + 1) * block; ++j) {
+          nan |= row[j] != row[j];
+          v = row[j] > v ? row[j] : v;
+        }
+      }
+      nan |= v != v;
+      if (v > best) {  // a later block only wins when strictly higher: the first on ties
+        best = v;
+        at = b;
+      }
+    }
+    if (nan || at < 0) {
+      out[r] = -1;
+      continue;
+    }
+    int64_t j = at * block;
+    while (row[j] != best) ++j;
+    out[r] = j;
+  }
+}
+
 
 #if PC_AVX512 && defined(__AVX512VNNI__)
 #define PC_INT4_HEAD 1
@@ -1120,7 +1186,8 @@ void argmax_rows(const float* x, int64_t R, int64_t W, int64_t* out) {
 // go in group order), so a row scores alike in any batch. K a multiple of 64, N of 16.
 template <int BN>
 inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_sum, int64_t K,
-                       const uint8_t* pk, const uint16_t* sl, float* y, int64_t n0, int64_t N) {
+                       const uint8_t* pk, const uint16_t* sl, float* y, int64_t n0, int64_t N,
+                       __m512* top) {
   const int64_t G = K / 64;
   const __m512i nibble = _mm512_set1_epi8(0x0f);
   __m512 f[BN];
@@ -1148,12 +1215,36 @@ inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_s
       f[b] = _mm512_fmadd_ps(low, _mm512_set1_ps(alpha_sum[b * G + g]), f[b]);
     }
   }
-  for (int b = 0; b < BN; ++b) _mm512_storeu_ps(y + b * N + n0, f[b]);
+  for (int b = 0; b < BN; ++b) {
+    _mm512_storeu_ps(y + b * N + n0, f[b]);
+    top[b] = _mm512_max_ps(top[b], f[b]);
+  }
 }
 
+// The 8 x 16 output rows of one block of INT4_TOP_BLOCK scores for BN activation rows, and
+// each row's largest score of the block into block_max [B, N / INT4_TOP_BLOCK] (when not null).
+constexpr int64_t INT4_TOP_BLOCK = 128;
+
+template <int BN>
+inline void int4_top_block(const int8_t* a, const float* alpha, const float* alpha_sum,
+                           int64_t K, const uint8_t* packed, const uint16_t* sl, float* y,
+                           int64_t blk, int64_t N, float* block_max) {
+  __m512 top[BN];
+  for (int b = 0; b < BN; ++b) top[b] = _mm512_set1_ps(-INFINITY);
+  for (int64_t nb = blk * 8; nb < blk * 8 + 8; ++nb)
+    int4_block<BN>(a, alpha, alpha_sum, K, packed + nb * 8 * K, sl + nb * 2 * K / 4, y, nb * 16,
+                   N, top);
+  if (block_max)
+    for (int b = 0; b < BN; ++b)
+      block_max[b * (N / INT4_TOP_BLOCK) + blk] = _mm512_reduce_max_ps(top[b]);
+}
+
+//
+// block_max (null: not wanted; else N a multiple of INT4_TOP_BLOCK): each row's largest score
+// of each block of INT4_TOP_BLOCK, found as the scores are made, for top_indices' first pass.
 template <class S>
 void int4_logits(const typename S::T* x, int64_t B, int64_t K, const uint8_t* packed,
-                 const uint16_t* sl, int64_t N, float* out) {
+                 const uint16_t* sl, int64_t N, float* out, float* block_max) {
   const int64_t G = K / 64;
   std::vector<int8_t> a(B * K);
   std::vector<float> alpha(B * G), alpha_sum(B * G), row(K);
@@ -1181,14 +1272,30 @@ void int4_logits(const typename S::T* x, int64_t B, int64_t K, const uint8_t* pa
     const float* al = alpha.data() + b0 * G;
     const float* as = alpha_sum.data() + b0 * G;
     float* yb = out + b0 * N;
+    float* mb = block_max ? block_max + b0 * (N / INT4_TOP_BLOCK) : nullptr;
+    if (mb) {
+#pragma omp parallel for schedule(static)
+      for (int64_t blk = 0; blk < N / INT4_TOP_BLOCK; ++blk) {
+        switch (bn) {
+#define PC_ROWS(r)                                                       \
+  case r:                                                                \
+    int4_top_block<r>(ab, al, as, K, packed, sl, yb, blk, N, mb);        \
+    break;
+          PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
+#undef PC_ROWS
+        }
+      }
+      continue;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t nb = 0; nb < N / 16; ++nb) {
       const uint8_t* pb = packed + nb * 8 * K;
       const uint16_t* sb = sl + nb * 2 * K / 4;
+      __m512 top[8] = {};  // block maxima not wanted here
       switch (bn) {
-#define PC_ROWS(r)                                         \
-  case r:                                                  \
-    int4_block<r>(ab, al, as, K, pb, sb, yb, nb * 16, N);  \
+#define PC_ROWS(r)                                              \
+  case r:                                                       \
+    int4_block<r>(ab, al, as, K, pb, sb, yb, nb * 16, N, top);  \
     break;
         PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
 #undef PC_ROWS
@@ -1348,6 +1455,11 @@ void pc_argmax_rows(const float* x, int64_t R, int64_t W, int64_t* out) {
   argmax_rows(x, R, W, out);
 }
 
+void pc_argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int64_t block,
+                      const int64_t* touched, int64_t k, int64_t* out) {
+  argmax_blocks(x, R, W, bmax, block, touched, k, out);
+}
+
 // 1 when bfloat16 steps multiply weights paired for vdpbf16ps (gemv_int8_paired).
 int pc_paired() { return PC_DPBF16; }
 
@@ -1356,13 +1468,14 @@ int pc_int4_head() { return PC_INT4_HEAD; }
 
 #if PC_INT4_HEAD
 void pc_int4_logits_bf16(const uint16_t* x, int64_t B, int64_t K, const uint8_t* packed,
-                         const uint16_t* sl, int64_t N, float* out) {
-  int4_logits<BF16>(x, B, K, packed, sl, N, out);
+                         const uint16_t* sl, int64_t N, float* out, float* block_max) {
+  int4_logits<BF16>(x, B, K, packed, sl, N, out, block_max);
 }
 void pc_int4_logits_f32(const float* x, int64_t B, int64_t K, const uint8_t* packed,
-                        const uint16_t* sl, int64_t N, float* out) {
-  int4_logits<F32>(x, B, K, packed, sl, N, out);
+                        const uint16_t* sl, int64_t N, float* out, float* block_max) {
+  int4_logits<F32>(x, B, K, packed, sl, N, out, block_max);
 }
+int64_t pc_int4_top_block() { return INT4_TOP_BLOCK; }
 #endif
 
 // Sizes of the structs, for the Python side to check its layout against.

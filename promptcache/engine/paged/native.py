@@ -61,6 +61,9 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 INT4_GROUP = 64
 """Inputs per scale of the int4 head's weights (``int4_logits``, native.cpp)."""
 
+INT4_TOP_BLOCK = 128
+"""Columns per block of ``int4_logits``' block maxima (native.cpp's, checked at load)."""
+
 _lock = threading.Lock()
 _loaded: Kernels | None = None
 _tried = False
@@ -148,13 +151,19 @@ class Kernels:
         self._argmax = library.pc_argmax_rows
         self._argmax.restype = None
         self._argmax.argtypes = [ptr, i64, i64, ptr]
+        self._argmax_blocks = library.pc_argmax_blocks
+        self._argmax_blocks.restype = None
+        self._argmax_blocks.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr]
         self.int4_head = bool(library.pc_int4_head())
         """Whether ``int4_logits`` runs here (a CPU with AVX512-VNNI)."""
         if self.int4_head:
+            library.pc_int4_top_block.restype = i64
+            if library.pc_int4_top_block() != INT4_TOP_BLOCK:
+                raise RuntimeError("native.cpp's INT4_TOP_BLOCK and native.py's disagree")
             for dtype, suffix in _DTYPES.items():
                 fn = getattr(library, f"pc_int4_logits_{suffix}")
                 fn.restype = None
-                fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
+                fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
                 self._fns["int4_logits", dtype] = fn
         for op, argtypes in signatures.items():
             for dtype, suffix in _DTYPES.items():
@@ -351,11 +360,17 @@ class Kernels:
         return out
 
     def int4_logits(
-        self, x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        scale_low: torch.Tensor,
+        block_max: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Approximate ``x W^T`` as float32 ``[rows, N]`` (N: ``packed``'s output rows, a
         multiple of 16) from ``int4.pack_int4_native``'s copy of W; None where it does not run
-        (no VNNI, another dtype or device)."""
+        (no VNNI, another dtype or device). ``block_max``: a float32 ``[rows, N /
+        INT4_TOP_BLOCK]`` to fill with each row's largest score of each block of
+        ``INT4_TOP_BLOCK`` columns (N must be a multiple of it), found as the scores are made."""
         fn = self._fns.get(("int4_logits", x.dtype))
         blocks, groups = packed.shape[0], packed.shape[1]
         if (
@@ -368,16 +383,25 @@ class Kernels:
             or not (packed.is_contiguous() and scale_low.is_contiguous())
         ):
             return None
+        n = blocks * 16
+        if block_max is not None and (
+            n % INT4_TOP_BLOCK
+            or block_max.shape != (x.shape[0], n // INT4_TOP_BLOCK)
+            or block_max.dtype != torch.float32
+            or not block_max.is_contiguous()
+        ):
+            raise ValueError("block_max must be float32 [rows, N / INT4_TOP_BLOCK]")
         x = x.contiguous()
-        out = torch.empty((x.shape[0], blocks * 16), dtype=torch.float32)
+        out = torch.empty((x.shape[0], n), dtype=torch.float32)
         fn(
             x.data_ptr(),
             x.shape[0],
             x.shape[1],
             packed.data_ptr(),
             scale_low.data_ptr(),
-            blocks * 16,
+            n,
             out.data_ptr(),
+            None if block_max is None else block_max.data_ptr(),
         )
         return out
 
@@ -396,6 +420,45 @@ class Kernels:
         self._argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
         found: list[int] = out.tolist()
         return None if -1 in found else found
+
+    def argmax_blocks(
+        self, logits: torch.Tensor, block_max: torch.Tensor, touched: torch.Tensor
+    ) -> list[int]:
+        """``argmax`` of float32 ``logits [R, W]`` whose maxima over blocks of ``W /
+        block_max.shape[1]`` columns are ``block_max`` except in the blocks of the columns
+        ``touched [R, k]`` (written after the maxima were taken), which are searched: a row
+        reads its block maxima and k blocks. Rows it cannot answer (a NaN) it leaves to
+        ``argmax`` and PyTorch."""
+        rows, w = logits.shape
+        if (
+            logits.dtype != torch.float32
+            or not logits.is_contiguous()
+            or block_max.shape[0] != rows
+            or w % block_max.shape[1]
+            or block_max.dtype != torch.float32
+            or not block_max.is_contiguous()
+            or touched.dtype != torch.long
+            or touched.shape[0] != rows
+        ):
+            raise ValueError("argmax_blocks: float32 logits [R, W], block_max [R, W / block]")
+        touched = touched.contiguous()
+        out = torch.empty(rows, dtype=torch.long)
+        self._argmax_blocks(
+            logits.data_ptr(),
+            rows,
+            w,
+            block_max.data_ptr(),
+            w // block_max.shape[1],
+            touched.data_ptr(),
+            touched.shape[1],
+            out.data_ptr(),
+        )
+        found: list[int] = out.tolist()
+        for r, at in enumerate(found):
+            if at < 0:
+                whole = self.argmax(logits[r : r + 1])
+                found[r] = int(torch.argmax(logits[r])) if whole is None else whole[0]
+        return found
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -481,6 +544,7 @@ def _openmp_runtimes() -> list[str]:
 __all__ = [
     "FLAGS",
     "INT4_GROUP",
+    "INT4_TOP_BLOCK",
     "SOURCE",
     "Kernels",
     "build",

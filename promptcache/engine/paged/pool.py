@@ -127,6 +127,7 @@ class KVPool:
 
     def decref(self, blocks: Sequence[int]) -> None:
         with self._lock:
+            freed: list[int] = []
             for block in blocks:
                 refs = self._refs[block] - 1
                 if refs < 0 or block == 0:
@@ -136,7 +137,11 @@ class KVPool:
                     part = self._parts[block]
                     if self._by_part.get(part) == block:
                         del self._by_part[part]
-                    self._free.append(block)
+                    freed.append(block)
+            # Last freed, first taken: pushed in reverse, a released table comes back to the
+            # next allocation in its own order, so a run of consecutive blocks stays one (a
+            # prefill then reads its keys in place: attention.PagedAttention).
+            self._free += reversed(freed)
 
     def copy_block(self, src: int) -> int:
         """A new block holding ``src``'s contents (copy on write of a partly filled block)."""

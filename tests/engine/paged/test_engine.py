@@ -426,3 +426,44 @@ def test_cpu_attention_kernels_agree(kind: str, monkeypatch: pytest.MonkeyPatch)
         logits[limit] = eng.prompt_logits(EngineRequest(tokens, greedy(1)), batch_with=others)
     first, second = logits.values()
     torch.testing.assert_close(first, second, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_keys_read_in_place_or_gathered_alike(
+    kind: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefill chunk whose keys sit in consecutive slots reads them in place (a view of the
+    pool); scattered ones are gathered. Both give the same logits, bit for bit, for a cold
+    prompt and a hit."""
+    from promptcache.engine.paged.attention import PagedAttention
+
+    taken: list[bool] = []
+    first_slot = PagedAttention._first_slot
+
+    def spy(self: PagedAttention, blocks: list[int], lo: int, hi: int) -> int | None:
+        found = first_slot(self, blocks, lo, hi)
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(PagedAttention, "_first_slot", spy)
+    tokens = random_prompt(N, seed=34)
+
+    def logits(engine: PagedEngine) -> list[torch.Tensor]:
+        snap = prefilled(run_all(engine, EngineRequest(tokens, greedy(0), snapshot_at=(40,))))
+        cold = engine.prompt_logits(EngineRequest(tokens, greedy(1)))
+        hit = engine.prompt_logits(EngineRequest(tokens, greedy(1), snap.snapshots[40], 40))
+        return [cold, hit]
+
+    in_place = logits(build_tiny_engine(kind, dtype=dtype))
+    assert any(taken)
+
+    scattered = build_tiny_engine(kind, dtype=dtype)
+    # Free every other block first: each table then alternates and no two blocks are adjacent.
+    blocks = scattered.pool.allocate(scattered.pool.num_free)
+    scattered.pool.decref(blocks[1::2])
+    taken.clear()
+    gathered = logits(scattered)
+    assert taken and not any(taken)
+    for a, b in zip(in_place, gathered, strict=True):
+        assert torch.equal(a, b)

@@ -198,6 +198,43 @@ def test_a_head_with_a_bias_ranks_and_scores_with_it(native_kernel: bool) -> Non
         assert torch.allclose(out[:, 123], ref[:, 123], atol=0.5)
 
 
+@needs_native
+def test_the_native_kernel_takes_its_block_maxima() -> None:
+    weight = head(vocab=16 * int4.TOP_BLOCK, seed=10).weight
+    packed, scale_low = int4.pack_int4_native(weight)
+    x = torch.randn(11, 256, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    kernels = native.kernels()
+    assert kernels is not None
+    maxima = torch.empty(11, 16)
+    out = kernels.int4_logits(x, packed, scale_low, block_max=maxima)
+    assert out is not None
+    assert torch.equal(out, kernels.int4_logits(x, packed, scale_low))
+    assert torch.equal(maxima, out.view(11, 16, int4.TOP_BLOCK).amax(-1))
+    with pytest.raises(ValueError, match="block_max"):
+        kernels.int4_logits(x, packed, scale_low, block_max=torch.empty(11, 15))
+
+
+@pytest.mark.parametrize("native_kernel", [False, True], ids=["pytorch", "native"])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_the_heads_greedy_is_the_argmax_of_its_logits(native_kernel: bool, bias: bool) -> None:
+    """``scores_and_greedy``'s argmax, found from block maxima and the rescored blocks where
+    the engine's kernel runs, is torch.argmax of the logits it returns, ties included."""
+    if native_kernel and not native_int4():
+        pytest.skip("no native int4 kernel here")
+    dense = head(vocab=64 * int4.TOP_BLOCK, seed=12)
+    weight = dense.weight.clone()
+    weight[5000] = weight[77]  # two tokens alike: their logits tie wherever they win
+    bias_t = torch.zeros(64 * int4.TOP_BLOCK, dtype=torch.bfloat16) if bias else None
+    rescored = RescoredHead(Linear(weight, bias_t), native_kernel=native_kernel)
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
+    x[0] = weight[77] * 40  # a row that both tied tokens win
+    for rows in (x[:1], x):
+        logits, greedy = rescored.scores_and_greedy(rows)
+        assert greedy == torch.argmax(logits, dim=-1).tolist()
+        assert torch.equal(logits, rescored(rows))
+    assert greedy[0] == 77
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_top_indices_are_topk_s(rows: int) -> None:
     """The two-pass search finds exactly ``topk``'s columns, with ties and a winner's block
@@ -206,11 +243,12 @@ def test_top_indices_are_topk_s(rows: int) -> None:
     scores = torch.randn(rows, 64 * int4.TOP_BLOCK)
     scores[0, 5 : 5 + 20] = 10.0 + torch.arange(20)  # 20 of the best in one block
     scores[-1, -3:] = 50.0  # ties at the end
-    found = int4.top_indices(scores, 32)
     expected = scores.topk(32, dim=-1)
-    for row in range(rows):
-        assert sorted(scores[row, found[row]].tolist()) == sorted(expected.values[row].tolist())
-        assert len(set(found[row].tolist())) == 32
+    maxima = scores.view(rows, -1, int4.TOP_BLOCK).amax(-1)
+    for found in (int4.top_indices(scores, 32), int4.top_indices(scores, 32, maxima)):
+        for row in range(rows):
+            assert sorted(scores[row, found[row]].tolist()) == sorted(expected.values[row].tolist())
+            assert len(set(found[row].tolist())) == 32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

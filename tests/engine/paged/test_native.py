@@ -349,3 +349,34 @@ def test_argmax_is_pytorchs() -> None:
     logits[3, 5] = float("nan")  # PyTorch ranks NaN highest: left to it
     assert kernels().argmax(logits) is None
     assert kernels().argmax(logits.double()) is None
+
+
+def test_argmax_from_block_maxima_is_pytorchs() -> None:
+    """Rows whose block maxima are known except in the blocks of a few rewritten columns: the
+    argmax reads the maxima and those blocks, and finds torch.argmax's index, the first on
+    ties, whether the winner was rewritten or not."""
+    gen = torch.Generator().manual_seed(19)
+    block = 128
+    logits = torch.randn(6, 64 * block, generator=gen)
+    touched = torch.randint(0, 64 * block, (6, 5), generator=gen)
+    maxima = logits.view(6, 64, block).amax(-1)
+    # Written after the maxima were taken: a new winner (row 0), a tie with an untouched
+    # column in an earlier block (row 1) and in a later one (row 2), and a lowered former
+    # winner (row 3: its block's stale maximum must not count).
+    logits.scatter_(1, touched, torch.randn(6, 5, generator=gen))
+    logits[0, touched[0, 0]] = 50.0
+    logits[1, 7] = 40.0
+    maxima[1, 0] = 40.0
+    logits[1, touched[1, 1]] = 40.0
+    logits[2, 64 * block - 1] = 30.0
+    maxima[2, -1] = 30.0
+    logits[2, touched[2, 2]] = 30.0
+    top = int(logits[3].argmax())
+    touched[3, 0] = top
+    logits[3, top] = -50.0
+    logits[4] = float("-inf")  # every value -inf: the whole row searched, index 0
+    maxima[4] = float("-inf")
+    found = kernels().argmax_blocks(logits, maxima, touched)
+    assert found == torch.argmax(logits, dim=-1).tolist()
+    logits[5, touched[5, 0]] = float("nan")  # left to PyTorch, which ranks NaN highest
+    assert kernels().argmax_blocks(logits, maxima, touched)[5] == int(touched[5, 0])

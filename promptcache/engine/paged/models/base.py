@@ -90,3 +90,14 @@ class CausalLM(nn.Module):
         """``[N, hidden]`` -> ``[N, vocab]`` in the model dtype (lm_head, then the final
         softcap where the model has one); call it only for the rows that are sampled."""
         raise NotImplementedError
+
+    def logits_and_greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+        """``logits(hidden)``, and each row's argmax (the first on ties) where the head finds
+        it on the way (the rescored int4 head: ``RescoredHead.scores_and_greedy``); None
+        where it does not, for the caller to search the logits."""
+        from promptcache.engine.paged.models.int4 import RescoredHead  # imports this module
+
+        head = getattr(self, "lm_head", None)
+        if isinstance(head, RescoredHead) and getattr(self, "final_softcap", None) is None:
+            return head.scores_and_greedy(hidden)
+        return self.logits(hidden), None
