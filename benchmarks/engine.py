@@ -11,6 +11,7 @@ decodes ``--decode-tokens``:
   measured two ways, alike for both: the decode rate (tokens after the first, over the time
   after the first token; for the streams, after the last stream's first token) and the whole
   run (every token over the time from the request to the last token, the prefill included);
+  one stream and the streams take turns ``--repeats`` times, and each figure is a median;
 - ttft: a ``--prefix``-token prefix plus a 64-token suffix, cold (nothing cached) and hit (the
   prefix restored from a snapshot), medians of ``--repeats``;
 - with ``--peer``: llama-cpp-python (``.venv-peers``, ``scripts/setup-peers``) on the same GGUF
@@ -214,28 +215,39 @@ def main() -> int:
     figures: dict[str, float] = {}
 
     run(engine, [EngineRequest(short, greedy(8))])  # warm up
-    one = run(engine, [EngineRequest(short, greedy(n))])
-    figures["decode_tok_s"] = (one["tokens"] - 1) / (one["total"] - one["first"][0])
-    figures["whole_tok_s"] = one["tokens"] / one["total"]
-    many = run(
-        engine, [EngineRequest(prompt(32, s, vocab), greedy(n)) for s in range(args.streams)]
-    )
-    # The same two measures for the streams together: a ratio of a rate that counts the
-    # prefill to one that does not would charge the streams for their 8 prompts.
-    started = max(many["first"].values())
-    figures["batch_decode_tok_s"] = (many["tokens"] - args.streams) / (many["total"] - started)
-    figures["batch_tok_s"] = many["tokens"] / many["total"]
+    # One stream and the streams together, in turns, ``--repeats`` times: each figure is the
+    # median of its runs, and a slow spell of a shared machine falls on both sides alike.
+    rates: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        one = run(engine, [EngineRequest(short, greedy(n))])
+        many = run(
+            engine, [EngineRequest(prompt(32, s, vocab), greedy(n)) for s in range(args.streams)]
+        )
+        # The same two measures on both sides: a ratio of a rate that counts the prefill to one
+        # that does not would charge the streams for their 8 prompts.
+        started = max(many["first"].values())
+        for key, value in (
+            ("decode_tok_s", (one["tokens"] - 1) / (one["total"] - one["first"][0])),
+            ("whole_tok_s", one["tokens"] / one["total"]),
+            ("batch_decode_tok_s", (many["tokens"] - args.streams) / (many["total"] - started)),
+            ("batch_tok_s", many["tokens"] / many["total"]),
+        ):
+            rates.setdefault(key, []).append(value)
+    figures.update({key: statistics.median(values) for key, values in rates.items()})
     figures["batch_per_stream_tok_s"] = figures["batch_tok_s"] / args.streams
+    ratios = [
+        b / a for a, b in zip(rates["decode_tok_s"], rates["batch_decode_tok_s"], strict=True)
+    ]
+    figures["batch_ratio_min"], figures["batch_ratio_max"] = min(ratios), max(ratios)
 
     long = prompt(args.prefix + SUFFIX, 2, vocab)
     cold, hit, write = [], [], []
-    payload = None
+    # Cold, cold + write, and a hit from what was written, in turns (as for the streams).
     for _ in range(args.repeats):
         cold.append(run(engine, [EngineRequest(long, greedy(1))])["first"][0])
         written = run(engine, [EngineRequest(long, greedy(1), snapshot_at=[args.prefix])])
         write.append(written["first"][0])
         payload = written["snaps"][args.prefix]
-    for _ in range(args.repeats):
         request = EngineRequest(long, greedy(1), payload, args.prefix)
         hit.append(run(engine, [request])["first"][0])
     figures["cold_ttft_s"] = statistics.median(cold)
@@ -278,6 +290,10 @@ def main() -> int:
         f"{figures['batch_tok_s']:8.1f} tok/s "
         f"{figures['batch_tok_s'] / figures['whole_tok_s']:.2f}x one stream "
         f"({figures['batch_per_stream_tok_s']:.1f} tok/s each)"
+    )
+    print(
+        f"  (medians of {args.repeats} turns; decode-rate ratio in each turn "
+        f"{figures['batch_ratio_min']:.2f}-{figures['batch_ratio_max']:.2f}x)"
     )
     print(
         f"  1 stream after {args.prefix + SUFFIX} prompt tokens "
