@@ -172,6 +172,23 @@ inline __m512 exp16(__m512 x) {
 inline float exp1(float x) { return x < -88.0f ? 0.0f : std::exp(x); }
 #endif
 
+#if PC_AVX512
+// exp(s - mx) of a row of W scores, in place; returns 1 / their sum in every lane. Lane j % 16
+// sums element j, whatever W (masked tail).
+inline __m512 exps_in_place(float* s, int64_t W, float mx) {
+  const __m512 none = _mm512_set1_ps(-INFINITY);
+  const __m512 vmx = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < W; j += 16) {
+    const __mmask16 k = lanes(j, W);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(none, k, s + j), vmx));
+    _mm512_mask_storeu_ps(s + j, k, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  return _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+}
+#endif
+
 // Softmax of each of the G rows of scores [G, W] in place, each probability rounded to the
 // storage type (PyTorch: softmax in float32, then .to(dtype)).
 template <class S>
@@ -183,15 +200,7 @@ void softmax_rows(float* scores, int64_t G, int64_t W) {
     __m512 vmx = none;
     for (int64_t j = 0; j < W; j += 16)
       vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(none, lanes(j, W), s + j));
-    vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < W; j += 16) {
-      const __mmask16 k = lanes(j, W);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(none, k, s + j), vmx));
-      _mm512_mask_storeu_ps(s + j, k, e);
-      vsum = _mm512_add_ps(vsum, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    const __m512 inv = exps_in_place(s, W, _mm512_reduce_max_ps(vmx));
     for (int64_t j = 0; j < W; j += 16) {
       const __mmask16 k = lanes(j, W);
       _mm512_mask_storeu_ps(s + j, k, S::round16(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), inv)));
@@ -909,6 +918,41 @@ inline __m512bh int8x32_to_bf16(const int8_t* p) {
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
+// The end of a block of 16 outputs n0 .. n0 + 15 for BN rows of an int8 product: each row's
+// sums times the outputs' scales, rounded to bfloat16, plus the bias (if any), rounded again,
+// as models.int8.Int8Linear rounds.
+template <int BN>
+inline void store_scaled(const __m512* acc, const uint16_t* scales, const uint16_t* bias,
+                         int64_t n0, int64_t N, uint16_t* y) {
+  const __m512 s = BF16::load16(scales + n0);
+  for (int b = 0; b < BN; ++b) {
+    __m512 v = BF16::round16(_mm512_mul_ps(acc[b], s));
+    if (bias) v = BF16::round16(_mm512_add_ps(v, BF16::load16(bias + n0)));
+    BF16::store16(y + b * N + n0, v);
+  }
+}
+
+// The driver of the paired products: rows in groups of up to 8, each group's blocks of 16
+// outputs split over the threads; block(rows, b0, nb) computes block nb of rows b0 .. with
+// `rows` a std::integral_constant (the kernels take their row count at compile time).
+template <class Block>
+void paired_groups(int64_t B, int64_t N, int64_t K, Block&& block) {
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    const int64_t bn = B - b0 < 8 ? B - b0 : 8;
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
+    for (int64_t nb = 0; nb < N / 16; ++nb) {
+      switch (bn) {
+#define PC_ROWS(r)                                      \
+  case r:                                               \
+    block(std::integral_constant<int, r>{}, b0, nb);    \
+    break;
+        PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
+#undef PC_ROWS
+      }
+    }
+  }
+}
+
 // 16 output rows n0 .. n0 + 15 of gemv_int8_paired for BN (compile-time) activation rows.
 template <int BN>
 inline void paired_block(const uint16_t* x, int64_t K, const int8_t* p, const uint16_t* scales,
@@ -928,12 +972,7 @@ inline void paired_block(const uint16_t* x, int64_t K, const int8_t* p, const ui
     for (int b = 0; b < BN; ++b)
       a[b] = _mm512_dpbf16_ps(a[b], (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[b][kp])), wv);
   }
-  const __m512 s = BF16::load16(scales + n0);
-  for (int b = 0; b < BN; ++b) {
-    __m512 v = BF16::round16(_mm512_mul_ps(a[b], s));
-    if (bias) v = BF16::round16(_mm512_add_ps(v, BF16::load16(bias + n0)));
-    BF16::store16(y + b * N + n0, v);
-  }
+  store_scaled<BN>(a, scales, bias, n0, N, y);
 }
 
 // gemv_int8 over weights paired for vdpbf16ps: p [N / 16, K / 2, 16, 2] (16 output rows side
@@ -943,23 +982,9 @@ inline void paired_block(const uint16_t* x, int64_t K, const int8_t* p, const ui
 // pairwise in float32 in k order, whatever B. N a multiple of 16, K even.
 void gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const int8_t* p,
                       const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y) {
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {
-    const uint16_t* xb = x + b0 * K;
-    uint16_t* yb = y + b0 * N;
-    const int64_t bn = B - b0 < 8 ? B - b0 : 8;
-#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
-    for (int64_t nb = 0; nb < N / 16; ++nb) {
-      const int8_t* pb = p + nb * 16 * K;
-      switch (bn) {
-#define PC_ROWS(r)                                              \
-  case r:                                                       \
-    paired_block<r>(xb, K, pb, scales, bias, nb * 16, N, yb);   \
-    break;
-        PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
-#undef PC_ROWS
-      }
-    }
-  }
+  paired_groups(B, N, K, [&](auto rows, int64_t b0, int64_t nb) {
+    paired_block<rows()>(x + b0 * K, K, p + nb * 16 * K, scales, bias, nb * 16, N, y + b0 * N);
+  });
 }
 #endif
 
@@ -1019,12 +1044,7 @@ inline void wssd_block(const int16_t* xq, const float* xs, int64_t K, int64_t gr
     for (int b = 0; b < BN; ++b)
       f[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[b]), _mm512_set1_ps(xs[b * G + g]), f[b]);
   }
-  const __m512 s = BF16::load16(scales + n0);
-  for (int b = 0; b < BN; ++b) {
-    __m512 v = BF16::round16(_mm512_mul_ps(f[b], s));
-    if (bias) v = BF16::round16(_mm512_add_ps(v, BF16::load16(bias + n0)));
-    BF16::store16(y + b * N + n0, v);
-  }
+  store_scaled<BN>(f, scales, bias, n0, N, y);
 }
 
 // gemv_int8_paired's product with the activations as int16 (quantize_int16) instead of
@@ -1039,24 +1059,12 @@ void gemv_int8_wssd(const uint16_t* x, int64_t B, int64_t K, const int8_t* p,
   xq.reserve(B * K);
   xs.reserve(B * K / group);
   quantize_int16(x, B, K, group, xq.data(), xs.data());
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {
-    const int16_t* qb = xq.data() + b0 * K;
-    const float* sb = xs.data() + b0 * (K / group);
-    uint16_t* yb = y + b0 * N;
-    const int64_t bn = B - b0 < 8 ? B - b0 : 8;
-#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
-    for (int64_t nb = 0; nb < N / 16; ++nb) {
-      const int8_t* pb = p + nb * 16 * K;
-      switch (bn) {
-#define PC_ROWS(r)                                                           \
-  case r:                                                                    \
-    wssd_block<r>(qb, sb, K, group, pb, scales, bias, nb * 16, N, yb);       \
-    break;
-        PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
-#undef PC_ROWS
-      }
-    }
-  }
+  const int16_t* q = xq.data();
+  const float* qs = xs.data();
+  paired_groups(B, N, K, [&](auto rows, int64_t b0, int64_t nb) {
+    wssd_block<rows()>(q + b0 * K, qs + b0 * (K / group), K, group, p + nb * 16 * K, scales, bias,
+                       nb * 16, N, y + b0 * N);
+  });
 }
 #else
 #define PC_WSSD 0
@@ -1173,15 +1181,7 @@ void scale_mask_softmax(const typename S::T* scores, int64_t R, int64_t W, const
         _mm512_mask_storeu_ps(rw + j, k, v);
         vmx = _mm512_mask_max_ps(vmx, k, vmx, v);
       }
-      vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
-      __m512 vsum = _mm512_setzero_ps();
-      for (int64_t j = 0; j < W; j += 16) {
-        const __mmask16 k = lanes(j, W);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(none, k, rw + j), vmx));
-        _mm512_mask_storeu_ps(rw + j, k, e);
-        vsum = _mm512_add_ps(vsum, e);
-      }
-      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+      const __m512 inv = exps_in_place(rw, W, _mm512_reduce_max_ps(vmx));
       typename S::T* pr = probs + r * W;
       for (int64_t j = 0; j < W; j += 16) {
         const __mmask16 k = lanes(j, W);
