@@ -14,7 +14,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <atomic>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -918,41 +917,6 @@ inline __m512bh int8x32_to_bf16(const int8_t* p) {
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// The end of a block of 16 outputs n0 .. n0 + 15 for BN rows of an int8 product: each row's
-// sums times the outputs' scales, rounded to bfloat16, plus the bias (if any), rounded again,
-// as models.int8.Int8Linear rounds.
-template <int BN>
-inline void store_scaled(const __m512* acc, const uint16_t* scales, const uint16_t* bias,
-                         int64_t n0, int64_t N, uint16_t* y) {
-  const __m512 s = BF16::load16(scales + n0);
-  for (int b = 0; b < BN; ++b) {
-    __m512 v = BF16::round16(_mm512_mul_ps(acc[b], s));
-    if (bias) v = BF16::round16(_mm512_add_ps(v, BF16::load16(bias + n0)));
-    BF16::store16(y + b * N + n0, v);
-  }
-}
-
-// The driver of the paired products: rows in groups of up to 8, each group's blocks of 16
-// outputs split over the threads; block(rows, b0, nb) computes block nb of rows b0 .. with
-// `rows` a std::integral_constant (the kernels take their row count at compile time).
-template <class Block>
-void paired_groups(int64_t B, int64_t N, int64_t K, Block&& block) {
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {
-    const int64_t bn = B - b0 < 8 ? B - b0 : 8;
-#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
-    for (int64_t nb = 0; nb < N / 16; ++nb) {
-      switch (bn) {
-#define PC_ROWS(r)                                      \
-  case r:                                               \
-    block(std::integral_constant<int, r>{}, b0, nb);    \
-    break;
-        PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
-#undef PC_ROWS
-      }
-    }
-  }
-}
-
 // 16 output rows n0 .. n0 + 15 of gemv_int8_paired for BN (compile-time) activation rows.
 template <int BN>
 inline void paired_block(const uint16_t* x, int64_t K, const int8_t* p, const uint16_t* scales,
@@ -972,7 +936,12 @@ inline void paired_block(const uint16_t* x, int64_t K, const int8_t* p, const ui
     for (int b = 0; b < BN; ++b)
       a[b] = _mm512_dpbf16_ps(a[b], (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[b][kp])), wv);
   }
-  store_scaled<BN>(a, scales, bias, n0, N, y);
+  const __m512 s = BF16::load16(scales + n0);
+  for (int b = 0; b < BN; ++b) {
+    __m512 v = BF16::round16(_mm512_mul_ps(a[b], s));
+    if (bias) v = BF16::round16(_mm512_add_ps(v, BF16::load16(bias + n0)));
+    BF16::store16(y + b * N + n0, v);
+  }
 }
 
 // gemv_int8 over weights paired for vdpbf16ps: p [N / 16, K / 2, 16, 2] (16 output rows side
@@ -982,92 +951,24 @@ inline void paired_block(const uint16_t* x, int64_t K, const int8_t* p, const ui
 // pairwise in float32 in k order, whatever B. N a multiple of 16, K even.
 void gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const int8_t* p,
                       const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y) {
-  paired_groups(B, N, K, [&](auto rows, int64_t b0, int64_t nb) {
-    paired_block<rows()>(x + b0 * K, K, p + nb * 16 * K, scales, bias, nb * 16, N, y + b0 * N);
-  });
-}
-#endif
-
-#if PC_DPBF16 && defined(__AVX512VNNI__)
-#define PC_WSSD 1
-// Whether the decode step's products take int16 activations (gemv_int8_wssd) where they can:
-// on, but for tests and measurements that compare it with the bfloat16 path (pc_int16).
-std::atomic<bool> int16_activations{true};
-
-// Bfloat16 activation rows x [B, K] as int16, per group of `group` inputs of a row:
-// xq = round(x / s), s = the group's largest |x| / 32767, kept in xs [B, K / group]. An input
-// within 2^8 of its group's largest is carried exactly (bfloat16 has 8 significant bits);
-// a smaller one to within s / 2, about its own bfloat16 step.
-void quantize_int16(const uint16_t* x, int64_t B, int64_t K, int64_t group, int16_t* xq,
-                    float* xs) {
-  const int64_t G = K / group;
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t g = 0; g < G; ++g) {
-      const uint16_t* xg = x + b * K + g * group;
-      __m512 big = _mm512_setzero_ps();
-      for (int64_t j = 0; j < group; j += 16) big = _mm512_max_ps(big, _mm512_abs_ps(BF16::load16(xg + j)));
-      const float m = _mm512_reduce_max_ps(big);
-      const __m512 inv = _mm512_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
-      xs[b * G + g] = m / 32767.0f;
-      int16_t* qg = xq + b * K + g * group;
-      for (int64_t j = 0; j < group; j += 16) {
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(BF16::load16(xg + j), inv));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qg + j), _mm512_cvtsepi32_epi16(q));
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    const uint16_t* xb = x + b0 * K;
+    uint16_t* yb = y + b0 * N;
+    const int64_t bn = B - b0 < 8 ? B - b0 : 8;
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
+    for (int64_t nb = 0; nb < N / 16; ++nb) {
+      const int8_t* pb = p + nb * 16 * K;
+      switch (bn) {
+#define PC_ROWS(r)                                              \
+  case r:                                                       \
+    paired_block<r>(xb, K, pb, scales, bias, nb * 16, N, yb);   \
+    break;
+        PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
+#undef PC_ROWS
       }
     }
   }
 }
-
-// 16 output rows n0 .. n0 + 15 of gemv_int8_wssd for BN (compile-time) activation rows: the
-// paired weights widened to int16 (one instruction for 32) and multiplied by int16 pairs in
-// 32-bit integers (vpdpwssd), exact within a group; each group's sum scaled in float32.
-template <int BN>
-inline void wssd_block(const int16_t* xq, const float* xs, int64_t K, int64_t group,
-                       const int8_t* p, const uint16_t* scales, const uint16_t* bias, int64_t n0,
-                       int64_t N, uint16_t* y) {
-  const int64_t G = K / group, steps = group / 2;
-  __m512 f[BN];
-  const int32_t* xp[BN];
-  for (int b = 0; b < BN; ++b) {
-    f[b] = _mm512_setzero_ps();
-    xp[b] = reinterpret_cast<const int32_t*>(xq + b * K);
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    __m512i a[BN];
-    for (int b = 0; b < BN; ++b) a[b] = _mm512_setzero_si512();
-    for (int64_t kp = g * steps; kp < (g + 1) * steps; ++kp) {
-      _mm_prefetch(reinterpret_cast<const char*>(p + kp * 32 + PREFETCH_AHEAD), _MM_HINT_T0);
-      const __m512i wv =
-          _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kp * 32)));
-      for (int b = 0; b < BN; ++b) a[b] = _mm512_dpwssd_epi32(a[b], _mm512_set1_epi32(xp[b][kp]), wv);
-    }
-    for (int b = 0; b < BN; ++b)
-      f[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[b]), _mm512_set1_ps(xs[b * G + g]), f[b]);
-  }
-  store_scaled<BN>(f, scales, bias, n0, N, y);
-}
-
-// gemv_int8_paired's product with the activations as int16 (quantize_int16) instead of
-// bfloat16: the weights need one instruction to widen where bfloat16 needs five, so a step of
-// several rows, which the conversions held back, streams the weights ~15% sooner (8 rows of
-// Gemma 3 270M); one row, bound by memory, runs as before. K a multiple of 64, N of 16.
-void gemv_int8_wssd(const uint16_t* x, int64_t B, int64_t K, const int8_t* p,
-                    const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y) {
-  thread_local Scratch<int16_t> xq;
-  thread_local Scratch<float> xs;
-  const int64_t group = K % 128 == 0 ? 128 : 64;
-  xq.reserve(B * K);
-  xs.reserve(B * K / group);
-  quantize_int16(x, B, K, group, xq.data(), xs.data());
-  const int16_t* q = xq.data();
-  const float* qs = xs.data();
-  paired_groups(B, N, K, [&](auto rows, int64_t b0, int64_t nb) {
-    wssd_block<rows()>(q + b0 * K, qs + b0 * (K / group), K, group, p + nb * 16 * K, scales, bias,
-                       nb * 16, N, y + b0 * N);
-  });
-}
-#else
-#define PC_WSSD 0
 #endif
 
 template <class S>
@@ -1083,13 +984,6 @@ void project(const typename S::T* x, float* xf, int64_t B, int64_t K, const int8
   using T = typename S::T;
 #if PC_DPBF16
   if constexpr (std::is_same_v<S, BF16>) {
-#if PC_WSSD
-    if (paired && N % 16 == 0 && K % 64 == 0 && int16_activations.load()) {
-      gemv_int8_wssd(x, B, K, paired, static_cast<const uint16_t*>(scales),
-                     static_cast<const uint16_t*>(bias), N, y);
-      return;
-    }
-#endif
     if (paired && N % 16 == 0 && K % 2 == 0) {
       gemv_int8_paired(x, B, K, paired, static_cast<const uint16_t*>(scales),
                        static_cast<const uint16_t*>(bias), N, y);
@@ -1569,19 +1463,6 @@ void pc_argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, i
 
 // 1 when bfloat16 steps multiply weights paired for vdpbf16ps (gemv_int8_paired).
 int pc_paired() { return PC_DPBF16; }
-
-// Turns the decode step's int16 activations on (1) or off (0), or only asks (-1); returns
-// whether they were on before (0 where they are not compiled in: AVX512-BF16 and VNNI).
-int pc_int16(int on) {
-#if PC_WSSD
-  const bool was = int16_activations.load();
-  if (on >= 0) int16_activations.store(on != 0);
-  return was;
-#else
-  (void)on;
-  return 0;
-#endif
-}
 
 // 1 when int4_logits is compiled in (AVX512-VNNI).
 int pc_int4_head() { return PC_INT4_HEAD; }

@@ -154,9 +154,6 @@ class Kernels:
         self._argmax_blocks = library.pc_argmax_blocks
         self._argmax_blocks.restype = None
         self._argmax_blocks.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr]
-        self._int16 = library.pc_int16
-        self._int16.restype = i32
-        self._int16.argtypes = [i32]
         self.int4_head = bool(library.pc_int4_head())
         """Whether ``int4_logits`` runs here (a CPU with AVX512-VNNI)."""
         if self.int4_head:
@@ -407,23 +404,6 @@ class Kernels:
             None if block_max is None else block_max.data_ptr(),
         )
         return out
-
-    @property
-    def int16_activations(self) -> bool:
-        """Whether the native decode step multiplies its int8 weights by int16 activations
-        (native.cpp's ``gemv_int8_wssd``; where the CPU has AVX512-BF16 and VNNI)."""
-        return bool(self._int16(-1))
-
-    @contextlib.contextmanager
-    def bf16_activations(self) -> Iterator[None]:
-        """Inside, the native decode step multiplies by bfloat16 activations as stored
-        (``gemv_int8_paired``) instead of int16 ones: for tests and side-by-side measurements.
-        Affects every thread."""
-        was = self._int16(0)
-        try:
-            yield
-        finally:
-            self._int16(was)
 
     def argmax(self, logits: torch.Tensor) -> list[int] | None:
         """``torch.argmax(logits, dim=-1).tolist()`` for float32 ``logits [R, W]`` (the first
