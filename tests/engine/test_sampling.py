@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from promptcache.core.request import Sampling
-from promptcache.engine.sampling import apply_top_k, apply_top_p, make_generator, sample_token
+from promptcache.engine.sampling import (
+    apply_top_k,
+    apply_top_p,
+    draw,
+    make_generator,
+    sample_token,
+)
 
 
 def logits_of(probs: list[float]) -> torch.Tensor:
@@ -101,3 +107,37 @@ def test_top_p_nucleus_property(probs: list[float], top_p: float) -> None:
     # Minimal: dropping the least likely kept token falls below top_p (unless only one is kept).
     if int(kept.sum()) > 1:
         assert kept_mass - float(p[kept].min()) < top_p + 1e-5
+
+
+def test_draws_follow_the_distribution() -> None:
+    """``draw`` (the inverse of the cumulative sum) draws each index as often as its
+    probability says, never one of probability 0, whatever the size of the vocabulary."""
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.0, 0.15, 0.05, 0.0])
+    n = 20_000
+    counts = torch.bincount(torch.tensor([draw(probs, gen) for _ in range(n)]), minlength=7)
+    assert counts[probs == 0].sum() == 0
+    # Within 5 standard deviations of the expected count for each index.
+    expected = probs * n
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - probs)).sqrt() + 1).all()
+    big = torch.zeros(262_144)
+    big[[7, 200_000, 262_143]] = torch.tensor([0.25, 0.5, 0.25])
+    assert {draw(big, gen) for _ in range(300)} == {7, 200_000, 262_143}
+
+
+def test_a_draw_at_the_very_top_lands_on_the_last_token_with_any_probability(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probs = torch.tensor([0.2, 0.8, 0.0, 0.0])
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones_like(real_rand(*a, **k)))
+    assert draw(probs) == 1
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros_like(real_rand(*a, **k)))
+    assert draw(torch.tensor([0.0, 0.0, 1.0])) == 2
+
+
+def test_a_broken_distribution_is_refused() -> None:
+    with pytest.raises(RuntimeError):
+        draw(torch.tensor([float("nan"), 0.5]))
+    with pytest.raises(RuntimeError):
+        draw(torch.tensor([0.0, 0.0]))
