@@ -414,11 +414,48 @@ class PagedEngine:
                 if greedy is None:
                     greedy = torch.argmax(scores, dim=-1).tolist()
             tokens = [int(t) for t in greedy]
-            for i, seq in enumerate(seqs):
-                sampling = seq.request.sampling
-                if not sampling.is_greedy and sampling.max_tokens > 0:
-                    tokens[i] = sample_token(logits[i], sampling, seq.generator)
+            drawn = [
+                i
+                for i, seq in enumerate(seqs)
+                if not seq.request.sampling.is_greedy and seq.request.sampling.max_tokens > 0
+            ]
+            if drawn:
+                self._draw(tokens, [seqs[i] for i in drawn], drawn, logits)
         return tokens
+
+    def _draw(
+        self, tokens: list[int], seqs: list[_Seq], rows: list[int], logits: torch.Tensor
+    ) -> None:
+        """Sampled tokens into ``tokens[rows]``: rows of plain temperature sampling in one call
+        of the engine's kernel (each its own uniform draw from its generator), as
+        ``sampling.draw`` would draw them; top-k, top-p, or no kernel: ``sample_token``."""
+        plain = [
+            (row, seq)
+            for row, seq in zip(rows, seqs, strict=True)
+            if not seq.request.sampling.top_k
+            and (seq.request.sampling.top_p is None or seq.request.sampling.top_p >= 1.0)
+        ]
+        fast = native.kernels() if logits.device.type == "cpu" else None
+        found = None
+        if fast is not None and plain:
+            picked = [row for row, _ in plain]
+            scores = logits if picked == list(range(logits.shape[0])) else logits[picked]
+            uniforms = [
+                float(torch.rand(1, dtype=torch.float64, generator=seq.generator))
+                for _, seq in plain
+            ]
+            found = fast.sample(
+                scores.float().contiguous(),
+                [seq.request.sampling.temperature for _, seq in plain],
+                uniforms,
+            )
+        if found is not None:
+            for (row, _), token in zip(plain, found, strict=True):
+                tokens[row] = token
+        done = {row for row, _ in plain} if found is not None else set()
+        for row, seq in zip(rows, seqs, strict=True):
+            if row not in done:
+                tokens[row] = sample_token(logits[row], seq.request.sampling, seq.generator)
 
     def _prefilled(self, seq: _Seq, token: int | None) -> StepResult:
         """``Prefilled`` for ``seq``, then its first token (or its end)."""

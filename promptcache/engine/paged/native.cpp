@@ -1170,6 +1170,103 @@ void argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int6
   }
 }
 
+// One token drawn per row of logits x [R, W] (float32) from softmax(x * inv_temp[r]), at the
+// uniform draw u[r] in [0, 1): the first index whose cumulative probability passes u (as
+// sampling.draw, whose arithmetic this is: exps in float32, their sums in float64), in two
+// passes over the row (the maximum; the exps and their sums per 16, kept) and a search of
+// the sums, where PyTorch's softmax, cumsum and searchsorted take ~1 ms over 262k logits.
+// An index of probability 0 is never drawn, nor one below e^-88 of the most likely (exp16's
+// 0; PyTorch's softmax gives it a float32 denormal). -1 for a row with a NaN or nothing finite
+// (the caller asks PyTorch).
+void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, const double* u,
+                 int64_t* out) {
+#pragma omp parallel if (R > 1 && R * W >= PARALLEL_MIN_WORK)
+  {
+    std::vector<float> e(W);
+    std::vector<double> part((W + 15) / 16);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = x + r * W;
+      float mx = -INFINITY;
+      bool nan = false;
+#if PC_AVX512
+      __m512 vmax = _mm512_set1_ps(-INFINITY);
+      __mmask16 unordered = 0;
+      for (int64_t j = 0; j < W; j += 16) {
+        const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes(j, W), row + j);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, v);
+      }
+      nan = unordered != 0;
+      mx = _mm512_reduce_max_ps(vmax);
+#else
+      for (int64_t j = 0; j < W; ++j) {
+        nan |= row[j] != row[j];
+        mx = row[j] > mx ? row[j] : mx;
+      }
+#endif
+      if (nan || !(mx > -INFINITY) || mx == INFINITY) {
+        out[r] = -1;
+        continue;
+      }
+      const float t = inv_temp[r];
+      double total = 0.0;
+      for (int64_t b = 0; b * 16 < W; ++b) {
+        double sum = 0.0;
+#if PC_AVX512
+        const __mmask16 k = lanes(b * 16, W);
+        const __m512 v = _mm512_maskz_loadu_ps(k, row + b * 16);
+        // Masked lanes are exp(-inf) = 0 (exp16 is exactly 0 below -88).
+        const __m512 z = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), k,
+                                            _mm512_sub_ps(v, _mm512_set1_ps(mx)),
+                                            _mm512_set1_ps(t));
+        const __m512 ev = exp16(z);
+        _mm512_mask_storeu_ps(e.data() + b * 16, k, ev);
+        alignas(64) float lane[16];
+        _mm512_store_ps(lane, ev);
+        for (int i = 0; i < 16; ++i) sum += lane[i];
+#else
+        for (int64_t j = b * 16; j < std::min(W, b * 16 + 16); ++j) {
+          e[j] = exp1((row[j] - mx) * t);
+          sum += e[j];
+        }
+#endif
+        part[b] = sum;
+        total += sum;
+      }
+      const double target = u[r] * total;
+      // The cumulative sum goes block by block, then element by element inside the block
+      // where it passes the target, adding the same floats in the same order as the block's
+      // sum: the target is always passed where u < 1.
+      int64_t at = -1, last = -1;
+      double cum = 0.0;
+      for (int64_t b = 0; b * 16 < W && at < 0; ++b) {
+        if (part[b] > 0.0) {
+          const int64_t end = std::min(W, b * 16 + 16);
+          if (cum + part[b] > target) {
+            for (int64_t j = b * 16; j < end; ++j) {
+              cum += e[j];
+              if (e[j] > 0.0f) last = j;
+              if (cum > target && e[j] > 0.0f) {
+                at = j;
+                break;
+              }
+            }
+          } else {
+            cum += part[b];
+            for (int64_t j = end - 1; j >= b * 16; --j)
+              if (e[j] > 0.0f) {
+                last = j;
+                break;
+              }
+          }
+        }
+      }
+      out[r] = at >= 0 ? at : last;  // a draw rounded up to the total: the last drawable index
+    }
+  }
+}
+
 
 #if PC_AVX512 && defined(__AVX512VNNI__)
 #define PC_INT4_HEAD 1
@@ -1454,6 +1551,11 @@ void pc_scale_mask_softmax_f32(const float* scores, int64_t R, int64_t W, const 
 
 void pc_argmax_rows(const float* x, int64_t R, int64_t W, int64_t* out) {
   argmax_rows(x, R, W, out);
+}
+
+void pc_sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, const double* u,
+                    int64_t* out) {
+  sample_rows(x, R, W, inv_temp, u, out);
 }
 
 void pc_argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int64_t block,

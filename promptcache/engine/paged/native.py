@@ -151,6 +151,9 @@ class Kernels:
         self._argmax = library.pc_argmax_rows
         self._argmax.restype = None
         self._argmax.argtypes = [ptr, i64, i64, ptr]
+        self._sample_rows = library.pc_sample_rows
+        self._sample_rows.restype = None
+        self._sample_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
         self._argmax_blocks = library.pc_argmax_blocks
         self._argmax_blocks.restype = None
         self._argmax_blocks.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr]
@@ -418,6 +421,39 @@ class Kernels:
             return None
         out = torch.empty(logits.shape[0], dtype=torch.long)
         self._argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
+        found: list[int] = out.tolist()
+        return None if -1 in found else found
+
+    def sample(
+        self, logits: torch.Tensor, temperatures: list[float], uniforms: list[float]
+    ) -> list[int] | None:
+        """One token per row of float32 ``logits [R, W]`` drawn from ``softmax(logits /
+        temperature)`` at the uniform draw in ``[0, 1)`` given for the row, as
+        ``sampling.draw`` draws it (the first index whose cumulative probability passes the
+        draw), in one pass over the row; None for other tensors or where a row has a NaN or
+        nothing finite (PyTorch's own answer then)."""
+        rows = logits.shape[0] if logits.dim() == 2 else 0
+        if (
+            rows == 0
+            or logits.dtype != torch.float32
+            or logits.device.type != "cpu"
+            or not logits.is_contiguous()
+            or len(temperatures) != rows
+            or len(uniforms) != rows
+            or any(t <= 0.0 for t in temperatures)
+        ):
+            return None
+        inv = torch.tensor([1.0 / t for t in temperatures], dtype=torch.float32)
+        draws = torch.tensor(uniforms, dtype=torch.float64)
+        out = torch.empty(rows, dtype=torch.long)
+        self._sample_rows(
+            logits.data_ptr(),
+            rows,
+            logits.shape[1],
+            inv.data_ptr(),
+            draws.data_ptr(),
+            out.data_ptr(),
+        )
         found: list[int] = out.tolist()
         return None if -1 in found else found
 

@@ -341,6 +341,41 @@ def test_seeded_sampling_survives_a_cache_hit(engine: PagedEngine) -> None:
     assert token_ids(warm) == token_ids(cold)
 
 
+def test_plain_temperature_draws_in_the_kernel_alike_alone_and_in_a_batch(
+    engine: PagedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of plain temperature sampling draw in the engine's kernel (where it runs), each
+    from its own generator: seeded, a request draws the same tokens alone and beside others;
+    top-p keeps PyTorch's path."""
+    from promptcache.engine.paged import native
+
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("the engine's kernels do not run here")
+    calls: list[int] = []
+    sample = type(kernels).sample
+
+    def spy(self: native.Kernels, logits: torch.Tensor, *args: list[float]) -> list[int] | None:
+        calls.append(logits.shape[0])
+        return sample(self, logits, *args)
+
+    monkeypatch.setattr(type(kernels), "sample", spy)
+    requests = [
+        EngineRequest(random_prompt(12 + 5 * i, seed=40 + i), Sampling(20, temperature=0.8, seed=i))
+        for i in range(3)
+    ]
+    alone = [token_ids(run_all(engine, r)) for r in requests]
+    assert calls and max(calls) == 1
+    calls.clear()
+    assert run_batch(engine, requests) == alone
+    assert max(calls) > 1  # several rows in one call
+    calls.clear()
+    nucleus = Sampling(20, temperature=0.8, top_p=0.9, seed=1)
+    first = token_ids(run_all(engine, EngineRequest(requests[0].tokens, nucleus)))
+    assert not calls
+    assert token_ids(run_all(engine, EngineRequest(requests[0].tokens, nucleus))) == first
+
+
 def test_add_is_lazy_and_cancel_stops_mid_decode(engine: PagedEngine) -> None:
     tokens = random_prompt(30, seed=13)
     before = engine.num_prefill_tokens_total

@@ -380,3 +380,31 @@ def test_argmax_from_block_maxima_is_pytorchs() -> None:
     assert found == torch.argmax(logits, dim=-1).tolist()
     logits[5, touched[5, 0]] = float("nan")  # left to PyTorch, which ranks NaN highest
     assert kernels().argmax_blocks(logits, maxima, touched)[5] == int(touched[5, 0])
+
+
+def test_sampling_draws_what_pytorch_draws() -> None:
+    """The engine's sampler against ``sampling.draw`` of PyTorch's softmax at the same uniform
+    draws: the same token, with masked (-inf) logits never drawn (nor any below e^-88 of the
+    most likely, where its exp is 0), a width that is no multiple of 16, draws at 0 and just
+    under 1, and a NaN row left to PyTorch."""
+    gen = torch.Generator().manual_seed(20)
+    logits = torch.randn(4, 50_001, generator=gen) * 4
+    logits[1, ::3] = float("-inf")
+    logits[2, :-5] = float("-inf")  # only the last five can be drawn
+    temperatures = [1.0, 0.7, 1.3, 0.2]
+    for uniforms in ([0.0, 0.0, 0.0, 0.0], [1 - 2**-40] * 4, *torch.rand(40, 4, generator=gen)):
+        draws = [float(u) for u in uniforms]
+        found = kernels().sample(logits, temperatures, draws)
+        assert found is not None
+        for r in range(4):
+            probs = torch.softmax(logits[r] / temperatures[r], -1).double()
+            # Below e^-88 of the most likely token the kernel's exp is 0: never drawn.
+            probs[logits[r] / temperatures[r] - logits[r].max() / temperatures[r] < -88] = 0.0
+            cumulative = probs.cumsum(0)
+            expected = torch.searchsorted(cumulative, draws[r] * cumulative[-1], right=True)
+            expected = min(int(expected), int(torch.searchsorted(cumulative, cumulative[-1])))
+            assert found[r] == expected
+            assert torch.isfinite(logits[r, found[r]])
+    logits[3, 7] = float("nan")
+    assert kernels().sample(logits, temperatures, [0.5] * 4) is None
+    assert kernels().sample(logits.double(), temperatures, [0.5] * 4) is None
