@@ -449,13 +449,12 @@ class PagedEngine:
                 [seq.request.sampling.temperature for _, seq in plain],
                 uniforms,
             )
-        if found is not None:
-            for (row, _), token in zip(plain, found, strict=True):
-                tokens[row] = token
-        done = {row for row, _ in plain} if found is not None else set()
+        drawn = dict(zip((row for row, _ in plain), found, strict=True)) if found else {}
         for row, seq in zip(rows, seqs, strict=True):
-            if row not in done:
-                tokens[row] = sample_token(logits[row], seq.request.sampling, seq.generator)
+            token = drawn.get(row)
+            if token is None:
+                token = sample_token(logits[row], seq.request.sampling, seq.generator)
+            tokens[row] = token
 
     def _prefilled(self, seq: _Seq, token: int | None) -> StepResult:
         """``Prefilled`` for ``seq``, then its first token (or its end)."""

@@ -1090,31 +1090,38 @@ void scale_mask_softmax(const typename S::T* scores, int64_t R, int64_t W, const
   }
 }
 
+// The largest of a row's W floats (-inf for none), and whether any is a NaN (into nan).
+inline float row_max(const float* row, int64_t W, bool& nan) {
+#if PC_AVX512
+  const __m512 none = _mm512_set1_ps(-INFINITY);
+  __m512 vmax = none;
+  __mmask16 unordered = 0;
+  for (int64_t j = 0; j < W; j += 16) {
+    const __m512 v = _mm512_mask_loadu_ps(none, lanes(j, W), row + j);
+    unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, v);
+  }
+  nan = unordered != 0;
+  return _mm512_reduce_max_ps(vmax);
+#else
+  float best = -INFINITY;
+  nan = false;
+  for (int64_t j = 0; j < W; ++j) {
+    nan |= row[j] != row[j];
+    best = row[j] > best ? row[j] : best;
+  }
+  return best;
+#endif
+}
+
 // The index of each row's largest value of x [R, W] (float32), the first on ties, as
 // torch.argmax; -1 for a row with a NaN (the caller asks PyTorch, which ranks NaN highest).
 void argmax_rows(const float* x, int64_t R, int64_t W, int64_t* out) {
 #pragma omp parallel for schedule(static) if (R > 1 && R * W >= PARALLEL_MIN_WORK)
   for (int64_t r = 0; r < R; ++r) {
     const float* row = x + r * W;
-    float best = -INFINITY;
     bool nan = false;
-#if PC_AVX512
-    const __m512 none = _mm512_set1_ps(-INFINITY);
-    __m512 vmax = none;
-    __mmask16 unordered = 0;
-    for (int64_t j = 0; j < W; j += 16) {
-      const __m512 v = _mm512_mask_loadu_ps(none, lanes(j, W), row + j);
-      unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      vmax = _mm512_max_ps(vmax, v);
-    }
-    nan = unordered != 0;
-    best = _mm512_reduce_max_ps(vmax);
-#else
-    for (int64_t j = 0; j < W; ++j) {
-      nan |= row[j] != row[j];
-      best = row[j] > best ? row[j] : best;
-    }
-#endif
+    const float best = row_max(row, W, nan);
     int64_t at = -1;
     if (!nan) {
       for (int64_t j = 0; j < W; ++j) {
@@ -1187,24 +1194,8 @@ void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, co
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       const float* row = x + r * W;
-      float mx = -INFINITY;
       bool nan = false;
-#if PC_AVX512
-      __m512 vmax = _mm512_set1_ps(-INFINITY);
-      __mmask16 unordered = 0;
-      for (int64_t j = 0; j < W; j += 16) {
-        const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes(j, W), row + j);
-        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        vmax = _mm512_max_ps(vmax, v);
-      }
-      nan = unordered != 0;
-      mx = _mm512_reduce_max_ps(vmax);
-#else
-      for (int64_t j = 0; j < W; ++j) {
-        nan |= row[j] != row[j];
-        mx = row[j] > mx ? row[j] : mx;
-      }
-#endif
+      const float mx = row_max(row, W, nan);
       if (nan || !(mx > -INFINITY) || mx == INFINITY) {
         out[r] = -1;
         continue;
