@@ -2,9 +2,9 @@
 
 One thread owns the engine. Between steps it admits newly submitted requests (``Engine.add``)
 and drops cancelled ones (``Engine.cancel``); each step advances every running sequence at once
-(one batched forward on a real engine) and hands each event to its request's asyncio queue with
-``call_soon_threadsafe``. A client disconnect cancels its job, which frees the sequence's
-working state before the next step.
+(one batched forward on a real engine) and hands the step's events to their requests' asyncio
+queues with one ``call_soon_threadsafe`` per event loop. A client disconnect cancels its job,
+which frees the sequence's working state before the next step.
 """
 
 from __future__ import annotations
@@ -166,6 +166,7 @@ class EngineWorker:
                 engine.cancel(seq)
                 self._finish(failed, exc)
             return
+        batch: list[tuple[Job, _Item]] = []
         for seq, item in results:
             job = self._running.get(seq)
             if job is None:
@@ -173,15 +174,23 @@ class EngineWorker:
             if isinstance(item, Exception):
                 log.error("engine sequence failed: %r", item)
                 del self._running[seq]
-                self._finish(job, item)
+                self._finish(job, item, batch)
                 continue
-            job._push(item)
+            batch.append((job, item))
             if isinstance(item, Stopped):
                 del self._running[seq]
-                self._finish(job, _END)
+                self._finish(job, _END, batch)
+        _send(batch)
 
-    def _finish(self, job: Job, item: BaseException | _End) -> None:
-        job._push(item)
+    def _finish(
+        self, job: Job, item: BaseException | _End, batch: list[tuple[Job, _Item]] | None = None
+    ) -> None:
+        """``item`` (the end, or what failed the job) to ``job``: in ``batch`` when given (sent
+        after the step's other events, in order), else now."""
+        if batch is None:
+            job._push(item)
+        else:
+            batch.append((job, item))
         with self._cond:
             self._num_active -= 1
 
@@ -195,6 +204,28 @@ class EngineWorker:
             job._push(_END)
         self._pending.clear()
         self._num_active = 0
+
+
+_Item = EngineEvent | BaseException | _End
+
+
+def _send(batch: list[tuple[Job, _Item]]) -> None:
+    """A step's events to their queues in one wake-up of each event loop (not one a token:
+    eight streams woke the loop, and took the GIL from this thread, eight times a step)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, _Item]]] = {}
+    for job, item in batch:
+        by_loop.setdefault(job.loop, []).append((job, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for job, _ in items:
+                job.cancelled = True
+
+
+def _deliver(items: list[tuple[Job, _Item]]) -> None:
+    for job, item in items:
+        job.queue.put_nowait(item)
 
 
 __all__ = ["EngineWorker", "Job"]

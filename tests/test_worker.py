@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Generator
+from typing import Any
 
 import pytest
 
@@ -87,6 +88,37 @@ def test_jobs_progress_together_round_robin() -> None:
     assert log.index("b:prefill") < log.index("a:2")
     assert log.index("a:prefill") < log.index("b:2")
     assert sorted(closed) == ["a", "b"]
+
+
+def test_a_steps_events_reach_the_loop_in_one_wake_up_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """All of a step's events for every job are handed to the event loop at once (one
+    ``call_soon_threadsafe`` a step, not one an event), each job's still in order, its end
+    after its last event."""
+    from promptcache import worker as worker_module
+
+    deliveries: list[int] = []
+    deliver = worker_module._deliver
+
+    def counted(items: list[tuple[Job, Any]]) -> None:
+        deliveries.append(len(items))
+        deliver(items)
+
+    monkeypatch.setattr(worker_module, "_deliver", counted)
+    log: list[str] = []
+    closed: list[str] = []
+
+    async def body(worker: EngineWorker) -> None:
+        jobs = [submit(worker, counting(name, log, 4, closed)) for name in "abc"]
+        results = await asyncio.gather(*(drain(job) for job in jobs))
+        for events in results:
+            assert [type(e) for e in events] == [Prefilled] + [TokenOut] * 4 + [Stopped]
+            assert [e.token_id for e in events if isinstance(e, TokenOut)] == [0, 1, 2, 3]
+
+    with_worker(body)
+    assert sum(deliveries) == 3 * (6 + 1)  # each job's 6 events and its end
+    assert max(deliveries) > 1  # several jobs' events in one wake-up
 
 
 def test_cancel_closes_the_generator_and_stops_work() -> None:
