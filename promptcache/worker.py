@@ -28,6 +28,9 @@ class _End:
 
 _END = _End()
 
+_Item = EngineEvent | BaseException | _End
+"""What a job's queue carries."""
+
 
 @dataclass(eq=False)
 class Job:
@@ -37,7 +40,7 @@ class Job:
     request: EngineRequest
     loop: asyncio.AbstractEventLoop
     worker: EngineWorker
-    queue: asyncio.Queue[EngineEvent | BaseException | _End] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     seq: SeqId | None = None
 
@@ -56,7 +59,7 @@ class Job:
             self.cancelled = True
             self.worker._wake()
 
-    def _push(self, item: EngineEvent | BaseException | _End) -> None:
+    def _push(self, item: _Item) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
@@ -204,9 +207,6 @@ class EngineWorker:
             job._push(_END)
         self._pending.clear()
         self._num_active = 0
-
-
-_Item = EngineEvent | BaseException | _End
 
 
 def _send(batch: list[tuple[Job, _Item]]) -> None:

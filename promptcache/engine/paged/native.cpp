@@ -1227,33 +1227,28 @@ void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, co
       }
       const double target = u[r] * total;
       // The cumulative sum goes block by block, then element by element inside the block
-      // where it passes the target, adding the same floats in the same order as the block's
-      // sum: the target is always passed where u < 1.
-      int64_t at = -1, last = -1;
+      // where it passes the target, summed from 0 in the block's order: at the block's end it
+      // is the block's sum exactly, so the target is passed inside it.
+      int64_t at = -1;
       double cum = 0.0;
       for (int64_t b = 0; b * 16 < W && at < 0; ++b) {
-        if (part[b] > 0.0) {
-          const int64_t end = std::min(W, b * 16 + 16);
-          if (cum + part[b] > target) {
-            for (int64_t j = b * 16; j < end; ++j) {
-              cum += e[j];
-              if (e[j] > 0.0f) last = j;
-              if (cum > target && e[j] > 0.0f) {
-                at = j;
-                break;
-              }
-            }
-          } else {
-            cum += part[b];
-            for (int64_t j = end - 1; j >= b * 16; --j)
-              if (e[j] > 0.0f) {
-                last = j;
-                break;
-              }
+        if (cum + part[b] <= target) {
+          cum += part[b];
+          continue;
+        }
+        double within = 0.0;
+        for (int64_t j = b * 16; j < std::min(W, b * 16 + 16); ++j) {
+          within += e[j];
+          if (e[j] > 0.0f && cum + within > target) {
+            at = j;
+            break;
           }
         }
       }
-      out[r] = at >= 0 ? at : last;  // a draw rounded up to the total: the last drawable index
+      // A draw rounded up to the total passes nothing: the last index with any probability.
+      for (int64_t j = W - 1; at < 0 && j >= 0; --j)
+        if (e[j] > 0.0f) at = j;
+      out[r] = at;
     }
   }
 }
