@@ -7,9 +7,12 @@ once per step; every layer then
 1. writes the step's keys and values into their slots (``index_copy_``, no growth),
 2. attends: the decode tokens together, one SDPA call over their keys gathered from the pool and
    padded to the longest (padding reads the zeroed null block and is masked out); each prefill
-   chunk with its own SDPA call over its sequence's keys, causal from its offset. A chunk whose
-   keys sit in consecutive slots (a sequence whose blocks were handed out in a run, as the pool
-   tends to: ``KVPool.decref``) reads them in place, a view of the pool; others are gathered.
+   chunk with its own call over its sequence's keys, causal from its offset. On a CPU with
+   AVX512-BF16 a bfloat16 chunk is one call of the engine's kernel (``native.cpp``'s
+   ``prefill_attention``: keys read through the slots, each query's result independent of the
+   chunk it came in); elsewhere a chunk whose keys sit in consecutive slots (a sequence whose
+   blocks were handed out in a run, as the pool tends to: ``KVPool.decref``) reads them in
+   place, a view of the pool, and others are gathered.
 
 Sliding-window layers gather only the window (the last ``window`` positions a query can see),
 so their cost stays bounded however long the context. The pool keeps every position of every
@@ -49,6 +52,8 @@ class _Keys:
     first: int | None = None
     """For a prefill chunk whose key slots are consecutive: the first (its keys are read in
     place, a view of the pool, not gathered)."""
+    positions: tuple[int, int] = (0, 0)
+    """For a prefill chunk: the positions of its first key and its first query."""
     _additive: dict[tuple[torch.dtype, bool], torch.Tensor | None] = field(default_factory=dict)
 
     def additive(self, dtype: torch.dtype, *, causal: bool = False) -> torch.Tensor | None:
@@ -188,15 +193,17 @@ class PagedAttention:
         lo = 0 if window is None else max(0, seq.start - window + 1)
         slots = self._slots(seq, lo, end).unsqueeze(0)
         first = self._first_slot(seq.blocks, lo, end)
+        positions = (lo, seq.start)
         if lo == seq.start and (window is None or seq.num_new <= window):
             # Plain causal: SDPA's own mask.
-            return _Keys(slots.to(self._device), None, seq.num_new, first)
+            return _Keys(slots.to(self._device), None, seq.num_new, first, positions)
         q_pos = torch.arange(seq.start, end).unsqueeze(1)
         k_pos = torch.arange(lo, end).unsqueeze(0)
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
-        return _Keys(slots.to(self._device), mask.to(self._device), seq.num_new, first)
+        mask = mask.to(self._device)
+        return _Keys(slots.to(self._device), mask, seq.num_new, first, positions)
 
     def _first_slot(self, blocks: Sequence[int], lo: int, hi: int) -> int | None:
         """The slot of position ``lo`` when positions ``[lo, hi)`` sit in consecutive slots
@@ -230,8 +237,20 @@ class PagedAttention:
         # The last layer attends only from kept rows: a chunk's last query, over what its row
         # of the chunk's mask allows (every key of a plain causal chunk), or nothing at all.
         keep = self._keep if layer == len(self._specs) - 1 else None
+        fast = native.kernels() if keep is None and spec.softcap is None else None
         for offset, n, plans in self._prefill:
             plan = plans[spec.window]
+            if fast is not None and fast.prefill_attention(
+                q[offset : offset + n],
+                keys,
+                values,
+                plan.slots[0],
+                plan.positions,
+                spec.window,
+                spec.scale,
+                out[offset : offset + n],
+            ):
+                continue
             causal = plan.mask is None
             if keep is not None:
                 if offset + n - 1 not in keep:

@@ -157,6 +157,12 @@ class Kernels:
         self._argmax_blocks = library.pc_argmax_blocks
         self._argmax_blocks.restype = None
         self._argmax_blocks.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr]
+        self._prefill = None
+        if library.pc_prefill_attention_available():
+            self._prefill = library.pc_prefill_attention_bf16
+            self._prefill.restype = None
+            self._prefill.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64]
+            self._prefill.argtypes += [i64, f32, ptr, i64]
         self.int4_head = bool(library.pc_int4_head())
         """Whether ``int4_logits`` runs here (a CPU with AVX512-VNNI)."""
         if self.int4_head:
@@ -217,6 +223,71 @@ class Kernels:
             scale,
         )
         return out
+
+    def prefill_attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        slots: torch.Tensor,
+        positions: tuple[int, int],
+        window: int | None,
+        scale: float,
+        out: torch.Tensor,
+    ) -> bool:
+        """Attention of a prefill chunk's queries ``q [n, H, D]`` over the pool's ``keys,
+        values [slots, KVH, D]`` at ``slots [L]``, into ``out [n, H, D]``: ``positions`` are
+        those of the first key and the first query (the keys end with the chunk's last query),
+        causal, each query seeing its last ``window`` positions (None: all). What
+        ``attention.grouped`` computes with the chunk's mask, in an order of additions that
+        depends on each query's own row alone (native.cpp). False, ``out`` untouched, where
+        the kernel does not run (no AVX512-BF16, another dtype or layout)."""
+        fn = self._prefill
+        n, h, d = q.shape
+        kv = keys.shape[1] if keys.dim() == 3 else 0
+        key_pos, query_pos = positions
+        if (
+            fn is None
+            or q.dtype != torch.bfloat16
+            or q.device.type != "cpu"
+            or not (keys.dtype == values.dtype == out.dtype == torch.bfloat16)
+            or not (keys.is_contiguous() and values.is_contiguous() and slots.is_contiguous())
+            or kv == 0
+            or keys.shape != values.shape
+            or keys.shape[2] != d
+            or d % 16
+            or h % kv
+            or h // kv > 32
+            or q.stride(2) != 1
+            or q.stride(1) != d
+            or out.shape != q.shape
+            or out.stride(2) != 1
+            or out.stride(1) != d
+            or slots.dtype != torch.long
+            or slots.dim() != 1
+            or not 0 <= key_pos <= query_pos
+            or key_pos + slots.shape[0] != query_pos + n
+        ):
+            return False
+        fn(
+            q.data_ptr(),
+            q.stride(0),
+            n,
+            h,
+            kv,
+            d,
+            keys.data_ptr(),
+            values.data_ptr(),
+            slots.data_ptr(),
+            slots.shape[0],
+            key_pos,
+            query_pos,
+            window or 0,
+            scale,
+            out.data_ptr(),
+            out.stride(0),
+        )
+        return True
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from promptcache.engine.paged import native
-from promptcache.engine.paged.attention import decode_attend
+from promptcache.engine.paged.attention import decode_attend, grouped
 from promptcache.engine.paged.models.layers import (
     HeadNorm,
     OffsetRMSNorm,
@@ -188,6 +188,104 @@ def test_each_row_is_computed_alone() -> None:
             assert torch.equal(alone, both[one])
 
 
+def chunk_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    positions: tuple[int, int],
+    window: int | None,
+) -> torch.Tensor:
+    """A prefill chunk's attention as the PyTorch path computes it (``grouped`` over the
+    gathered keys with the chunk's causal, windowed mask), or the kernel's when it runs."""
+    n, heads, d = q.shape
+    out = torch.empty(n, heads, d, dtype=q.dtype)
+    if kernels().prefill_attention(q, keys, values, slots, positions, window, 0.0625, out):
+        return out
+    k0, q0 = positions
+    q_pos = torch.arange(q0, q0 + n).unsqueeze(1)
+    k_pos = torch.arange(k0, k0 + slots.shape[0]).unsqueeze(0)
+    seen = k_pos <= q_pos
+    if window is not None:
+        seen &= k_pos > q_pos - window
+    mask = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))
+    kk = keys[slots].transpose(0, 1).unsqueeze(0)
+    vv = values[slots].transpose(0, 1).unsqueeze(0)
+    return grouped(q.transpose(0, 1).unsqueeze(0), kk, vv, mask, 0.0625)[0].transpose(0, 1)
+
+
+PREFILL_CASES = [
+    # heads, kv_heads, d, queries, first query, window
+    (4, 1, 256, 64, 900, 512),  # Gemma 3 270M's hit: a suffix over a window
+    (4, 1, 256, 70, 900, None),  # and over the whole context
+    (4, 1, 256, 1, 1100, None),  # one query
+    (9, 3, 64, 37, 100, None),  # SmolLM2's heads
+    (8, 2, 128, 300, 7, None),  # many units, some with fewer keys
+    (4, 2, 16, 70, 0, 16),  # the tiny test models: a window shorter than the chunk
+    (4, 2, 48, 33, 40, None),  # a last block of 16 columns
+    (2, 2, 32, 5, 3, 2),
+]
+
+
+def chunk(
+    heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None, seed: int = 5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+    keys, values = pool(1300, kv_heads, d, torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed)
+    k0 = 0 if window is None else max(0, q0 - window + 1)
+    slots = torch.randperm(1300, generator=gen)[: q0 + n - k0]  # scattered, as a pool may be
+    # Queries as the model passes them: a slice of the q/k/v slab.
+    q = torch.randn(n, heads + 2 * kv_heads, d, generator=gen).to(torch.bfloat16)[:, :heads]
+    return q, keys, values, slots, (k0, q0)
+
+
+@pytest.mark.skipif(
+    KERNELS is None or KERNELS._prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
+)
+@pytest.mark.parametrize(("heads", "kv_heads", "d", "n", "q0", "window"), PREFILL_CASES)
+def test_prefill_attention_matches_pytorch(
+    heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None
+) -> None:
+    q, keys, values, slots, positions = chunk(heads, kv_heads, d, n, q0, window)
+    got = chunk_attention(q, keys, values, slots, positions, window)
+    with native.disabled():
+        want = chunk_attention(q, keys, values, slots, positions, window)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, **close(torch.bfloat16))
+
+
+@pytest.mark.skipif(
+    KERNELS is None or KERNELS._prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
+)
+@pytest.mark.parametrize(("heads", "kv_heads", "d", "n", "q0", "window"), PREFILL_CASES)
+def test_a_query_attends_alike_in_any_chunk(
+    heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None
+) -> None:
+    """A cold prompt and a hit cut the same queries into different chunks (and the kernel its
+    chunks into different units): each query's result is the same bits."""
+    q, keys, values, slots, (k0, _) = chunk(heads, kv_heads, d, n, q0, window)
+    whole = chunk_attention(q, keys, values, slots, (k0, q0), window)
+    for cut in {1, n // 3, n - 1} - {0, n}:
+        first = chunk_attention(q[:cut], keys, values, slots[: q0 + cut - k0], (k0, q0), window)
+        lo = k0 if window is None else max(k0, q0 + cut - window + 1)
+        rest = chunk_attention(q[cut:], keys, values, slots[lo - k0 :], (lo, q0 + cut), window)
+        assert torch.equal(torch.cat([first, rest]), whole)
+
+
+def test_prefill_attention_declines_what_it_does_not_read() -> None:
+    keys, values = pool(64, 1, 64, torch.float32)
+    q = torch.randn(4, 2, 64)
+    out = torch.full((4, 2, 64), 7.0)
+    slots = torch.arange(8)
+    assert not kernels().prefill_attention(q, keys, values, slots, (0, 4), None, 0.1, out)
+    bf = [t.to(torch.bfloat16) for t in (q, keys, values, out)]
+    # Keys that do not end at the chunk's last query, and a head size not a multiple of 16.
+    assert not kernels().prefill_attention(bf[0], bf[1], bf[2], slots, (0, 3), None, 0.1, bf[3])
+    odd = [t[..., :40].contiguous() for t in bf]
+    assert not kernels().prefill_attention(odd[0], odd[1], odd[2], slots, (0, 4), None, 0.1, odd[3])
+    assert torch.equal(out, torch.full((4, 2, 64), 7.0))
+
+
 def test_the_build_is_cached_by_source_and_machine(tmp_path: Path) -> None:
     compiler = native._compiler()
     assert compiler is not None
@@ -241,14 +339,17 @@ def test_an_engine_with_the_kernels_keeps_hits_exact(
     from tests.engine.paged.test_int8 import assert_hits_exact
 
     calls: dict[str, int] = {}
-    for name in ("decode_attention", "rms_norm", "residual_norm", "qk_norm_rope"):
+    names = ["decode_attention", "rms_norm", "residual_norm", "qk_norm_rope"]
+    if kernels()._prefill is not None:
+        names.append("prefill_attention")
+    for name in names:
         real = getattr(native.Kernels, name)
 
         def counted(
             self: native.Kernels, *args: object, _real: Any = real, _name: str = name, **kw: Any
         ) -> object:
             out = _real(self, *args, **kw)
-            calls[_name] = calls.get(_name, 0) + (out is not None)
+            calls[_name] = calls.get(_name, 0) + (out is not None and out is not False)
             return out
 
         monkeypatch.setattr(native.Kernels, name, counted)
@@ -258,7 +359,7 @@ def test_an_engine_with_the_kernels_keeps_hits_exact(
     assert engine.native_decode is None
     assert_hits_exact(engine)
     # Every kernel ran (and none was turned down) while the engine computed.
-    assert set(calls) == {"decode_attention", "rms_norm", "residual_norm", "qk_norm_rope"}
+    assert set(calls) == set(names)
     assert all(calls.values())
 
 
