@@ -259,6 +259,15 @@ class PagedAttention:
                 plan = _Keys(
                     plan.slots, None if plan.mask is None else plan.mask[-1:], first=plan.first
                 )
+                if not q.is_cuda and spec.softcap is None:
+                    # One query over the whole context: the decode rows' attention, whose kernel
+                    # shares a long row's keys between the threads (4k keys: ~0.6 -> ~0.1 ms).
+                    mask = plan.additive(torch.float32)
+                    if mask is not None:
+                        mask = mask.view(1, 1, 1, -1)
+                    row = q[offset : offset + 1]
+                    out[offset] = decode_attend(row, keys, values, plan.slots, mask, spec.scale)[0]
+                    continue
             if plan.first is not None:
                 # Consecutive slots: the pool's own rows, laid out as a gathered copy would be
                 # (the same strides, so the same kernels and roundings), without the copy.
