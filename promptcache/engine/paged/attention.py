@@ -148,6 +148,21 @@ class PagedAttention:
             masks.append(mask)
         return slots, masks
 
+    def chunk_keys(
+        self, windows: Sequence[int | None]
+    ) -> list[tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]]:
+        """For a step of one prefill chunk only: per window in ``windows``, the slots of the
+        keys the chunk reads ``[L]``, the positions of its first key and first query, and its
+        last query's additive float32 mask over those keys ``[1, L]`` (None: it sees them
+        all), as ``native_prefill`` takes them."""
+        ((_, _, plans),) = self._prefill
+        out = []
+        for window in windows:
+            plan = plans[window]
+            last = _Keys(plan.slots, None if plan.mask is None else plan.mask[-1:])
+            out.append((plan.slots[0], plan.positions, last.additive(torch.float32)))
+        return out
+
     def _slots(self, seq: StepSeq, lo: int, hi: int) -> torch.Tensor:
         """Pool slots of ``seq``'s positions ``[lo, hi)`` (a CPU tensor)."""
         table = self._tables.get(id(seq))

@@ -47,6 +47,8 @@ from promptcache.engine.paged.compiled import CompiledDecode
 from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.int8 import DecodeSwitch
 from promptcache.engine.paged.native_decode import MAX_ROWS, NativeDecode
+from promptcache.engine.paged.native_prefill import MAX_ROWS as PREFILL_ROWS
+from promptcache.engine.paged.native_prefill import NativePrefill
 from promptcache.engine.paged.pool import KVPool, PoolExhausted, PoolPayload
 from promptcache.engine.sampling import make_generator, sample_token
 
@@ -144,6 +146,8 @@ class PagedEngine:
         self.native_decode: NativeDecode | None = None
         if decode_switch is not None:
             self.native_decode = NativeDecode.build(model, self._attn, MAX_ROWS)
+        # Steps of one short prompt chunk (a hit's suffix) likewise, where the model allows.
+        self.native_prefill = NativePrefill.build(model, self._attn, PREFILL_ROWS)
         self.compiled: CompiledDecode | None = None
         if compile_decode:
             if decode_switch is None:
@@ -355,18 +359,23 @@ class PagedEngine:
             pos = torch.tensor(positions, dtype=torch.long, device=self._device)
             hidden = None
             num_prompt = len(ids) - len(decode)
+            chunks = [n for _, n in prefill]
             if self.native_decode is not None and self.native_decode.covers(
                 len(decode), num_prompt
             ):
-                hidden = self.native_decode(input_ids, pos)
+                hidden = self.native_decode(input_ids, pos)[rows]
             elif self.compiled is not None and self.compiled.covers(len(decode), num_prompt):
-                hidden = self.compiled(input_ids, pos, self._attn)
+                whole = self.compiled(input_ids, pos, self._attn)
+                hidden = None if whole is None else whole[rows]  # decode rows: all sampled
+            elif self.native_prefill is not None and self.native_prefill.covers(
+                len(decode), chunks
+            ):
+                # The chunk's last row where it is sampled, as the model's forward with keep.
+                hidden = self.native_prefill(input_ids, pos, bool(rows))
             if hidden is None:
                 # The last layer finishes only the sampled rows (``CausalLM.forward``).
                 keep = torch.tensor(rows, dtype=torch.long, device=self._device)
                 hidden = self._model(input_ids, pos, self._attn, keep)
-            else:  # a compiled decode step: every row is sampled
-                hidden = hidden[rows]
             logits, greedy = self._model.logits_and_greedy(hidden) if rows else (None, None)
         by_seq = {s.seq_id: i for i, s in enumerate(sampled)}
         out: StepResult = []

@@ -932,6 +932,66 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, int64_t n, int64_t H
 }
 #endif
 
+#if PC_DPBF16
+// y [M, N] = x [M, K] W^T in bfloat16, W laid out as native_prefill.pair_dense lays it out
+// ([N / 32][K / 2][32][2]: 32 outputs side by side, two inputs each), each output summed as
+// oneDNN's packed bfloat16 matmul sums it: the inputs cut into blocks of `block` pairs, each
+// block summed from 0 by vdpbf16ps (pairs in order), the blocks added in order, one rounding.
+// So a prompt row computed here is the same bits as through PyTorch (native_prefill checks the
+// block against oneDNN for every weight before it uses one).
+template <int R>
+inline void gemm_tile(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* w, int64_t block,
+                      uint16_t* y, int64_t ldy) {
+  __m512 acc[2 * R];
+  for (int64_t k0 = 0; k0 < K / 2; k0 += block) {
+    __m512 t[2 * R];
+    for (int i = 0; i < 2 * R; ++i) t[i] = _mm512_setzero_ps();
+    const int64_t k1 = std::min(K / 2, k0 + block);
+    for (int64_t p = k0; p < k1; ++p) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 64);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 64 + 32);
+      for (int r = 0; r < R; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, x + r * ldx + 2 * p, sizeof pair);
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        t[2 * r] = _mm512_dpbf16_ps(t[2 * r], xb, w0);
+        t[2 * r + 1] = _mm512_dpbf16_ps(t[2 * r + 1], xb, w1);
+      }
+    }
+    for (int i = 0; i < 2 * R; ++i) acc[i] = k0 == 0 ? t[i] : _mm512_add_ps(acc[i], t[i]);
+  }
+  for (int r = 0; r < R; ++r) {
+    BF16::store16(y + r * ldy, acc[2 * r]);
+    BF16::store16(y + r * ldy + 16, acc[2 * r + 1]);
+  }
+}
+
+// N a multiple of 32, K even; the threads take blocks of 32 outputs.
+void gemm_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w, int64_t N,
+               int64_t block, uint16_t* y, int64_t ldy) {
+#pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_WORK)
+  for (int64_t b = 0; b < N / 32; ++b) {
+    const uint16_t* wb = w + b * 32 * K;
+    int64_t m = 0;
+    for (; m + 12 <= M; m += 12)
+      gemm_tile<12>(x + m * ldx, ldx, K, wb, block, y + m * ldy + b * 32, ldy);
+    const uint16_t* xr = x + m * ldx;
+    uint16_t* yr = y + m * ldy + b * 32;
+    switch (M - m) {
+#define PC_CASE(n)                                        \
+  case n:                                                 \
+    gemm_tile<n>(xr, ldx, K, wb, block, yr, ldy);         \
+    break;
+      PC_CASE(1) PC_CASE(2) PC_CASE(3) PC_CASE(4) PC_CASE(5) PC_CASE(6) PC_CASE(7) PC_CASE(8)
+      PC_CASE(9) PC_CASE(10) PC_CASE(11)
+#undef PC_CASE
+      default:
+        break;
+    }
+  }
+}
+#endif
+
 // Sum of squares of n floats.
 inline float sum_squares(const float* x, int64_t n) {
   int64_t i = 0;
@@ -1666,6 +1726,8 @@ struct PcLayer {
   float scale;              // softmax scale
   void* keys;               // the pool's keys and values of this layer: [slots, KVH, D]
   void* values;
+  const uint16_t* dense[4]; // prefill_step: the dense bfloat16 weights laid out for gemm_bf16
+  int64_t dense_block[4];   // and their blocks (pairs) of the inputs, oneDNN's (calibrated)
 };
 
 struct PcModel {
@@ -1688,6 +1750,13 @@ struct PcStep {
   const float* masks[4];    // per window: [rows, width] additive, or null
   int64_t widths[4];
   void* out;                // final hidden states [rows, hidden] (after the final norm)
+  // prefill_step (one chunk): per window, slots[w] holds the chunk's keys [widths[w]] from
+  // position key_pos[w], masks[w] the last row's additive mask over them (or null); queries
+  // from query_pos; keep: whether the last row is sampled (out: its hidden state, [1, hidden]).
+  int64_t key_pos[4];
+  int64_t window_len[4];    // the window's length, 0 for none
+  int64_t query_pos;
+  int64_t keep;
 };
 
 namespace {
@@ -1735,6 +1804,74 @@ void decode_step(const PcModel& m, const PcStep& st) {
                      last ? static_cast<T*>(st.out) : h.data());
   }
 }
+
+#if PC_DPBF16
+// One prefill chunk of a bfloat16 model, every layer in one call: what the model's PyTorch
+// forward computes for it with the engine's kernels (the same functions for the norms, rope,
+// attention and activation; gemm_bf16 for oneDNN's products, the same sums), without the
+// ~400 Python-level operations between them. The last layer writes every row's keys and
+// values and finishes the last row alone when it is sampled (st.keep), as the PyTorch
+// forward's `keep` does.
+void prefill_step(const PcModel& m, const PcStep& st) {
+  using S = BF16;
+  using T = uint16_t;
+  const int64_t n = st.rows, E = m.hidden, H = m.heads, KVH = m.kv_heads, D = m.head_dim;
+  const int64_t I = m.intermediate, QKV = (H + 2 * KVH) * D, QK = H + KVH;
+  thread_local Scratch<T> x_s, h_s, x2_s, qkv_s, qk_s, att_s, proj_s, mid_s;
+  x_s.reserve(n * E);
+  h_s.reserve(n * E);
+  x2_s.reserve(n * E);
+  qkv_s.reserve(n * QKV);
+  qk_s.reserve(n * QK * D);
+  att_s.reserve(n * H * D);
+  proj_s.reserve(n * std::max(2 * I, E));
+  mid_s.reserve(n * I);
+  T *x = x_s.data(), *h = h_s.data(), *x2 = x2_s.data(), *qkv = qkv_s.data(), *qk = qk_s.data();
+  T *att = att_s.data(), *proj = proj_s.data(), *mid = mid_s.data();
+  std::memcpy(x, st.x, sizeof(T) * n * E);
+  const PcLayer& first = m.layers[0];
+  rms_norm<S>(x, E, n, E, first.norm_w[0], first.norm_eps[0], m.norm_mode, h);
+  const bool gemma = m.norm_mode == OFFSET;
+  for (int64_t l = 0; l < m.num_layers; ++l) {
+    const PcLayer& L = m.layers[l];
+    const bool last = l + 1 == m.num_layers;
+    gemm_bf16(h, E, n, E, L.dense[0], QKV, L.dense_block[0], qkv, QKV);
+    const T* cos = L.rope >= 0 ? static_cast<const T*>(st.cos[L.rope]) : nullptr;
+    const T* sin = L.rope >= 0 ? static_cast<const T*>(st.sin[L.rope]) : nullptr;
+    qk_norm_rope<S>(qkv, QKV, n, QK, D, L.head_norm, L.head_eps, L.head_norm ? m.norm_mode : -1,
+                    cos, sin, qk);
+    T* keys = static_cast<T*>(L.keys);
+    T* values = static_cast<T*>(L.values);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t slot = st.slot_mapping[r];
+      std::memcpy(keys + slot * KVH * D, qk + (r * QK + H) * D, sizeof(T) * KVH * D);
+      std::memcpy(values + slot * KVH * D, qkv + r * QKV + QK * D, sizeof(T) * KVH * D);
+    }
+    const int w = L.window;
+    int64_t rows = n;
+    if (!last) {
+      prefill_attention(qk, QK * D, n, H, KVH, D, keys, values, st.slots[w], st.widths[w],
+                        st.key_pos[w], st.query_pos, st.window_len[w], L.scale, att, H * D);
+    } else {
+      if (!st.keep) return;  // no row sampled: its keys and values were all it needed
+      decode_attention<S>(qk + (n - 1) * QK * D, QK * D, keys, values, st.slots[w], st.masks[w],
+                          att, 1, H, KVH, D, st.widths[w], L.scale);
+      std::memmove(x, x + (n - 1) * E, sizeof(T) * E);
+      rows = 1;
+    }
+    gemm_bf16(att, H * D, rows, H * D, L.dense[1], E, L.dense_block[1], proj, E);
+    residual_norm<S>(x, proj, rows, E, gemma ? L.norm_w[1] : nullptr, L.norm_eps[1],
+                     L.norm_w[2], L.norm_eps[2], m.norm_mode, x2, h);
+    gemm_bf16(h, E, rows, E, L.dense[2], 2 * I, L.dense_block[2], proj, 2 * I);
+    gated_act<S>(proj, rows, I, m.act, mid);
+    gemm_bf16(mid, I, rows, I, L.dense[3], E, L.dense_block[3], proj, E);
+    const void* next_w = last ? m.final_norm : m.layers[l + 1].norm_w[0];
+    const float next_eps = last ? m.final_eps : m.layers[l + 1].norm_eps[0];
+    residual_norm<S>(x2, proj, rows, E, gemma ? L.norm_w[3] : nullptr, L.norm_eps[3], next_w,
+                     next_eps, m.norm_mode, x, last ? static_cast<T*>(st.out) : h);
+  }
+}
+#endif
 
 }  // namespace
 
@@ -1844,6 +1981,14 @@ int64_t pc_sizeof_model() { return sizeof(PcModel); }
 int64_t pc_sizeof_step() { return sizeof(PcStep); }
 
 void pc_decode_step_bf16(const PcModel* m, const PcStep* st) { decode_step<BF16>(*m, *st); }
+
+#if PC_DPBF16
+void pc_gemm_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w,
+                  int64_t N, int64_t block, uint16_t* y, int64_t ldy) {
+  gemm_bf16(x, ldx, M, K, w, N, block, y, ldy);
+}
+void pc_prefill_step_bf16(const PcModel* m, const PcStep* st) { prefill_step(*m, *st); }
+#endif
 void pc_decode_step_f32(const PcModel* m, const PcStep* st) { decode_step<F32>(*m, *st); }
 
 }  // extern "C"

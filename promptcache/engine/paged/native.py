@@ -157,12 +157,13 @@ class Kernels:
         self._argmax_blocks = library.pc_argmax_blocks
         self._argmax_blocks.restype = None
         self._argmax_blocks.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr]
-        self._prefill = None
+        self.prefill: Any = None
+        """``prefill_attention``'s function where it runs here (AVX512-BF16), else None."""
         if library.pc_prefill_attention_available():
-            self._prefill = library.pc_prefill_attention_bf16
-            self._prefill.restype = None
-            self._prefill.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64]
-            self._prefill.argtypes += [i64, f32, ptr, i64]
+            self.prefill = library.pc_prefill_attention_bf16
+            self.prefill.restype = None
+            self.prefill.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64]
+            self.prefill.argtypes += [i64, f32, ptr, i64]
         self.int4_head = bool(library.pc_int4_head())
         """Whether ``int4_logits`` runs here (a CPU with AVX512-VNNI)."""
         if self.int4_head:
@@ -242,7 +243,7 @@ class Kernels:
         ``attention.grouped`` computes with the chunk's mask, in an order of additions that
         depends on each query's own row alone (native.cpp). False, ``out`` untouched, where
         the kernel does not run (no AVX512-BF16, another dtype or layout)."""
-        fn = self._prefill
+        fn = self.prefill
         n, h, d = q.shape
         kv = keys.shape[1] if keys.dim() == 3 else 0
         key_pos, query_pos = positions

@@ -54,6 +54,8 @@ class _Layer(ctypes.Structure):
         ("scale", ctypes.c_float),
         ("keys", _P),
         ("values", _P),
+        ("dense", _P * 4),
+        ("dense_block", ctypes.c_int64 * 4),
     ]
 
 
@@ -84,6 +86,10 @@ class _Step(ctypes.Structure):
         ("masks", _P * _MAX_TABLES),
         ("widths", ctypes.c_int64 * _MAX_TABLES),
         ("out", _P),
+        ("key_pos", ctypes.c_int64 * _MAX_TABLES),
+        ("window_len", ctypes.c_int64 * _MAX_TABLES),
+        ("query_pos", ctypes.c_int64),
+        ("keep", ctypes.c_int64),
     ]
 
 
@@ -255,22 +261,10 @@ def _fill_layer(
     """Point ``struct`` at ``layer``'s weights (their tensors appended to ``keep``; with
     ``paired``, a copy of each int8 weight laid out by ``pair_weight`` too); returns the
     layer's activation (native.cpp's Act), or None when the kernels do not run it."""
+    if not fill_norms(struct, layer, norm_mode, keep):
+        return None
     attn, mlp = layer.attn, layer.mlp
-    projections = (attn.qkv, attn.o, mlp.gate_up, mlp.down)
-    norms: list[RMSNorm | OffsetRMSNorm | None]
-    if isinstance(layer, Gemma3Layer):
-        norms = [layer.input_norm, layer.post_attn_norm, layer.pre_mlp_norm, layer.post_mlp_norm]
-        struct.rope = layer.rope
-    else:
-        norms = [layer.input_norm, None, layer.post_attn_norm, None]
-        struct.rope = 0 if layer.use_rope else -1
-    kind = OffsetRMSNorm if norm_mode == 0 else RMSNorm
-    if not all(n is None or isinstance(n, kind) for n in norms):
-        return None
-    head_norm = attn.head_norm
-    if head_norm is not None and head_norm.offset != (norm_mode == 0):
-        return None
-    for j, proj in enumerate(projections):
+    for j, proj in enumerate((attn.qkv, attn.o, mlp.gate_up, mlp.down)):
         if not isinstance(proj, DecodeInt8Linear):
             return None
         q, scales, bias = proj.int8.q, proj.int8.scales, proj.int8.bias
@@ -282,6 +276,28 @@ def _fill_layer(
             twin = pair_weight(q)
             keep.append(twin)
             struct.paired[j] = twin.data_ptr()
+    return kernel_act(mlp.act)
+
+
+def fill_norms(
+    struct: _Layer, layer: Gemma3Layer | LlamaLayer, norm_mode: int, keep: list[torch.Tensor]
+) -> bool:
+    """Point ``struct`` at ``layer``'s norms, q/k norm and rope table (their tensors appended to
+    ``keep``); False when the kernels do not run them."""
+    attn = layer.attn
+    norms: list[RMSNorm | OffsetRMSNorm | None]
+    if isinstance(layer, Gemma3Layer):
+        norms = [layer.input_norm, layer.post_attn_norm, layer.pre_mlp_norm, layer.post_mlp_norm]
+        struct.rope = layer.rope
+    else:
+        norms = [layer.input_norm, None, layer.post_attn_norm, None]
+        struct.rope = 0 if layer.use_rope else -1
+    kind = OffsetRMSNorm if norm_mode == 0 else RMSNorm
+    if not all(n is None or isinstance(n, kind) for n in norms):
+        return False
+    head_norm = attn.head_norm
+    if head_norm is not None and head_norm.offset != (norm_mode == 0):
+        return False
     for j, norm in enumerate(norms):
         if norm is not None:
             weight, eps = norm.kernel_args
@@ -290,7 +306,7 @@ def _fill_layer(
     if head_norm is not None:
         keep.append(head_norm.table)
         struct.head_norm, struct.head_eps = head_norm.table.data_ptr(), head_norm.eps
-    return kernel_act(mlp.act)
+    return True
 
 
 __all__ = ["MAX_ROWS", "NativeDecode", "pair_weight"]

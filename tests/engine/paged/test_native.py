@@ -240,7 +240,7 @@ def chunk(
 
 
 @pytest.mark.skipif(
-    KERNELS is None or KERNELS._prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
+    KERNELS is None or KERNELS.prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
 )
 @pytest.mark.parametrize(("heads", "kv_heads", "d", "n", "q0", "window"), PREFILL_CASES)
 def test_prefill_attention_matches_pytorch(
@@ -255,7 +255,7 @@ def test_prefill_attention_matches_pytorch(
 
 
 @pytest.mark.skipif(
-    KERNELS is None or KERNELS._prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
+    KERNELS is None or KERNELS.prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
 )
 @pytest.mark.parametrize(("heads", "kv_heads", "d", "n", "q0", "window"), PREFILL_CASES)
 def test_a_query_attends_alike_in_any_chunk(
@@ -340,7 +340,7 @@ def test_an_engine_with_the_kernels_keeps_hits_exact(
 
     calls: dict[str, int] = {}
     names = ["decode_attention", "rms_norm", "residual_norm", "qk_norm_rope"]
-    if kernels()._prefill is not None:
+    if kernels().prefill is not None:
         names.append("prefill_attention")
     for name in names:
         real = getattr(native.Kernels, name)
@@ -357,6 +357,7 @@ def test_an_engine_with_the_kernels_keeps_hits_exact(
     # (with them, narrow ones run whole in ``NativeDecode``: test_native_decode.py).
     engine = build_tiny_engine(kind, dtype=torch.bfloat16)
     assert engine.native_decode is None
+    engine.native_prefill = None  # prompt chunks too (with it: test_native_prefill.py)
     assert_hits_exact(engine)
     # Every kernel ran (and none was turned down) while the engine computed.
     assert set(calls) == set(names)

@@ -1,0 +1,274 @@
+"""A prompt chunk's whole forward in the engine's own kernels (``NativePrefill``): every layer
+of the model for a step of one prefill chunk of at most ``MAX_ROWS`` tokens, in one call into
+``native.cpp``'s ``prefill_step``.
+
+A cache hit's suffix (64 tokens at a 4k prefix of Gemma 3 270M) spent ~13 of its ~64 ms in
+what is not arithmetic: ~400 Python-level operations, the calls into the kernels around them
+and the threads' start at each. Here the layers are one C++ loop over the kernels the PyTorch
+forward calls (norms, rope, ``prefill_attention``, the sampled row's ``decode_attention``, the
+gated activation) with the products by ``gemm_bf16``, which sums each output as oneDNN's packed
+matmul does: the inputs cut into blocks, each block summed from 0, the blocks added in order.
+The block is found for every weight when the model loads, by comparing the two on random rows
+(``_calibrate``); a model whose products it does not reproduce bit for bit does not run here.
+So a chunk computed here is the same bits as through PyTorch: a hit's suffix and the cold
+prompt's chunk agree exactly whichever way each went (tested).
+
+It takes the steps that are one prefill chunk and nothing else (a hit's suffix, a short
+prompt, the last chunk of a long one), of bfloat16 models of the Gemma 3 and Llama families
+without biases, on CPUs with AVX512-BF16. It keeps a copy of the layers' dense weights laid
+out for its products (``pair_dense``), so only for models whose layers are at most
+``MAX_BYTES``; longer chunks stay with oneDNN, faster there (~206 against ~194 GMAC/s at 512
+rows), where the fixed cost is a small part of the step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+from torch import nn
+
+from promptcache.engine.paged import native
+from promptcache.engine.paged.attention import PagedAttention
+from promptcache.engine.paged.models.base import CausalLM
+from promptcache.engine.paged.models.gemma3 import Gemma3, Gemma3Layer
+from promptcache.engine.paged.models.int8 import DecodeInt8Linear
+from promptcache.engine.paged.models.layers import Linear, kernel_act
+from promptcache.engine.paged.models.llama import Llama, LlamaLayer
+from promptcache.engine.paged.models.packed import PackedLinear
+from promptcache.engine.paged.native_decode import _MAX_TABLES, _Layer, _Model, _Step, fill_norms
+
+MAX_ROWS = 128
+"""Chunk tokens up to which a step runs here (above, oneDNN's products gain more than the
+fixed cost this saves)."""
+
+MAX_BYTES = 1 << 30
+"""The most bytes of dense layer weights copied for ``gemm_bf16``."""
+
+_BLOCKS = (1024, 512, 256, 128, 64, 32)
+"""Blocks of input pairs tried, after none (one sum over all the inputs)."""
+
+
+class NativePrefill:
+    """``model``'s forward for steps of one prefill chunk, over the pool ``attn`` reads. Build
+    it with ``NativePrefill.build``, which says None where the model is not one it runs."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        attn: PagedAttention,
+        library: ctypes.CDLL,
+        max_rows: int,
+        layers: list[_Layer],
+        head: _Model,
+        keep: list[torch.Tensor],
+    ) -> None:
+        self._model = model
+        self._attn = attn
+        self.max_rows = max_rows
+        self._layers = (_Layer * len(layers))(*layers)
+        head.layers = self._layers
+        self._head = head
+        self._keep = keep  # tensors whose memory the structs point at
+        self._windows = sorted(
+            {s.window for s in model.attn_specs}, key=lambda w: -1 if w is None else w
+        )
+        self._fn = library.pc_prefill_step_bf16
+        self._fn.restype = None
+        self._fn.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step)]
+        self.num_steps = 0
+        """Steps run here."""
+
+    @classmethod
+    def build(cls, model: CausalLM, attn: PagedAttention, max_rows: int) -> NativePrefill | None:
+        """A ``NativePrefill`` for ``model`` where it runs (see the module's docstring)."""
+        kernels = native.kernels()
+        if kernels is None or kernels.prefill is None or model.dtype != torch.bfloat16:
+            return None
+        if next(model.parameters()).device.type != "cpu":
+            return None
+        if any(s.softcap is not None for s in model.attn_specs):
+            return None
+        windows = sorted({s.window for s in model.attn_specs}, key=lambda w: -1 if w is None else w)
+        if len(windows) > _MAX_TABLES:
+            return None
+        if isinstance(model, Gemma3):
+            if len(model.rotaries) > _MAX_TABLES:
+                return None
+            norm_mode = 0
+        elif isinstance(model, Llama):
+            norm_mode = 1
+        else:
+            return None
+        shape = model.shape
+        if shape.num_heads % shape.num_kv_heads or shape.head_dim % 16:
+            return None
+        stack = [layer for layer in model.layers if isinstance(layer, (Gemma3Layer, LlamaLayer))]
+        if len(stack) != len(model.layers):
+            return None
+        dense: list[list[torch.Tensor]] = []
+        for layer in stack:
+            weights = [_dense(p) for p in _projections(layer)]
+            if any(w is None for w in weights):
+                return None
+            dense.append([w for w in weights if w is not None])
+        if sum(w.numel() * w.element_size() for ws in dense for w in ws) > MAX_BYTES:
+            return None
+        library = kernels.library
+        gemm = library.pc_gemm_bf16
+        gemm.restype = None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]
+        keep: list[torch.Tensor] = []
+        layers: list[_Layer] = []
+        act = None
+        found: dict[tuple[int, int], int] = {}
+        for i, layer in enumerate(stack):
+            struct = _Layer()
+            if not fill_norms(struct, layer, norm_mode, keep):
+                return None
+            layer_act = kernel_act(layer.mlp.act)
+            if layer_act is None or (act is not None and layer_act != act):
+                return None
+            act = layer_act
+            for j, (proj, weight) in enumerate(zip(_projections(layer), dense[i], strict=True)):
+                paired = pair_dense(weight)
+                block = _calibrate(gemm, _module(proj), paired, found)
+                if block is None:
+                    return None
+                keep.append(paired)
+                struct.dense[j], struct.dense_block[j] = paired.data_ptr(), block
+            spec = model.attn_specs[i]
+            struct.window = windows.index(spec.window)
+            struct.scale = spec.scale
+            struct.keys = attn.pool.keys(i).data_ptr()
+            struct.values = attn.pool.values(i).data_ptr()
+            layers.append(struct)
+        if act is None or not layers:
+            return None
+        weight, eps = model.norm.kernel_args
+        keep.append(weight)
+        down = dense[0][3]
+        head = _Model(
+            num_layers=len(layers),
+            hidden=shape.hidden_size,
+            heads=shape.num_heads,
+            kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
+            intermediate=int(down.shape[1]),
+            norm_mode=norm_mode,
+            act=act,
+            final_norm=weight.data_ptr(),
+            final_eps=eps,
+        )
+        return cls(model, attn, library, max_rows, layers, head, keep)
+
+    def covers(self, num_decode: int, chunks: list[int]) -> bool:
+        """Whether a step of this kind runs here: one prefill chunk of at most ``max_rows``
+        tokens, no decode rows."""
+        return num_decode == 0 and len(chunks) == 1 and 0 < chunks[0] <= self.max_rows
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, sampled: bool
+    ) -> torch.Tensor:
+        """The final hidden state of the chunk ``attn`` planned: ``[1, hidden]`` for its last
+        row where it is ``sampled``, else ``[0, hidden]`` (its keys and values written)."""
+        model = self._model
+        dtype = model.dtype
+        if isinstance(model, Gemma3):
+            x = torch.nn.functional.embedding(input_ids, model.embed) * model.embed_scale
+            ropes = [rotary(positions, dtype) for rotary in model.rotaries]
+        else:
+            assert isinstance(model, Llama)
+            x = torch.nn.functional.embedding(input_ids, model.embed)
+            ropes = [model.rotary(positions, dtype)]
+        out = torch.empty((1 if sampled else 0, x.shape[1]), dtype=dtype)
+        step = _Step(rows=x.shape[0], x=x.data_ptr(), out=out.data_ptr(), keep=int(sampled))
+        for i, (cos, sin) in enumerate(ropes):
+            step.cos[i], step.sin[i] = cos.data_ptr(), sin.data_ptr()
+        step.slot_mapping = self._attn.slot_mapping.data_ptr()
+        chunk = self._attn.chunk_keys(self._windows)
+        for i, (window, (slots, (key_pos, query_pos), mask)) in enumerate(
+            zip(self._windows, chunk, strict=True)
+        ):
+            step.slots[i], step.widths[i] = slots.data_ptr(), slots.shape[0]
+            step.masks[i] = None if mask is None else mask.data_ptr()
+            step.key_pos[i], step.window_len[i] = key_pos, window or 0
+            step.query_pos = query_pos
+        self._fn(ctypes.byref(self._head), ctypes.byref(step))
+        self.num_steps += 1
+        return out
+
+
+def pair_dense(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [N, K]`` laid out as ``gemm_bf16`` reads it: ``[N / 32, K / 2, 32, 2]``, 32
+    outputs side by side, two inputs each."""
+    n, k = weight.shape
+    return weight.view(n // 32, 32, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def _projections(layer: Gemma3Layer | LlamaLayer) -> tuple[nn.Module, ...]:
+    attn, mlp = layer.attn, layer.mlp
+    return (attn.qkv, attn.o, mlp.gate_up, mlp.down)
+
+
+def _module(proj: nn.Module) -> nn.Module:
+    """What computes ``proj`` for prompt tokens (an int8 decode copy's dense twin)."""
+    return proj.dense if isinstance(proj, DecodeInt8Linear) else proj
+
+
+def _dense(proj: nn.Module) -> torch.Tensor | None:
+    """``proj``'s dense bfloat16 weight ``[N, K]`` (from oneDNN's packing where that is all
+    there is), or None where ``gemm_bf16`` does not compute it (a bias, a shape it does not
+    take)."""
+    module = _module(proj)
+    weight: torch.Tensor
+    if isinstance(module, PackedLinear):
+        weight = module.packed.to_dense()
+    elif isinstance(module, Linear):
+        weight = module.weight.detach()
+    else:
+        return None
+    if getattr(module, "bias", None) is not None or weight.dtype != torch.bfloat16:
+        return None
+    n, k = weight.shape
+    if n % 32 or k % 2:
+        return None
+    return weight.contiguous()
+
+
+def _calibrate(
+    gemm: Any,
+    module: nn.Module,
+    paired: torch.Tensor,
+    found: dict[tuple[int, int], int],
+) -> int | None:
+    """The block of input pairs with which ``gemm_bf16`` computes what ``module`` (oneDNN)
+    computes, the same bits on random rows (64 of them and 5; a wrong block differs in ~0.01% of
+    the outputs, some tens here), or None. The block found last for the shape is tried first."""
+    n, k = paired.shape[0] * 32, paired.shape[1] * 2
+    gen = torch.Generator().manual_seed(n * 8191 + k)
+    probes = [torch.randn(rows, k, generator=gen).to(torch.bfloat16) for rows in (64, 5)]
+    with torch.inference_mode():
+        wants = [module(p) for p in probes]
+    known = found.get((n, k))
+    candidates = [k // 2, *(b for b in _BLOCKS if b < k // 2)]
+    if known is not None:
+        candidates.insert(0, known)
+    for block in candidates:
+        same = True
+        for probe, want in zip(probes, wants, strict=True):
+            got = torch.empty(probe.shape[0], n, dtype=torch.bfloat16)
+            rows = probe.shape[0]
+            gemm(probe.data_ptr(), k, rows, k, paired.data_ptr(), n, block, got.data_ptr(), n)
+            if not torch.equal(got, want):
+                same = False
+                break
+        if same:
+            found[(n, k)] = block
+            return block
+    return None
+
+
+__all__ = ["MAX_BYTES", "MAX_ROWS", "NativePrefill", "pair_dense"]

@@ -1,0 +1,116 @@
+"""The native prefill step (``native_prefill``): a chunk computed there is the same bits as
+through the model's PyTorch forward (its products summed as oneDNN sums them), so a hit's
+suffix and the cold prompt agree exactly whichever way each chunk went."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from promptcache.core.request import Sampling
+from promptcache.engine.base import EngineRequest
+from promptcache.engine.hf.testing import build_tiny_engine, prefilled, random_prompt, run_all
+from promptcache.engine.paged import native
+from promptcache.engine.paged.engine import PagedEngine
+from promptcache.engine.paged.models.layers import Linear
+from promptcache.engine.paged.models.packed import PackedLinear, packing_available
+from promptcache.engine.paged.native_prefill import NativePrefill, _calibrate, pair_dense
+from promptcache.engine.paged.pool import PoolPayload
+from tests.engine.paged.test_int8 import assert_hits_exact
+
+KERNELS = native.kernels()
+pytestmark = pytest.mark.skipif(
+    KERNELS is None or KERNELS.prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
+)
+
+
+def engine_of(kind: str, *, packed: bool = False, decode_int8: bool = False) -> PagedEngine:
+    engine = build_tiny_engine(
+        kind, dtype=torch.bfloat16, packed=packed, decode_int8=decode_int8, max_batch_tokens=64
+    )
+    assert engine.native_prefill is not None
+    return engine
+
+
+def written(engine: PagedEngine, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a prompt's prefill writes (every layer, every position) and the
+    logits of its last row."""
+    request = EngineRequest(tokens, Sampling(max_tokens=0), snapshot_at=[len(tokens)])
+    snapshot = prefilled(run_all(engine, request)).snapshots[len(tokens)]
+    assert isinstance(snapshot, PoolPayload)
+    pool, bt = engine.pool, engine.pool.block_tokens
+    slots = torch.tensor([b * bt + i for b in snapshot.blocks for i in range(bt)])
+    slots = slots[: len(tokens)]
+    layers = range(engine.model.shape.num_layers)
+    kv = torch.stack([torch.stack([pool.keys(i)[slots], pool.values(i)[slots]]) for i in layers])
+    return kv, engine.prompt_logits(EngineRequest(tokens, Sampling(max_tokens=1)))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize(("packed", "decode_int8"), [(False, False), (True, True)])
+def test_a_chunk_is_the_same_bits_as_through_pytorch(
+    kind: str, packed: bool, decode_int8: bool
+) -> None:
+    engine = engine_of(kind, packed=packed, decode_int8=decode_int8)
+    natively = engine.native_prefill
+    assert natively is not None
+    # Chunks of 64, 64 and 22 (the tiny gemma3's window is 16: windowed masks in each).
+    tokens = random_prompt(150, seed=7)
+    kv, logits = written(engine, tokens)
+    assert natively.num_steps >= 4
+    engine.native_prefill = None
+    kv_torch, logits_torch = written(engine, tokens)
+    assert torch.equal(kv, kv_torch)
+    assert torch.equal(logits, logits_torch)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_hits_stay_exact(kind: str) -> None:
+    engine = engine_of(kind, packed=True)
+    assert_hits_exact(engine)
+    assert engine.native_prefill is not None and engine.native_prefill.num_steps > 0
+
+
+def test_it_takes_steps_of_one_short_chunk_alone() -> None:
+    natively = engine_of("llama").native_prefill
+    assert natively is not None
+    assert natively.covers(0, [64])
+    assert natively.covers(0, [1])
+    assert not natively.covers(1, [64])  # decode rows in the step
+    assert not natively.covers(0, [3, 4])  # two chunks
+    assert not natively.covers(0, [natively.max_rows + 1])
+
+
+def test_a_projection_with_a_bias_keeps_pytorchs_path() -> None:
+    engine = engine_of("llama")
+    qkv = engine.model.layers[0].attn.qkv
+    assert isinstance(qkv, Linear)
+    qkv.bias = torch.zeros(qkv.out_features, dtype=torch.bfloat16)
+    assert NativePrefill.build(engine.model, engine._attn, 64) is None
+
+
+@pytest.mark.skipif(
+    not packing_available(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here"
+)
+@pytest.mark.parametrize(("n", "k"), [(1536, 640), (640, 1024), (4096, 640), (640, 2048)])
+def test_the_products_are_onednns_bit_for_bit(n: int, k: int) -> None:
+    """Gemma 3 270M's four projection shapes: the block found on the probe rows makes every
+    output of other rows, of any count, the same as oneDNN's packed matmul."""
+    assert KERNELS is not None
+    gemm = KERNELS.library.pc_gemm_bf16
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    gemm.restype, gemm.argtypes = None, [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]
+    gen = torch.Generator().manual_seed(n + k)
+    weight = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
+    onednn = PackedLinear(Linear(weight))
+    paired = pair_dense(weight)
+    block = _calibrate(gemm, onednn, paired, {})
+    assert block is not None
+    for rows in (1, 7, 64, 100):
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        got = torch.empty(rows, n, dtype=torch.bfloat16)
+        gemm(x.data_ptr(), k, rows, k, paired.data_ptr(), n, block, got.data_ptr(), n)
+        with torch.inference_mode():
+            assert torch.equal(got, onednn(x))
