@@ -132,11 +132,13 @@ def load_engine(
     packed = packing_available(dev, DTYPES[dtype])
     # Built now (a second, once per machine) rather than in the first request; the kernels
     # round like PyTorch but add in another order, so KV computed with them is another
-    # revision (a disk-tier entry from a process without them would not reproduce cold runs).
+    # revision (a disk-tier entry from a process without them would not reproduce cold runs),
+    # and so is KV whose prompt attention ran in the bfloat16 prefill kernel (AVX512-BF16).
     native.use_directory(Path(cache_dir) / "native")
-    kernels = dev.type == "cpu" and native.kernels() is not None
-    parts = (KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed)
-    revision = hashlib.sha256("\0".join((*parts, "native" * kernels)).encode()).hexdigest()[:32]
+    kernels = native.kernels() if dev.type == "cpu" else None
+    tag = "" if kernels is None else "native" + "+prefill" * (kernels.prefill is not None)
+    parts = (KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed, tag)
+    revision = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
     stops = stop_token_ids(fmt, tokenizer, hf_model)
     context = max_context_tokens or int(hf_model.config.max_position_embeddings)
     hf_model = hf_model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
@@ -146,7 +148,7 @@ def load_engine(
     switch = add_decode_int8(lean, head_cache=head_cache) if quant == "int8" else None
     if packed:  # after the int8 copies, which are made from the plain weights
         pack_linears(lean)
-    compiled = resolve_compile(compile_mode, lean, switch is not None, native=kernels)
+    compiled = resolve_compile(compile_mode, lean, switch is not None, native=kernels is not None)
     if compiled:
         use_cache_dir(Path(cache_dir))
     log.info(

@@ -102,7 +102,8 @@ class NativePrefill:
         else:
             return None
         shape = model.shape
-        if shape.num_heads % shape.num_kv_heads or shape.head_dim % 16:
+        groups, rest = divmod(shape.num_heads, shape.num_kv_heads)
+        if rest or groups > 32 or shape.head_dim % 16:  # prefill_attention's limits
             return None
         stack = [layer for layer in model.layers if isinstance(layer, (Gemma3Layer, LlamaLayer))]
         if len(stack) != len(model.layers):
