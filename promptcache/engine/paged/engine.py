@@ -216,7 +216,7 @@ class PagedEngine:
         return self._add(request, capture=False).seq_id
 
     def _add(self, request: EngineRequest, *, capture: bool) -> _Seq:
-        tokens = [int(t) for t in request.tokens]
+        tokens = list(map(int, request.tokens))
         check_request(request, self._info.max_context_tokens, self._codec.accepts)
         decode = request.sampling.max_tokens > 0
         end = len(tokens) if decode or capture else max(request.snapshot_at, default=0)
