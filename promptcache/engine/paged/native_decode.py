@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -106,16 +107,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class NativeDecode:
-    """``model``'s forward for narrow decode steps (at most ``max_rows`` decode rows), over the
-    pool ``attn`` reads. Build it with ``NativeDecode.build``, which says None where the model
-    is not one it runs."""
+class NativeStep:
+    """What the whole-step calls share (``NativeDecode``, ``native_prefill.NativePrefill``): the
+    model's structs, kept with the tensors they point at, and a step's inputs."""
 
     def __init__(
         self,
         model: CausalLM,
         attn: PagedAttention,
-        library: ctypes.CDLL,
+        fn: Any,
         max_rows: int,
         layers: list[_Layer],
         head: _Model,
@@ -128,97 +128,16 @@ class NativeDecode:
         head.layers = self._layers
         self._head = head
         self._keep = keep  # tensors whose memory the structs point at
-        self._windows = sorted(
-            {s.window for s in model.attn_specs}, key=lambda w: -1 if w is None else w
-        )
-        dtype = _DTYPES[model.dtype]
-        self._fn = getattr(library, f"pc_decode_step_{dtype}")
+        self._windows = windows_of(model)
+        self._fn = fn
         self._fn.restype = None
         self._fn.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step)]
         self.num_steps = 0
         """Steps run here."""
 
-    @classmethod
-    def build(cls, model: CausalLM, attn: PagedAttention, max_rows: int) -> NativeDecode | None:
-        """A ``NativeDecode`` for ``model`` where the kernels run here and the model is one
-        they do: Gemma 3 or the Llama family, on a CPU, in bfloat16 or float32, every
-        projection with int8 decode weights (``add_decode_int8``), gelu-tanh or SiLU, no
-        attention softcapping, at most four rope tables and key windows."""
-        kernels = native.kernels()
-        if kernels is None or model.dtype not in _DTYPES:
-            return None
-        if next(model.parameters()).device.type != "cpu":
-            return None
-        if any(s.softcap is not None for s in model.attn_specs):
-            return None
-        library = kernels.library
-        sizes = (library.pc_sizeof_layer(), library.pc_sizeof_model(), library.pc_sizeof_step())
-        if sizes != tuple(ctypes.sizeof(s) for s in (_Layer, _Model, _Step)):
-            raise RuntimeError("native.cpp's structs and native_decode's disagree")
-        windows = sorted({s.window for s in model.attn_specs}, key=lambda w: -1 if w is None else w)
-        if len(windows) > _MAX_TABLES:
-            return None
-        shape = model.shape
-        keep: list[torch.Tensor] = []
-        layers: list[_Layer] = []
-        final: RMSNorm | OffsetRMSNorm
-        if isinstance(model, Gemma3):
-            if len(model.rotaries) > _MAX_TABLES:
-                return None
-            final = model.norm
-            norm_mode = 0
-        elif isinstance(model, Llama):
-            final = model.norm
-            norm_mode = 1
-        else:
-            return None
-        # bfloat16 rows multiply a copy of the int8 weights laid out for vdpbf16ps where the
-        # library has it (1.5x one row's products, 1.75x eight rows'; it costs the int8
-        # weights' memory once more).
-        paired = model.dtype == torch.bfloat16 and bool(library.pc_paired())
-        act = None
-        intermediate = 0
-        for i, layer in enumerate(model.layers):
-            if not isinstance(layer, (Gemma3Layer, LlamaLayer)):
-                return None
-            struct = _Layer()
-            layer_act = _fill_layer(struct, layer, norm_mode, keep, paired=paired)
-            if layer_act is None or (act is not None and layer_act != act):
-                return None
-            act = layer_act
-            spec = model.attn_specs[i]
-            struct.window = windows.index(spec.window)
-            struct.scale = spec.scale
-            struct.keys = attn.pool.keys(i).data_ptr()
-            struct.values = attn.pool.values(i).data_ptr()
-            layers.append(struct)
-            down = layer.mlp.down
-            assert isinstance(down, DecodeInt8Linear)
-            intermediate = int(down.int8.q.shape[1])
-        if act is None or not layers:
-            return None
-        weight, eps = final.kernel_args
-        keep.append(weight)
-        head = _Model(
-            num_layers=len(layers),
-            hidden=shape.hidden_size,
-            heads=shape.num_heads,
-            kv_heads=shape.num_kv_heads,
-            head_dim=shape.head_dim,
-            intermediate=intermediate,
-            norm_mode=norm_mode,
-            act=act,
-            final_norm=weight.data_ptr(),
-            final_eps=eps,
-        )
-        return cls(model, attn, library, max_rows, layers, head, keep)
-
-    def covers(self, num_decode: int, num_prefill_tokens: int) -> bool:
-        """Whether a step of this kind runs here: decode rows only, at most ``max_rows``."""
-        return num_prefill_tokens == 0 and 0 < num_decode <= self.max_rows
-
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The final hidden states ``[rows, hidden]`` of the decode step ``attn`` planned."""
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, step: _Step) -> torch.Tensor:
+        """Fill ``step`` with the rows' embeddings, rope tables and slots, call the step, and
+        return the embeddings (their tensors live until the call is done)."""
         model = self._model
         dtype = model.dtype
         if isinstance(model, Gemma3):
@@ -230,16 +149,145 @@ class NativeDecode:
             assert isinstance(model, Llama)
             x = torch.nn.functional.embedding(input_ids, model.embed)
             ropes = [model.rotary(positions, dtype)]
-        out = torch.empty_like(x)
-        step = _Step(rows=x.shape[0], x=x.data_ptr(), out=out.data_ptr())
+        step.rows, step.x = x.shape[0], x.data_ptr()
         for i, (cos, sin) in enumerate(ropes):
             step.cos[i], step.sin[i] = cos.data_ptr(), sin.data_ptr()
         step.slot_mapping = self._attn.slot_mapping.data_ptr()
+        self._fn(ctypes.byref(self._head), ctypes.byref(step))
+        self.num_steps += 1
+        return x
+
+
+def windows_of(model: CausalLM) -> list[int | None]:
+    """The model's key windows in the order the structs index them (None, full, first)."""
+    return sorted({s.window for s in model.attn_specs}, key=lambda w: -1 if w is None else w)
+
+
+def norm_mode_of(model: CausalLM) -> int | None:
+    """native.cpp's NormMode for a model the whole-step kernels run (Gemma 3 or the Llama
+    family, on a CPU, no attention softcapping, at most four rope tables and key windows);
+    None for others. Checks that native.cpp's structs are this module's."""
+    kernels = native.kernels()
+    if kernels is None or next(model.parameters()).device.type != "cpu":
+        return None
+    library = kernels.library
+    sizes = (library.pc_sizeof_layer(), library.pc_sizeof_model(), library.pc_sizeof_step())
+    if sizes != tuple(ctypes.sizeof(s) for s in (_Layer, _Model, _Step)):
+        raise RuntimeError("native.cpp's structs and native_decode's disagree")
+    if any(s.softcap is not None for s in model.attn_specs):
+        return None
+    if len(windows_of(model)) > _MAX_TABLES:
+        return None
+    if isinstance(model, Gemma3):
+        return 0 if len(model.rotaries) <= _MAX_TABLES else None
+    return 1 if isinstance(model, Llama) else None
+
+
+def layers_of(model: CausalLM) -> list[Gemma3Layer | LlamaLayer] | None:
+    """The model's layers where every one is of a family the kernels run, else None."""
+    if not isinstance(model, (Gemma3, Llama)):
+        return None
+    stack = [layer for layer in model.layers if isinstance(layer, (Gemma3Layer, LlamaLayer))]
+    return stack if len(stack) == len(model.layers) else None
+
+
+def fill_pool(
+    struct: _Layer, model: CausalLM, attn: PagedAttention, i: int, windows: list[int | None]
+) -> None:
+    """Point layer ``i``'s ``struct`` at its part of the pool, its key window and scale."""
+    spec = model.attn_specs[i]
+    struct.window = windows.index(spec.window)
+    struct.scale = spec.scale
+    struct.keys = attn.pool.keys(i).data_ptr()
+    struct.values = attn.pool.values(i).data_ptr()
+
+
+def model_struct(
+    model: CausalLM,
+    layers: list[_Layer],
+    intermediate: int,
+    norm_mode: int,
+    act: int,
+    keep: list[torch.Tensor],
+) -> _Model:
+    """The ``_Model`` of ``model``'s ``layers`` (its final norm's weight appended to ``keep``)."""
+    final = model.norm
+    assert isinstance(final, (RMSNorm, OffsetRMSNorm))
+    weight, eps = final.kernel_args
+    keep.append(weight)
+    shape = model.shape
+    return _Model(
+        num_layers=len(layers),
+        hidden=shape.hidden_size,
+        heads=shape.num_heads,
+        kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        intermediate=intermediate,
+        norm_mode=norm_mode,
+        act=act,
+        final_norm=weight.data_ptr(),
+        final_eps=eps,
+    )
+
+
+class NativeDecode(NativeStep):
+    """``model``'s forward for narrow decode steps (at most ``max_rows`` decode rows), over the
+    pool ``attn`` reads. Build it with ``NativeDecode.build``, which says None where the model
+    is not one it runs."""
+
+    @classmethod
+    def build(cls, model: CausalLM, attn: PagedAttention, max_rows: int) -> NativeDecode | None:
+        """A ``NativeDecode`` for ``model`` where the kernels run here and the model is one
+        they do (``norm_mode_of``), in bfloat16 or float32, every projection with int8 decode
+        weights (``add_decode_int8``), gelu-tanh or SiLU."""
+        norm_mode = norm_mode_of(model)
+        kernels = native.kernels()
+        if norm_mode is None or kernels is None or model.dtype not in _DTYPES:
+            return None
+        library = kernels.library
+        windows = windows_of(model)
+        keep: list[torch.Tensor] = []
+        layers: list[_Layer] = []
+        # bfloat16 rows multiply a copy of the int8 weights laid out for vdpbf16ps where the
+        # library has it (1.5x one row's products, 1.75x eight rows'; it costs the int8
+        # weights' memory once more).
+        paired = model.dtype == torch.bfloat16 and bool(library.pc_paired())
+        act = None
+        intermediate = 0
+        stack = layers_of(model)
+        if stack is None:
+            return None
+        for i, layer in enumerate(stack):
+            struct = _Layer()
+            layer_act = _fill_layer(struct, layer, norm_mode, keep, paired=paired)
+            if layer_act is None or (act is not None and layer_act != act):
+                return None
+            act = layer_act
+            fill_pool(struct, model, attn, i, windows)
+            layers.append(struct)
+            down = layer.mlp.down
+            assert isinstance(down, DecodeInt8Linear)
+            intermediate = int(down.int8.q.shape[1])
+        if act is None or not layers:
+            return None
+        head = model_struct(model, layers, intermediate, norm_mode, act, keep)
+        fn = getattr(library, f"pc_decode_step_{_DTYPES[model.dtype]}")
+        return cls(model, attn, fn, max_rows, layers, head, keep)
+
+    def covers(self, num_decode: int, num_prefill_tokens: int) -> bool:
+        """Whether a step of this kind runs here: decode rows only, at most ``max_rows``."""
+        return num_prefill_tokens == 0 and 0 < num_decode <= self.max_rows
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The final hidden states ``[rows, hidden]`` of the decode step ``attn`` planned."""
+        out = torch.empty(
+            (input_ids.shape[0], self._model.shape.hidden_size), dtype=self._model.dtype
+        )
+        step = _Step(out=out.data_ptr())
         for i, (slots, mask) in enumerate(self._attn.decode_keys(self._windows)):
             step.slots[i], step.masks[i] = slots.data_ptr(), _ptr(mask)
             step.widths[i] = slots.shape[1]
-        self._fn(ctypes.byref(self._head), ctypes.byref(step))
-        self.num_steps += 1
+        self._run(input_ids, positions, step)
         return out
 
 
@@ -309,4 +357,4 @@ def fill_norms(
     return True
 
 
-__all__ = ["MAX_ROWS", "NativeDecode", "pair_weight"]
+__all__ = ["MAX_ROWS", "NativeDecode", "NativeStep", "pair_weight"]

@@ -32,12 +32,22 @@ from torch import nn
 from promptcache.engine.paged import native
 from promptcache.engine.paged.attention import PagedAttention
 from promptcache.engine.paged.models.base import CausalLM
-from promptcache.engine.paged.models.gemma3 import Gemma3, Gemma3Layer
+from promptcache.engine.paged.models.gemma3 import Gemma3Layer
 from promptcache.engine.paged.models.int8 import DecodeInt8Linear
 from promptcache.engine.paged.models.layers import Linear, kernel_act
-from promptcache.engine.paged.models.llama import Llama, LlamaLayer
+from promptcache.engine.paged.models.llama import LlamaLayer
 from promptcache.engine.paged.models.packed import PackedLinear
-from promptcache.engine.paged.native_decode import _MAX_TABLES, _Layer, _Model, _Step, fill_norms
+from promptcache.engine.paged.native_decode import (
+    NativeStep,
+    _Layer,
+    _Step,
+    fill_norms,
+    fill_pool,
+    layers_of,
+    model_struct,
+    norm_mode_of,
+    windows_of,
+)
 
 MAX_ROWS = 128
 """Chunk tokens up to which a step runs here (above, oneDNN's products gain more than the
@@ -50,63 +60,25 @@ _BLOCKS = (1024, 512, 256, 128, 64, 32)
 """Blocks of input pairs tried, after none (one sum over all the inputs)."""
 
 
-class NativePrefill:
+class NativePrefill(NativeStep):
     """``model``'s forward for steps of one prefill chunk, over the pool ``attn`` reads. Build
     it with ``NativePrefill.build``, which says None where the model is not one it runs."""
-
-    def __init__(
-        self,
-        model: CausalLM,
-        attn: PagedAttention,
-        library: ctypes.CDLL,
-        max_rows: int,
-        layers: list[_Layer],
-        head: _Model,
-        keep: list[torch.Tensor],
-    ) -> None:
-        self._model = model
-        self._attn = attn
-        self.max_rows = max_rows
-        self._layers = (_Layer * len(layers))(*layers)
-        head.layers = self._layers
-        self._head = head
-        self._keep = keep  # tensors whose memory the structs point at
-        self._windows = sorted(
-            {s.window for s in model.attn_specs}, key=lambda w: -1 if w is None else w
-        )
-        self._fn = library.pc_prefill_step_bf16
-        self._fn.restype = None
-        self._fn.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step)]
-        self.num_steps = 0
-        """Steps run here."""
 
     @classmethod
     def build(cls, model: CausalLM, attn: PagedAttention, max_rows: int) -> NativePrefill | None:
         """A ``NativePrefill`` for ``model`` where it runs (see the module's docstring)."""
+        norm_mode = norm_mode_of(model)
         kernels = native.kernels()
-        if kernels is None or kernels.prefill is None or model.dtype != torch.bfloat16:
+        if norm_mode is None or kernels is None or kernels.prefill is None:
             return None
-        if next(model.parameters()).device.type != "cpu":
-            return None
-        if any(s.softcap is not None for s in model.attn_specs):
-            return None
-        windows = sorted({s.window for s in model.attn_specs}, key=lambda w: -1 if w is None else w)
-        if len(windows) > _MAX_TABLES:
-            return None
-        if isinstance(model, Gemma3):
-            if len(model.rotaries) > _MAX_TABLES:
-                return None
-            norm_mode = 0
-        elif isinstance(model, Llama):
-            norm_mode = 1
-        else:
+        if model.dtype != torch.bfloat16:
             return None
         shape = model.shape
         groups, rest = divmod(shape.num_heads, shape.num_kv_heads)
         if rest or groups > 32 or shape.head_dim % 16:  # prefill_attention's limits
             return None
-        stack = [layer for layer in model.layers if isinstance(layer, (Gemma3Layer, LlamaLayer))]
-        if len(stack) != len(model.layers):
+        stack = layers_of(model)
+        if stack is None:
             return None
         dense: list[list[torch.Tensor]] = []
         for layer in stack:
@@ -121,6 +93,7 @@ class NativePrefill:
         gemm.restype = None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]
+        windows = windows_of(model)
         keep: list[torch.Tensor] = []
         layers: list[_Layer] = []
         act = None
@@ -140,30 +113,12 @@ class NativePrefill:
                     return None
                 keep.append(paired)
                 struct.dense[j], struct.dense_block[j] = paired.data_ptr(), block
-            spec = model.attn_specs[i]
-            struct.window = windows.index(spec.window)
-            struct.scale = spec.scale
-            struct.keys = attn.pool.keys(i).data_ptr()
-            struct.values = attn.pool.values(i).data_ptr()
+            fill_pool(struct, model, attn, i, windows)
             layers.append(struct)
         if act is None or not layers:
             return None
-        weight, eps = model.norm.kernel_args
-        keep.append(weight)
-        down = dense[0][3]
-        head = _Model(
-            num_layers=len(layers),
-            hidden=shape.hidden_size,
-            heads=shape.num_heads,
-            kv_heads=shape.num_kv_heads,
-            head_dim=shape.head_dim,
-            intermediate=int(down.shape[1]),
-            norm_mode=norm_mode,
-            act=act,
-            final_norm=weight.data_ptr(),
-            final_eps=eps,
-        )
-        return cls(model, attn, library, max_rows, layers, head, keep)
+        head = model_struct(model, layers, int(dense[0][3].shape[1]), norm_mode, act, keep)
+        return cls(model, attn, library.pc_prefill_step_bf16, max_rows, layers, head, keep)
 
     def covers(self, num_decode: int, chunks: list[int]) -> bool:
         """Whether a step of this kind runs here: one prefill chunk of at most ``max_rows``
@@ -175,20 +130,9 @@ class NativePrefill:
     ) -> torch.Tensor:
         """The final hidden state of the chunk ``attn`` planned: ``[1, hidden]`` for its last
         row where it is ``sampled``, else ``[0, hidden]`` (its keys and values written)."""
-        model = self._model
-        dtype = model.dtype
-        if isinstance(model, Gemma3):
-            x = torch.nn.functional.embedding(input_ids, model.embed) * model.embed_scale
-            ropes = [rotary(positions, dtype) for rotary in model.rotaries]
-        else:
-            assert isinstance(model, Llama)
-            x = torch.nn.functional.embedding(input_ids, model.embed)
-            ropes = [model.rotary(positions, dtype)]
-        out = torch.empty((1 if sampled else 0, x.shape[1]), dtype=dtype)
-        step = _Step(rows=x.shape[0], x=x.data_ptr(), out=out.data_ptr(), keep=int(sampled))
-        for i, (cos, sin) in enumerate(ropes):
-            step.cos[i], step.sin[i] = cos.data_ptr(), sin.data_ptr()
-        step.slot_mapping = self._attn.slot_mapping.data_ptr()
+        hidden = self._model.shape.hidden_size
+        out = torch.empty((1 if sampled else 0, hidden), dtype=self._model.dtype)
+        step = _Step(out=out.data_ptr(), keep=int(sampled))
         chunk = self._attn.chunk_keys(self._windows)
         for i, (window, (slots, (key_pos, query_pos), mask)) in enumerate(
             zip(self._windows, chunk, strict=True)
@@ -197,8 +141,7 @@ class NativePrefill:
             step.masks[i] = None if mask is None else mask.data_ptr()
             step.key_pos[i], step.window_len[i] = key_pos, window or 0
             step.query_pos = query_pos
-        self._fn(ctypes.byref(self._head), ctypes.byref(step))
-        self.num_steps += 1
+        self._run(input_ids, positions, step)
         return out
 
 
