@@ -82,13 +82,10 @@ class NativePrefill(NativeStep):
         stack = layers_of(model)
         if stack is None:
             return None
-        dense: list[list[torch.Tensor]] = []
-        for layer in stack:
-            weights = [_dense(p) for p in _projections(layer)]
-            if any(w is None for w in weights):
-                return None
-            dense.append([w for w in weights if w is not None])
-        if sum(w.numel() * w.element_size() for ws in dense for w in ws) > MAX_BYTES:
+        shapes = [_shape(p) for layer in stack for p in _projections(layer)]
+        if any(s is None for s in shapes):
+            return None
+        if sum(n * k * 2 for n, k in (s for s in shapes if s is not None)) > MAX_BYTES:
             return None
         library = kernels.library
         gemm = library.pc_gemm_bf16
@@ -99,7 +96,7 @@ class NativePrefill(NativeStep):
         keep: list[torch.Tensor] = []
         layers: list[_Layer] = []
         act = None
-        found: dict[tuple[int, int], int] = {}
+        found: dict[tuple[int, int], tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         for i, layer in enumerate(stack):
             struct = _Layer()
             if not fill_norms(struct, layer, norm_mode, keep):
@@ -108,8 +105,10 @@ class NativePrefill(NativeStep):
             if layer_act is None or (act is not None and layer_act != act):
                 return None
             act = layer_act
-            for j, (proj, weight) in enumerate(zip(_projections(layer), dense[i], strict=True)):
-                paired = pair_dense(weight)
+            for j, proj in enumerate(_projections(layer)):
+                # Each dense copy dropped once paired: the next one reuses its memory, and the
+                # start pays for ~200 MB of fresh pages rather than ~400 (~0.3 s).
+                paired = pair_dense(_dense(proj))
                 block = _calibrate(gemm, _module(proj), paired, found)
                 if block is None:
                     return None
@@ -119,7 +118,9 @@ class NativePrefill(NativeStep):
             layers.append(struct)
         if act is None or not layers:
             return None
-        head = model_struct(model, layers, int(dense[0][3].shape[1]), norm_mode, act, keep)
+        down = shapes[3]
+        assert down is not None
+        head = model_struct(model, layers, down[1], norm_mode, act, keep)
         return cls(model, attn, library.pc_prefill_step_bf16, max_rows, layers, head, keep)
 
     def covers(self, num_decode: int, chunks: list[int]) -> bool:
@@ -148,9 +149,18 @@ class NativePrefill(NativeStep):
 
 
 def pair_dense(weight: torch.Tensor) -> torch.Tensor:
-    """``weight [N, K]`` laid out as ``gemm_bf16`` reads it: ``[N / 32, K / 2, 32, 2]``, 32
-    outputs side by side, two inputs each."""
+    """``weight [N, K]`` (bfloat16, contiguous) laid out as ``gemm_bf16`` reads it: ``[N / 32,
+    K / 2, 32, 2]``, 32 outputs side by side, two inputs each (by the engine's kernel where it
+    runs: a PyTorch transpose of Gemma 3 270M's layers took ~0.4 s of every start)."""
     n, k = weight.shape
+    kernels = native.kernels()
+    if kernels is not None and kernels.prefill is not None:
+        out = torch.empty(n // 32, k // 2, 32, 2, dtype=torch.bfloat16)
+        fn = kernels.library.pc_pair_dense
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        fn(weight.data_ptr(), n, k // 2, out.data_ptr())
+        return out
     return weight.view(n // 32, 32, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
@@ -164,23 +174,30 @@ def _module(proj: nn.Module) -> nn.Module:
     return proj.dense if isinstance(proj, DecodeInt8Linear) else proj
 
 
-def _dense(proj: nn.Module) -> torch.Tensor | None:
-    """``proj``'s dense bfloat16 weight ``[N, K]`` (from oneDNN's packing where that is all
-    there is), or None where ``gemm_bf16`` does not compute it (a bias, a shape it does not
-    take)."""
+def _shape(proj: nn.Module) -> tuple[int, int] | None:
+    """``proj``'s weight shape ``(N, K)`` where ``gemm_bf16`` computes it (bfloat16, no bias,
+    N a multiple of 32, K even), else None."""
     module = _module(proj)
-    weight: torch.Tensor
+    if getattr(module, "bias", None) is not None:
+        return None
     if isinstance(module, PackedLinear):
-        weight = module.packed.to_dense()
-    elif isinstance(module, Linear):
-        weight = module.weight.detach()
+        n, k = module.out_features, module.in_features
+    elif isinstance(module, Linear) and module.weight.dtype == torch.bfloat16:
+        n, k = module.weight.shape
     else:
         return None
-    if getattr(module, "bias", None) is not None or weight.dtype != torch.bfloat16:
-        return None
-    n, k = weight.shape
-    if n % 32 or k % 2:
-        return None
+    return (n, k) if n % 32 == 0 and k % 2 == 0 else None
+
+
+def _dense(proj: nn.Module) -> torch.Tensor:
+    """``proj``'s dense bfloat16 weight ``[N, K]`` (from oneDNN's packing where that is all
+    there is); ``_shape`` said it is one ``gemm_bf16`` computes."""
+    module = _module(proj)
+    if isinstance(module, PackedLinear):
+        weight: torch.Tensor = module.packed.to_dense()
+    else:
+        assert isinstance(module, Linear)
+        weight = module.weight.detach()
     return weight.contiguous()
 
 
@@ -188,33 +205,37 @@ def _calibrate(
     gemm: Any,
     module: nn.Module,
     paired: torch.Tensor,
-    found: dict[tuple[int, int], int],
+    found: dict[tuple[int, int], tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]],
 ) -> int | None:
     """The block of input pairs with which ``gemm_bf16`` computes what ``module`` (oneDNN)
     computes, the same bits on random rows (64 of them and 5; a wrong block differs in ~0.01% of
-    the outputs, some tens here), or None. The block found last for the shape is tried first."""
+    the outputs, some tens here), or None. ``found``: per shape, the block found before and its
+    probe rows, tried first (the 64 rows alone, for the next layer's weight of that shape)."""
     n, k = paired.shape[0] * 32, paired.shape[1] * 2
-    gen = torch.Generator().manual_seed(n * 8191 + k)
-    probes = [torch.randn(rows, k, generator=gen).to(torch.bfloat16) for rows in (64, 5)]
-    with torch.inference_mode():
-        wants = [module(p) for p in probes]
     known = found.get((n, k))
-    candidates = [k // 2, *(b for b in _BLOCKS if b < k // 2)]
-    if known is not None:
-        candidates.insert(0, known)
+    if known is None:
+        gen = torch.Generator().manual_seed(n * 8191 + k)
+        rows = [torch.randn(r, k, generator=gen).to(torch.bfloat16) for r in (64, 5)]
+        candidates = [k // 2, *(b for b in _BLOCKS if b < k // 2)]
+    else:
+        rows = [known[1][0][0]]
+        candidates = [known[0], k // 2, *(b for b in _BLOCKS if b < k // 2 and b != known[0])]
+    with torch.inference_mode():
+        probes = [(x, module(x)) for x in rows]
     for block in candidates:
-        same = True
-        for probe, want in zip(probes, wants, strict=True):
-            got = torch.empty(probe.shape[0], n, dtype=torch.bfloat16)
-            rows = probe.shape[0]
-            gemm(probe.data_ptr(), k, rows, k, paired.data_ptr(), n, block, got.data_ptr(), n)
-            if not torch.equal(got, want):
-                same = False
-                break
-        if same:
-            found[(n, k)] = block
+        if all(_same(gemm, x, want, paired, block) for x, want in probes):
+            found[(n, k)] = (block, probes)
             return block
     return None
+
+
+def _same(gemm: Any, x: torch.Tensor, want: torch.Tensor, paired: torch.Tensor, block: int) -> bool:
+    """Whether ``gemm_bf16`` of ``x`` with ``block`` is ``want``, bit for bit."""
+    rows, k = x.shape
+    n = paired.shape[0] * 32
+    got = torch.empty(rows, n, dtype=torch.bfloat16)
+    gemm(x.data_ptr(), k, rows, k, paired.data_ptr(), n, block, got.data_ptr(), n)
+    return torch.equal(got, want)
 
 
 __all__ = ["MAX_BYTES", "MAX_ROWS", "NativePrefill", "pair_dense"]
