@@ -1737,7 +1737,7 @@ void int4_logits(const typename S::T* x, int64_t B, int64_t K, const uint8_t* pa
 
 }  // namespace
 
-// One layer of a decode step, as the Python side lays it out (native.py's _Layer).
+// One layer of a whole step, as the Python side lays it out (native_decode.py's LayerStruct).
 struct PcLayer {
   const int8_t* w[4];       // int8 weights: qkv, o, gate_up, down
   const int8_t* paired[4];  // the same paired for vdpbf16ps (gemv_int8_paired), or null
@@ -1766,7 +1766,7 @@ struct PcModel {
   const PcLayer* layers;
 };
 
-// The step's per-row inputs (native.py's _Step).
+// The step's per-row inputs (native_decode.py's StepStruct).
 struct PcStep {
   int64_t rows;
   const void* x;            // embeddings [rows, hidden] (scaled, for Gemma)

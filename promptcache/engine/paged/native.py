@@ -10,7 +10,8 @@ features too), into ``directory()``; later starts load the built library.
 
 Two levels: ``Kernels`` wraps the per-operation kernels the layers call in every step
 (attention, norms with their residual adds, q/k norm and rope, the gated activation), and
-``native_decode.NativeDecode`` calls the whole-step function for narrow decode steps.
+``native_decode.NativeDecode`` and ``native_prefill.NativePrefill`` call the whole-step
+functions for narrow decode steps and for steps of one short prompt chunk.
 
 The kernels are used only where they pay: a CPU with AVX-512 (the vector paths; elsewhere the
 portable loops would be slower than PyTorch), tensors in bfloat16 or float32. Without a

@@ -40,7 +40,7 @@ _MAX_TABLES = 4
 """Rope tables and key windows a step may carry (native.cpp's arrays)."""
 
 
-class _Layer(ctypes.Structure):
+class LayerStruct(ctypes.Structure):
     _fields_ = [
         ("w", _P * 4),
         ("paired", _P * 4),
@@ -60,7 +60,7 @@ class _Layer(ctypes.Structure):
     ]
 
 
-class _Model(ctypes.Structure):
+class ModelStruct(ctypes.Structure):
     _fields_ = [
         ("num_layers", ctypes.c_int64),
         ("hidden", ctypes.c_int64),
@@ -72,11 +72,11 @@ class _Model(ctypes.Structure):
         ("act", ctypes.c_int),
         ("final_norm", _P),
         ("final_eps", ctypes.c_float),
-        ("layers", ctypes.POINTER(_Layer)),
+        ("layers", ctypes.POINTER(LayerStruct)),
     ]
 
 
-class _Step(ctypes.Structure):
+class StepStruct(ctypes.Structure):
     _fields_ = [
         ("rows", ctypes.c_int64),
         ("x", _P),
@@ -117,25 +117,27 @@ class NativeStep:
         attn: PagedAttention,
         fn: Any,
         max_rows: int,
-        layers: list[_Layer],
-        head: _Model,
+        layers: list[LayerStruct],
+        head: ModelStruct,
         keep: list[torch.Tensor],
     ) -> None:
         self._model = model
         self._attn = attn
         self.max_rows = max_rows
-        self._layers = (_Layer * len(layers))(*layers)
+        self._layers = (LayerStruct * len(layers))(*layers)
         head.layers = self._layers
         self._head = head
         self._keep = keep  # tensors whose memory the structs point at
         self._windows = windows_of(model)
         self._fn = fn
         self._fn.restype = None
-        self._fn.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step)]
+        self._fn.argtypes = [ctypes.POINTER(ModelStruct), ctypes.POINTER(StepStruct)]
         self.num_steps = 0
         """Steps run here."""
 
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, step: _Step) -> torch.Tensor:
+    def _run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepStruct
+    ) -> torch.Tensor:
         """Fill ``step`` with the rows' embeddings, rope tables and slots, call the step, and
         return the embeddings (their tensors live until the call is done)."""
         model = self._model
@@ -172,7 +174,7 @@ def norm_mode_of(model: CausalLM) -> int | None:
         return None
     library = kernels.library
     sizes = (library.pc_sizeof_layer(), library.pc_sizeof_model(), library.pc_sizeof_step())
-    if sizes != tuple(ctypes.sizeof(s) for s in (_Layer, _Model, _Step)):
+    if sizes != tuple(ctypes.sizeof(s) for s in (LayerStruct, ModelStruct, StepStruct)):
         raise RuntimeError("native.cpp's structs and native_decode's disagree")
     if any(s.softcap is not None for s in model.attn_specs):
         return None
@@ -192,7 +194,7 @@ def layers_of(model: CausalLM) -> list[Gemma3Layer | LlamaLayer] | None:
 
 
 def fill_pool(
-    struct: _Layer, model: CausalLM, attn: PagedAttention, i: int, windows: list[int | None]
+    struct: LayerStruct, model: CausalLM, attn: PagedAttention, i: int, windows: list[int | None]
 ) -> None:
     """Point layer ``i``'s ``struct`` at its part of the pool, its key window and scale."""
     spec = model.attn_specs[i]
@@ -204,19 +206,20 @@ def fill_pool(
 
 def model_struct(
     model: CausalLM,
-    layers: list[_Layer],
+    layers: list[LayerStruct],
     intermediate: int,
     norm_mode: int,
     act: int,
     keep: list[torch.Tensor],
-) -> _Model:
-    """The ``_Model`` of ``model``'s ``layers`` (its final norm's weight appended to ``keep``)."""
+) -> ModelStruct:
+    """The ``ModelStruct`` of ``model``'s ``layers`` (its final norm's weight appended to
+    ``keep``)."""
     final = model.norm
     assert isinstance(final, (RMSNorm, OffsetRMSNorm))
     weight, eps = final.kernel_args
     keep.append(weight)
     shape = model.shape
-    return _Model(
+    return ModelStruct(
         num_layers=len(layers),
         hidden=shape.hidden_size,
         heads=shape.num_heads,
@@ -247,7 +250,7 @@ class NativeDecode(NativeStep):
         library = kernels.library
         windows = windows_of(model)
         keep: list[torch.Tensor] = []
-        layers: list[_Layer] = []
+        layers: list[LayerStruct] = []
         # bfloat16 rows multiply a copy of the int8 weights laid out for vdpbf16ps where the
         # library has it (1.5x one row's products, 1.75x eight rows'; it costs the int8
         # weights' memory once more).
@@ -258,7 +261,7 @@ class NativeDecode(NativeStep):
         if stack is None:
             return None
         for i, layer in enumerate(stack):
-            struct = _Layer()
+            struct = LayerStruct()
             layer_act = _fill_layer(struct, layer, norm_mode, keep, paired=paired)
             if layer_act is None or (act is not None and layer_act != act):
                 return None
@@ -283,7 +286,7 @@ class NativeDecode(NativeStep):
         out = torch.empty(
             (input_ids.shape[0], self._model.shape.hidden_size), dtype=self._model.dtype
         )
-        step = _Step(out=out.data_ptr())
+        step = StepStruct(out=out.data_ptr())
         for i, (slots, mask) in enumerate(self._attn.decode_keys(self._windows)):
             step.slots[i], step.masks[i] = slots.data_ptr(), _ptr(mask)
             step.widths[i] = slots.shape[1]
@@ -299,7 +302,7 @@ def pair_weight(q: torch.Tensor) -> torch.Tensor:
 
 
 def _fill_layer(
-    struct: _Layer,
+    struct: LayerStruct,
     layer: Gemma3Layer | LlamaLayer,
     norm_mode: int,
     keep: list[torch.Tensor],
@@ -328,7 +331,7 @@ def _fill_layer(
 
 
 def fill_norms(
-    struct: _Layer, layer: Gemma3Layer | LlamaLayer, norm_mode: int, keep: list[torch.Tensor]
+    struct: LayerStruct, layer: Gemma3Layer | LlamaLayer, norm_mode: int, keep: list[torch.Tensor]
 ) -> bool:
     """Point ``struct`` at ``layer``'s norms, q/k norm and rope table (their tensors appended to
     ``keep``); False when the kernels do not run them."""
@@ -357,4 +360,18 @@ def fill_norms(
     return True
 
 
-__all__ = ["MAX_ROWS", "NativeDecode", "NativeStep", "pair_weight"]
+__all__ = [
+    "MAX_ROWS",
+    "LayerStruct",
+    "ModelStruct",
+    "NativeDecode",
+    "NativeStep",
+    "StepStruct",
+    "fill_norms",
+    "fill_pool",
+    "layers_of",
+    "model_struct",
+    "norm_mode_of",
+    "pair_weight",
+    "windows_of",
+]

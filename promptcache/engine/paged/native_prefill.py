@@ -38,9 +38,9 @@ from promptcache.engine.paged.models.layers import Linear, kernel_act
 from promptcache.engine.paged.models.llama import LlamaLayer
 from promptcache.engine.paged.models.packed import PackedLinear
 from promptcache.engine.paged.native_decode import (
+    LayerStruct,
     NativeStep,
-    _Layer,
-    _Step,
+    StepStruct,
     fill_norms,
     fill_pool,
     layers_of,
@@ -94,11 +94,11 @@ class NativePrefill(NativeStep):
         gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]
         windows = windows_of(model)
         keep: list[torch.Tensor] = []
-        layers: list[_Layer] = []
+        layers: list[LayerStruct] = []
         act = None
         found: dict[tuple[int, int], tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         for i, layer in enumerate(stack):
-            struct = _Layer()
+            struct = LayerStruct()
             if not fill_norms(struct, layer, norm_mode, keep):
                 return None
             layer_act = kernel_act(layer.mlp.act)
@@ -135,7 +135,7 @@ class NativePrefill(NativeStep):
         row where it is ``sampled``, else ``[0, hidden]`` (its keys and values written)."""
         hidden = self._model.shape.hidden_size
         out = torch.empty((1 if sampled else 0, hidden), dtype=self._model.dtype)
-        step = _Step(out=out.data_ptr(), keep=int(sampled))
+        step = StepStruct(out=out.data_ptr(), keep=int(sampled))
         chunk = self._attn.chunk_keys(self._windows)
         for i, (window, (slots, (key_pos, query_pos), mask)) in enumerate(
             zip(self._windows, chunk, strict=True)
