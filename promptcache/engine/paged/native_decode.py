@@ -135,11 +135,9 @@ class NativeStep:
         self.num_steps = 0
         """Steps run here."""
 
-    def _run(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepStruct
-    ) -> torch.Tensor:
-        """Fill ``step`` with the rows' embeddings, rope tables and slots, call the step, and
-        return the embeddings (their tensors live until the call is done)."""
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepStruct) -> None:
+        """Fill ``step`` with the rows' embeddings, rope tables and slots (tensors held here
+        until the call returns) and call the step."""
         model = self._model
         dtype = model.dtype
         if isinstance(model, Gemma3):
@@ -157,7 +155,6 @@ class NativeStep:
         step.slot_mapping = self._attn.slot_mapping.data_ptr()
         self._fn(ctypes.byref(self._head), ctypes.byref(step))
         self.num_steps += 1
-        return x
 
 
 def windows_of(model: CausalLM) -> list[int | None]:

@@ -226,6 +226,11 @@ PREFILL_CASES = [
     (2, 2, 32, 5, 3, 2),
 ]
 
+needs_prefill = pytest.mark.skipif(
+    KERNELS is None or KERNELS.prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
+)
+each_chunk = pytest.mark.parametrize(("heads", "kv_heads", "d", "n", "q0", "window"), PREFILL_CASES)
+
 
 def chunk(
     heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None, seed: int = 5
@@ -239,10 +244,8 @@ def chunk(
     return q, keys, values, slots, (k0, q0)
 
 
-@pytest.mark.skipif(
-    KERNELS is None or KERNELS.prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
-)
-@pytest.mark.parametrize(("heads", "kv_heads", "d", "n", "q0", "window"), PREFILL_CASES)
+@needs_prefill
+@each_chunk
 def test_prefill_attention_matches_pytorch(
     heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None
 ) -> None:
@@ -254,10 +257,8 @@ def test_prefill_attention_matches_pytorch(
     torch.testing.assert_close(got, want, **close(torch.bfloat16))
 
 
-@pytest.mark.skipif(
-    KERNELS is None or KERNELS.prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
-)
-@pytest.mark.parametrize(("heads", "kv_heads", "d", "n", "q0", "window"), PREFILL_CASES)
+@needs_prefill
+@each_chunk
 def test_a_query_attends_alike_in_any_chunk(
     heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None
 ) -> None:
