@@ -942,14 +942,18 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, int64_t n, int64_t H
 template <int R>
 inline void gemm_tile(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* w, int64_t block,
                       uint16_t* y, int64_t ldy) {
-  __m512 acc[2 * R];
+  // 2R block sums live in registers; the running totals (2R more: too many for the 32
+  // registers) in memory, written by the first block and added to after.
+  alignas(64) float acc[2 * R][16];
   for (int64_t k0 = 0; k0 < K / 2; k0 += block) {
     __m512 t[2 * R];
+#pragma GCC unroll 32
     for (int i = 0; i < 2 * R; ++i) t[i] = _mm512_setzero_ps();
     const int64_t k1 = std::min(K / 2, k0 + block);
     for (int64_t p = k0; p < k1; ++p) {
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 64);
       const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 64 + 32);
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         uint32_t pair;
         std::memcpy(&pair, x + r * ldx + 2 * p, sizeof pair);
@@ -958,11 +962,14 @@ inline void gemm_tile(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t*
         t[2 * r + 1] = _mm512_dpbf16_ps(t[2 * r + 1], xb, w1);
       }
     }
-    for (int i = 0; i < 2 * R; ++i) acc[i] = k0 == 0 ? t[i] : _mm512_add_ps(acc[i], t[i]);
+#pragma GCC unroll 32
+    for (int i = 0; i < 2 * R; ++i)
+      _mm512_store_ps(acc[i], k0 == 0 ? t[i] : _mm512_add_ps(_mm512_load_ps(acc[i]), t[i]));
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    BF16::store16(y + r * ldy, acc[2 * r]);
-    BF16::store16(y + r * ldy + 16, acc[2 * r + 1]);
+    BF16::store16(y + r * ldy, _mm512_load_ps(acc[2 * r]));
+    BF16::store16(y + r * ldy + 16, _mm512_load_ps(acc[2 * r + 1]));
   }
 }
 
