@@ -138,6 +138,25 @@ def test_residual_norm_matches_pytorch(dtype: torch.dtype) -> None:
             torch.testing.assert_close(g, w, **close(dtype))
 
 
+def test_bfloat16_stores_round_as_pytorch_does() -> None:
+    """The kernels' bfloat16 stores (the CPU's conversion where it has one) give PyTorch's bits
+    for every float: subnormal sums (which that instruction would flush), NaN, infinities and
+    ties included, in vectors with and without them."""
+    gen = torch.Generator().manual_seed(12)
+    x = (torch.randn(6, 64, generator=gen) * 100).to(torch.bfloat16)
+    a = (torch.randn(6, 64, generator=gen) * 1e-3).to(torch.bfloat16)
+    tiny = torch.tensor([1e-39, -3e-40, 5e-41, 1.1e-38, -1.17e-38], dtype=torch.bfloat16)
+    x[1, 3:8], a[1, 3:8] = tiny, tiny  # subnormal sums in one vector of the row only
+    x[2, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    x[3], a[3] = 1.0, 2.0**-8  # 1 + half an ulp: ties, to even
+    x[4, ::2] = 3e38  # sums past the largest bfloat16 round to infinity
+    a[4, ::2] = 3e38
+    got = kernels().residual_norm(x, a, None, (torch.ones(64, dtype=torch.bfloat16), 1e-6), False)
+    assert got is not None
+    want = (x.float() + a.float()).to(torch.bfloat16)
+    assert torch.equal(got[0].view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [True, False])
 def test_head_norm_and_rope_match_pytorch(dtype: torch.dtype, offset: bool) -> None:
