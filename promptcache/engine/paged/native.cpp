@@ -732,16 +732,16 @@ inline void pf_score_tile(const uint16_t* const* krow, const uint32_t* qp, int64
   }
 }
 
-// NR query rows' outputs, columns [j, j + 16 * NC): their probability pairs pp ([pairs][lanes],
-// the rows from r0) times the value pairs vp ([pairs][D] pairs of columns), summed in pair order.
+// NR query rows' outputs, 16 * NC columns of a block of 32: their probability pairs pp
+// ([pairs][lanes], the rows from r0) times the value pairs vb (the block's [pairs][32][2]),
+// summed in pair order.
 template <int NR, int NC>
-inline void pf_value_tile(const uint32_t* pp, int64_t lanes, int64_t r0, const uint16_t* vp,
-                          int64_t pairs, int64_t D, int64_t j, __m512* acc) {
+inline void pf_value_tile(const uint32_t* pp, int64_t lanes, int64_t r0, const uint16_t* vb,
+                          int64_t pairs, __m512* acc) {
   for (int i = 0; i < NC * NR; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
     __m512bh w[NC];
-    for (int c = 0; c < NC; ++c)
-      w[c] = (__m512bh)_mm512_loadu_si512(vp + (p * D + j + 16 * c) * 2);
+    for (int c = 0; c < NC; ++c) w[c] = (__m512bh)_mm512_loadu_si512(vb + p * 64 + 32 * c);
     for (int r = 0; r < NR; ++r) {
       const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[p * lanes + r0 + r]));
       for (int c = 0; c < NC; ++c) acc[NC * r + c] = _mm512_dpbf16_ps(acc[NC * r + c], b, w[c]);
@@ -757,7 +757,8 @@ struct PfUnit {
 template <int NV>
 void pf_unit(const PfUnit& u, const uint16_t* q, int64_t q_stride, int64_t H, int64_t KVH,
              int64_t D, const uint16_t* keys, const int64_t* slots, int64_t k0, int64_t q0,
-             int64_t window, float scale, const uint16_t* vint, int64_t pa0, uint32_t* qp,
+             int64_t window, float scale, const uint16_t* vint, int64_t pa0, int64_t vpairs,
+             uint32_t* qp,
              float* sc, uint16_t* out, int64_t out_stride) {
   constexpr int64_t lanes = NV * 16;
   const int64_t G = H / KVH, rows = (u.t1 - u.t0) * G;
@@ -844,20 +845,21 @@ void pf_unit(const PfUnit& u, const uint16_t* q, int64_t q_stride, int64_t H, in
       const __m512i b1 = BF16::bits16(_mm512_mul_ps(e1, inv[v]));
       _mm512_storeu_si512(pp + p * lanes + v * 16, _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16)));
     }
-  // The values: pair p of the unit is pair (pa - pa0) / 2 + p of the chunk's interleaved copy.
-  const uint16_t* vp = vint + (pa - pa0) / 2 * D * 2;
+  // The values: pair p of the unit is pair (pa - pa0) / 2 + p of the chunk's interleaved copy
+  // (vpairs of them a block of columns).
   for (int64_t j = 0; j < D; j += 32) {
     const int nc = D - j >= 32 ? 2 : 1;  // D is a multiple of 16
+    const uint16_t* vb = vint + ((j / 32) * vpairs + (pa - pa0) / 2) * 64;
     for (int64_t r0 = 0; r0 < rows; r0 += PF_ROWS) {
       const int64_t nr = std::min<int64_t>(PF_ROWS, rows - r0);
       __m512 acc[2 * PF_ROWS];
       switch (nr * 2 + nc - 1) {
 #define PC_CASE(n)                                                   \
   case n * 2:                                                        \
-    pf_value_tile<n, 1>(pp, lanes, r0, vp, pairs, D, j, acc);        \
+    pf_value_tile<n, 1>(pp, lanes, r0, vb, pairs, acc);               \
     break;                                                           \
   case n * 2 + 1:                                                    \
-    pf_value_tile<n, 2>(pp, lanes, r0, vp, pairs, D, j, acc);        \
+    pf_value_tile<n, 2>(pp, lanes, r0, vb, pairs, acc);               \
     break;
         PC_CASE(1) PC_CASE(2) PC_CASE(3) PC_CASE(4) PC_CASE(5) PC_CASE(6) PC_CASE(7) PC_CASE(8)
         PC_CASE(9) PC_CASE(10) PC_CASE(11) PC_CASE(12)
@@ -872,8 +874,11 @@ void pf_unit(const PfUnit& u, const uint16_t* q, int64_t q_stride, int64_t H, in
   }
 }
 
-// The chunk's values as pairs of keys (even absolute positions first), per key head:
-// vint [KVH][pairs][D][2] from position pa0; positions outside [k0, k0 + L) are zeros.
+// The chunk's values as pairs of keys (even absolute positions first), per key head and block
+// of 32 columns: vint [KVH][D / 32 rounded up][pairs][32][2] from position pa0; positions
+// outside [k0, k0 + L) are zeros. A block's pairs lie together, so the value tiles, which read
+// one block's columns of every pair, stream through memory rather than stride 4 * D bytes
+// (which kept a full layer's 4k keys from staying in the L2 cache between row tiles).
 inline void pf_interleave(const uint16_t* values, const int64_t* slots, int64_t L, int64_t k0,
                           int64_t KVH, int64_t D, int64_t pa0, int64_t pairs, int64_t item,
                           const uint16_t* zeros, uint16_t* vint) {
@@ -888,13 +893,14 @@ inline void pf_interleave(const uint16_t* values, const int64_t* slots, int64_t 
     const int64_t l = pa0 + 2 * p + i;
     row[i] = l >= k0 && l < k0 + L ? values + (slots[l - k0] * KVH + kh) * D : zeros;
   }
-  uint16_t* dst = vint + (kh * pairs + p) * D * 2;
+  const int64_t blocks = (D + 31) / 32;
   for (int64_t j = 0; j < D; j += 32) {  // D is a multiple of 16
+    uint16_t* dst = vint + ((kh * blocks + j / 32) * pairs + p) * 64;
     const __mmask32 k = D - j >= 32 ? ~__mmask32{0} : __mmask32{0xffff};
     const __m512i a = _mm512_maskz_loadu_epi16(k, row[0] + j);
     const __m512i b = _mm512_maskz_loadu_epi16(k, row[1] + j);
-    _mm512_storeu_si512(dst + j * 2, _mm512_permutex2var_epi16(a, lo_idx, b));
-    if (D - j >= 32) _mm512_storeu_si512(dst + j * 2 + 32, _mm512_permutex2var_epi16(a, hi_idx, b));
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo_idx, b));
+    if (D - j >= 32) _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi_idx, b));
   }
 }
 
@@ -913,7 +919,7 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, int64_t n, int64_t H
   thread_local Scratch<uint32_t> qp_s;
   thread_local Scratch<float> sc_s;
   const int64_t sc_size = (L + 2) * PF_LANES;
-  vint_s.reserve(KVH * pairs * D * 2);
+  vint_s.reserve(KVH * ((D + 31) / 32) * pairs * 64);
   zeros_s.reserve(D);
   qp_s.reserve(threads * D / 2 * PF_LANES);
   sc_s.reserve(threads * sc_size);
@@ -934,13 +940,13 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, int64_t n, int64_t H
 #pragma omp for schedule(static, 1)
     for (int64_t i = 0; i < units; ++i) {
       const PfUnit u{i % KVH, (i / KVH) * per, std::min(n, (i / KVH + 1) * per)};
-      const uint16_t* kv = vint + u.kh * pairs * D * 2;
+      const uint16_t* kv = vint + u.kh * ((D + 31) / 32) * pairs * 64;
       if ((u.t1 - u.t0) * G > 16)
-        pf_unit<2>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0, qp,
-                   sc, out, out_stride);
+        pf_unit<2>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
+                   pairs, qp, sc, out, out_stride);
       else
-        pf_unit<1>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0, qp,
-                   sc, out, out_stride);
+        pf_unit<1>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
+                   pairs, qp, sc, out, out_stride);
     }
   }
 }
