@@ -30,6 +30,7 @@ import torch
 
 from promptcache.core.chatformat import CHATML, FORMATS, GEMMA, ChatFormat
 from promptcache.engine.device import resolve_device
+from promptcache.engine.hf.checkpoint import Checkpoint, load_checkpoint
 from promptcache.engine.hf.tokenizer import HFTokenizer
 from promptcache.engine.models import DEFAULT, EmbeddedModel, resolve_model
 from promptcache.engine.paged import native
@@ -111,19 +112,16 @@ def load_engine(
         raise ValueError(f"unknown chat format {chat_format!r}; choose one of {sorted(FORMATS)}")
     model_dir, source, model_id = find_model(model, Path(cache_dir))
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     started = time.monotonic()
     # The tokenizer (a 33 MB tokenizer.json for Gemma) loads in a thread while the weights load:
     # about a second less to ready on a 2-core machine.
     with _quiet_transformers_bars(), ThreadPoolExecutor(1) as pool:
         tok_future = pool.submit(AutoTokenizer.from_pretrained, model_dir, local_files_only=True)
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            model_dir,
-            local_files_only=True,
-            dtype=DTYPES[dtype],
-            attn_implementation="sdpa",
-        )
+        hf_model: Any = load_checkpoint(model_dir, DTYPES[dtype])
+        if hf_model is None:
+            hf_model = _from_pretrained(model_dir, dtype)
         hf_tok = tok_future.result()
     log.info("loaded %s from %s in %.1f s", model_id, model_dir, time.monotonic() - started)
     tokenizer = HFTokenizer(hf_tok)
@@ -141,8 +139,14 @@ def load_engine(
     revision = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
     stops = stop_token_ids(fmt, tokenizer, hf_model)
     context = max_context_tokens or int(hf_model.config.max_position_embeddings)
-    hf_model = hf_model.to(dev)  # type: ignore[arg-type]  # transformers types .to oddly
-    lean = from_hf(hf_model, DTYPES[dtype])
+    hf_model = hf_model.to(dev)
+    try:
+        lean = from_hf(hf_model, DTYPES[dtype])
+    except AttributeError:
+        if not isinstance(hf_model, Checkpoint):
+            raise
+        # Saved under other names than the model classes use: transformers maps them.
+        lean = from_hf(_from_pretrained(model_dir, dtype).to(dev), DTYPES[dtype])
     del hf_model  # the lean model shares or copied its weights
     head_cache = Path(cache_dir) / "int4"
     switch = add_decode_int8(lean, head_cache=head_cache) if quant == "int8" else None
@@ -173,6 +177,16 @@ def load_engine(
         max_batch_tokens=max_batch_tokens or default_batch_tokens(dev),
         decode_switch=switch,
         compile_decode=compiled,
+    )
+
+
+def _from_pretrained(model_dir: Path, dtype: str) -> Any:
+    """The directory loaded by transformers' model class (what ``load_checkpoint`` does not
+    read)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, local_files_only=True, dtype=DTYPES[dtype], attn_implementation="sdpa"
     )
 
 

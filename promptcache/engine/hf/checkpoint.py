@@ -1,0 +1,142 @@
+"""A checkpoint's weights as the lean model builders read them, without transformers' model
+classes.
+
+``from_hf`` reads a loaded transformers model by attribute (``model.model.layers[3].mlp.
+gate_proj.weight``, a norm's ``eps``, ``model.config``). Importing a model class pulls in most of
+transformers and ``torch.distributed`` (~3.8 s of a 2-core machine's ~9 s start for Gemma 3
+270M), and ``from_pretrained`` builds modules only for the lean model to take their tensors.
+``load_checkpoint`` reads the safetensors files of a directory saved in transformers' layout
+(the embedded models' converted copies, most Hugging Face directories) into a tree with the
+same attribute paths: each weight cast to the load dtype as ``from_pretrained(dtype=...)``
+casts it, a tied head the embedding's own tensor, every norm's ``eps`` the config's. What the
+tree lacks (other key names, an untied head not saved) fails the build, and the caller loads the
+directory with transformers instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from promptcache.engine.paged.models.gemma3 import GEMMA3_TYPES
+from promptcache.engine.paged.models.llama import LLAMA_FAMILY
+
+TEXT_TYPES = tuple(t for t in GEMMA3_TYPES if t != "gemma3") + LLAMA_FAMILY
+"""Model types whose checkpoints hold one text model under ``model.`` (Gemma 3's multimodal
+``gemma3`` keeps its language model elsewhere and goes through transformers)."""
+
+
+class Node:
+    """One dotted prefix of a state dict: its children and tensors as attributes, its numbered
+    children (``layers.0``, ``layers.1``, ...) in order when iterated."""
+
+    def __init__(self) -> None:
+        self._children: dict[str, Node] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        children = self.__dict__.get("_children", {})
+        if name in children:
+            return children[name]
+        raise AttributeError(name)
+
+    def __iter__(self) -> Iterator[Node]:
+        numbered = sorted((int(k), v) for k, v in self._children.items() if k.isdigit())
+        return iter(v for _, v in numbered)
+
+    def child(self, name: str) -> Node:
+        return self._children.setdefault(name, Node())
+
+    def put(self, name: str, value: Any) -> None:
+        """An attribute read as a module's (a tensor, a norm's ``eps``)."""
+        self.__dict__[name] = value
+
+    def nodes(self) -> Iterator[Node]:
+        yield self
+        for c in self._children.values():
+            yield from c.nodes()
+
+
+class Checkpoint(Node):
+    """The root: ``config``, ``generation_config`` (or None), the tensors under ``model.`` and
+    ``lm_head.``; ``parameters()`` and ``to()`` as a module's, tied tensors counted and moved
+    once."""
+
+    def __init__(self, config: Any, generation_config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.generation_config = generation_config
+
+    def tensors(self) -> Iterator[tuple[Node, str, torch.Tensor]]:
+        for node in self.nodes():
+            for name, value in vars(node).items():
+                if isinstance(value, torch.Tensor):
+                    yield node, name, value
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        seen: set[int] = set()
+        for _, _, tensor in self.tensors():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield tensor
+
+    def to(self, device: torch.device) -> Checkpoint:
+        moved: dict[int, torch.Tensor] = {}
+        for node, name, tensor in list(self.tensors()):
+            if id(tensor) not in moved:
+                moved[id(tensor)] = tensor.to(device)
+            node.put(name, moved[id(tensor)])
+        return self
+
+
+def _files(directory: Path) -> list[Path] | None:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def load_checkpoint(directory: Path, dtype: torch.dtype) -> Checkpoint | None:
+    """The tree of ``directory``'s weights in ``dtype``, or None where this does not read it
+    (another model type, no safetensors, keys outside ``model.`` / ``lm_head.``, an untied head
+    that is not saved)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    files = _files(directory)
+    if getattr(config, "model_type", None) not in TEXT_TYPES or files is None:
+        return None
+    generation = None
+    if (directory / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(directory, local_files_only=True)
+    root = Checkpoint(config, generation)
+    for file in files:
+        for key, tensor in load_file(str(file)).items():
+            *path, leaf = key.split(".")
+            if path[0] not in ("model", "lm_head"):
+                return None
+            node: Node = root
+            for part in path:
+                node = node.child(part)
+            node.put(leaf, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    if getattr(config, "tie_word_embeddings", False):
+        try:
+            embed = root.model.embed_tokens.weight
+        except AttributeError:
+            return None
+        root.child("lm_head").put("weight", embed)
+    elif "lm_head" not in root._children:
+        return None
+    eps = float(config.rms_norm_eps)
+    for node in root.nodes():
+        node.put("eps", eps)
+    return root
+
+
+__all__ = ["TEXT_TYPES", "Checkpoint", "Node", "load_checkpoint"]

@@ -1,0 +1,88 @@
+"""``load_checkpoint``: the lean model built from a directory's tensors is the one built from
+transformers' model class, every tensor the same bits, in every supported family and dtype,
+and a start that reads a checkpoint this way imports no model class."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from promptcache.engine.hf.checkpoint import Checkpoint, load_checkpoint
+from promptcache.engine.paged.models import from_hf
+from tests.engine.paged.tiny_models import KINDS, build
+
+
+def saved(kind: str, root: Path) -> Path:
+    path = root / kind
+    if not path.exists():
+        build(kind).save_pretrained(path)
+    return path
+
+
+def lean_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_lean_model_is_the_one_transformers_gives(
+    kind: str, dtype: torch.dtype, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = saved(kind, tmp_path_factory.getbasetemp() / "checkpoints")
+    checkpoint = load_checkpoint(path, dtype)
+    assert isinstance(checkpoint, Checkpoint)
+    fast = from_hf(checkpoint, dtype)
+    hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    slow = from_hf(hf, dtype)
+    got, want = lean_tensors(fast), lean_tensors(slow)
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+    # A tied head stays one tensor with the embedding, as from transformers.
+    tied = [n for n, t in want.items() if t.data_ptr() == want["embed"].data_ptr()]
+    assert [n for n, t in got.items() if t.data_ptr() == got["embed"].data_ptr()] == tied
+    assert sum(t.numel() for t in checkpoint.parameters()) == sum(
+        p.numel() for p in hf.parameters()
+    )
+
+
+def test_what_it_does_not_read_is_left_to_transformers(tmp_path: Path) -> None:
+    path = saved("llama", tmp_path)
+    weights = load_file(str(path / "model.safetensors"))
+    # Other key names than the model classes' (transformers renames or refuses them).
+    save_file({f"transformer.{k}": v for k, v in weights.items()}, str(path / "model.safetensors"))
+    assert load_checkpoint(path, torch.float32) is None
+    # An untied head that was not saved.
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("lm_head")},
+        str(path / "model.safetensors"),
+    )
+    config = json.loads((path / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (path / "config.json").write_text(json.dumps(config))
+    assert load_checkpoint(path, torch.float32) is None
+
+
+def test_a_start_imports_no_model_class(tmp_path: Path) -> None:
+    """The family's modeling module (with ``torch.distributed``: ~3.8 s of a start) stays
+    unimported; the engine is whole (it generated in the loader tests)."""
+    from tests.engine.test_loader import GEMMA_SPECIALS, save_tiny_model
+
+    path = save_tiny_model(tmp_path / "tiny-gemma", "gemma3", GEMMA_SPECIALS)
+    code = (
+        "import sys; from pathlib import Path; from promptcache.engine.hf import loader; "
+        f"engine = loader.load_engine({str(path)!r}, cache_dir=Path({str(tmp_path)!r}) / 'cache'); "
+        "print(sorted(m for m in sys.modules if m.startswith('transformers.models.') "
+        "and '.modeling_' in m and not m.startswith('transformers.models.auto.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
