@@ -758,8 +758,7 @@ template <int NV>
 void pf_unit(const PfUnit& u, const uint16_t* q, int64_t q_stride, int64_t H, int64_t KVH,
              int64_t D, const uint16_t* keys, const int64_t* slots, int64_t k0, int64_t q0,
              int64_t window, float scale, const uint16_t* vint, int64_t pa0, int64_t vpairs,
-             uint32_t* qp,
-             float* sc, uint16_t* out, int64_t out_stride) {
+             uint32_t* qp, float* sc, uint16_t* out, int64_t out_stride) {
   constexpr int64_t lanes = NV * 16;
   const int64_t G = H / KVH, rows = (u.t1 - u.t0) * G;
   // The rows as pairs, lane-major: qp[p * lanes + r] = row r's elements 2p, 2p + 1.
@@ -919,7 +918,8 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, int64_t n, int64_t H
   thread_local Scratch<uint32_t> qp_s;
   thread_local Scratch<float> sc_s;
   const int64_t sc_size = (L + 2) * PF_LANES;
-  vint_s.reserve(KVH * ((D + 31) / 32) * pairs * 64);
+  const int64_t per_head = (D + 31) / 32 * pairs * 64;  // a key head's interleaved values
+  vint_s.reserve(KVH * per_head);
   zeros_s.reserve(D);
   qp_s.reserve(threads * D / 2 * PF_LANES);
   sc_s.reserve(threads * sc_size);
@@ -940,7 +940,7 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, int64_t n, int64_t H
 #pragma omp for schedule(static, 1)
     for (int64_t i = 0; i < units; ++i) {
       const PfUnit u{i % KVH, (i / KVH) * per, std::min(n, (i / KVH + 1) * per)};
-      const uint16_t* kv = vint + u.kh * ((D + 31) / 32) * pairs * 64;
+      const uint16_t* kv = vint + u.kh * per_head;
       if ((u.t1 - u.t0) * G > 16)
         pf_unit<2>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
                    pairs, qp, sc, out, out_stride);
