@@ -110,7 +110,8 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> Checkpoint | None:
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     files = _files(directory)
-    if getattr(config, "model_type", None) not in TEXT_TYPES or files is None:
+    eps = getattr(config, "rms_norm_eps", None)
+    if getattr(config, "model_type", None) not in TEXT_TYPES or files is None or eps is None:
         return None
     generation = None
     if (directory / "generation_config.json").is_file():
@@ -133,9 +134,8 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> Checkpoint | None:
         root.child("lm_head").put("weight", embed)
     elif "lm_head" not in root._children:
         return None
-    eps = float(config.rms_norm_eps)
     for node in root.nodes():
-        node.put("eps", eps)
+        node.put("eps", float(eps))
     return root
 
 

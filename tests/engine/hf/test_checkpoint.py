@@ -86,3 +86,24 @@ def test_a_start_imports_no_model_class(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_tree_the_builders_cannot_read_is_loaded_by_transformers(tmp_path: Path) -> None:
+    """Keys under ``model.`` that the model classes name otherwise (here a layer's MLP): the
+    build from the tree fails, and the engine loads the directory through transformers, as
+    it did before the tree existed."""
+    from tests.engine.test_loader import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "tiny", "llama", [])
+    weights = load_file(str(path / "model.safetensors"))
+    renamed = {k.replace(".mlp.", ".feed_forward."): v for k, v in weights.items()}
+    save_file(renamed, str(path / "model.safetensors"), metadata={"format": "pt"})
+    checkpoint = load_checkpoint(path, torch.float32)
+    assert checkpoint is not None
+    with pytest.raises(AttributeError):
+        from_hf(checkpoint, torch.float32)
+    from promptcache.engine.hf import loader
+    from promptcache.engine.paged.engine import PagedEngine
+
+    engine = loader.load_engine(str(path), cache_dir=tmp_path / "cache", dtype="float32")
+    assert isinstance(engine, PagedEngine)
