@@ -26,9 +26,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def engine_of(kind: str, *, packed: bool = False, decode_int8: bool = False) -> PagedEngine:
+def engine_of(
+    kind: str, *, packed: bool = False, decode_int8: bool = False, step_tokens: int = 64
+) -> PagedEngine:
     engine = build_tiny_engine(
-        kind, dtype=torch.bfloat16, packed=packed, decode_int8=decode_int8, max_batch_tokens=64
+        kind,
+        dtype=torch.bfloat16,
+        packed=packed,
+        decode_int8=decode_int8,
+        max_batch_tokens=step_tokens,
     )
     assert engine.native_prefill is not None
     return engine
@@ -60,6 +66,21 @@ def test_a_chunk_is_the_same_bits_as_through_pytorch(
     tokens = random_prompt(150, seed=7)
     kv, logits = written(engine, tokens)
     assert natively.num_steps >= 4
+    engine.native_prefill = None
+    kv_torch, logits_torch = written(engine, tokens)
+    assert torch.equal(kv, kv_torch)
+    assert torch.equal(logits, logits_torch)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_a_full_step_of_prompt_is_the_same_bits_as_through_pytorch(kind: str) -> None:
+    """Chunks of a CPU's default step (512 tokens: the cold prompt's) and a short last one."""
+    engine = engine_of(kind, packed=True, step_tokens=512)
+    natively = engine.native_prefill
+    assert natively is not None and natively.covers(0, [512])
+    tokens = random_prompt(600, seed=8)
+    kv, logits = written(engine, tokens)
+    assert natively.num_steps >= 4  # 512 + 88, twice
     engine.native_prefill = None
     kv_torch, logits_torch = written(engine, tokens)
     assert torch.equal(kv, kv_torch)
