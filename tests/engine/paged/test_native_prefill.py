@@ -54,37 +54,35 @@ def written(engine: PagedEngine, tokens: list[int]) -> tuple[torch.Tensor, torch
     return kv, engine.prompt_logits(EngineRequest(tokens, Sampling(max_tokens=1)))
 
 
+def assert_same_bits_both_ways(engine: PagedEngine, tokens: list[int], chunks: int) -> None:
+    """The prompt's keys, values and last logits with the native step (which ran at least
+    ``chunks`` chunks) and through PyTorch are the same bits."""
+    natively = engine.native_prefill
+    assert natively is not None
+    kv, logits = written(engine, tokens)
+    assert natively.num_steps >= chunks
+    engine.native_prefill = None
+    kv_torch, logits_torch = written(engine, tokens)
+    assert torch.equal(kv, kv_torch)
+    assert torch.equal(logits, logits_torch)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 @pytest.mark.parametrize(("packed", "decode_int8"), [(False, False), (True, True)])
 def test_a_chunk_is_the_same_bits_as_through_pytorch(
     kind: str, packed: bool, decode_int8: bool
 ) -> None:
-    engine = engine_of(kind, packed=packed, decode_int8=decode_int8)
-    natively = engine.native_prefill
-    assert natively is not None
     # Chunks of 64, 64 and 22 (the tiny gemma3's window is 16: windowed masks in each).
-    tokens = random_prompt(150, seed=7)
-    kv, logits = written(engine, tokens)
-    assert natively.num_steps >= 4
-    engine.native_prefill = None
-    kv_torch, logits_torch = written(engine, tokens)
-    assert torch.equal(kv, kv_torch)
-    assert torch.equal(logits, logits_torch)
+    engine = engine_of(kind, packed=packed, decode_int8=decode_int8)
+    assert_same_bits_both_ways(engine, random_prompt(150, seed=7), chunks=4)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_a_full_step_of_prompt_is_the_same_bits_as_through_pytorch(kind: str) -> None:
     """Chunks of a CPU's default step (512 tokens: the cold prompt's) and a short last one."""
     engine = engine_of(kind, packed=True, step_tokens=512)
-    natively = engine.native_prefill
-    assert natively is not None and natively.covers(0, [512])
-    tokens = random_prompt(600, seed=8)
-    kv, logits = written(engine, tokens)
-    assert natively.num_steps >= 4  # 512 + 88, twice
-    engine.native_prefill = None
-    kv_torch, logits_torch = written(engine, tokens)
-    assert torch.equal(kv, kv_torch)
-    assert torch.equal(logits, logits_torch)
+    assert engine.native_prefill is not None and engine.native_prefill.covers(0, [512])
+    assert_same_bits_both_ways(engine, random_prompt(600, seed=8), chunks=4)  # 512 + 88, twice
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
