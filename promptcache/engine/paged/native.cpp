@@ -33,6 +33,12 @@
 #else
 #define PC_DPBF16 0
 #endif
+// The decode products' paired int8 weights convert by byte-table lookups (vpermi2b).
+#if PC_DPBF16 && defined(__AVX512VBMI__)
+#define PC_PAIRED 1
+#else
+#define PC_PAIRED 0
+#endif
 
 namespace {
 
@@ -1289,16 +1295,30 @@ void gemv_int8_dpbf16(const uint16_t* x, int64_t B, int64_t K, const int8_t* w,
   }
 }
 
-inline __m512bh int8x32_to_bf16(const int8_t* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
-  return _mm512_cvtne2ps_pbh(hi, lo);
-}
+#if PC_PAIRED
+// bfloat16 of every magnitude 0..127, split in bytes (low, high): the paired weights convert
+// to bfloat16 by two 128-byte table lookups (vpermi2b reads an index's low 7 bits alone).
+struct PairTables {
+  alignas(64) uint8_t lo[128];
+  alignas(64) uint8_t hi[128];
+  PairTables() {
+    for (int m = 0; m < 128; ++m) {
+      const uint16_t h = float_to_bf16(static_cast<float>(m));
+      lo[m] = static_cast<uint8_t>(h & 0xff);
+      hi[m] = static_cast<uint8_t>(h >> 8);
+    }
+  }
+};
+const PairTables kPairTables;
 
 // 16 output rows n0 .. n0 + 15 of gemv_int8_paired for BN (compile-time) activation rows.
+// Each 64 bytes of p hold two steps kp, kp + 1 of 16 rows x 2 inputs as sign-and-magnitude
+// bytes (pair_weight), ordered so that interleaving the low and high bytes of their bfloat16
+// (unpacklo/hi work within 128-bit lanes) gives step kp's 32 values, then step kp + 1's: 5
+// instructions convert 64 weights, where widening to float and packing took 12 (the 8-row
+// step is compute-bound, one row memory-bound).
 template <int BN>
-inline void paired_block(const uint16_t* x, int64_t K, const int8_t* p, const uint16_t* scales,
+inline void paired_block(const uint16_t* x, int64_t K, const uint8_t* p, const uint16_t* scales,
                          const uint16_t* bias, int64_t n0, int64_t N, uint16_t* y) {
   __m512 a[BN];
   const uint32_t* xp[BN];
@@ -1306,14 +1326,24 @@ inline void paired_block(const uint16_t* x, int64_t K, const int8_t* p, const ui
     a[b] = _mm512_setzero_ps();
     xp[b] = reinterpret_cast<const uint32_t*>(x + b * K);
   }
-  for (int64_t kp = 0; kp < K / 2; ++kp) {
+  const __m512i lo0 = _mm512_load_si512(kPairTables.lo), lo1 = _mm512_load_si512(kPairTables.lo + 64);
+  const __m512i hi0 = _mm512_load_si512(kPairTables.hi), hi1 = _mm512_load_si512(kPairTables.hi + 64);
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t kp = 0; kp < K / 2; kp += 2) {
     // The weights are read once, in order; the hardware prefetcher alone keeps too few lines
     // in flight once there are a few rows' products to compute per line (8 rows: 7.9 -> 5.3
     // ms for Gemma 3 270M's layers on 2 cores, one row 5.0 -> 3.4 ms).
     _mm_prefetch(reinterpret_cast<const char*>(p + kp * 32 + PREFETCH_AHEAD), _MM_HINT_T0);
-    const __m512bh wv = int8x32_to_bf16(p + kp * 32);
+    const __m512i v = _mm512_loadu_si512(p + kp * 32);
+    const __m512i lo = _mm512_permutex2var_epi8(lo0, v, lo1);
+    // hi | (v & 0x80): the sign bit back on the magnitude's high byte.
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, v, hi1), v, sign, 0xf8);
+    const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
+    const __m512bh w1 = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
     for (int b = 0; b < BN; ++b)
-      a[b] = _mm512_dpbf16_ps(a[b], (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[b][kp])), wv);
+      a[b] = _mm512_dpbf16_ps(a[b], (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[b][kp])), w0);
+    for (int b = 0; b < BN; ++b)
+      a[b] = _mm512_dpbf16_ps(a[b], (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[b][kp + 1])), w1);
   }
   const __m512 s = BF16::load16(scales + n0);
   for (int b = 0; b < BN; ++b) {
@@ -1324,11 +1354,12 @@ inline void paired_block(const uint16_t* x, int64_t K, const int8_t* p, const ui
 }
 
 // gemv_int8 over weights paired for vdpbf16ps: p [N / 16, K / 2, 16, 2] (16 output rows side
-// by side, two input columns each), so that a pair of an activation row broadcast to every lane
-// multiplies 16 rows' pairs at once and each lane accumulates its own output: no horizontal
-// sums, the activation read as 4-byte broadcasts. Each output accumulates its K products
-// pairwise in float32 in k order, whatever B. N a multiple of 16, K even.
-void gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const int8_t* p,
+// by side, two input columns each; bytes reordered by pairs of steps, see paired_block), so
+// that a pair of an activation row broadcast to every lane multiplies 16 rows' pairs at once
+// and each lane accumulates its own output: no horizontal sums, the activation read as 4-byte
+// broadcasts. Each output accumulates its K products pairwise in float32 in k order, whatever
+// B. N a multiple of 16, K of 4.
+void gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p,
                       const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y) {
   for (int64_t b0 = 0; b0 < B; b0 += 8) {
     const uint16_t* xb = x + b0 * K;
@@ -1336,7 +1367,7 @@ void gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const int8_t* p,
     const int64_t bn = B - b0 < 8 ? B - b0 : 8;
 #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
     for (int64_t nb = 0; nb < N / 16; ++nb) {
-      const int8_t* pb = p + nb * 16 * K;
+      const uint8_t* pb = p + nb * 16 * K;
       switch (bn) {
 #define PC_ROWS(r)                                              \
   case r:                                                       \
@@ -1348,6 +1379,7 @@ void gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const int8_t* p,
     }
   }
 }
+#endif  // PC_PAIRED
 #endif
 
 template <class S>
@@ -1363,11 +1395,13 @@ void project(const typename S::T* x, float* xf, int64_t B, int64_t K, const int8
   using T = typename S::T;
 #if PC_DPBF16
   if constexpr (std::is_same_v<S, BF16>) {
-    if (paired && N % 16 == 0 && K % 2 == 0) {
-      gemv_int8_paired(x, B, K, paired, static_cast<const uint16_t*>(scales),
+#if PC_PAIRED
+    if (paired && N % 16 == 0 && K % 4 == 0) {
+      gemv_int8_paired(x, B, K, reinterpret_cast<const uint8_t*>(paired), static_cast<const uint16_t*>(scales),
                        static_cast<const uint16_t*>(bias), N, y);
       return;
     }
+#endif
     if (K % 32 == 0) {
       gemv_int8_dpbf16(x, B, K, w, static_cast<const uint16_t*>(scales),
                        static_cast<const uint16_t*>(bias), N, y);
@@ -2026,7 +2060,7 @@ void pc_argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, i
 }
 
 // 1 when bfloat16 steps multiply weights paired for vdpbf16ps (gemv_int8_paired).
-int pc_paired() { return PC_DPBF16; }
+int pc_paired() { return PC_PAIRED; }
 
 // 1 when int4_logits is compiled in (AVX512-VNNI).
 int pc_int4_head() { return PC_INT4_HEAD; }
@@ -2049,6 +2083,14 @@ int64_t pc_sizeof_model() { return sizeof(PcModel); }
 int64_t pc_sizeof_step() { return sizeof(PcStep); }
 
 void pc_decode_step_bf16(const PcModel* m, const PcStep* st) { decode_step<BF16>(*m, *st); }
+
+#if PC_PAIRED
+// y [B, N] = x [B, K] (q * scales)^T (+ bias) over q laid out by native_decode.pair_weight.
+void pc_gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p,
+                         const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y) {
+  gemv_int8_paired(x, B, K, p, scales, bias, N, y);
+}
+#endif
 
 #if PC_DPBF16
 void pc_gemm_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w,

@@ -292,10 +292,20 @@ class NativeDecode(NativeStep):
 
 
 def pair_weight(q: torch.Tensor) -> torch.Tensor:
-    """``q [N, K]`` laid out as native.cpp's ``gemv_int8_paired`` reads it: ``[N / 16, K / 2,
-    16, 2]``, 16 output rows side by side, two input columns each."""
+    """``q [N, K]`` (int8, -127..127) laid out as native.cpp's ``gemv_int8_paired`` reads it:
+    ``[N / 16, K / 2, 16, 2]``, 16 output rows side by side, two input columns each, as uint8
+    sign-and-magnitude bytes (the kernel looks a magnitude's bfloat16 up in a 128-entry table);
+    within each 64 bytes (two steps of K / 2), 128-bit lane ``l`` holds values ``8 l .. 8 l + 7``
+    of the first step, then the same of the second (the order the kernel's byte interleaving
+    puts back). N a multiple of 16, K of 4."""
     n, k = q.shape
-    return q.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    # [N / 16, K / 4, step 2, 16 rows, 2 inputs]: a step's 32 values, then as [lane 4, 8],
+    # lanes outermost.
+    paired = q.view(n // 16, 16, k // 4, 2, 2).permute(0, 2, 3, 1, 4)
+    paired = paired.reshape(n // 16, k // 4, 2, 4, 8).transpose(2, 3).contiguous()
+    magnitude = paired.to(torch.int16).abs()
+    signed = torch.where(paired < 0, magnitude | 0x80, magnitude)
+    return signed.to(torch.uint8)
 
 
 def _fill_layer(
@@ -320,7 +330,7 @@ def _fill_layer(
             return None
         keep += [t for t in (q, scales, bias) if t is not None]
         struct.w[j], struct.scales[j], struct.bias[j] = _ptr(q), _ptr(scales), _ptr(bias)
-        if paired and q.shape[0] % 16 == 0 and q.shape[1] % 2 == 0:
+        if paired and q.shape[0] % 16 == 0 and q.shape[1] % 4 == 0:
             twin = pair_weight(q)
             keep.append(twin)
             struct.paired[j] = twin.data_ptr()

@@ -4,6 +4,8 @@ and the engine's tokens unchanged by it (hits exact, batches as alone)."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -139,3 +141,50 @@ def test_a_stream_decodes_the_same_alone_and_beside_others() -> None:
                 together[seq].append(item.token_id)
     assert [together[s] for s in seqs] == alone
     assert all(len(t) > 1 for t in alone)
+
+
+@pytest.mark.skipif(
+    (k := native.kernels()) is None or not k.library.pc_paired(), reason="no paired products here"
+)
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (640, 1024)])
+def test_the_paired_products_are_the_weights_products(n: int, k: int) -> None:
+    """``pair_weight``'s sign-and-magnitude bytes, reordered for the kernel's table lookups,
+    multiply as the int8 weights they came from: every magnitude 0..127 of both signs, against
+    a float64 product rounded as the kernel rounds (to within the float32 order of its sums);
+    and each row's outputs, bit for bit, the same alone as beside up to 8 others."""
+    from promptcache.engine.paged.models.int8 import quantize_weight
+    from promptcache.engine.paged.native_decode import pair_weight
+
+    kernels = native.kernels()
+    assert kernels is not None
+    gemv = kernels.library.pc_gemv_int8_paired
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    gemv.restype, gemv.argtypes = None, [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
+    gen = torch.Generator().manual_seed(n)
+    q, scales = quantize_weight(torch.randn(n, k, generator=gen), torch.bfloat16)
+    q.view(-1)[:255] = torch.arange(-127, 128, dtype=torch.int8)  # every value there is
+    assert q.min() == -127 and q.max() == 127
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    paired = pair_weight(q)
+    x = torch.randn(9, k, generator=gen).to(torch.bfloat16)
+
+    def product(rows: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+        gemv(
+            rows.data_ptr(),
+            rows.shape[0],
+            k,
+            paired.data_ptr(),
+            scales.data_ptr(),
+            bias.data_ptr(),
+            n,
+            y.data_ptr(),
+        )
+        return y
+
+    together = product(x)
+    want = ((x.double() @ q.double().T) * scales.double()).to(torch.bfloat16).double()
+    want = (want + bias.double()).to(torch.bfloat16)
+    torch.testing.assert_close(together, want, atol=1e-2, rtol=2**-7)
+    for r in range(9):
+        assert torch.equal(product(x[r : r + 1].clone()), together[r : r + 1])

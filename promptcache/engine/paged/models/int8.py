@@ -22,10 +22,12 @@ from promptcache.engine.paged.models.layers import Linear, frozen
 def quantize_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scales)``: ``q [out, in]`` int8 and ``scales [out]`` in ``dtype`` with
     ``q * scales ≈ weight``. Rounding uses the scales as stored, so ``q * scales`` is exactly the
-    weight the kernel multiplies by."""
+    weight the kernel multiplies by. ``q`` is symmetric, -127..127 (a scale rounded to its dtype
+    may sit below max / 127, but by less than half a step), so a magnitude fits 7 bits
+    (native_decode.pair_weight)."""
     w = weight.detach().float()
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(dtype)
-    q = torch.round(w / scales.float()[:, None]).clamp(-128, 127).to(torch.int8)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
 
