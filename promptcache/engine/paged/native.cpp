@@ -1311,6 +1311,25 @@ struct PairTables {
 };
 const PairTables kPairTables;
 
+// q [N, K] int8 (-127..127) laid out for paired_block (native_decode.pair_weight): byte
+// 16 l + 8 s + i of the 64 for steps (2 j, 2 j + 1) of a block of 16 rows is value 8 l + i
+// (row / 2, input % 2) of step 2 j + s, as sign and magnitude. N a multiple of 16, K of 4.
+void pair_int8(const int8_t* q, int64_t N, int64_t K, uint8_t* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t nb = 0; nb < N / 16; ++nb) {
+    const int8_t* rows = q + nb * 16 * K;
+    uint8_t* o = out + nb * 16 * K;
+    for (int64_t j = 0; j < K / 4; ++j, o += 64)
+      for (int l = 0; l < 4; ++l)
+        for (int s = 0; s < 2; ++s)
+          for (int i = 0; i < 8; ++i) {
+            const int e = 8 * l + i;
+            const int v = rows[(e / 2) * K + 4 * j + 2 * s + e % 2];
+            o[16 * l + 8 * s + i] = static_cast<uint8_t>(v < 0 ? 0x80 | -v : v);
+          }
+  }
+}
+
 // 16 output rows n0 .. n0 + 15 of gemv_int8_paired for BN (compile-time) activation rows.
 // Each 64 bytes of p hold two steps kp, kp + 1 of 16 rows x 2 inputs as sign-and-magnitude
 // bytes (pair_weight), ordered so that interleaving the low and high bytes of their bfloat16
@@ -2090,6 +2109,7 @@ void pc_gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const uint8_t*
                          const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y) {
   gemv_int8_paired(x, B, K, p, scales, bias, N, y);
 }
+void pc_pair_int8(const int8_t* q, int64_t N, int64_t K, uint8_t* out) { pair_int8(q, N, K, out); }
 #endif
 
 #if PC_DPBF16

@@ -292,20 +292,22 @@ class NativeDecode(NativeStep):
 
 
 def pair_weight(q: torch.Tensor) -> torch.Tensor:
-    """``q [N, K]`` (int8, -127..127) laid out as native.cpp's ``gemv_int8_paired`` reads it:
-    ``[N / 16, K / 2, 16, 2]``, 16 output rows side by side, two input columns each, as uint8
-    sign-and-magnitude bytes (the kernel looks a magnitude's bfloat16 up in a 128-entry table);
-    within each 64 bytes (two steps of K / 2), 128-bit lane ``l`` holds values ``8 l .. 8 l + 7``
-    of the first step, then the same of the second (the order the kernel's byte interleaving
-    puts back). N a multiple of 16, K of 4."""
+    """``q [N, K]`` (int8, -127..127, contiguous) laid out as native.cpp's ``gemv_int8_paired``
+    reads it: ``[N / 16, K / 2, 16, 2]``, 16 output rows side by side, two input columns each,
+    as uint8 sign-and-magnitude bytes (the kernel looks a magnitude's bfloat16 up in a 128-entry
+    table); within each 64 bytes (two steps of K / 2), 128-bit lane ``l`` holds values
+    ``8 l .. 8 l + 7`` of the first step, then the same of the second (the order the kernel's
+    byte interleaving puts back). N a multiple of 16, K of 4. By the kernels (PyTorch's
+    permutes and sign arithmetic took ~0.6 s of a start for Gemma 3 270M)."""
+    kernels = native.kernels()
+    assert kernels is not None and kernels.library.pc_paired()
     n, k = q.shape
-    # [N / 16, K / 4, step 2, 16 rows, 2 inputs]: a step's 32 values, then as [lane 4, 8],
-    # lanes outermost.
-    paired = q.view(n // 16, 16, k // 4, 2, 2).permute(0, 2, 3, 1, 4)
-    paired = paired.reshape(n // 16, k // 4, 2, 4, 8).transpose(2, 3).contiguous()
-    magnitude = paired.to(torch.int16).abs()
-    signed = torch.where(paired < 0, magnitude | 0x80, magnitude)
-    return signed.to(torch.uint8)
+    out = torch.empty(n // 16, k // 2, 16, 2, dtype=torch.uint8)
+    fn = kernels.library.pc_pair_int8
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn(q.data_ptr(), n, k, out.data_ptr())
+    return out
 
 
 def _fill_layer(

@@ -166,6 +166,12 @@ def test_the_paired_products_are_the_weights_products(n: int, k: int) -> None:
     assert q.min() == -127 and q.max() == 127
     bias = torch.randn(n, generator=gen).to(torch.bfloat16)
     paired = pair_weight(q)
+    # The layout, spelled in PyTorch: [N / 16, K / 4, step 2, 16 rows, 2 inputs], a step's 32
+    # values as [lane 4, 8], lanes outermost; sign and magnitude.
+    steps = q.view(n // 16, 16, k // 4, 2, 2).permute(0, 2, 3, 1, 4)
+    lanes = steps.reshape(n // 16, k // 4, 2, 4, 8).transpose(2, 3).flatten().to(torch.int16)
+    signed = torch.where(lanes < 0, 0x80 - lanes, lanes).to(torch.uint8)
+    assert torch.equal(paired.flatten(), signed)
     x = torch.randn(9, k, generator=gen).to(torch.bfloat16)
 
     def product(rows: torch.Tensor) -> torch.Tensor:
