@@ -158,6 +158,11 @@ class Kernels:
         self._argmax_blocks = library.pc_argmax_blocks
         self._argmax_blocks.restype = None
         self._argmax_blocks.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr]
+        self._int4_rescore: Any = None
+        if library.pc_int4_rescore_available():
+            self._int4_rescore = library.pc_int4_rescore
+            self._int4_rescore.restype = None
+            self._int4_rescore.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr]
         self.prefill: Any = None
         """``prefill_attention``'s function where it runs here (AVX512-BF16), else None."""
         if library.pc_prefill_attention_available():
@@ -562,12 +567,62 @@ class Kernels:
             touched.shape[1],
             out.data_ptr(),
         )
+        return self._argmax_rest(logits, out)
+
+    def _argmax_rest(self, logits: torch.Tensor, out: torch.Tensor) -> list[int]:
+        """``out``'s argmaxes as a list, the rows a kernel left (-1: a NaN) by ``argmax``."""
         found: list[int] = out.tolist()
         for r, at in enumerate(found):
             if at < 0:
                 whole = self.argmax(logits[r : r + 1])
                 found[r] = int(torch.argmax(logits[r])) if whole is None else whole[0]
         return found
+
+    def int4_rescore(
+        self,
+        scores: torch.Tensor,
+        block_max: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        k: int,
+    ) -> list[int] | None:
+        """``RescoredHead.scores_and_greedy`` after ``int4_logits``: the ``k`` columns of each
+        row's highest approximate ``scores [R, V]`` (float32, found through ``block_max``, as
+        ``int4.top_indices`` finds them) rescored exactly, in place, with the dense ``weight
+        [V, K]`` against the row of ``x [R, K]`` (both bfloat16: products summed in float32,
+        rounded to bfloat16), and each row's argmax (the first on ties); None where it does
+        not run (another dtype, no AVX512-BF16)."""
+        rows, v = scores.shape
+        if (
+            self._int4_rescore is None
+            or x.dtype != torch.bfloat16
+            or weight.dtype != torch.bfloat16
+            or scores.dtype != torch.float32
+            or block_max.dtype != torch.float32
+            or not (scores.is_contiguous() and block_max.is_contiguous())
+            or not weight.is_contiguous()
+            or x.shape[0] != rows
+            or weight.shape != (v, x.shape[1])
+            or x.shape[1] % 32
+            or block_max.shape[0] != rows
+            or v % block_max.shape[1]
+        ):
+            return None
+        x = x.contiguous()
+        out = torch.empty(rows, dtype=torch.long)
+        self._int4_rescore(
+            scores.data_ptr(),
+            rows,
+            v,
+            block_max.data_ptr(),
+            v // block_max.shape[1],
+            x.data_ptr(),
+            x.shape[1],
+            weight.data_ptr(),
+            k,
+            out.data_ptr(),
+        )
+        return self._argmax_rest(scores, out)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

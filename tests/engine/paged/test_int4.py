@@ -282,3 +282,41 @@ def test_the_packed_head_is_kept_between_starts(tmp_path: Path, layout: str) -> 
     int4.pack_int4_cached(weight * 2, tmp_path, layout=layout)
     int4.pack_int4_cached(weight, tmp_path, layout="native" if layout == "torch" else "torch")
     assert len(list(tmp_path.iterdir())) == 3
+
+
+@needs_native
+def test_the_native_rescoring_is_the_pytorch_one() -> None:
+    """``Kernels.int4_rescore`` rescores the columns ``top_indices`` picks (ties and NaNs
+    included: a NaN ranks highest), to the dense logits ``bmm`` gives (up to one bfloat16
+    rounding: the sums go in another order), leaves every other score as it was, and finds
+    ``argmax``'s winner (a NaN left unrescored: PyTorch's)."""
+    kernels = native.kernels()
+    assert kernels is not None
+    vocab = 64 * int4.TOP_BLOCK
+    weight = head(vocab=vocab, seed=14).weight
+    packed, scale_low = int4.pack_int4_native(weight)
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(15)).to(torch.bfloat16)
+    maxima = torch.empty(9, 64)
+    scores = kernels.int4_logits(x, packed, scale_low, block_max=maxima)
+    assert scores is not None
+    scores[1, 3 * int4.TOP_BLOCK : 5 * int4.TOP_BLOCK] = scores[1].max()  # ties across blocks
+    scores[2, 700:740] = float("nan")  # more NaNs than candidates: 8 stay
+    maxima[:] = scores.view(9, 64, -1).amax(-1)
+    want = scores.clone()
+    top = int4.top_indices(want, 32, maxima)
+    exact = torch.bmm(weight[top], x[:, :, None]).squeeze(-1)
+    want.scatter_(1, top, exact.float())
+    got = scores.clone()
+    greedy = kernels.int4_rescore(got, maxima, x, weight, 32)
+    assert greedy == torch.argmax(got, dim=-1).tolist()
+    assert got[2].isnan().sum() == 8 and greedy[2] == int(got[2].isnan().nonzero()[0])
+    changed = got != scores
+    # The tied row: 32 of the tied columns (which ones, topk leaves open; the lowest here).
+    tied = range(3 * int4.TOP_BLOCK, 3 * int4.TOP_BLOCK + 32)
+    assert changed[1].nonzero().flatten().tolist() == list(tied)
+    for r in (0, *range(3, 9)):
+        picked = set(top[r].tolist())
+        assert picked == set(torch.topk(scores[r], 32).indices.tolist())
+        assert set(changed[r].nonzero().flatten().tolist()) <= picked
+        torch.testing.assert_close(got[r], want[r], rtol=2**-8, atol=0.0)
+    assert kernels.int4_rescore(got, maxima, x.float(), weight, 32) is None  # not its dtype

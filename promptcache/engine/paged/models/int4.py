@@ -322,15 +322,21 @@ class RescoredHead(nn.Module):
         if bias is not None:  # the copies carry no bias: rank with it all the same
             approx += bias.float()
             block_max = None
-        top = top_indices(approx, self.candidates, block_max)  # [rows, k]
         weight = self.dense.weight
+        kernels = native.kernels()
+        if kernels is not None and block_max is not None:
+            # The rest in one call (native.Kernels.int4_rescore): the same candidates, their
+            # logits the dense ones summed in another order.
+            found = kernels.int4_rescore(approx, block_max, flat, weight, self.candidates)
+            if found is not None:
+                return approx.view(*x.shape[:-1], -1), found
+        top = top_indices(approx, self.candidates, block_max)  # [rows, k]
         # Exact logits of the candidates: each row against its own k rows of the weight, in the
         # weight's dtype, rounded as the dense matmul rounds its output.
         exact = torch.bmm(weight[top], flat.to(weight.dtype)[:, :, None]).squeeze(-1)
         if bias is not None:
             exact = exact + bias[top]
         approx.scatter_(1, top, exact.float())
-        kernels = native.kernels()
         greedy = None
         if kernels is not None:
             if block_max is not None:
