@@ -1610,6 +1610,28 @@ void argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int6
   }
 }
 
+// The decode rows' keys for one window (attention.PagedAttention._decode_keys): row b sees
+// positions lo_b .. starts[b] (lo_b = starts[b] + 1 - window, at least 0; window 0: all),
+// packed from the left into slots [B, W] through its block table (tables [B, N], block_tokens
+// bt); the rest of the row reads slot 0 (the null block), masked: valid [B, W] (1 / 0) and
+// additive [B, W] (0 / -inf).
+void decode_plan(const int64_t* tables, int64_t B, int64_t N, const int64_t* starts, int64_t bt,
+                 int64_t window, int64_t W, int64_t* slots, uint8_t* valid, float* additive) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t end = starts[b] + 1;
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+    const int64_t* table = tables + b * N;
+    for (int64_t i = 0; i < W; ++i) {
+      const int64_t pos = lo + i;
+      const bool seen = pos < end;
+      const int64_t blk = std::min(pos / bt, N - 1);
+      slots[b * W + i] = seen ? table[blk] * bt + pos % bt : 0;
+      valid[b * W + i] = seen;
+      additive[b * W + i] = seen ? 0.0f : -INFINITY;
+    }
+  }
+}
+
 #if PC_DPBF16
 // The rest of RescoredHead.scores_and_greedy after int4_logits took its block maxima, per row
 // of x [B, K] (bfloat16, K a multiple of 32), in one call where PyTorch's topk, gather, bmm,
@@ -2130,6 +2152,12 @@ void pc_sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp,
 void pc_argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int64_t block,
                       const int64_t* touched, int64_t k, int64_t* out) {
   argmax_blocks(x, R, W, bmax, block, touched, k, out);
+}
+
+void pc_decode_plan(const int64_t* tables, int64_t B, int64_t N, const int64_t* starts,
+                    int64_t bt, int64_t window, int64_t W, int64_t* slots, uint8_t* valid,
+                    float* additive) {
+  decode_plan(tables, B, N, starts, bt, window, W, slots, valid, additive);
 }
 
 // 1 when int4_rescore is compiled in (AVX512-BF16).
