@@ -13,10 +13,11 @@ rows only, at most ``MAX_ROWS``), like the int8 weights themselves: each row's p
 and attention are its own, so a sequence's tokens never depend on its neighbours, and a cache
 hit decodes as the cold run did. Where AVX512-BF16 is at hand, bfloat16 rows multiply the int8
 weights as bfloat16 pairs (``vdpbf16ps``) from a copy laid out for it (``pair_weight``: 16 output
-rows side by side, so each vector lane accumulates one output and no horizontal sum is needed),
-prefetched as they stream: ~175 GMAC/s on two cores at 8 rows (the instruction's peak is ~234
-there), where oneDNN's dense bf16 matmuls reach ~200 at 64 rows. So the step stays ahead of
-PyTorch well past a handful of rows (``MAX_ROWS``).
+rows side by side, so each vector lane accumulates one output and no horizontal sum is needed;
+sign-and-magnitude bytes that two table lookups turn into bfloat16), prefetched as they stream:
+~175 GMAC/s on two cores at 8 rows (the instruction's peak is ~234 there), where oneDNN's dense
+bf16 matmuls reach ~200 at 64 rows. So the step stays ahead of PyTorch well past a handful of
+rows (``MAX_ROWS``).
 """
 
 from __future__ import annotations
