@@ -1632,6 +1632,28 @@ void decode_plan(const int64_t* tables, int64_t B, int64_t N, const int64_t* sta
   }
 }
 
+// A prefill chunk's keys for one window (attention.PagedAttention._prefill_keys): the slots of
+// positions lo .. end - 1 through the chunk's block table (blocks, block_tokens bt) into slots
+// [end - lo]; with mask (not null), which of them each query start .. end - 1 sees, [end -
+// start, end - lo] (1 / 0): a key at or before the query's position and, with a window (0:
+// none), within its last `window` positions.
+void prefill_plan(const int64_t* blocks, int64_t bt, int64_t lo, int64_t start, int64_t end,
+                  int64_t window, int64_t* slots, uint8_t* mask) {
+  const int64_t L = end - lo;
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t pos = lo + i;
+    slots[i] = blocks[pos / bt] * bt + pos % bt;
+  }
+  if (!mask) return;
+  for (int64_t q = start; q < end; ++q) {
+    uint8_t* row = mask + (q - start) * L;
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t k = lo + i;
+      row[i] = k <= q && (window <= 0 || k > q - window);
+    }
+  }
+}
+
 #if PC_DPBF16
 // The rest of RescoredHead.scores_and_greedy after int4_logits took its block maxima, per row
 // of x [B, K] (bfloat16, K a multiple of 32), in one call where PyTorch's topk, gather, bmm,
@@ -2158,6 +2180,11 @@ void pc_decode_plan(const int64_t* tables, int64_t B, int64_t N, const int64_t* 
                     int64_t bt, int64_t window, int64_t W, int64_t* slots, uint8_t* valid,
                     float* additive) {
   decode_plan(tables, B, N, starts, bt, window, W, slots, valid, additive);
+}
+
+void pc_prefill_plan(const int64_t* blocks, int64_t bt, int64_t lo, int64_t start, int64_t end,
+                     int64_t window, int64_t* slots, uint8_t* mask) {
+  prefill_plan(blocks, bt, lo, start, end, window, slots, mask);
 }
 
 // 1 when int4_rescore is compiled in (AVX512-BF16).

@@ -161,6 +161,9 @@ class Kernels:
         self._decode_plan = library.pc_decode_plan
         self._decode_plan.restype = None
         self._decode_plan.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr]
+        self._prefill_plan = library.pc_prefill_plan
+        self._prefill_plan.restype = None
+        self._prefill_plan.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr]
         self._int4_rescore: Any = None
         if library.pc_int4_rescore_available():
             self._int4_rescore = library.pc_int4_rescore
@@ -610,6 +613,38 @@ class Kernels:
             additive.data_ptr(),
         )
         return slots, valid, additive
+
+    def prefill_plan(
+        self,
+        blocks: torch.Tensor,
+        block_tokens: int,
+        lo: int,
+        start: int,
+        end: int,
+        window: int,
+        *,
+        mask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A prefill chunk's keys for one window (``window`` 0: all), as
+        ``attention.PagedAttention._prefill_keys`` reads them: the slots of positions ``lo ..
+        end - 1`` through the block table ``blocks`` (int64), and with ``mask`` which of them
+        each query ``start .. end - 1`` sees (bool ``[end - start, end - lo]``)."""
+        if blocks.dtype != torch.long or blocks.dim() != 1 or blocks.numel() * block_tokens < end:
+            raise ValueError("prefill_plan: an int64 block table covering the chunk")
+        blocks = blocks.contiguous()
+        slots = torch.empty(end - lo, dtype=torch.long)
+        allowed = torch.empty(end - start, end - lo, dtype=torch.bool) if mask else None
+        self._prefill_plan(
+            blocks.data_ptr(),
+            block_tokens,
+            lo,
+            start,
+            end,
+            window,
+            slots.data_ptr(),
+            _ptr(allowed),
+        )
+        return slots, allowed
 
     def int4_rescore(
         self,
