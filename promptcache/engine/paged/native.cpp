@@ -324,6 +324,18 @@ struct Scratch {
 
 constexpr int64_t KEY_CHUNK = 256;
 // Live keys per work item of decode_attention_dp (even, a multiple of 16).
+constexpr int64_t KV_AHEAD = 4;
+// Blocks of keys ahead of the one in hand that dp_scores asks the cache for (decode attention
+// of 8 rows x 1,024 keys on 2 cores: 6.1 -> 5.1 ms a step with NEXT_UNIT_KEYS).
+constexpr int64_t NEXT_UNIT_KEYS = 64;
+// Keys of a thread's next unit that decode_attention_dp asks the cache for ahead.
+
+// Asks the cache for the D bfloat16 of a key or value row (HINT: _MM_HINT_T0 or _T1).
+template <_mm_hint HINT>
+inline void prefetch_row(const uint16_t* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(p + b, HINT);
+}
 
 // One block of scores: KB = 16 / GQ keys x GQ query heads, one accumulator each (lane
 // j * GQ + g of sum16), each key row and query row read once per block.
@@ -357,12 +369,20 @@ struct DpUnit {
 // Scores of live keys [i0, i1) (16 (key, head) pairs a block, summed across lanes together),
 // rounded to bfloat16, * scale + mask; returns their maximum per head in mx.
 template <int GQ>
-void dp_scores(const DpUnit& u, const uint16_t* keys, int64_t i0, int64_t i1, float scale,
-               float* mx) {
+void dp_scores(const DpUnit& u, const uint16_t* keys, const uint16_t* values, int64_t i0,
+               int64_t i1, float scale, float* mx) {
   constexpr int KB = 16 / GQ;
   for (int g = 0; g < GQ; ++g) mx[g] = -INFINITY;
   for (int64_t i = i0; i < i1; i += KB) {
     const int kb = i1 - i < KB ? static_cast<int>(i1 - i) : KB;
+    // The keys KV_AHEAD blocks on into L1, and this block's values into L2 for dp_values: a
+    // row lies wherever its block of the pool does, so the hardware prefetcher cannot see the
+    // next one coming, and the weights streamed since the last step have evicted them.
+    const int64_t ahead = std::min(i + KB * (KV_AHEAD + 1), i1);
+    for (int64_t j = i == i0 ? i : i + KB * KV_AHEAD; j < ahead; ++j)
+      prefetch_row<_MM_HINT_T0>(keys + (u.slots[u.live[j]] * u.KVH + u.kh) * u.D, u.D);
+    for (int j = 0; j < kb; ++j)
+      prefetch_row<_MM_HINT_T1>(values + (u.slots[u.live[i + j]] * u.KVH + u.kh) * u.D, u.D);
     const uint16_t* kp[KB];
     for (int j = 0; j < KB; ++j)  // past the last key: the first again, its sums unused
       kp[j] = keys + (u.slots[u.live[i + (j < kb ? j : 0)]] * u.KVH + u.kh) * u.D;
@@ -504,15 +524,24 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
 #pragma omp parallel if (units > 1 && parallel)
     {
       std::vector<float> acc(GQ * D), partial(GQ * D), sums;
-#pragma omp for schedule(static)
-      for (int64_t u = 0; u < units; ++u) {
-        const DpUnit du = prepare(u);
+      // This thread's units, in order; while one is computed, the next one's first keys come.
+      const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+      const int64_t u0 = units * t / nt, u1 = units * (t + 1) / nt;
+      DpUnit next = u0 < u1 ? prepare(u0) : DpUnit{};
+      for (int64_t u = u0; u < u1; ++u) {
+        const DpUnit du = next;
+        if (u + 1 < u1) {
+          next = prepare(u + 1);
+          for (int64_t j = 0; j < std::min<int64_t>(next.n, NEXT_UNIT_KEYS); ++j)
+            prefetch_row<_MM_HINT_T1>(keys + (next.slots[next.live[j]] * KVH + next.kh) * D, D);
+        }
         const int64_t chunks = (du.n + KEY_CHUNK - 1) / KEY_CHUNK;
         sums.resize(chunks * GQ * 16);
         float mx[GQ], m[GQ], inv[GQ];
         for (int g = 0; g < GQ; ++g) mx[g] = -INFINITY;
         for (int64_t c = 0; c < chunks; ++c) {
-          dp_scores<GQ>(du, keys, c * KEY_CHUNK, std::min((c + 1) * KEY_CHUNK, du.n), scale, m);
+          dp_scores<GQ>(du, keys, values, c * KEY_CHUNK, std::min((c + 1) * KEY_CHUNK, du.n),
+                        scale, m);
           for (int g = 0; g < GQ; ++g) mx[g] = std::max(mx[g], m[g]);
         }
         for (int64_t c = 0; c < chunks; ++c)
@@ -562,7 +591,7 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < items; ++c) {
       span(c, &i0, &i1);
-      dp_scores<GQ>(unit[owner[c]], keys, i0, i1, scale, cmax + c * GQ);
+      dp_scores<GQ>(unit[owner[c]], keys, values, i0, i1, scale, cmax + c * GQ);
     }
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < items; ++c) {
