@@ -8,7 +8,7 @@ once per step; every layer then
 2. attends: the decode tokens together, one SDPA call over their keys gathered from the pool and
    padded to the longest (padding reads the zeroed null block and is masked out); each prefill
    chunk with its own call over its sequence's keys, causal from its offset. On a CPU with
-   AVX512-BF16 a bfloat16 chunk is one call of the engine's kernel (``native.cpp``'s
+   AVX512-BF16 a bfloat16 chunk is one call of the engine's kernel (``kernels/prefill_attention.h``'
    ``prefill_attention``: keys read through the slots, each query's result independent of the
    chunk it came in); elsewhere a chunk whose keys sit in consecutive slots (a sequence whose
    blocks were handed out in a run, as the pool tends to: ``KVPool.decref``) reads them in

@@ -1,12 +1,13 @@
-"""The engine's own CPU kernels (``native.cpp``), built with the machine's C++ compiler and
-called through ctypes.
+"""The engine's own CPU kernels (``native.cpp``, the C interface of ``kernels/*.h``), built with
+the machine's C++ compiler and called through ctypes.
 
 A decode step of a small model on a CPU pays a fixed cost per PyTorch operation (dispatch,
 allocation, oneDNN's set-up for each small matmul) that is larger than the operation's
 arithmetic: attention from one query over 128 keys took ~90 us through PyTorch and takes
-~12 us here (docs/benchmarks.md). The file is plain C++ with no PyTorch headers, so it builds in
-about a second, once per machine and source (``-march=native``: the build is keyed by the CPU's
-features too), into ``directory()``; later starts load the built library.
+~12 us here (docs/benchmarks.md). The source is plain C++ with no PyTorch headers, one
+translation unit, so it builds in ~10 s, once per machine and source (``-march=native``: the
+build is keyed by the CPU's features too), into ``directory()``; later starts load the built
+library.
 
 Two levels: ``Kernels`` wraps the per-operation kernels the layers call in every step
 (attention, norms with their residual adds, q/k norm and rope, the gated activation), and
@@ -43,6 +44,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.cpp")
+HEADERS = Path(__file__).with_name("kernels")
+"""The kernels ``SOURCE`` includes, by what they compute (attention, products, the head...)."""
 FLAGS = (
     "-O3",
     "-march=native",
@@ -60,10 +63,10 @@ tail then computes exactly what its vector body computes."""
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 INT4_GROUP = 64
-"""Inputs per scale of the int4 head's weights (``int4_logits``, native.cpp)."""
+"""Inputs per scale of the int4 head's weights (``int4_logits``, kernels/head.h)."""
 
 INT4_TOP_BLOCK = 128
-"""Columns per block of ``int4_logits``' block maxima (native.cpp's, checked at load)."""
+"""Columns per block of ``int4_logits``' block maxima (kernels/head.h's, checked at load)."""
 
 _lock = threading.Lock()
 _loaded: Kernels | None = None
@@ -104,16 +107,22 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+def build_key(compiler_version: str) -> str:
+    """What a built library is named by: its sources (``SOURCE`` and every header under
+    ``HEADERS``), the compiler's version, the flags and the CPU's features."""
+    sources = [SOURCE.read_text()]
+    sources += [f"{h.name}\n{h.read_text()}" for h in sorted(HEADERS.glob("*.h"))]
+    parts = (*sources, compiler_version, " ".join(FLAGS), _cpu_features())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def build(compiler: str, target_dir: Path) -> Path:
     """The library for this source, compiler and CPU under ``target_dir``, compiled now unless
     a previous build left it there. Raises ``RuntimeError`` when the compiler fails."""
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
-    key = hashlib.sha256(
-        "\n".join((SOURCE.read_text(), version, " ".join(FLAGS), _cpu_features())).encode()
-    ).hexdigest()[:16]
-    target = target_dir / f"promptcache-native-{key}.so"
+    target = target_dir / f"promptcache-native-{build_key(version)}.so"
     if target.exists():
         return target
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +190,7 @@ class Kernels:
         if self.int4_head:
             library.pc_int4_top_block.restype = i64
             if library.pc_int4_top_block() != INT4_TOP_BLOCK:
-                raise RuntimeError("native.cpp's INT4_TOP_BLOCK and native.py's disagree")
+                raise RuntimeError("kernels/head.h's INT4_TOP_BLOCK and native.py's disagree")
             for dtype, suffix in _DTYPES.items():
                 fn = getattr(library, f"pc_int4_logits_{suffix}")
                 fn.restype = None
@@ -253,8 +262,8 @@ class Kernels:
         those of the first key and the first query (the keys end with the chunk's last query),
         causal, each query seeing its last ``window`` positions (None: all). What
         ``attention.grouped`` computes with the chunk's mask, in an order of additions that
-        depends on each query's own row alone (native.cpp). False, ``out`` untouched, where
-        the kernel does not run (no AVX512-BF16, another dtype or layout)."""
+        depends on each query's own row alone (kernels/prefill_attention.h). False, ``out``
+        untouched, where the kernel does not run (no AVX512-BF16, another dtype or layout)."""
         fn = self.prefill
         n, h, d = q.shape
         kv = keys.shape[1] if keys.dim() == 3 else 0
@@ -698,7 +707,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _mode(offset: bool) -> int:
-    """native.cpp's NormMode."""
+    """kernels/elementwise.h's NormMode."""
     return 0 if offset else 1
 
 

@@ -1,5 +1,5 @@
 """A whole narrow decode step in the engine's own CPU kernels (``NativeDecode``): every layer of
-the model, for a few decode rows, in one call into ``native.cpp``'s ``decode_step``.
+the model, for a few decode rows, in one call into ``kernels/steps.h``' ``decode_step``.
 
 A decode step of Gemma 3 270M on two cores streams ~100 MB of int8 weights (~3.5 ms, prefetched
 as they stream) and the 4-bit head (~2.7 ms); through PyTorch it took ~17 ms, the
@@ -38,7 +38,7 @@ from promptcache.engine.paged.models.llama import Llama, LlamaLayer
 
 _P = ctypes.c_void_p
 _MAX_TABLES = 4
-"""Rope tables and key windows a step may carry (native.cpp's arrays)."""
+"""Rope tables and key windows a step may carry (kernels/steps.h' arrays)."""
 
 
 class LayerStruct(ctypes.Structure):
@@ -164,16 +164,16 @@ def windows_of(model: CausalLM) -> list[int | None]:
 
 
 def norm_mode_of(model: CausalLM) -> int | None:
-    """native.cpp's NormMode for a model the whole-step kernels run (Gemma 3 or the Llama
+    """kernels/elementwise.h's NormMode for a model the whole-step kernels run (Gemma 3 or the Llama
     family, on a CPU, no attention softcapping, at most four rope tables and key windows);
-    None for others. Checks that native.cpp's structs are this module's."""
+    None for others. Checks that kernels/steps.h' structs are this module's."""
     kernels = native.kernels()
     if kernels is None or next(model.parameters()).device.type != "cpu":
         return None
     library = kernels.library
     sizes = (library.pc_sizeof_layer(), library.pc_sizeof_model(), library.pc_sizeof_step())
     if sizes != tuple(ctypes.sizeof(s) for s in (LayerStruct, ModelStruct, StepStruct)):
-        raise RuntimeError("native.cpp's structs and native_decode's disagree")
+        raise RuntimeError("kernels/steps.h' structs and native_decode's disagree")
     if any(s.softcap is not None for s in model.attn_specs):
         return None
     if len(windows_of(model)) > _MAX_TABLES:
@@ -293,13 +293,13 @@ class NativeDecode(NativeStep):
 
 
 def pair_weight(q: torch.Tensor) -> torch.Tensor:
-    """``q [N, K]`` (int8, -127..127, contiguous) laid out as native.cpp's ``gemv_int8_paired``
-    reads it: ``[N / 16, K / 2, 16, 2]``, 16 output rows side by side, two input columns each,
-    as uint8 sign-and-magnitude bytes (the kernel looks a magnitude's bfloat16 up in a 128-entry
-    table); within each 64 bytes (two steps of K / 2), 128-bit lane ``l`` holds values
-    ``8 l .. 8 l + 7`` of the first step, then the same of the second (the order the kernel's
-    byte interleaving puts back). N a multiple of 16, K of 4. By the kernels (PyTorch's
-    permutes and sign arithmetic took ~0.6 s of a start for Gemma 3 270M)."""
+    """``q [N, K]`` (int8, -127..127, contiguous) laid out as kernels/products.h'
+    ``gemv_int8_paired`` reads it: ``[N / 16, K / 2, 16, 2]``, 16 output rows side by side,
+    two input columns each, as uint8 sign-and-magnitude bytes (the kernel looks a magnitude's
+    bfloat16 up in a 128-entry table); within each 64 bytes (two steps of K / 2), 128-bit lane
+    ``l`` holds values ``8 l .. 8 l + 7`` of the first step, then the same of the second (the
+    order the kernel's byte interleaving puts back). N a multiple of 16, K of 4. By the kernels
+    (PyTorch's permutes and sign arithmetic took ~0.6 s of a start for Gemma 3 270M)."""
     kernels = native.kernels()
     assert kernels is not None and kernels.library.pc_paired()
     n, k = q.shape
@@ -321,7 +321,7 @@ def _fill_layer(
 ) -> int | None:
     """Point ``struct`` at ``layer``'s weights (their tensors appended to ``keep``; with
     ``paired``, a copy of each int8 weight laid out by ``pair_weight`` too); returns the
-    layer's activation (native.cpp's Act), or None when the kernels do not run it."""
+    layer's activation (kernels/elementwise.h's Act), or None when the kernels do not run it."""
     if not fill_norms(struct, layer, norm_mode, keep):
         return None
     attn, mlp = layer.attn, layer.mlp

@@ -1,6 +1,6 @@
 """A prompt chunk's whole forward in the engine's own kernels (``NativePrefill``): every layer
 of the model for a step of one prefill chunk of at most ``MAX_ROWS`` tokens, in one call into
-``native.cpp``'s ``prefill_step``.
+``kernels/steps.h``' ``prefill_step``.
 
 A cache hit's suffix (64 tokens at a 4k prefix of Gemma 3 270M) spent ~13 of its ~64 ms in
 what is not arithmetic: ~400 Python-level operations, the calls into the kernels around them

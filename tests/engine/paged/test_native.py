@@ -316,6 +316,23 @@ def test_the_build_is_cached_by_source_and_machine(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
 
 
+def test_an_edited_kernel_header_is_built_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    headers = sorted(native.HEADERS.glob("*.h"))
+    assert {h.name for h in headers} >= {"common.h", "steps.h", "head.h"}
+    before = native.build_key("g++ 12")
+    copies = tmp_path / "kernels"
+    copies.mkdir()
+    for header in headers:
+        (copies / header.name).write_text(header.read_text())
+    monkeypatch.setattr(native, "HEADERS", copies)
+    assert native.build_key("g++ 12") == before  # the same texts: the same library
+    (copies / "head.h").write_text((copies / "head.h").read_text() + "\n// edited\n")
+    assert native.build_key("g++ 12") != before
+    assert native.build_key("g++ 13") != native.build_key("g++ 12")
+
+
 def test_a_failing_compiler_is_reported(tmp_path: Path) -> None:
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")

@@ -15,7 +15,7 @@ whether its step was a prefill or a decode: a cache hit and a cold run score the
 alike, and so do a sequence alone and one in a batch.
 
 Two ways to compute the int4 scores. Where the engine's own kernels run with AVX512-VNNI
-(``native.cpp``'s ``int4_logits``): one kernel for every row count, the activations quantized
+(``kernels/head.h``' ``int4_logits``): one kernel for every row count, the activations quantized
 to int8 per group of 64 and multiplied by the 4-bit weights in integers (``vpdpbusd``) from a
 layout of its own (``pack_int4_native``), prefetched as it streams; Gemma 3's head on 2 cores:
 one row 2.7 ms, 8 rows 4.0 ms (PyTorch's: 4.5 and 7.6 ms). Elsewhere PyTorch's:
@@ -82,7 +82,7 @@ def _quantize_int4(
 
 
 def pack_int4_native(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(packed, scale_low)`` for ``native.cpp``'s ``int4_logits`` (the layout is described
+    """``(packed, scale_low)`` for ``kernels/head.h``' ``int4_logits`` (the layout is described
     there): groups of 64 inputs, 16 output rows side by side, two inputs a byte; the scale and
     low of each group in bfloat16, the 4-bit values rounded against them as stored."""
     q, scales, low = _quantize_int4(weight, native.INT4_GROUP, as_stored=True)

@@ -35,7 +35,8 @@ KERNEL_ACTS = {
     id(ACTIVATIONS["gelu_new"]): 0,
     id(ACTIVATIONS["silu"]): 1,
 }
-"""The activations ``native`` computes, by identity, with its codes (native.cpp's Act)."""
+"""The activations ``native`` computes, by identity, with their codes (kernels/elementwise.h's
+Act)."""
 
 
 def kernel_act(act: Activation) -> int | None:

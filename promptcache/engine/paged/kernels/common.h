@@ -1,0 +1,220 @@
+// What every kernel shares: the instruction-set switches (PC_AVX512, PC_DPBF16, PC_PAIRED),
+// the storage types' loads, stores and roundings (BF16, F32), exp16 and scratch buffers.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include <omp.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define PC_AVX512 1
+#else
+#define PC_AVX512 0
+#endif
+// bfloat16 pairs multiplied and summed in float32 (vdpbf16ps): a product of two bfloat16 is
+// exact in float32, so only the order of the additions differs from float32 FMAs.
+#if PC_AVX512 && defined(__AVX512BF16__)
+#define PC_DPBF16 1
+#else
+#define PC_DPBF16 0
+#endif
+// The decode products' paired int8 weights convert by byte-table lookups (vpermi2b).
+#if PC_DPBF16 && defined(__AVX512VBMI__)
+#define PC_PAIRED 1
+#else
+#define PC_PAIRED 0
+#endif
+
+namespace {
+
+
+// Elements of work below which a kernel stays on the calling thread: waking the others
+// (OpenMP, the same runtime and threads as PyTorch's) costs more than it saves.
+constexpr int64_t PARALLEL_MIN_WORK = 1 << 16;
+// The same for the norms, which pass over each element four times or more (a 64-token chunk
+// of Gemma 3 270M, 64 x 640: 40 -> 26 us a residual_norm on two threads).
+constexpr int64_t PARALLEL_MIN_NORM = PARALLEL_MIN_WORK / 4;
+
+// Bytes ahead of the one in hand that a kernel streaming a weight asks the cache for (measured
+// best from 2 to 6 KB; a prefetch never faults: past the end of a weight it is only wasted).
+constexpr int64_t PREFETCH_AHEAD = 3072;
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as PyTorch's float -> bfloat16 conversion (NaN stays NaN).
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+struct BF16 {
+  using T = uint16_t;
+  static float load(T x) { return bf16_to_float(x); }
+  static T store(float f) { return float_to_bf16(f); }
+  static float round(float f) { return bf16_to_float(float_to_bf16(f)); }
+#if PC_AVX512
+  static __m512 load16(const T* p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  // float_to_bf16 on 16 lanes, by integer arithmetic: the bfloat16 bits in each 32-bit lane's
+  // low half.
+  static __m512i bits16_long(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r =
+        _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+  }
+  // float_to_bf16 on 16 lanes, packed. Where the CPU converts (vcvtneps2bf16: the same
+  // rounding to nearest even and the same quieted NaN) it does, one instruction for the
+  // ~8 above; but it reads subnormal inputs as 0, so a vector holding one (softmax tails
+  // can) takes the long way and every value rounds as PyTorch rounds it.
+  static __m256i pack16(__m512 v) {
+#if PC_DPBF16 && defined(__AVX512DQ__)
+    if (_mm512_fpclass_ps_mask(v, 0x20) == 0) return (__m256i)_mm512_cvtneps_pbh(v);
+#endif
+    return _mm512_cvtepi32_epi16(bits16_long(v));
+  }
+  static void store16(T* p, __m512 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack16(v));
+  }
+  // Rounded in place (the attention kernels' scores and probabilities, whose subnormal tails
+  // would send pack16 the long way often): the integer arithmetic alone.
+  static __m512i bits16(__m512 v) { return bits16_long(v); }
+  static __m512 round16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits16(v), 16)); }
+  static __m512 load16(__mmask16 k, const T* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static void store16(T* p, __mmask16 k, __m512 v) {
+    _mm256_mask_storeu_epi16(p, k, pack16(v));
+  }
+#endif
+};
+
+struct F32 {
+  using T = float;
+  static float load(T x) { return x; }
+  static T store(float f) { return f; }
+  static float round(float f) { return f; }
+#if PC_AVX512
+  static __m512 load16(const T* p) { return _mm512_loadu_ps(p); }
+  static void store16(T* p, __m512 v) { _mm512_storeu_ps(p, v); }
+  static __m512 round16(__m512 v) { return v; }
+  static __m512 load16(__mmask16 k, const T* p) { return _mm512_maskz_loadu_ps(k, p); }
+  static void store16(T* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
+#endif
+};
+
+#if PC_AVX512
+// The lanes of a 16-wide step at j of a row of n: all of them but in the row's last step.
+// Every element of a row sits in lane j % 16 whatever the row's length, so a sum over a row
+// that a longer row extends with zeros (masked keys) adds in the same order.
+inline __mmask16 lanes(int64_t j, int64_t n) {
+  return n - j >= 16 ? static_cast<__mmask16>(0xffff)
+                     : static_cast<__mmask16>((1u << (n - j)) - 1u);
+}
+#endif
+
+// Rows between the storage type and float32, 16 lanes at a time where AVX-512 is at hand.
+template <class S>
+inline void load_row(const typename S::T* x, int64_t n, float* out) {
+#if PC_AVX512
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = lanes(i, n);
+    _mm512_mask_storeu_ps(out + i, k, S::load16(k, x + i));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = S::load(x[i]);
+#endif
+}
+
+template <class S>
+inline void store_row(const float* x, int64_t n, typename S::T* out) {
+#if PC_AVX512
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = lanes(i, n);
+    S::store16(out + i, k, _mm512_maskz_loadu_ps(k, x + i));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) out[i] = S::store(x[i]);
+#endif
+}
+
+#if PC_AVX512
+// exp(x) for a vector, ~1 ulp (Cephes' polynomial); exactly 0 for x below -88 (-inf included).
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-88.0f);
+  __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero), _mm512_scalef_ps(p, n));
+}
+
+#else
+inline float exp1(float x) { return x < -88.0f ? 0.0f : std::exp(x); }
+#endif
+
+#if PC_AVX512
+// exp(s - mx) of a row of W scores, in place; returns 1 / their sum in every lane. Lane j % 16
+// sums element j, whatever W (masked tail).
+inline __m512 exps_in_place(float* s, int64_t W, float mx) {
+  const __m512 none = _mm512_set1_ps(-INFINITY);
+  const __m512 vmx = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < W; j += 16) {
+    const __mmask16 k = lanes(j, W);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(none, k, s + j), vmx));
+    _mm512_mask_storeu_ps(s + j, k, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  return _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+}
+#endif
+
+// A buffer that only grows and is never cleared (std::vector would zero what it adds).
+template <class E>
+struct Scratch {
+  std::unique_ptr<E[]> p;
+  int64_t n = 0;
+  void reserve(int64_t want) {
+    if (want > n) {
+      p.reset(new E[want]);
+      n = want;
+    }
+  }
+  E* data() { return p.get(); }
+  E& operator[](int64_t i) { return p[i]; }
+};
+
+}  // namespace

@@ -1,0 +1,202 @@
+// The vocabulary projection's int4 scores (int4_logits) and the exact rescoring of their
+// best candidates (int4_rescore), for models/int4.py's RescoredHead.
+
+#pragma once
+
+#include "common.h"
+#include "sampling.h"
+
+namespace {
+
+#if PC_AVX512 && defined(__AVX512VNNI__)
+#define PC_INT4_HEAD 1
+// Scores of a vocabulary projection from 4-bit weights, for RescoredHead (models/int4.py) to
+// pick the candidates it then scores exactly: logits [B, N] float32 ~= x [B, K] W^T.
+//
+// W is quantized per group of 64 inputs, w ~= q * scale + low with q in 0..15; x per row and
+// group of 64 as int8, x ~= a * alpha (alpha = the group's largest |x| / 127). Then a group adds
+// alpha * (scale * sum(a q) + low * sum(a)), sum(a q) in 32-bit integers by vpdpbusd (64
+// products an instruction, unsigned q times signed a). Layouts (pack_int4_native):
+//   packed [N / 16, K / 64, 8, 64] bytes: 16 output rows side by side; byte 4 o + i of step j
+//     holds input 8 j + i of row o in its low nibble and input 8 j + 4 + i in its high one;
+//   sl [N / 16, K / 64, 2, 16] bfloat16: the 16 rows' scales, then their lows.
+// Each row's scores depend on that row alone (the products are exact integers, the float sums
+// go in group order), so a row scores alike in any batch. K a multiple of 64, N of 16.
+template <int BN>
+inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_sum, int64_t K,
+                       const uint8_t* pk, const uint16_t* sl, float* y, int64_t n0, int64_t N,
+                       __m512* top) {
+  const int64_t G = K / 64;
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  __m512 f[BN];
+  for (int b = 0; b < BN; ++b) f[b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* pg = pk + g * 512;
+    __m512i d[BN];
+    for (int b = 0; b < BN; ++b) d[b] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(pg + j * 64 + PREFETCH_AHEAD), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(pg + j * 64);
+      const __m512i lo = _mm512_and_si512(v, nibble);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      for (int b = 0; b < BN; ++b) {
+        const int32_t* ab = reinterpret_cast<const int32_t*>(a + b * K + g * 64 + j * 8);
+        d[b] = _mm512_dpbusd_epi32(d[b], lo, _mm512_set1_epi32(ab[0]));
+        d[b] = _mm512_dpbusd_epi32(d[b], hi, _mm512_set1_epi32(ab[1]));
+      }
+    }
+    const __m512 scale = BF16::load16(sl + g * 32);
+    const __m512 low = BF16::load16(sl + g * 32 + 16);
+    for (int b = 0; b < BN; ++b) {
+      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d[b]), scale);
+      f[b] = _mm512_fmadd_ps(t, _mm512_set1_ps(alpha[b * G + g]), f[b]);
+      f[b] = _mm512_fmadd_ps(low, _mm512_set1_ps(alpha_sum[b * G + g]), f[b]);
+    }
+  }
+  for (int b = 0; b < BN; ++b) {
+    _mm512_storeu_ps(y + b * N + n0, f[b]);
+    top[b] = _mm512_max_ps(top[b], f[b]);
+  }
+}
+
+// The 8 x 16 output rows of one block of INT4_TOP_BLOCK scores for BN activation rows, and
+// each row's largest score of the block into block_max [B, N / INT4_TOP_BLOCK] (when not null).
+constexpr int64_t INT4_TOP_BLOCK = 128;
+
+template <int BN>
+inline void int4_top_block(const int8_t* a, const float* alpha, const float* alpha_sum,
+                           int64_t K, const uint8_t* packed, const uint16_t* sl, float* y,
+                           int64_t blk, int64_t N, float* block_max) {
+  __m512 top[BN];
+  for (int b = 0; b < BN; ++b) top[b] = _mm512_set1_ps(-INFINITY);
+  for (int64_t nb = blk * 8; nb < blk * 8 + 8; ++nb)
+    int4_block<BN>(a, alpha, alpha_sum, K, packed + nb * 8 * K, sl + nb * 2 * K / 4, y, nb * 16,
+                   N, top);
+  if (block_max)
+    for (int b = 0; b < BN; ++b)
+      block_max[b * (N / INT4_TOP_BLOCK) + blk] = _mm512_reduce_max_ps(top[b]);
+}
+
+//
+// block_max (null: not wanted; else N a multiple of INT4_TOP_BLOCK): each row's largest score
+// of each block of INT4_TOP_BLOCK, found as the scores are made, for top_indices' first pass.
+template <class S>
+void int4_logits(const typename S::T* x, int64_t B, int64_t K, const uint8_t* packed,
+                 const uint16_t* sl, int64_t N, float* out, float* block_max) {
+  const int64_t G = K / 64;
+  std::vector<int8_t> a(B * K);
+  std::vector<float> alpha(B * G), alpha_sum(B * G), row(K);
+  for (int64_t b = 0; b < B; ++b) {
+    load_row<S>(x + b * K, K, row.data());
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = row.data() + g * 64;
+      float big = 0.0f;
+      for (int i = 0; i < 64; ++i) big = std::max(big, std::fabs(xg[i]));
+      const float step = big / 127.0f;
+      const float inv = big > 0.0f ? 127.0f / big : 0.0f;
+      int32_t sum = 0;
+      for (int i = 0; i < 64; ++i) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(xg[i] * inv));
+        a[b * K + g * 64 + i] = static_cast<int8_t>(std::clamp(q, -127, 127));
+        sum += a[b * K + g * 64 + i];
+      }
+      alpha[b * G + g] = step;
+      alpha_sum[b * G + g] = step * static_cast<float>(sum);
+    }
+  }
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    const int64_t bn = B - b0 < 8 ? B - b0 : 8;
+    const int8_t* ab = a.data() + b0 * K;
+    const float* al = alpha.data() + b0 * G;
+    const float* as = alpha_sum.data() + b0 * G;
+    float* yb = out + b0 * N;
+    float* mb = block_max ? block_max + b0 * (N / INT4_TOP_BLOCK) : nullptr;
+    if (mb) {
+#pragma omp parallel for schedule(static)
+      for (int64_t blk = 0; blk < N / INT4_TOP_BLOCK; ++blk) {
+        switch (bn) {
+#define PC_ROWS(r)                                                       \
+  case r:                                                                \
+    int4_top_block<r>(ab, al, as, K, packed, sl, yb, blk, N, mb);        \
+    break;
+          PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
+#undef PC_ROWS
+        }
+      }
+      continue;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < N / 16; ++nb) {
+      const uint8_t* pb = packed + nb * 8 * K;
+      const uint16_t* sb = sl + nb * 2 * K / 4;
+      __m512 top[8] = {};  // block maxima not wanted here
+      switch (bn) {
+#define PC_ROWS(r)                                              \
+  case r:                                                       \
+    int4_block<r>(ab, al, as, K, pb, sb, yb, nb * 16, N, top);  \
+    break;
+        PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
+#undef PC_ROWS
+      }
+    }
+  }
+}
+#else
+#define PC_INT4_HEAD 0
+#endif
+
+#if PC_DPBF16
+// The rest of RescoredHead.scores_and_greedy after int4_logits took its block maxima, per row
+// of x [B, K] (bfloat16, K a multiple of 32), in one call where PyTorch's topk, gather, bmm,
+// scatter and argmax took ~0.5 ms a row (1.1 ms for 8):
+// - the k columns of the highest approximate scores (top_indices' two passes: the k blocks of
+//   the highest maxima, the lower block first on ties and NaN highest, as topk ranks them;
+//   then the k highest of their columns, likewise);
+// - their exact logits: the row against the dense weight's rows [V, K] (bfloat16 products
+//   summed in float32, rounded to bfloat16 as the dense matmul rounds), written over the
+//   approximate ones in scores [B, V];
+// - the row's argmax through argmax_blocks (-1 where a NaN leaves it to PyTorch).
+// Each row depends on its own scores alone.
+void int4_rescore(float* scores, int64_t B, int64_t V, const float* bmax, int64_t block,
+                  const uint16_t* x, int64_t K, const uint16_t* weight, int64_t k,
+                  int64_t* greedy) {
+  const int64_t nb = V / block;
+  // Higher first; NaN above everything; the lower index first among equals.
+  const auto above = [](float a, int64_t i, float b, int64_t j) {
+    const bool na = a != a, nb_ = b != b;
+    if (na != nb_) return na;
+    if (!na && a != b) return a > b;
+    return i < j;
+  };
+#pragma omp parallel for schedule(static) if (B > 1)
+  for (int64_t r = 0; r < B; ++r) {
+    float* row = scores + r * V;
+    const float* rmax = bmax + r * nb;
+    std::vector<int64_t> blocks(nb), cols(k * block), top(k);
+    for (int64_t b = 0; b < nb; ++b) blocks[b] = b;
+    const int64_t kb = std::min(k, nb);
+    std::partial_sort(blocks.begin(), blocks.begin() + kb, blocks.end(),
+                      [&](int64_t i, int64_t j) { return above(rmax[i], i, rmax[j], j); });
+    int64_t n = 0;
+    for (int64_t i = 0; i < kb; ++i)
+      for (int64_t j = blocks[i] * block; j < (blocks[i] + 1) * block; ++j) cols[n++] = j;
+    const int64_t kc = std::min(k, n);
+    std::partial_sort(cols.begin(), cols.begin() + kc, cols.begin() + n,
+                      [&](int64_t i, int64_t j) { return above(row[i], i, row[j], j); });
+    const uint16_t* xr = x + r * K;
+    for (int64_t i = 0; i < kc; ++i) {
+      const int64_t c = cols[i];
+      const uint16_t* w = weight + c * K;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < K; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(xr + d),
+                               (__m512bh)_mm512_loadu_si512(w + d));
+      row[c] = round_bf16(_mm512_reduce_add_ps(acc));
+      top[i] = c;
+    }
+    argmax_blocks(row, 1, V, rmax, block, top.data(), kc, greedy + r);
+  }
+}
+#endif
+
+}  // namespace

@@ -1,0 +1,272 @@
+// Attention of a prefill chunk over the KV pool (prefill_attention).
+
+#pragma once
+
+#include "common.h"
+
+namespace {
+
+#if PC_DPBF16
+// Attention of a prefill chunk in bfloat16 (prefill_attention): the chunk's n queries q [n, H,
+// D] (positions q0 ..) over its keys and values at slots [L] of the pool (positions k0 ..
+// q0 + n), causal and, with a window, each query seeing its last `window` positions. The same
+// roundings as attention.grouped (scores rounded to bfloat16, * scale, softmax in float32,
+// probabilities rounded to bfloat16, their products with the values summed in float32 and
+// rounded once); the additions in an order that depends on the query's own row alone:
+//
+// - a unit is one key head and the query heads that share it for up to PF_LANES / G tokens,
+//   its rows (token-major) the 16-wide lanes of one or two vectors, so the softmax runs down
+//   the keys in every lane at once and no sum crosses lanes;
+// - the scores of up to PF_KEYS keys (read in place through the slots: no gather) against
+//   every row of the unit at once, the keys' bfloat16 pairs broadcast to the rows' pairs;
+// - the exponentials summed per lane in key order, even and odd positions apart; the values
+//   taken two keys at a time, the pairs aligned to even absolute positions (a key no row of
+//   the unit sees weighs an exact 0).
+//
+// So a query attends alike whichever chunk it came in and whichever tokens share its unit:
+// a cache hit's suffix and the cold prompt's last chunk give the same bits.
+constexpr int64_t PF_LANES = 32;
+constexpr int PF_KEYS = 12;
+constexpr int PF_ROWS = 12;
+
+// Scores of NK keys (krow[k]: a key head's row of the pool) for the NV * 16 rows of qp (the
+// unit's query rows as bfloat16 pairs [D / 2][NV * 16]): acc[k * NV + v], lane i the product
+// with row v * 16 + i.
+template <int NK, int NV>
+inline void pf_score_tile(const uint16_t* const* krow, const uint32_t* qp, int64_t D,
+                          __m512* acc) {
+  for (int i = 0; i < NK * NV; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < D / 2; ++p) {
+    __m512bh w[NV];
+    for (int v = 0; v < NV; ++v)
+      w[v] = (__m512bh)_mm512_loadu_si512(qp + p * NV * 16 + v * 16);
+    for (int k = 0; k < NK; ++k) {
+      uint32_t pair;
+      std::memcpy(&pair, krow[k] + 2 * p, sizeof pair);
+      const __m512bh kb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int v = 0; v < NV; ++v) acc[k * NV + v] = _mm512_dpbf16_ps(acc[k * NV + v], kb, w[v]);
+    }
+  }
+}
+
+// NR query rows' outputs, 16 * NC columns of a block of 32: their probability pairs pp
+// ([pairs][lanes], the rows from r0) times the value pairs vb (the block's [pairs][32][2]),
+// summed in pair order.
+template <int NR, int NC>
+inline void pf_value_tile(const uint32_t* pp, int64_t lanes, int64_t r0, const uint16_t* vb,
+                          int64_t pairs, __m512* acc) {
+  for (int i = 0; i < NC * NR; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh w[NC];
+    for (int c = 0; c < NC; ++c) w[c] = (__m512bh)_mm512_loadu_si512(vb + p * 64 + 32 * c);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[p * lanes + r0 + r]));
+      for (int c = 0; c < NC; ++c) acc[NC * r + c] = _mm512_dpbf16_ps(acc[NC * r + c], b, w[c]);
+    }
+  }
+}
+
+struct PfUnit {
+  int64_t kh, t0, t1;  // key head, the chunk's tokens [t0, t1)
+};
+
+// One unit of prefill_attention with NV vectors of rows. qp, sc: the thread's scratch.
+template <int NV>
+void pf_unit(const PfUnit& u, const uint16_t* q, int64_t q_stride, int64_t H, int64_t KVH,
+             int64_t D, const uint16_t* keys, const int64_t* slots, int64_t k0, int64_t q0,
+             int64_t window, float scale, const uint16_t* vint, int64_t pa0, int64_t vpairs,
+             uint32_t* qp, float* sc, uint16_t* out, int64_t out_stride) {
+  constexpr int64_t lanes = NV * 16;
+  const int64_t G = H / KVH, rows = (u.t1 - u.t0) * G;
+  // The rows as pairs, lane-major: qp[p * lanes + r] = row r's elements 2p, 2p + 1.
+  for (int64_t r = 0; r < lanes; ++r) {
+    if (r < rows) {
+      const uint16_t* row = q + (u.t0 + r / G) * q_stride + (u.kh * G + r % G) * D;
+      for (int64_t p = 0; p < D / 2; ++p) std::memcpy(qp + p * lanes + r, row + 2 * p, 4);
+    } else {
+      for (int64_t p = 0; p < D / 2; ++p) qp[p * lanes + r] = 0;
+    }
+  }
+  // Each lane's position, and the last it does not see (-1: none): padding lanes see nothing.
+  __m512i qpos[NV], qlow[NV];
+  for (int v = 0; v < NV; ++v) {
+    alignas(64) int32_t pos[16], low[16];
+    for (int i = 0; i < 16; ++i) {
+      const int64_t r = v * 16 + i;
+      pos[i] = r < rows ? static_cast<int32_t>(q0 + u.t0 + r / G) : -1;
+      low[i] = window > 0 && r < rows ? pos[i] - static_cast<int32_t>(window) : -1;
+    }
+    qpos[v] = _mm512_load_si512(pos);
+    qlow[v] = _mm512_load_si512(low);
+  }
+  const int64_t lo = window > 0 ? std::max(k0, q0 + u.t0 - window + 1) : k0;
+  const int64_t hi = q0 + u.t1;  // keys [lo, hi)
+  const int64_t pa = lo & ~int64_t{1}, pb = (hi + 1) & ~int64_t{1};  // their pairs
+  const __m512 none = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
+  __m512 mx[NV];
+  for (int v = 0; v < NV; ++v) mx[v] = none;
+  // Keys outside [lo, hi) that complete a pair weigh 0.
+  for (int64_t l : {pa, pb - 1})
+    if (l < lo || l >= hi)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(sc + (l - pa) * lanes + v * 16, none);
+  auto scores = [&](auto nk, int64_t l0) {
+    constexpr int NK = decltype(nk)::value;
+    const uint16_t* krow[NK];
+    for (int k = 0; k < NK; ++k) krow[k] = keys + (slots[l0 + k - k0] * KVH + u.kh) * D;
+    __m512 acc[NK * NV];
+    pf_score_tile<NK, NV>(krow, qp, D, acc);
+    for (int k = 0; k < NK; ++k) {
+      const __m512i vl = _mm512_set1_epi32(static_cast<int32_t>(l0 + k));
+      for (int v = 0; v < NV; ++v) {
+        const __mmask16 seen = _mm512_cmple_epi32_mask(vl, qpos[v]) &
+                               _mm512_cmpgt_epi32_mask(vl, qlow[v]);
+        const __m512 s = _mm512_mask_mul_ps(none, seen, BF16::round16(acc[k * NV + v]), vscale);
+        _mm512_storeu_ps(sc + (l0 + k - pa) * lanes + v * 16, s);
+        mx[v] = _mm512_max_ps(mx[v], s);
+      }
+    }
+  };
+  int64_t l = lo;
+  for (; l + PF_KEYS <= hi; l += PF_KEYS) scores(std::integral_constant<int, PF_KEYS>{}, l);
+  for (; l + 4 <= hi; l += 4) scores(std::integral_constant<int, 4>{}, l);
+  for (; l < hi; ++l) scores(std::integral_constant<int, 1>{}, l);
+  // Exponentials in place and their sums (even and odd positions apart, pa being even); then
+  // the probabilities, rounded, as pairs: over the scores (pair p's slot comes before the
+  // scores it is made of).
+  const int64_t pairs = (pb - pa) / 2;
+  __m512 inv[NV];
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 empty = _mm512_cmp_ps_mask(mx[v], none, _CMP_EQ_OQ);
+    const __m512 m = _mm512_mask_mov_ps(mx[v], empty, _mm512_setzero_ps());
+    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      float* s0 = sc + 2 * p * lanes + v * 16;
+      const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0), m));
+      const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0 + lanes), m));
+      _mm512_storeu_ps(s0, e0);
+      _mm512_storeu_ps(s0 + lanes, e1);
+      even = _mm512_add_ps(even, e0);
+      odd = _mm512_add_ps(odd, e1);
+    }
+    const __m512 sum = _mm512_add_ps(even, odd);
+    const __mmask16 some = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ);
+    inv[v] = _mm512_maskz_div_ps(some, _mm512_set1_ps(1.0f), sum);
+  }
+  uint32_t* pp = reinterpret_cast<uint32_t*>(sc);
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int v = 0; v < NV; ++v) {
+      const __m512 e0 = _mm512_loadu_ps(sc + 2 * p * lanes + v * 16);
+      const __m512 e1 = _mm512_loadu_ps(sc + (2 * p + 1) * lanes + v * 16);
+      const __m512i b0 = BF16::bits16(_mm512_mul_ps(e0, inv[v]));
+      const __m512i b1 = BF16::bits16(_mm512_mul_ps(e1, inv[v]));
+      _mm512_storeu_si512(pp + p * lanes + v * 16, _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16)));
+    }
+  // The values: pair p of the unit is pair (pa - pa0) / 2 + p of the chunk's interleaved copy
+  // (vpairs of them a block of columns).
+  for (int64_t j = 0; j < D; j += 32) {
+    const int nc = D - j >= 32 ? 2 : 1;  // D is a multiple of 16
+    const uint16_t* vb = vint + ((j / 32) * vpairs + (pa - pa0) / 2) * 64;
+    for (int64_t r0 = 0; r0 < rows; r0 += PF_ROWS) {
+      const int64_t nr = std::min<int64_t>(PF_ROWS, rows - r0);
+      __m512 acc[2 * PF_ROWS];
+      switch (nr * 2 + nc - 1) {
+#define PC_CASE(n)                                                   \
+  case n * 2:                                                        \
+    pf_value_tile<n, 1>(pp, lanes, r0, vb, pairs, acc);               \
+    break;                                                           \
+  case n * 2 + 1:                                                    \
+    pf_value_tile<n, 2>(pp, lanes, r0, vb, pairs, acc);               \
+    break;
+        PC_CASE(1) PC_CASE(2) PC_CASE(3) PC_CASE(4) PC_CASE(5) PC_CASE(6) PC_CASE(7) PC_CASE(8)
+        PC_CASE(9) PC_CASE(10) PC_CASE(11) PC_CASE(12)
+#undef PC_CASE
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t row = r0 + r;
+        uint16_t* o = out + (u.t0 + row / G) * out_stride + (u.kh * G + row % G) * D + j;
+        for (int c = 0; c < nc; ++c) BF16::store16(o + 16 * c, acc[nc * r + c]);
+      }
+    }
+  }
+}
+
+// The chunk's values as pairs of keys (even absolute positions first), per key head and block
+// of 32 columns: vint [KVH][D / 32 rounded up][pairs][32][2] from position pa0; positions
+// outside [k0, k0 + L) are zeros. A block's pairs lie together, so the value tiles, which read
+// one block's columns of every pair, stream through memory rather than stride 4 * D bytes
+// (which kept a full layer's 4k keys from staying in the L2 cache between row tiles).
+inline void pf_interleave(const uint16_t* values, const int64_t* slots, int64_t L, int64_t k0,
+                          int64_t KVH, int64_t D, int64_t pa0, int64_t pairs, int64_t item,
+                          const uint16_t* zeros, uint16_t* vint) {
+  alignas(64) static const uint16_t idx[64] = {
+      0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+      11, 43, 12, 44, 13, 45, 14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53,
+      22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo_idx = _mm512_load_si512(idx), hi_idx = _mm512_load_si512(idx + 32);
+  const int64_t kh = item / pairs, p = item % pairs;
+  const uint16_t* row[2];
+  for (int i = 0; i < 2; ++i) {
+    const int64_t l = pa0 + 2 * p + i;
+    row[i] = l >= k0 && l < k0 + L ? values + (slots[l - k0] * KVH + kh) * D : zeros;
+  }
+  const int64_t blocks = (D + 31) / 32;
+  for (int64_t j = 0; j < D; j += 32) {  // D is a multiple of 16
+    uint16_t* dst = vint + ((kh * blocks + j / 32) * pairs + p) * 64;
+    const __mmask32 k = D - j >= 32 ? ~__mmask32{0} : __mmask32{0xffff};
+    const __m512i a = _mm512_maskz_loadu_epi16(k, row[0] + j);
+    const __m512i b = _mm512_maskz_loadu_epi16(k, row[1] + j);
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo_idx, b));
+    if (D - j >= 32) _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi_idx, b));
+  }
+}
+
+// D a multiple of 16, H / KVH at most PF_LANES.
+void prefill_attention(const uint16_t* q, int64_t q_stride, int64_t n, int64_t H, int64_t KVH,
+                       int64_t D, const uint16_t* keys, const uint16_t* values,
+                       const int64_t* slots, int64_t L, int64_t k0, int64_t q0, int64_t window,
+                       float scale, uint16_t* out, int64_t out_stride) {
+  const int64_t G = H / KVH;
+  const int64_t per = std::max<int64_t>(1, PF_LANES / G);  // tokens a unit
+  const int64_t blocks = (n + per - 1) / per, units = blocks * KVH;
+  const int64_t pa0 = k0 & ~int64_t{1}, pairs = (k0 + L + 1 - pa0) / 2;
+  const int threads = omp_get_max_threads();
+  // Scratch kept by the calling thread between calls; the workers reach it by pointer.
+  thread_local Scratch<uint16_t> vint_s, zeros_s;
+  thread_local Scratch<uint32_t> qp_s;
+  thread_local Scratch<float> sc_s;
+  const int64_t sc_size = (L + 2) * PF_LANES;
+  const int64_t per_head = (D + 31) / 32 * pairs * 64;  // a key head's interleaved values
+  vint_s.reserve(KVH * per_head);
+  zeros_s.reserve(D);
+  qp_s.reserve(threads * D / 2 * PF_LANES);
+  sc_s.reserve(threads * sc_size);
+  std::memset(zeros_s.data(), 0, sizeof(uint16_t) * D);
+  uint16_t* const vint = vint_s.data();
+  const uint16_t* const zeros = zeros_s.data();
+  uint32_t* const qp_all = qp_s.data();
+  float* const sc_all = sc_s.data();
+#pragma omp parallel if (units * L * D * G >= PARALLEL_MIN_WORK)
+  {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < KVH * pairs; ++item)
+      pf_interleave(values, slots, L, k0, KVH, D, pa0, pairs, item, zeros, vint);
+    const int t = omp_get_thread_num();
+    uint32_t* qp = qp_all + t * D / 2 * PF_LANES;
+    float* sc = sc_all + t * sc_size;
+    // Later tokens see more keys: units dealt out one at a time, in turn.
+#pragma omp for schedule(static, 1)
+    for (int64_t i = 0; i < units; ++i) {
+      const PfUnit u{i % KVH, (i / KVH) * per, std::min(n, (i / KVH + 1) * per)};
+      const uint16_t* kv = vint + u.kh * per_head;
+      if ((u.t1 - u.t0) * G > 16)
+        pf_unit<2>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
+                   pairs, qp, sc, out, out_stride);
+      else
+        pf_unit<1>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
+                   pairs, qp, sc, out, out_stride);
+    }
+  }
+}
+#endif
+
+}  // namespace

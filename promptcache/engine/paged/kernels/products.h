@@ -1,0 +1,321 @@
+// Matrix products: a prompt chunk's over bfloat16 weights as oneDNN sums them (gemm_bf16),
+// decode rows' over int8 weights (gemv_int8, gemv_int8_paired, project).
+
+#pragma once
+
+#include "common.h"
+
+namespace {
+
+#if PC_DPBF16
+// y [M, N] = x [M, K] W^T in bfloat16, W laid out as native_prefill.pair_dense lays it out
+// ([N / 32][K / 2][32][2]: 32 outputs side by side, two inputs each), each output summed as
+// oneDNN's packed bfloat16 matmul sums it: the inputs cut into blocks of `block` pairs, each
+// block summed from 0 by vdpbf16ps (pairs in order), the blocks added in order, one rounding.
+// So a prompt row computed here is the same bits as through PyTorch (native_prefill checks the
+// block against oneDNN for every weight before it uses one).
+template <int R>
+inline void gemm_tile(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* w, int64_t block,
+                      uint16_t* y, int64_t ldy, const char* ahead, int64_t ahead_lines) {
+  // 2R block sums live in registers; the running totals (2R more: too many for the 32
+  // registers) in memory, written by the first block and added to after.
+  alignas(64) float acc[2 * R][16];
+  for (int64_t k0 = 0; k0 < K / 2; k0 += block) {
+    __m512 t[2 * R];
+#pragma GCC unroll 32
+    for (int i = 0; i < 2 * R; ++i) t[i] = _mm512_setzero_ps();
+    const int64_t k1 = std::min(K / 2, k0 + block);
+    for (int64_t p = k0; p < k1; ++p) {
+      if (p < ahead_lines) _mm_prefetch(ahead + p * 64, _MM_HINT_T0);
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 64);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 64 + 32);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, x + r * ldx + 2 * p, sizeof pair);
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        t[2 * r] = _mm512_dpbf16_ps(t[2 * r], xb, w0);
+        t[2 * r + 1] = _mm512_dpbf16_ps(t[2 * r + 1], xb, w1);
+      }
+    }
+#pragma GCC unroll 32
+    for (int i = 0; i < 2 * R; ++i)
+      _mm512_store_ps(acc[i], k0 == 0 ? t[i] : _mm512_add_ps(_mm512_load_ps(acc[i]), t[i]));
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    BF16::store16(y + r * ldy, _mm512_load_ps(acc[2 * r]));
+    BF16::store16(y + r * ldy + 16, _mm512_load_ps(acc[2 * r + 1]));
+  }
+}
+
+// W [N, K] (bfloat16 pairs as 32-bit words, K2 = K / 2 of them a row) laid out as gemm_bf16
+// reads it: [N / 32][K2][32] words, 32 outputs side by side (a start copies ~200 MB of Gemma 3
+// 270M's layers this way: ~0.4 s as a PyTorch transpose, a few tens of ms here).
+void pair_dense(const uint32_t* w, int64_t N, int64_t K2, uint32_t* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < N / 32; ++b) {
+    // 16 pairs of each of the block's 32 rows at a time (one cache line each) through a small
+    // buffer, written out in order: rows a power of two apart would otherwise evict each
+    // other from the cache at every word.
+    const uint32_t* rows = w + b * 32 * K2;
+    uint32_t* o = out + b * K2 * 32;
+    uint32_t tile[32][16];
+    for (int64_t p0 = 0; p0 < K2; p0 += 16) {
+      const int64_t m = std::min<int64_t>(16, K2 - p0);
+      for (int64_t j = 0; j < 32; ++j) std::memcpy(tile[j], rows + j * K2 + p0, sizeof(uint32_t) * m);
+      for (int64_t p = 0; p < m; ++p)
+        for (int64_t j = 0; j < 32; ++j) o[(p0 + p) * 32 + j] = tile[j][p];
+    }
+  }
+}
+
+// N a multiple of 32, K even; the threads take blocks of 32 outputs, and each block's rows go
+// in tiles of as even a size as fits (64 rows: 11, 11, 11, 11, 10, 10 rather than five of 12
+// and one of 4, which reads the weights as often for a third of the work).
+void gemm_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* w, int64_t N,
+               int64_t block, uint16_t* y, int64_t ldy) {
+  constexpr int64_t TILE = 12;
+  const int64_t tiles = (M + TILE - 1) / TILE;
+#pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_WORK)
+  for (int64_t b = 0; b < N / 32; ++b) {
+    const uint16_t* wb = w + b * 32 * K;
+    // The next block's weights (K lines) on their way, a share of them during each tile: the
+    // first tile of a block otherwise reads it from memory faster than memory gives it (~12%
+    // of a 64-row product waited on it).
+    const char* next = b + 1 < N / 32 ? reinterpret_cast<const char*>(wb + 32 * K) : nullptr;
+    int64_t m = 0;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t rows = M / tiles + (t < M % tiles ? 1 : 0);
+      const uint16_t* xr = x + m * ldx;
+      uint16_t* yr = y + m * ldy + b * 32;
+      const int64_t lo = t * K / tiles, hi = (t + 1) * K / tiles;
+      const char* ahead = next ? next + lo * 64 : nullptr;
+      const int64_t lines = next ? hi - lo : 0;
+      switch (rows) {
+#define PC_CASE(n)                                                  \
+  case n:                                                           \
+    gemm_tile<n>(xr, ldx, K, wb, block, yr, ldy, ahead, lines);     \
+    break;
+        PC_CASE(1) PC_CASE(2) PC_CASE(3) PC_CASE(4) PC_CASE(5) PC_CASE(6) PC_CASE(7) PC_CASE(8)
+        PC_CASE(9) PC_CASE(10) PC_CASE(11) PC_CASE(12)
+#undef PC_CASE
+        default:
+          break;
+      }
+      m += rows;
+    }
+  }
+}
+#endif
+
+// y [B, N] = x [B, K] W^T for int8 W [N, K] with one scale per output row (the storage
+// type), and an optional bias: y = T(T(sum_k x w * s) + b), as models.int8.Int8Linear rounds
+// (the product rounded once, then the bias added). xf: x converted to float32, [B, K].
+template <class S>
+void gemv_int8(const float* xf, int64_t B, int64_t K, const int8_t* w,
+               const typename S::T* scales, const typename S::T* bias, int64_t N,
+               typename S::T* y) {
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* wr = w + n * K;
+    const float s = S::load(scales[n]);
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+      const int64_t bn = B - b0 < 4 ? B - b0 : 4;
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      int64_t k = 0;
+#if PC_AVX512
+      __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+      for (; k + 16 <= K; k += 16) {
+        const __m512 wv = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))));
+        for (int64_t b = 0; b < bn; ++b)
+          a[b] = _mm512_fmadd_ps(_mm512_loadu_ps(xf + (b0 + b) * K + k), wv, a[b]);
+      }
+      for (int64_t b = 0; b < bn; ++b) acc[b] = _mm512_reduce_add_ps(a[b]);
+#endif
+      for (; k < K; ++k)
+        for (int64_t b = 0; b < bn; ++b) acc[b] += xf[(b0 + b) * K + k] * wr[k];
+      for (int64_t b = 0; b < bn; ++b) {
+        float v = S::round(acc[b] * s);
+        if (bias) v = S::round(v + S::load(bias[n]));
+        y[(b0 + b) * N + n] = S::store(v);
+      }
+    }
+  }
+}
+
+#if PC_DPBF16
+// gemv_int8 for bfloat16 activations x [B, K] as stored, on CPUs with AVX512-BF16: 32 int8
+// weights become bfloat16 exactly (|q| <= 128 has 8 significant bits), and each row's products
+// accumulate pairwise in float32 (vdpbf16ps: a product of two bfloat16 is exact in float32),
+// half the instructions of the float32 path; K a multiple of 32.
+void gemv_int8_dpbf16(const uint16_t* x, int64_t B, int64_t K, const int8_t* w,
+                      const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y) {
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* wr = w + n * K;
+    const float s = bf16_to_float(scales[n]);
+    for (int64_t b0 = 0; b0 < B; b0 += 8) {
+      const int64_t bn = B - b0 < 8 ? B - b0 : 8;
+      __m512 a[8];
+      for (int64_t b = 0; b < bn; ++b) a[b] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
+        const __m512 hi =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
+        const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);
+        for (int64_t b = 0; b < bn; ++b) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (b0 + b) * K + k);
+          a[b] = _mm512_dpbf16_ps(a[b], xv, wv);
+        }
+      }
+      for (int64_t b = 0; b < bn; ++b) {
+        float v = round_bf16(_mm512_reduce_add_ps(a[b]) * s);
+        if (bias) v = round_bf16(v + bf16_to_float(bias[n]));
+        y[(b0 + b) * N + n] = float_to_bf16(v);
+      }
+    }
+  }
+}
+
+#if PC_PAIRED
+// bfloat16 of every magnitude 0..127, split in bytes (low, high): the paired weights convert
+// to bfloat16 by two 128-byte table lookups (vpermi2b reads an index's low 7 bits alone).
+struct PairTables {
+  alignas(64) uint8_t lo[128];
+  alignas(64) uint8_t hi[128];
+  PairTables() {
+    for (int m = 0; m < 128; ++m) {
+      const uint16_t h = float_to_bf16(static_cast<float>(m));
+      lo[m] = static_cast<uint8_t>(h & 0xff);
+      hi[m] = static_cast<uint8_t>(h >> 8);
+    }
+  }
+};
+const PairTables kPairTables;
+
+// q [N, K] int8 (-127..127) laid out for paired_block (native_decode.pair_weight): byte
+// 16 l + 8 s + i of the 64 for steps (2 j, 2 j + 1) of a block of 16 rows is value 8 l + i
+// (row / 2, input % 2) of step 2 j + s, as sign and magnitude. N a multiple of 16, K of 4.
+void pair_int8(const int8_t* q, int64_t N, int64_t K, uint8_t* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t nb = 0; nb < N / 16; ++nb) {
+    const int8_t* rows = q + nb * 16 * K;
+    uint8_t* o = out + nb * 16 * K;
+    for (int64_t j = 0; j < K / 4; ++j, o += 64)
+      for (int l = 0; l < 4; ++l)
+        for (int s = 0; s < 2; ++s)
+          for (int i = 0; i < 8; ++i) {
+            const int e = 8 * l + i;
+            const int v = rows[(e / 2) * K + 4 * j + 2 * s + e % 2];
+            o[16 * l + 8 * s + i] = static_cast<uint8_t>(v < 0 ? 0x80 | -v : v);
+          }
+  }
+}
+
+// 16 output rows n0 .. n0 + 15 of gemv_int8_paired for BN (compile-time) activation rows.
+// Each 64 bytes of p hold two steps kp, kp + 1 of 16 rows x 2 inputs as sign-and-magnitude
+// bytes (pair_weight), ordered so that interleaving the low and high bytes of their bfloat16
+// (unpacklo/hi work within 128-bit lanes) gives step kp's 32 values, then step kp + 1's: 5
+// instructions convert 64 weights, where widening to float and packing took 12 (the 8-row
+// step is compute-bound, one row memory-bound).
+template <int BN>
+inline void paired_block(const uint16_t* x, int64_t K, const uint8_t* p, const uint16_t* scales,
+                         const uint16_t* bias, int64_t n0, int64_t N, uint16_t* y) {
+  __m512 a[BN];
+  const uint32_t* xp[BN];
+  for (int b = 0; b < BN; ++b) {
+    a[b] = _mm512_setzero_ps();
+    xp[b] = reinterpret_cast<const uint32_t*>(x + b * K);
+  }
+  const __m512i lo0 = _mm512_load_si512(kPairTables.lo), lo1 = _mm512_load_si512(kPairTables.lo + 64);
+  const __m512i hi0 = _mm512_load_si512(kPairTables.hi), hi1 = _mm512_load_si512(kPairTables.hi + 64);
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t kp = 0; kp < K / 2; kp += 2) {
+    // The weights are read once, in order; the hardware prefetcher alone keeps too few lines
+    // in flight once there are a few rows' products to compute per line (8 rows: 7.9 -> 5.3
+    // ms for Gemma 3 270M's layers on 2 cores, one row 5.0 -> 3.4 ms).
+    _mm_prefetch(reinterpret_cast<const char*>(p + kp * 32 + PREFETCH_AHEAD), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(p + kp * 32);
+    const __m512i lo = _mm512_permutex2var_epi8(lo0, v, lo1);
+    // hi | (v & 0x80): the sign bit back on the magnitude's high byte.
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, v, hi1), v, sign, 0xf8);
+    const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
+    const __m512bh w1 = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+    for (int b = 0; b < BN; ++b)
+      a[b] = _mm512_dpbf16_ps(a[b], (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[b][kp])), w0);
+    for (int b = 0; b < BN; ++b)
+      a[b] = _mm512_dpbf16_ps(a[b], (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[b][kp + 1])), w1);
+  }
+  const __m512 s = BF16::load16(scales + n0);
+  for (int b = 0; b < BN; ++b) {
+    __m512 v = BF16::round16(_mm512_mul_ps(a[b], s));
+    if (bias) v = BF16::round16(_mm512_add_ps(v, BF16::load16(bias + n0)));
+    BF16::store16(y + b * N + n0, v);
+  }
+}
+
+// gemv_int8 over weights paired for vdpbf16ps: p [N / 16, K / 2, 16, 2] (16 output rows side
+// by side, two input columns each; bytes reordered by pairs of steps, see paired_block), so
+// that a pair of an activation row broadcast to every lane multiplies 16 rows' pairs at once
+// and each lane accumulates its own output: no horizontal sums, the activation read as 4-byte
+// broadcasts. Each output accumulates its K products pairwise in float32 in k order, whatever
+// B. N a multiple of 16, K of 4.
+void gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p,
+                      const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y) {
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    const uint16_t* xb = x + b0 * K;
+    uint16_t* yb = y + b0 * N;
+    const int64_t bn = B - b0 < 8 ? B - b0 : 8;
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
+    for (int64_t nb = 0; nb < N / 16; ++nb) {
+      const uint8_t* pb = p + nb * 16 * K;
+      switch (bn) {
+#define PC_ROWS(r)                                              \
+  case r:                                                       \
+    paired_block<r>(xb, K, pb, scales, bias, nb * 16, N, yb);   \
+    break;
+        PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
+#undef PC_ROWS
+      }
+    }
+  }
+}
+#endif  // PC_PAIRED
+#endif
+
+template <class S>
+void to_float(const typename S::T* x, int64_t n, float* out) {
+  load_row<S>(x, n, out);
+}
+
+// y = x W^T (+ bias) through whichever gemv_int8 suits x's type; xf: scratch of [B, K] floats.
+template <class S>
+void project(const typename S::T* x, float* xf, int64_t B, int64_t K, const int8_t* w,
+             const int8_t* paired, const void* scales, const void* bias, int64_t N,
+             typename S::T* y) {
+  using T = typename S::T;
+#if PC_DPBF16
+  if constexpr (std::is_same_v<S, BF16>) {
+#if PC_PAIRED
+    if (paired && N % 16 == 0 && K % 4 == 0) {
+      gemv_int8_paired(x, B, K, reinterpret_cast<const uint8_t*>(paired), static_cast<const uint16_t*>(scales),
+                       static_cast<const uint16_t*>(bias), N, y);
+      return;
+    }
+#endif
+    if (K % 32 == 0) {
+      gemv_int8_dpbf16(x, B, K, w, static_cast<const uint16_t*>(scales),
+                       static_cast<const uint16_t*>(bias), N, y);
+      return;
+    }
+  }
+#endif
+  to_float<S>(x, B * K, xf);
+  gemv_int8<S>(xf, B, K, w, static_cast<const T*>(scales), static_cast<const T*>(bias), N, y);
+}
+
+}  // namespace

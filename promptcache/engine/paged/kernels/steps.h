@@ -1,0 +1,180 @@
+// Whole steps of a model in one call: a decode step (decode_step) and a prefill chunk
+// (prefill_step), every layer through the kernels above.
+
+#pragma once
+
+#include "common.h"
+#include "decode_attention.h"
+#include "elementwise.h"
+#include "prefill_attention.h"
+#include "products.h"
+
+// One layer of a whole step, as the Python side lays it out (native_decode.py's LayerStruct).
+struct PcLayer {
+  const int8_t* w[4];       // int8 weights: qkv, o, gate_up, down
+  const int8_t* paired[4];  // the same paired for vdpbf16ps (gemv_int8_paired), or null
+  const void* scales[4];    // their per-row scales (storage type)
+  const void* bias[4];      // their biases or null
+  const void* norm_w[4];    // Gemma: input, post-attention, pre-MLP, post-MLP norms;
+                            // Llama: input, (null), post-attention, (null)
+  float norm_eps[4];
+  const void* head_norm;    // q/k norm table [heads + kv_heads, D] or null
+  float head_eps;
+  int rope;                 // index of the step's cos/sin, or -1
+  int window;               // index of the step's key slots and mask
+  float scale;              // softmax scale
+  void* keys;               // the pool's keys and values of this layer: [slots, KVH, D]
+  void* values;
+  const uint16_t* dense[4]; // prefill_step: the dense bfloat16 weights laid out for gemm_bf16
+  int64_t dense_block[4];   // and their blocks (pairs) of the inputs, oneDNN's (calibrated)
+};
+
+struct PcModel {
+  int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate;
+  int norm_mode;            // NormMode
+  int act;                  // Act
+  const void* final_norm;
+  float final_eps;
+  const PcLayer* layers;
+};
+
+// The step's per-row inputs (native_decode.py's StepStruct).
+struct PcStep {
+  int64_t rows;
+  const void* x;            // embeddings [rows, hidden] (scaled, for Gemma)
+  const void* cos[4];       // per rope table: [rows, D]
+  const void* sin[4];
+  const int64_t* slot_mapping;   // [rows]: where each row's key and value go
+  const int64_t* slots[4];  // per window: [rows, width]
+  const float* masks[4];    // per window: [rows, width] additive, or null
+  int64_t widths[4];
+  void* out;                // final hidden states [rows, hidden] (after the final norm)
+  // prefill_step (one chunk): per window, slots[w] holds the chunk's keys [widths[w]] from
+  // position key_pos[w], masks[w] the last row's additive mask over them (or null); queries
+  // from query_pos; keep: whether the last row is sampled (out: its hidden state, [1, hidden]).
+  int64_t key_pos[4];
+  int64_t window_len[4];    // the window's length, 0 for none
+  int64_t query_pos;
+  int64_t keep;
+};
+
+namespace {
+
+template <class S>
+void decode_step(const PcModel& m, const PcStep& st) {
+  using T = typename S::T;
+  const int64_t B = st.rows, E = m.hidden, H = m.heads, KVH = m.kv_heads, D = m.head_dim;
+  const int64_t I = m.intermediate, QKV = (H + 2 * KVH) * D, QK = H + KVH;
+  std::vector<T> x(B * E), h(B * E), x2(B * E), qkv(B * QKV), qk(B * QK * D), att(B * H * D),
+      proj(B * std::max(2 * I, E)), mid(B * I);
+  std::vector<float> xf(B * std::max({E, H * D, I}));
+  std::memcpy(x.data(), st.x, sizeof(T) * B * E);
+  const PcLayer& first = m.layers[0];
+  rms_norm<S>(x.data(), E, B, E, first.norm_w[0], first.norm_eps[0], m.norm_mode, h.data());
+  const bool gemma = m.norm_mode == OFFSET;
+  for (int64_t l = 0; l < m.num_layers; ++l) {
+    const PcLayer& L = m.layers[l];
+    project<S>(h.data(), xf.data(), B, E, L.w[0], L.paired[0], L.scales[0], L.bias[0], QKV, qkv.data());
+    const T* cos = L.rope >= 0 ? static_cast<const T*>(st.cos[L.rope]) : nullptr;
+    const T* sin = L.rope >= 0 ? static_cast<const T*>(st.sin[L.rope]) : nullptr;
+    qk_norm_rope<S>(qkv.data(), QKV, B, QK, D, L.head_norm, L.head_eps,
+                    L.head_norm ? m.norm_mode : -1, cos, sin, qk.data());
+    T* keys = static_cast<T*>(L.keys);
+    T* values = static_cast<T*>(L.values);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t slot = st.slot_mapping[b];
+      std::memcpy(keys + slot * KVH * D, qk.data() + (b * QK + H) * D, sizeof(T) * KVH * D);
+      std::memcpy(values + slot * KVH * D, qkv.data() + b * QKV + QK * D, sizeof(T) * KVH * D);
+    }
+    decode_attention<S>(qk.data(), QK * D, keys, values, st.slots[L.window],
+                        st.masks[L.window], att.data(), B, H, KVH, D, st.widths[L.window],
+                        L.scale);
+    project<S>(att.data(), xf.data(), B, H * D, L.w[1], L.paired[1], L.scales[1], L.bias[1], E, proj.data());
+    residual_norm<S>(x.data(), proj.data(), B, E, gemma ? L.norm_w[1] : nullptr, L.norm_eps[1],
+                     L.norm_w[2], L.norm_eps[2], m.norm_mode, x2.data(), h.data());
+    project<S>(h.data(), xf.data(), B, E, L.w[2], L.paired[2], L.scales[2], L.bias[2], 2 * I, proj.data());
+    gated_act<S>(proj.data(), B, I, m.act, mid.data(), I);
+    project<S>(mid.data(), xf.data(), B, I, L.w[3], L.paired[3], L.scales[3], L.bias[3], E, proj.data());
+    const bool last = l + 1 == m.num_layers;
+    const void* next_w = last ? m.final_norm : m.layers[l + 1].norm_w[0];
+    const float next_eps = last ? m.final_eps : m.layers[l + 1].norm_eps[0];
+    residual_norm<S>(x2.data(), proj.data(), B, E, gemma ? L.norm_w[3] : nullptr, L.norm_eps[3],
+                     next_w, next_eps, m.norm_mode, x.data(),
+                     last ? static_cast<T*>(st.out) : h.data());
+  }
+}
+
+#if PC_DPBF16
+// One prefill chunk of a bfloat16 model, every layer in one call: what the model's PyTorch
+// forward computes for it with the engine's kernels (the same functions for the norms, rope,
+// attention and activation; gemm_bf16 for oneDNN's products, the same sums), without the
+// ~400 Python-level operations between them. The last layer writes every row's keys and
+// values and finishes the last row alone when it is sampled (st.keep), as the PyTorch
+// forward's `keep` does.
+void prefill_step(const PcModel& m, const PcStep& st) {
+  using S = BF16;
+  using T = uint16_t;
+  const int64_t n = st.rows, E = m.hidden, H = m.heads, KVH = m.kv_heads, D = m.head_dim;
+  const int64_t I = m.intermediate, QKV = (H + 2 * KVH) * D, QK = H + KVH;
+  // The products' inputs whose rows would lie a multiple of 2 KiB apart get a cache line
+  // more a row: rows 4 KiB apart (Gemma 3 270M's MLP middle) all fall in one set of the L1
+  // cache, and a tile of 12 of them evicts itself every line (the down product ran ~12% slower).
+  const auto spread = [](int64_t k) { return (k * 2) % 2048 == 0 ? k + 32 : k; };
+  const int64_t AS = spread(H * D), MS = spread(I);
+  thread_local Scratch<T> x_s, h_s, x2_s, qkv_s, qk_s, att_s, proj_s, mid_s;
+  x_s.reserve(n * E);
+  h_s.reserve(n * E);
+  x2_s.reserve(n * E);
+  qkv_s.reserve(n * QKV);
+  qk_s.reserve(n * QK * D);
+  att_s.reserve(n * AS);
+  proj_s.reserve(n * std::max(2 * I, E));
+  mid_s.reserve(n * MS);
+  T *x = x_s.data(), *h = h_s.data(), *x2 = x2_s.data(), *qkv = qkv_s.data(), *qk = qk_s.data();
+  T *att = att_s.data(), *proj = proj_s.data(), *mid = mid_s.data();
+  std::memcpy(x, st.x, sizeof(T) * n * E);
+  const PcLayer& first = m.layers[0];
+  rms_norm<S>(x, E, n, E, first.norm_w[0], first.norm_eps[0], m.norm_mode, h);
+  const bool gemma = m.norm_mode == OFFSET;
+  for (int64_t l = 0; l < m.num_layers; ++l) {
+    const PcLayer& L = m.layers[l];
+    const bool last = l + 1 == m.num_layers;
+    gemm_bf16(h, E, n, E, L.dense[0], QKV, L.dense_block[0], qkv, QKV);
+    const T* cos = L.rope >= 0 ? static_cast<const T*>(st.cos[L.rope]) : nullptr;
+    const T* sin = L.rope >= 0 ? static_cast<const T*>(st.sin[L.rope]) : nullptr;
+    qk_norm_rope<S>(qkv, QKV, n, QK, D, L.head_norm, L.head_eps, L.head_norm ? m.norm_mode : -1,
+                    cos, sin, qk);
+    T* keys = static_cast<T*>(L.keys);
+    T* values = static_cast<T*>(L.values);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t slot = st.slot_mapping[r];
+      std::memcpy(keys + slot * KVH * D, qk + (r * QK + H) * D, sizeof(T) * KVH * D);
+      std::memcpy(values + slot * KVH * D, qkv + r * QKV + QK * D, sizeof(T) * KVH * D);
+    }
+    const int w = L.window;
+    int64_t rows = n;
+    if (!last) {
+      prefill_attention(qk, QK * D, n, H, KVH, D, keys, values, st.slots[w], st.widths[w],
+                        st.key_pos[w], st.query_pos, st.window_len[w], L.scale, att, AS);
+    } else {
+      if (!st.keep) return;  // no row sampled: its keys and values were all it needed
+      decode_attention<S>(qk + (n - 1) * QK * D, QK * D, keys, values, st.slots[w], st.masks[w],
+                          att, 1, H, KVH, D, st.widths[w], L.scale);
+      std::memmove(x, x + (n - 1) * E, sizeof(T) * E);
+      rows = 1;
+    }
+    gemm_bf16(att, AS, rows, H * D, L.dense[1], E, L.dense_block[1], proj, E);
+    residual_norm<S>(x, proj, rows, E, gemma ? L.norm_w[1] : nullptr, L.norm_eps[1],
+                     L.norm_w[2], L.norm_eps[2], m.norm_mode, x2, h);
+    gemm_bf16(h, E, rows, E, L.dense[2], 2 * I, L.dense_block[2], proj, 2 * I);
+    gated_act<S>(proj, rows, I, m.act, mid, MS);
+    gemm_bf16(mid, MS, rows, I, L.dense[3], E, L.dense_block[3], proj, E);
+    const void* next_w = last ? m.final_norm : m.layers[l + 1].norm_w[0];
+    const float next_eps = last ? m.final_eps : m.layers[l + 1].norm_eps[0];
+    residual_norm<S>(x2, proj, rows, E, gemma ? L.norm_w[3] : nullptr, L.norm_eps[3], next_w,
+                     next_eps, m.norm_mode, x, last ? static_cast<T*>(st.out) : h);
+  }
+}
+#endif
+
+}  // namespace
