@@ -207,6 +207,33 @@ def test_each_row_is_computed_alone() -> None:
             assert torch.equal(alone, both[one])
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(9, 3, 64), (4, 1, 256), (6, 2, 64)])
+def test_key_heads_split_over_the_threads_attend_alike(heads: int, kv_heads: int, d: int) -> None:
+    """One row of a model with a few key heads (SmolLM2's 3, not a multiple of the threads)
+    shares each head's chunks out; in a batch, whole heads go to a thread. Same bits both ways,
+    with the scores of an additive mask that is not only 0 and -inf (a bias) too."""
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(12)
+    keys, values = pool(2000, kv_heads, d, dtype)
+    q = torch.randn(5, heads, d, generator=gen).to(dtype)
+    slots = torch.randint(1, 2000, (5, 900), generator=gen)
+    zero = torch.zeros(5, 1, 1, 900)
+    zero[2, ..., 700:] = float("-inf")
+    bias = torch.randn(5, 1, 1, 900, generator=gen)
+    bias[3, ..., :100] = float("-inf")
+    for m in (None, zero, bias):
+        both = decode_attend(q, keys, values, slots, m, 0.125)
+        with native.disabled():
+            want = decode_attend(q, keys, values, slots, m, 0.125)
+        torch.testing.assert_close(both, want, **close(dtype))
+        for row in range(5):
+            one = slice(row, row + 1)
+            alone = decode_attend(
+                q[one], keys, values, slots[one], None if m is None else m[one], 0.125
+            )
+            assert torch.equal(alone, both[one])
+
+
 def chunk_attention(
     q: torch.Tensor,
     keys: torch.Tensor,

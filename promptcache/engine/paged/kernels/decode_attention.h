@@ -109,9 +109,9 @@ inline __m512 sum16(const __m512* a) {
 
 constexpr int64_t KEY_CHUNK = 256;
 // Live keys per work item of decode_attention_dp (even, a multiple of 16).
-constexpr int64_t KV_AHEAD = 4;
-// Blocks of keys ahead of the one in hand that dp_scores asks the cache for (decode attention
-// of 8 rows x 1,024 keys on 2 cores: 6.1 -> 5.1 ms a step with NEXT_UNIT_KEYS).
+constexpr int64_t KV_AHEAD_BYTES = 8192;
+// Bytes of key rows ahead of the block in hand that dp_scores asks the cache for (decode
+// attention of 8 rows x 1,024 keys on 2 cores: 6.1 -> 5.1 ms a step with NEXT_UNIT_KEYS).
 constexpr int64_t NEXT_UNIT_KEYS = 64;
 // Keys of a thread's next unit that decode_attention_dp asks the cache for ahead.
 
@@ -125,7 +125,7 @@ inline void prefetch_row(const uint16_t* row, int64_t D) {
 // One block of scores: KB = 16 / GQ keys x GQ query heads, one accumulator each (lane
 // j * GQ + g of sum16), each key row and query row read once per block.
 template <int GQ>
-inline void score_block(const uint16_t* qb, const uint16_t* const* kp, int64_t D, float* sums) {
+inline __m512 score_block(const uint16_t* qb, const uint16_t* const* kp, int64_t D) {
   constexpr int KB = 16 / GQ;
   __m512 a[16];
   for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
@@ -137,7 +137,7 @@ inline void score_block(const uint16_t* qb, const uint16_t* const* kp, int64_t D
       for (int g = 0; g < GQ; ++g) a[j * GQ + g] = _mm512_dpbf16_ps(a[j * GQ + g], qv[g], k);
     }
   }
-  _mm512_storeu_ps(sums, sum16(a));
+  return sum16(a);
 }
 
 // One unit (a row's key head) of decode_attention_dp, as its chunk-wise pieces read it.
@@ -147,6 +147,7 @@ struct DpUnit {
   int64_t n;              // how many
   const int64_t* slots;   // its row of slots [W]
   const float* mask;      // its row of the mask [W], or null
+  bool zero_mask;         // the mask is null or +0 at every live key (adding it changes nothing)
   float* sc;              // [GQ, W] by live index: scores, then exponentials
   int64_t W, kh, KVH, D;
 };
@@ -157,31 +158,47 @@ template <int GQ>
 void dp_scores(const DpUnit& u, const uint16_t* keys, const uint16_t* values, int64_t i0,
                int64_t i1, float scale, float* mx) {
   constexpr int KB = 16 / GQ;
-  for (int g = 0; g < GQ; ++g) mx[g] = -INFINITY;
+  // Whole blocks of keys, KV_AHEAD_BYTES of them or more.
+  const int64_t skip = (KV_AHEAD_BYTES / (2 * u.D) + KB - 1) / KB * KB;
+  __m512i head[GQ];  // lane j of head g's scores: lane j * GQ + g of a block's (past KB: 0)
+  __m512 vmx[GQ];
+  for (int g = 0; g < GQ; ++g) {
+    alignas(64) int32_t order[16];
+    for (int j = 0; j < 16; ++j) order[j] = j < KB ? j * GQ + g : 0;
+    head[g] = _mm512_load_si512(order);
+    vmx[g] = _mm512_set1_ps(-INFINITY);
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t i = i0; i < i1; i += KB) {
     const int kb = i1 - i < KB ? static_cast<int>(i1 - i) : KB;
-    // The keys KV_AHEAD blocks on into L1, and this block's values into L2 for dp_values: a
+    // The keys KV_AHEAD_BYTES on into L1, and this block's values into L2 for dp_values: a
     // row lies wherever its block of the pool does, so the hardware prefetcher cannot see the
     // next one coming, and the weights streamed since the last step have evicted them.
-    const int64_t ahead = std::min(i + KB * (KV_AHEAD + 1), i1);
-    for (int64_t j = i == i0 ? i : i + KB * KV_AHEAD; j < ahead; ++j)
+    const int64_t ahead = std::min(i + skip + KB, i1);
+    for (int64_t j = i == i0 ? i : i + skip; j < ahead; ++j)
       prefetch_row<_MM_HINT_T0>(keys + (u.slots[u.live[j]] * u.KVH + u.kh) * u.D, u.D);
     for (int j = 0; j < kb; ++j)
       prefetch_row<_MM_HINT_T1>(values + (u.slots[u.live[i + j]] * u.KVH + u.kh) * u.D, u.D);
     const uint16_t* kp[KB];
     for (int j = 0; j < KB; ++j)  // past the last key: the first again, its sums unused
       kp[j] = keys + (u.slots[u.live[i + (j < kb ? j : 0)]] * u.KVH + u.kh) * u.D;
-    alignas(64) float sums[16];
-    score_block<GQ>(u.qb, kp, u.D, sums);
-    for (int j = 0; j < kb; ++j) {
-      const float m = u.mask ? u.mask[u.live[i + j]] : 0.0f;
-      for (int g = 0; g < GQ; ++g) {
-        const float v = BF16::round(sums[j * GQ + g]) * scale + m;
-        u.sc[g * u.W + i + j] = v;
-        mx[g] = std::max(mx[g], v);
-      }
+    // Lane j * GQ + g: key j, head g, rounded and scaled; then head g's keys in lanes j.
+    const __m512 r = _mm512_mul_ps(BF16::round16(score_block<GQ>(u.qb, kp, u.D)), vscale);
+    __m512 m = _mm512_setzero_ps();  // added as the scalar + 0.0f is: -0 becomes +0
+    if (!u.zero_mask) {
+      alignas(64) float mj[16] = {};
+      for (int j = 0; j < kb; ++j) mj[j] = u.mask[u.live[i + j]];
+      m = _mm512_load_ps(mj);
+    }
+    const __mmask16 in = static_cast<__mmask16>((1u << kb) - 1);
+    for (int g = 0; g < GQ; ++g) {
+      const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(head[g], r), m);
+      _mm512_mask_storeu_ps(u.sc + g * u.W + i, in, v);
+      // max(v, vmx): a NaN score leaves the maximum as it was, as std::max(mx, v) does.
+      vmx[g] = _mm512_mask_max_ps(vmx[g], in, v, vmx[g]);
     }
   }
+  for (int g = 0; g < GQ; ++g) mx[g] = _mm512_reduce_max_ps(vmx[g]);
 }
 
 // exp(score - mx) of live keys [i0, i1) in place; their sum per head as 16 lanes (key i in
@@ -208,14 +225,21 @@ template <int GQ>
 void dp_values(const DpUnit& u, const uint16_t* values, int64_t i0, int64_t i1, const float* inv,
                float* partial) {
   const int64_t np = (i1 - i0 + 1) / 2;
-  uint32_t pairs[GQ][KEY_CHUNK / 2];
+  // Pair p: the probabilities of keys i0 + 2p and i0 + 2p + 1 (0 past i1) as bfloat16, low
+  // and high: 16 pairs are 32 probabilities in a row, rounded and packed in order.
+  alignas(64) uint32_t pairs[GQ][KEY_CHUNK / 2];
   for (int g = 0; g < GQ; ++g) {
     const float* s = u.sc + g * u.W;
-    for (int64_t p = 0; p < np; ++p) {
+    const __m512 vinv = _mm512_set1_ps(inv[g]);
+    for (int64_t p = 0; p < np; p += 16) {
       const int64_t i = i0 + 2 * p;
-      const uint32_t lo = float_to_bf16(s[i] * inv[g]);
-      const uint32_t hi = i + 1 < i1 ? float_to_bf16(s[i + 1] * inv[g]) : 0u;
-      pairs[g][p] = lo | (hi << 16);
+      const __mmask16 k0 = lanes(i, i1), k1 = i + 16 < i1 ? lanes(i + 16, i1) : 0;
+      const __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(k0, s + i), vinv);
+      const __m512 b = _mm512_mul_ps(_mm512_maskz_loadu_ps(k1, s + i + 16), vinv);
+      const __m512i both = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm512_cvtepi32_epi16(BF16::bits16(a))),
+          _mm512_cvtepi32_epi16(BF16::bits16(b)), 1);
+      _mm512_store_si512(pairs[g] + p, both);
     }
   }
   // Lane l of the low (high) interleave holds column 8 (l / 4) + l % 4 (+ 4): back in order.
@@ -273,7 +297,7 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
   // Scratch kept by the calling thread between calls (allocating and clearing ~1 MB a call
   // cost more than the attention of a few short rows); the workers reach it through the
   // pointers below (a thread_local name in their code would be their own).
-  thread_local Scratch<int64_t> live_s, first_s, owner_s;
+  thread_local Scratch<int64_t> live_s, first_s, owner_s, order_s;
   thread_local Scratch<float> sc_s, cmax_s, csum_s, part_s;
   thread_local Scratch<uint16_t> qb_s;
   live_s.reserve(units * W);
@@ -288,12 +312,16 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
     const float* mrow = mask ? mask + b * W : nullptr;
     int64_t* lv = live + u * W;
     int64_t n = 0;
+    bool zero = true;
     for (int64_t j = 0; j < W; ++j)
-      if (!mrow || mrow[j] != -INFINITY) lv[n++] = j;
+      if (!mrow || mrow[j] != -INFINITY) {
+        lv[n++] = j;
+        zero = zero && (!mrow || (mrow[j] == 0.0f && !std::signbit(mrow[j])));
+      }
     uint16_t* qu = qb + u * GQ * D;
     for (int g = 0; g < GQ; ++g)
       std::memcpy(qu + g * D, q + b * q_stride + ((u % KVH) * GQ + g) * D, sizeof(uint16_t) * D);
-    return DpUnit{qu, lv, n, slots + b * W, mrow, sc + u * GQ * W, W, u % KVH, KVH, D};
+    return DpUnit{qu, lv, n, slots + b * W, mrow, zero, sc + u * GQ * W, W, u % KVH, KVH, D};
   };
   auto store = [&](int64_t u, const float* acc) {
     uint16_t* op = out + ((u / KVH) * H + (u % KVH) * GQ) * D;
@@ -304,7 +332,10 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
       _mm512_storeu_ps(acc + i, _mm512_add_ps(_mm512_loadu_ps(acc + i), _mm512_loadu_ps(partial + i)));
   };
   const bool parallel = units * W * D >= PARALLEL_MIN_WORK;
-  if (units >= omp_get_max_threads() || W <= KEY_CHUNK || !parallel) {
+  // Whole units a thread where they share out evenly; else (one row of a model with fewer
+  // key heads than threads, or not a multiple) the chunks of each phase.
+  const int64_t nt = omp_get_max_threads();
+  if ((units >= nt && (units % nt == 0 || units >= 4 * nt)) || W <= KEY_CHUNK || !parallel) {
     // Whole units a thread.
 #pragma omp parallel if (units > 1 && parallel)
     {
@@ -366,6 +397,15 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
   float* const part = part_s.data();
   for (int64_t u = 0; u < units; ++u)
     for (int64_t c = first[u]; c < first[u + 1]; ++c) owner[c] = u;
+  // The threads take the items in this order, a chunk of every unit before the next chunk:
+  // a row's key heads lie side by side in the pool, so a thread reads each slot's rows of
+  // all heads together rather than one head's every few hundred bytes.
+  order_s.reserve(items);
+  int64_t* const order = order_s.data();
+  int64_t next = 0;
+  for (int64_t c = 0; next < items; ++c)
+    for (int64_t u = 0; u < units; ++u)
+      if (first[u] + c < first[u + 1]) order[next++] = first[u] + c;
   auto span = [&](int64_t c, int64_t* i0, int64_t* i1) {
     *i0 = (c - first[owner[c]]) * KEY_CHUNK;
     *i1 = std::min(*i0 + KEY_CHUNK, unit[owner[c]].n);
@@ -374,13 +414,14 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
   {
     int64_t i0, i1;
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < items; ++c) {
+    for (int64_t o = 0; o < items; ++o) {
+      const int64_t c = order[o];
       span(c, &i0, &i1);
       dp_scores<GQ>(unit[owner[c]], keys, values, i0, i1, scale, cmax + c * GQ);
     }
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < items; ++c) {
-      const int64_t u = owner[c];
+    for (int64_t o = 0; o < items; ++o) {
+      const int64_t c = order[o], u = owner[c];
       float mx[GQ];
       for (int g = 0; g < GQ; ++g) {
         mx[g] = -INFINITY;
@@ -390,8 +431,8 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
       dp_exps<GQ>(unit[u], i0, i1, mx, csum + c * GQ * 16);
     }
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < items; ++c) {
-      const int64_t u = owner[c];
+    for (int64_t o = 0; o < items; ++o) {
+      const int64_t c = order[o], u = owner[c];
       float inv[GQ];
       dp_inverse<GQ>(csum + first[u] * GQ * 16, first[u + 1] - first[u], inv);
       span(c, &i0, &i1);
