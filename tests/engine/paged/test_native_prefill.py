@@ -113,21 +113,30 @@ def test_a_projection_with_a_bias_keeps_pytorchs_path() -> None:
 @pytest.mark.skipif(
     not packing_available(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here"
 )
-@pytest.mark.parametrize(("n", "k"), [(1536, 640), (640, 1024), (4096, 640), (640, 2048)])
-def test_the_products_are_onednns_bit_for_bit(n: int, k: int) -> None:
-    """Gemma 3 270M's four projection shapes: the block found on the probe rows makes every
-    output of other rows, of any count, the same as oneDNN's packed matmul."""
+@pytest.mark.parametrize(
+    ("n", "k", "seed"),
+    [
+        *((n, k, n + k) for n, k in [(1536, 640), (640, 1024), (4096, 640), (640, 2048)]),
+        # SmolLM2-135M's: a weight on which 64 probe rows took one sum over all 576 inputs for
+        # oneDNN's blocks of 256 pairs (seed 7), and its other three shapes.
+        (576, 576, 7),
+        *((n, k, n + k) for n, k in [(960, 576), (3072, 576), (576, 1536)]),
+    ],
+)
+def test_the_products_are_onednns_bit_for_bit(n: int, k: int, seed: int) -> None:
+    """Gemma 3 270M's and SmolLM2-135M's projection shapes: the block found on the probe rows
+    makes every output of other rows, of any count, the same as oneDNN's packed matmul."""
     assert KERNELS is not None
     gemm = KERNELS.library.pc_gemm_bf16
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     gemm.restype, gemm.argtypes = None, [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]
-    gen = torch.Generator().manual_seed(n + k)
+    gen = torch.Generator().manual_seed(seed)
     weight = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16)
     onednn = PackedLinear(Linear(weight))
     paired = pair_dense(weight)
     block = _calibrate(gemm, onednn, paired, {})
     assert block is not None
-    for rows in (1, 7, 64, 100):
+    for rows in (1, 7, 60, 64, 100, 300):
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         got = torch.empty(rows, n, dtype=torch.bfloat16)
         gemm(x.data_ptr(), k, rows, k, paired.data_ptr(), n, block, got.data_ptr(), n)
