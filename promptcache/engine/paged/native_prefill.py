@@ -219,7 +219,7 @@ def _calibrate(
     A wrong block changes a float32 sum in its last bits, which the rounding to bfloat16 hides
     but for ~1 output in 60,000: the first weight of a shape is probed with
     ``CALIBRATION_ROWS`` rows (SmolLM2's 576 x 960 took one sum over all its inputs for
-    oneDNN's blocks of 256 on 64 rows, then differed from oneDNN in every prompt of 60 tokens
+    oneDNN's blocks of 256 pairs on 64 rows, then differed from oneDNN in every prompt of 60 tokens
     or more); the later ones of that shape with the block known, on 64."""
     n, k = paired.shape[0] * 32, paired.shape[1] * 2
     known = found.get((n, k))
