@@ -285,9 +285,10 @@ void dp_inverse(const float* chunk_sums, int64_t chunks, float* inv) {
 // then per chunk the exponentials and their sum (the chunks' sums added in chunk order), then per
 // chunk the probabilities (rounded to bfloat16) times the values, the chunks' partial outputs
 // added in chunk order. The cut depends on the unit's keys alone, so a row attends alike alone
-// and in any batch. With fewer units than threads (one stream), the chunks of each phase are
-// shared by the threads (a long context no longer waits on one core); otherwise each thread
-// takes whole units. Both do the same arithmetic in the same order: the same results.
+// and in any batch. Where the units do not share out evenly over the threads (one stream of
+// Gemma 3's one key head, SmolLM2's 3 on 2 threads), the chunks of each phase are shared by
+// the threads (a long context no longer waits on one core); otherwise each thread takes whole
+// units. Both do the same arithmetic in the same order: the same results.
 template <int GQ>
 void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* keys,
                          const uint16_t* values, const int64_t* slots, const float* mask,
@@ -375,7 +376,7 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
     }
     return;
   }
-  // Fewer units than threads: each phase's chunks shared by the threads.
+  // Units that do not share out evenly: each phase's chunks shared by the threads.
   thread_local Scratch<DpUnit> unit_s;
   unit_s.reserve(units);
   first_s.reserve(units + 1);
