@@ -16,15 +16,19 @@ directory with transformers instead.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from promptcache.engine.paged.models.gemma3 import GEMMA3_TYPES
 from promptcache.engine.paged.models.llama import LLAMA_FAMILY
+
+log = logging.getLogger(__name__)
 
 TEXT_TYPES = tuple(t for t in GEMMA3_TYPES if t != "gemma3") + LLAMA_FAMILY
 """Model types whose checkpoints hold one text model under ``model.`` (Gemma 3's multimodal
@@ -102,10 +106,24 @@ def _files(directory: Path) -> list[Path] | None:
     return [single] if single.is_file() else None
 
 
-def load_checkpoint(directory: Path, dtype: torch.dtype) -> Checkpoint | None:
+def dtype_copy(directory: Path, dtype: torch.dtype) -> Path:
+    """Where ``load_checkpoint(..., keep_copy=True)`` keeps ``directory``'s weights in
+    ``dtype``."""
+    return directory / f"model.{str(dtype).removeprefix('torch.')}.safetensors"
+
+
+def load_checkpoint(
+    directory: Path, dtype: torch.dtype, *, keep_copy: bool = False
+) -> Checkpoint | None:
     """The tree of ``directory``'s weights in ``dtype``, or None where this does not read it
     (another model type, no safetensors, keys outside ``model.`` / ``lm_head.``, an untied head
-    that is not saved)."""
+    that is not saved).
+
+    ``keep_copy`` (a directory of the engine's own, an embedded model's converted copy): keep the
+    weights in ``dtype`` beside the float32 ones (``dtype_copy``), written by the first load in a
+    dtype other than float32 and read by the later ones as they are. Casting Gemma 3 270M's
+    1.07 GB of float32 to bfloat16 took ~3 s of a 2-core machine's start; the copy is the same
+    bits (a cast is deterministic), half the bytes, and 0.54 GB more on disk."""
     from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -113,10 +131,15 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> Checkpoint | None:
     eps = getattr(config, "rms_norm_eps", None)
     if getattr(config, "model_type", None) not in TEXT_TYPES or files is None or eps is None:
         return None
+    keep_copy = keep_copy and dtype != torch.float32
+    copy = dtype_copy(directory, dtype)
+    if keep_copy and copy.is_file():
+        files, keep_copy = [copy], False
     generation = None
     if (directory / "generation_config.json").is_file():
         generation = GenerationConfig.from_pretrained(directory, local_files_only=True)
     root = Checkpoint(config, generation)
+    cast: dict[str, torch.Tensor] = {}
     for file in files:
         for key, tensor in load_file(str(file)).items():
             *path, leaf = key.split(".")
@@ -125,7 +148,10 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> Checkpoint | None:
             node: Node = root
             for part in path:
                 node = node.child(part)
-            node.put(leaf, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            cast[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            node.put(leaf, cast[key])
+    if keep_copy:
+        _save_atomically(cast, copy)
     if getattr(config, "tie_word_embeddings", False):
         try:
             embed = root.model.embed_tokens.weight
@@ -139,4 +165,16 @@ def load_checkpoint(directory: Path, dtype: torch.dtype) -> Checkpoint | None:
     return root
 
 
-__all__ = ["TEXT_TYPES", "Checkpoint", "Node", "load_checkpoint"]
+def _save_atomically(tensors: dict[str, torch.Tensor], target: Path) -> None:
+    """``tensors`` saved at ``target`` under a temporary name first: a concurrent start reads
+    the whole file or none (and a full disk leaves no half file, only no copy)."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, target)
+    except Exception as error:  # safetensors raises its own errors too: a copy is optional
+        log.warning("could not keep %s (%s): later starts cast the weights again", target, error)
+        tmp.unlink(missing_ok=True)
+
+
+__all__ = ["TEXT_TYPES", "Checkpoint", "Node", "dtype_copy", "load_checkpoint"]

@@ -119,7 +119,9 @@ def load_engine(
     # about a second less to ready on a 2-core machine.
     with _quiet_transformers_bars(), ThreadPoolExecutor(1) as pool:
         tok_future = pool.submit(AutoTokenizer.from_pretrained, model_dir, local_files_only=True)
-        hf_model: Any = load_checkpoint(model_dir, DTYPES[dtype])
+        # The converted copies are the engine's own: they keep their weights in the load dtype.
+        ours = model_dir.parent == Path(cache_dir) / "converted"
+        hf_model: Any = load_checkpoint(model_dir, DTYPES[dtype], keep_copy=ours)
         if hf_model is None:
             hf_model = _from_pretrained(model_dir, dtype)
         hf_tok = tok_future.result()

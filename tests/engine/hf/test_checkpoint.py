@@ -8,12 +8,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from promptcache.engine.hf.checkpoint import Checkpoint, load_checkpoint
+from promptcache.engine.hf.checkpoint import Checkpoint, dtype_copy, load_checkpoint
 from promptcache.engine.paged.models import from_hf
 from tests.engine.paged.tiny_models import KINDS, build
 
@@ -107,3 +108,34 @@ def test_a_tree_the_builders_cannot_read_is_loaded_by_transformers(tmp_path: Pat
 
     engine = loader.load_engine(str(path), cache_dir=tmp_path / "cache", dtype="float32")
     assert isinstance(engine, PagedEngine)
+
+
+def test_a_converted_copy_keeps_its_weights_in_the_load_dtype(tmp_path: Path) -> None:
+    """The engine's own converted directories keep a copy in the load dtype: the first bfloat16
+    load writes it, the later ones read it (the same tensors), float32 loads need none, and a
+    user's directory is never written to."""
+    path = saved("gemma3", tmp_path)
+    first = load_checkpoint(path, torch.bfloat16, keep_copy=True)
+    copy = dtype_copy(path, torch.bfloat16)
+    assert first is not None and copy.is_file()
+    second = load_checkpoint(path, torch.bfloat16, keep_copy=True)
+    assert second is not None
+    pairs = list(zip(first.tensors(), second.tensors(), strict=True))
+    for (_, name, a), (_, other, b) in pairs:
+        assert name == other and a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+    # Read from the copy: what it holds is what loads.
+    tensors = load_file(str(copy))
+    key = next(k for k in tensors if k.endswith("input_layernorm.weight"))
+    tensors[key] = torch.full_like(tensors[key], 3.0)
+    save_file(tensors, str(copy))
+    third = load_checkpoint(path, torch.bfloat16, keep_copy=True)
+    assert third is not None
+    node: Any = third
+    for part in key.split("."):
+        node = getattr(node, part)
+    assert torch.equal(node, torch.full_like(node, 3.0))
+    load_checkpoint(path, torch.float32, keep_copy=True)
+    assert not dtype_copy(path, torch.float32).exists()
+    user = saved("llama", tmp_path)
+    assert load_checkpoint(user, torch.bfloat16) is not None
+    assert not dtype_copy(user, torch.bfloat16).exists()
