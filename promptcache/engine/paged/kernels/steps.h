@@ -139,16 +139,38 @@ void prefill_step(const PcModel& m, const PcStep& st) {
   for (int64_t l = 0; l < m.num_layers; ++l) {
     const PcLayer& L = m.layers[l];
     const bool last = l + 1 == m.num_layers;
-    gemm_bf16(h, E, n, E, L.dense[0], QKV, L.dense_block[0], qkv, QKV);
     const T* cos = L.rope >= 0 ? static_cast<const T*>(st.cos[L.rope]) : nullptr;
     const T* sin = L.rope >= 0 ? static_cast<const T*>(st.sin[L.rope]) : nullptr;
-    qk_norm_rope<S>(qkv, QKV, n, QK, D, L.head_norm, L.head_eps, L.head_norm ? m.norm_mode : -1,
-                    cos, sin, qk);
+    const int mode = L.head_norm ? m.norm_mode : -1;
+    const T* normed_keys = qk + H * D;  // row r's key heads at r * key_stride
+    int64_t key_stride = QK * D;
+    if (!last || (H * D) % 32 != 0) {
+      gemm_bf16(h, E, n, E, L.dense[0], QKV, L.dense_block[0], qkv, QKV);
+      qk_norm_rope<S>(qkv, QKV, n, QK, D, L.head_norm, L.head_eps, mode, cos, sin, qk);
+    } else {
+      // The last layer: every row's keys and values, the sampled row's queries alone (none
+      // where no row is sampled); the same sums row by row. The keys go through att, free
+      // until the attention.
+      gemm_bf16(h, E, n, E, L.dense[0] + H * D * E, 2 * KVH * D, L.dense_block[0], qkv + H * D,
+                QKV);
+      const size_t w_size = m.norm_mode == OFFSET ? sizeof(float) : sizeof(T);
+      const void* key_table =
+          L.head_norm ? static_cast<const char*>(L.head_norm) + H * D * w_size : nullptr;
+      qk_norm_rope<S>(qkv + H * D, QKV, n, KVH, D, key_table, L.head_eps, mode, cos, sin, att);
+      normed_keys = att;
+      key_stride = KVH * D;
+      if (st.keep) {
+        const int64_t r = n - 1;
+        gemm_bf16(h + r * E, E, 1, E, L.dense[0], H * D, L.dense_block[0], qkv + r * QKV, QKV);
+        qk_norm_rope<S>(qkv + r * QKV, QKV, 1, H, D, L.head_norm, L.head_eps, mode,
+                        cos ? cos + r * D : nullptr, sin ? sin + r * D : nullptr, qk + r * QK * D);
+      }
+    }
     T* keys = static_cast<T*>(L.keys);
     T* values = static_cast<T*>(L.values);
     for (int64_t r = 0; r < n; ++r) {
       const int64_t slot = st.slot_mapping[r];
-      std::memcpy(keys + slot * KVH * D, qk + (r * QK + H) * D, sizeof(T) * KVH * D);
+      std::memcpy(keys + slot * KVH * D, normed_keys + r * key_stride, sizeof(T) * KVH * D);
       std::memcpy(values + slot * KVH * D, qkv + r * QKV + QK * D, sizeof(T) * KVH * D);
     }
     const int w = L.window;
