@@ -110,7 +110,7 @@ void decode_step(const PcModel& m, const PcStep& st) {
 // attention and activation; gemm_bf16 for oneDNN's products, the same sums), without the
 // ~400 Python-level operations between them. The last layer writes every row's keys and
 // values and finishes the last row alone when it is sampled (st.keep), as the PyTorch
-// forward's `keep` does.
+// forward's `keep` does; it projects that row's queries alone (the same sums, row by row).
 void prefill_step(const PcModel& m, const PcStep& st) {
   using S = BF16;
   using T = uint16_t;
