@@ -125,8 +125,8 @@ void pc_int4_rescore(float* scores, int64_t B, int64_t V, const float* bmax, int
 }
 #endif
 
-// 1 when bfloat16 steps multiply weights paired for vdpbf16ps (gemv_int8_paired).
-int pc_paired() { return PC_PAIRED; }
+// 1 when bfloat16 steps multiply int8 weights in integers (gemv_int8_vnni).
+int pc_vnni_products() { return PC_DPBF16 && PC_VNNI; }
 
 // 1 when int4_logits is compiled in (AVX512-VNNI).
 int pc_int4_head() { return PC_INT4_HEAD; }
@@ -150,13 +150,15 @@ int64_t pc_sizeof_step() { return sizeof(PcStep); }
 
 void pc_decode_step_bf16(const PcModel* m, const PcStep* st) { decode_step<BF16>(*m, *st); }
 
-#if PC_PAIRED
-// y [B, N] = x [B, K] (q * scales)^T (+ bias) over q laid out by native_decode.pair_weight.
-void pc_gemv_int8_paired(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p,
-                         const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y) {
-  gemv_int8_paired(x, B, K, p, scales, bias, N, y);
+#if PC_DPBF16 && PC_VNNI
+// y [B, N] = x [B, K] (q * scales)^T (+ bias) over q laid out by native_decode.vnni_weight;
+// scratch: what gemv_int8_vnni asks.
+void pc_gemv_int8_vnni(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p,
+                       const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y,
+                       void* scratch) {
+  gemv_int8_vnni(x, B, K, p, scales, bias, N, y, scratch);
 }
-void pc_pair_int8(const int8_t* q, int64_t N, int64_t K, uint8_t* out) { pair_int8(q, N, K, out); }
+int64_t pc_vnni_group() { return VNNI_GROUP; }
 #endif
 
 #if PC_DPBF16

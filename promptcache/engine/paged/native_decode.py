@@ -44,7 +44,7 @@ _MAX_TABLES = 4
 class LayerStruct(ctypes.Structure):
     _fields_ = [
         ("w", _P * 4),
-        ("paired", _P * 4),
+        ("vnni", _P * 4),
         ("scales", _P * 4),
         ("bias", _P * 4),
         ("norm_w", _P * 4),
@@ -94,6 +94,9 @@ class StepStruct(ctypes.Structure):
         ("keep", ctypes.c_int64),
     ]
 
+
+VNNI_GROUP = 64
+"""Inputs per int8 scale of a row quantized for ``gemv_int8_vnni`` (kernels/products.h')."""
 
 MAX_ROWS = 24
 """Decode rows up to which a step runs here. Gemma 3 270M on 2 cores, one process, native
@@ -249,10 +252,14 @@ class NativeDecode(NativeStep):
         windows = windows_of(model)
         keep: list[torch.Tensor] = []
         layers: list[LayerStruct] = []
-        # bfloat16 rows multiply a copy of the int8 weights laid out for vdpbf16ps where the
-        # library has it (1.5x one row's products, 1.75x eight rows'; it costs the int8
-        # weights' memory once more).
-        paired = model.dtype == torch.bfloat16 and bool(library.pc_paired())
+        # bfloat16 rows multiply a copy of the int8 weights laid out for vpdpbusd where the
+        # library has it (kernels/products.h' gemv_int8_vnni; it costs the int8 weights'
+        # memory once more).
+        vnni = model.dtype == torch.bfloat16 and bool(library.pc_vnni_products())
+        if vnni:
+            library.pc_vnni_group.restype = ctypes.c_int64
+            if library.pc_vnni_group() != VNNI_GROUP:
+                raise RuntimeError("kernels/products.h' VNNI_GROUP and native_decode's disagree")
         act = None
         intermediate = 0
         stack = layers_of(model)
@@ -260,7 +267,7 @@ class NativeDecode(NativeStep):
             return None
         for i, layer in enumerate(stack):
             struct = LayerStruct()
-            layer_act = _fill_layer(struct, layer, norm_mode, keep, paired=paired)
+            layer_act = _fill_layer(struct, layer, norm_mode, keep, vnni=vnni)
             if layer_act is None or (act is not None and layer_act != act):
                 return None
             act = layer_act
@@ -292,23 +299,15 @@ class NativeDecode(NativeStep):
         return out
 
 
-def pair_weight(q: torch.Tensor) -> torch.Tensor:
-    """``q [N, K]`` (int8, -127..127, contiguous) laid out as kernels/products.h'
-    ``gemv_int8_paired`` reads it: ``[N / 16, K / 2, 16, 2]``, 16 output rows side by side,
-    two input columns each, as uint8 sign-and-magnitude bytes (the kernel looks a magnitude's
-    bfloat16 up in a 128-entry table); within each 64 bytes (two steps of K / 2), 128-bit lane
-    ``l`` holds values ``8 l .. 8 l + 7`` of the first step, then the same of the second (the
-    order the kernel's byte interleaving puts back). N a multiple of 16, K of 4. By the kernels
-    (PyTorch's permutes and sign arithmetic took ~0.6 s of a start for Gemma 3 270M)."""
-    kernels = native.kernels()
-    assert kernels is not None and kernels.library.pc_paired()
+def vnni_weight(q: torch.Tensor) -> torch.Tensor:
+    """``q [N, K]`` (int8, contiguous) laid out as kernels/products.h' ``gemv_int8_vnni`` reads
+    it: ``[N / 16, K / 4, 16, 4]`` bytes, 16 output rows side by side, four input columns
+    each, as ``q + 128`` (unsigned: ``vpdpbusd`` multiplies unsigned bytes by signed ones).
+    N a multiple of 16, K of 4."""
     n, k = q.shape
-    out = torch.empty(n // 16, k // 2, 16, 2, dtype=torch.uint8)
-    fn = kernels.library.pc_pair_int8
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    fn(q.data_ptr(), n, k, out.data_ptr())
-    return out
+    # q + 128 is q's bits with the top one flipped; four inputs move together as one int32.
+    biased = q.view(torch.uint8).bitwise_xor(0x80).view(torch.int32)
+    return biased.view(n // 16, 16, k // 4).transpose(1, 2).contiguous().view(torch.uint8)
 
 
 def _fill_layer(
@@ -317,10 +316,10 @@ def _fill_layer(
     norm_mode: int,
     keep: list[torch.Tensor],
     *,
-    paired: bool,
+    vnni: bool,
 ) -> int | None:
     """Point ``struct`` at ``layer``'s weights (their tensors appended to ``keep``; with
-    ``paired``, a copy of each int8 weight laid out by ``pair_weight`` too); returns the
+    ``vnni``, a copy of each int8 weight laid out by ``vnni_weight`` too); returns the
     layer's activation (kernels/elementwise.h's Act), or None when the kernels do not run it."""
     if not fill_norms(struct, layer, norm_mode, keep):
         return None
@@ -333,10 +332,10 @@ def _fill_layer(
             return None
         keep += [t for t in (q, scales, bias) if t is not None]
         struct.w[j], struct.scales[j], struct.bias[j] = _ptr(q), _ptr(scales), _ptr(bias)
-        if paired and q.shape[0] % 16 == 0 and q.shape[1] % 4 == 0:
-            twin = pair_weight(q)
+        if vnni and q.shape[0] % 16 == 0 and q.shape[1] % VNNI_GROUP == 0:
+            twin = vnni_weight(q)
             keep.append(twin)
-            struct.paired[j] = twin.data_ptr()
+            struct.vnni[j] = twin.data_ptr()
     return kernel_act(mlp.act)
 
 
@@ -382,6 +381,6 @@ __all__ = [
     "layers_of",
     "model_struct",
     "norm_mode_of",
-    "pair_weight",
+    "vnni_weight",
     "windows_of",
 ]

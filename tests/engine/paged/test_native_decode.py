@@ -4,7 +4,10 @@ and the engine's tokens unchanged by it (hits exact, batches as alone)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from promptcache.engine.paged import native
 from promptcache.engine.paged.attention import StepSeq
 from promptcache.engine.paged.engine import PagedEngine
 from promptcache.engine.paged.models import from_hf
-from promptcache.engine.paged.models.int8 import add_decode_int8
+from promptcache.engine.paged.models.int8 import Int8Linear, add_decode_int8
 from tests.engine.paged.test_int8 import assert_hits_exact
 from tests.engine.paged.tiny_models import KINDS, build
 
@@ -66,7 +69,8 @@ def one_step(engine: PagedEngine, rows: int) -> tuple[torch.Tensor, torch.Tensor
             before = pool.kv[:, :, blocks].clone()
             fast = step(ids, positions)
             written = pool.kv[:, :, blocks].clone()
-            slow = model(ids, positions, attn)
+            with integer_reference(pool.dtype):
+                slow = model(ids, positions, attn)
             # Both wrote the step's keys and values, alike, and nothing else.
             torch.testing.assert_close(pool.kv[:, :, blocks], written, **tolerance(pool.dtype))
             changed = (written != before).flatten(3).any(-1).flatten(0, 1).any(0)
@@ -74,6 +78,53 @@ def one_step(engine: PagedEngine, rows: int) -> tuple[torch.Tensor, torch.Tensor
     finally:
         pool.decref(blocks)
     return fast, slow
+
+
+@contextlib.contextmanager
+def integer_reference(dtype: torch.dtype) -> Iterator[None]:
+    """Where the native step multiplies bfloat16 rows in integers (``gemv_int8_vnni``), the
+    PyTorch model's int8 products do the same arithmetic (``integer_product``) while it runs:
+    the step is compared with the products it means to compute."""
+    kernels = native.kernels()
+    if dtype != torch.bfloat16 or kernels is None or not kernels.library.pc_vnni_products():
+        yield
+        return
+    from promptcache.engine.paged.native_decode import VNNI_GROUP
+
+    plain = Int8Linear.forward
+
+    def forward(self: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.q.shape
+        if n % 16 or k % VNNI_GROUP:
+            return plain(self, x)  # the step multiplies these bfloat16 pairs too
+        return integer_product(self, x.reshape(-1, k)).view(*x.shape[:-1], n)
+
+    with mock.patch.object(Int8Linear, "forward", forward):
+        yield
+
+
+def integer_product(linear: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear``'s output for bfloat16 rows ``x [B, K]`` quantized per group as
+    ``gemv_int8_vnni`` quantizes them (``quantized_rows``): the groups' exact integer sums times
+    their alphas, times the scale and rounded to bfloat16, then the bias added and rounded."""
+    from promptcache.engine.paged.native_decode import VNNI_GROUP
+
+    q, scales, bias = linear.q, linear.scales, linear.bias
+    a, alpha = quantized_rows(x, VNNI_GROUP)
+    sums = torch.einsum("bgi,ngi->bgn", a.double(), q.double().view(q.shape[0], -1, VNNI_GROUP))
+    out = ((sums * alpha.double()[..., None]).sum(1) * scales.double()).to(x.dtype)
+    return out if bias is None else (out.double() + bias.double()).to(x.dtype)
+
+
+def quantized_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, alpha)``: each group of ``group`` inputs of ``x`` as int8 ``a`` (``x * 127 /
+    max |x|`` rounded half to even) and its float32 ``alpha`` (``max |x| / 127``), as
+    kernels/products.h' ``quantize_rows`` makes them."""
+    xg = x.float().view(x.shape[0], -1, group)
+    top = xg.abs().amax(dim=-1, keepdim=True)
+    # A division (``127.0 / top`` is a reciprocal times 127 in PyTorch: an ulp apart).
+    inv = torch.where(top > 0, torch.full_like(top, 127.0) / top, torch.zeros_like(top))
+    return torch.round(xg * inv).to(torch.int8), (top / 127.0).squeeze(-1)
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
@@ -144,53 +195,56 @@ def test_a_stream_decodes_the_same_alone_and_beside_others() -> None:
 
 
 @pytest.mark.skipif(
-    (k := native.kernels()) is None or not k.library.pc_paired(), reason="no paired products here"
+    (k := native.kernels()) is None or not k.library.pc_vnni_products(),
+    reason="no integer products here",
 )
-@pytest.mark.parametrize(("n", "k"), [(48, 64), (640, 1024)])
-def test_the_paired_products_are_the_weights_products(n: int, k: int) -> None:
-    """``pair_weight``'s sign-and-magnitude bytes, reordered for the kernel's table lookups,
-    multiply as the int8 weights they came from: every magnitude 0..127 of both signs, against
-    a float64 product rounded as the kernel rounds (to within the float32 order of its sums);
-    and each row's outputs, bit for bit, the same alone as beside up to 8 others."""
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (64, 576), (640, 1024)])
+def test_the_integer_products_are_the_quantized_rows_products(n: int, k: int) -> None:
+    """``vnni_weight``'s bytes multiply as the int8 weights they came from, every value
+    -127..127, by each row quantized per group of 64 (a zero group, a group with one large
+    value, ordinary ones): against the same products in float64 (the groups' integer sums
+    times their alphas, times the scale, rounded to bfloat16 twice as the kernel rounds, to
+    within its float32 order); and each row's outputs, bit for bit, the same alone as beside up
+    to 8 others."""
     from promptcache.engine.paged.models.int8 import quantize_weight
-    from promptcache.engine.paged.native_decode import pair_weight
+    from promptcache.engine.paged.native_decode import VNNI_GROUP, vnni_weight
 
     kernels = native.kernels()
     assert kernels is not None
-    gemv = kernels.library.pc_gemv_int8_paired
+    gemv = kernels.library.pc_gemv_int8_vnni
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    gemv.restype, gemv.argtypes = None, [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
+    gemv.restype, gemv.argtypes = None, [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     gen = torch.Generator().manual_seed(n)
     q, scales = quantize_weight(torch.randn(n, k, generator=gen), torch.bfloat16)
     q.view(-1)[:255] = torch.arange(-127, 128, dtype=torch.int8)  # every value there is
-    assert q.min() == -127 and q.max() == 127
     bias = torch.randn(n, generator=gen).to(torch.bfloat16)
-    paired = pair_weight(q)
-    # The layout, spelled in PyTorch: [N / 16, K / 4, step 2, 16 rows, 2 inputs], a step's 32
-    # values as [lane 4, 8], lanes outermost; sign and magnitude.
-    steps = q.view(n // 16, 16, k // 4, 2, 2).permute(0, 2, 3, 1, 4)
-    lanes = steps.reshape(n // 16, k // 4, 2, 4, 8).transpose(2, 3).flatten().to(torch.int16)
-    signed = torch.where(lanes < 0, 0x80 - lanes, lanes).to(torch.uint8)
-    assert torch.equal(paired.flatten(), signed)
+    packed = vnni_weight(q)
+    # The layout, element by element: [N / 16, K / 4, 16 rows, 4 inputs], q + 128.
+    want_layout = (q.to(torch.int16) + 128).view(n // 16, 16, k // 4, 4).transpose(1, 2)
+    assert torch.equal(packed.view(n // 16, k // 4, 16, 4).to(torch.int16), want_layout)
     x = torch.randn(9, k, generator=gen).to(torch.bfloat16)
+    x[1, :VNNI_GROUP] = 0  # alpha 0
+    x[2, 3] = 300.0  # the rest of its group rounds to a few levels
+    x[3] = x[3] * 1e-30  # tiny alphas: still exact integer sums
 
     def product(rows: torch.Tensor) -> torch.Tensor:
         y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+        scratch = torch.empty(rows.numel() * 2 + 64, dtype=torch.uint8)
         gemv(
             rows.data_ptr(),
             rows.shape[0],
             k,
-            paired.data_ptr(),
+            packed.data_ptr(),
             scales.data_ptr(),
             bias.data_ptr(),
             n,
             y.data_ptr(),
+            scratch.data_ptr(),
         )
         return y
 
     together = product(x)
-    want = ((x.double() @ q.double().T) * scales.double()).to(torch.bfloat16).double()
-    want = (want + bias.double()).to(torch.bfloat16)
+    want = integer_product(Int8Linear(q, scales, bias), x)
     torch.testing.assert_close(together, want, atol=1e-2, rtol=2**-7)
     for r in range(9):
         assert torch.equal(product(x[r : r + 1].clone()), together[r : r + 1])

@@ -1,4 +1,4 @@
-// What every kernel shares: the instruction-set switches (PC_AVX512, PC_DPBF16, PC_PAIRED),
+// What every kernel shares: the instruction-set switches (PC_AVX512, PC_DPBF16, PC_VNNI),
 // the storage types' loads, stores and roundings (BF16, F32), exp16 and scratch buffers.
 
 #pragma once
@@ -26,11 +26,12 @@
 #else
 #define PC_DPBF16 0
 #endif
-// The decode products' paired int8 weights convert by byte-table lookups (vpermi2b).
-#if PC_DPBF16 && defined(__AVX512VBMI__)
-#define PC_PAIRED 1
+// Integer products of bytes summed in 32 bits (vpdpbusd): the decode products of bfloat16
+// rows (gemv_int8_vnni) and the int4 head (head.h).
+#if PC_AVX512 && defined(__AVX512VNNI__)
+#define PC_VNNI 1
 #else
-#define PC_PAIRED 0
+#define PC_VNNI 0
 #endif
 
 namespace {

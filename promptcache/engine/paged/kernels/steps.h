@@ -12,7 +12,7 @@
 // One layer of a whole step, as the Python side lays it out (native_decode.py's LayerStruct).
 struct PcLayer {
   const int8_t* w[4];       // int8 weights: qkv, o, gate_up, down
-  const int8_t* paired[4];  // the same paired for vdpbf16ps (gemv_int8_paired), or null
+  const uint8_t* vnni[4];   // the same laid out for vpdpbusd (gemv_int8_vnni), or null
   const void* scales[4];    // their per-row scales (storage type)
   const void* bias[4];      // their biases or null
   const void* norm_w[4];    // Gemma: input, post-attention, pre-MLP, post-MLP norms;
@@ -74,7 +74,7 @@ void decode_step(const PcModel& m, const PcStep& st) {
   const bool gemma = m.norm_mode == OFFSET;
   for (int64_t l = 0; l < m.num_layers; ++l) {
     const PcLayer& L = m.layers[l];
-    project<S>(h.data(), xf.data(), B, E, L.w[0], L.paired[0], L.scales[0], L.bias[0], QKV, qkv.data());
+    project<S>(h.data(), xf.data(), B, E, L.w[0], L.vnni[0], L.scales[0], L.bias[0], QKV, qkv.data());
     const T* cos = L.rope >= 0 ? static_cast<const T*>(st.cos[L.rope]) : nullptr;
     const T* sin = L.rope >= 0 ? static_cast<const T*>(st.sin[L.rope]) : nullptr;
     qk_norm_rope<S>(qkv.data(), QKV, B, QK, D, L.head_norm, L.head_eps,
@@ -89,12 +89,12 @@ void decode_step(const PcModel& m, const PcStep& st) {
     decode_attention<S>(qk.data(), QK * D, keys, values, st.slots[L.window],
                         st.masks[L.window], att.data(), B, H, KVH, D, st.widths[L.window],
                         L.scale);
-    project<S>(att.data(), xf.data(), B, H * D, L.w[1], L.paired[1], L.scales[1], L.bias[1], E, proj.data());
+    project<S>(att.data(), xf.data(), B, H * D, L.w[1], L.vnni[1], L.scales[1], L.bias[1], E, proj.data());
     residual_norm<S>(x.data(), proj.data(), B, E, gemma ? L.norm_w[1] : nullptr, L.norm_eps[1],
                      L.norm_w[2], L.norm_eps[2], m.norm_mode, x2.data(), h.data());
-    project<S>(h.data(), xf.data(), B, E, L.w[2], L.paired[2], L.scales[2], L.bias[2], 2 * I, proj.data());
+    project<S>(h.data(), xf.data(), B, E, L.w[2], L.vnni[2], L.scales[2], L.bias[2], 2 * I, proj.data());
     gated_act<S>(proj.data(), B, I, m.act, mid.data(), I);
-    project<S>(mid.data(), xf.data(), B, I, L.w[3], L.paired[3], L.scales[3], L.bias[3], E, proj.data());
+    project<S>(mid.data(), xf.data(), B, I, L.w[3], L.vnni[3], L.scales[3], L.bias[3], E, proj.data());
     const bool last = l + 1 == m.num_layers;
     const void* next_w = last ? m.final_norm : m.layers[l + 1].norm_w[0];
     const float next_eps = last ? m.final_eps : m.layers[l + 1].norm_eps[0];
