@@ -11,13 +11,15 @@ It computes what the eager model computes in a narrow decode step (int8 weights,
 roundings, float additions in another order), and it is taken by the kind of step alone (decode
 rows only, at most ``MAX_ROWS``), like the int8 weights themselves: each row's products, norms
 and attention are its own, so a sequence's tokens never depend on its neighbours, and a cache
-hit decodes as the cold run did. Where AVX512-BF16 is at hand, bfloat16 rows multiply the int8
-weights as bfloat16 pairs (``vdpbf16ps``) from a copy laid out for it (``pair_weight``: 16 output
-rows side by side, so each vector lane accumulates one output and no horizontal sum is needed;
-sign-and-magnitude bytes that two table lookups turn into bfloat16), prefetched as they stream:
-~175 GMAC/s on two cores at 8 rows (the instruction's peak is ~234 there), where oneDNN's dense
-bf16 matmuls reach ~200 at 64 rows. So the step stays ahead of PyTorch well past a handful of
-rows (``MAX_ROWS``).
+hit decodes as the cold run did. One difference, where AVX512-VNNI is at hand: bfloat16 rows
+are quantized to int8 per group of ``VNNI_GROUP`` inputs and multiplied by the int8 weights in
+integers (``vpdpbusd``, 64 byte products an instruction, exact) from a copy laid out for it
+(``vnni_weight``: 16 output rows side by side, so each vector lane sums one output and no
+horizontal sum is needed), as llama.cpp multiplies its quantized weights (its rows by blocks of
+256 for Q4_K weights such as the embedded Gemma 3's). Teacher-forced over this repository's
+docs Gemma 3 predicts as well as with bfloat16 rows (log-loss 4.0635 both, docs/benchmarks.md),
+and 8 rows' products take ~2/3 of the time. So the step stays ahead of PyTorch well past a handful of rows
+(``MAX_ROWS``).
 """
 
 from __future__ import annotations
