@@ -100,11 +100,13 @@ class StepStruct(ctypes.Structure):
 VNNI_GROUP = 64
 """Inputs per int8 scale of a row quantized for ``gemv_int8_vnni`` (kernels/products.h')."""
 
-MAX_ROWS = 24
-"""Decode rows up to which a step runs here. Gemma 3 270M on 2 cores, one process, native
-step against PyTorch's path (dense bf16 matmuls past 4 rows), measured before the weights were
-prefetched (which made the native step faster still): 8 rows 21.5-23.0 vs 30.2-32.1 ms, 16 rows
-37-42 vs 46-52, 24 rows 47-56 vs 55-64, 32 rows 80-100 vs 83-108 (even)."""
+MAX_ROWS = 64
+"""Decode rows up to which a step runs here. Gemma 3 270M on 2 cores, one process, whole engine
+steps (head and sampling included) of the native step against PyTorch's path (dense bf16
+matmuls past 4 rows), in turns, medians of two: with the integer products 16 rows 20.8 vs 38.1
+ms, 24 rows 29.4 vs 48.7, 32 rows 52.5-53.6 vs 64.6-80.1, 48 rows 65-81 vs 89-103, 64 rows
+104.8 vs 123.7, 96 rows 127.5 vs 161.4 (with the bfloat16 pairs before them, 32 rows were
+even, so the limit was 24). Up to it, a stream's tokens are the same alone and beside others."""
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
