@@ -171,12 +171,14 @@ void dp_scores(const DpUnit& u, const uint16_t* keys, const uint16_t* values, in
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t i = i0; i < i1; i += KB) {
     const int kb = i1 - i < KB ? static_cast<int>(i1 - i) : KB;
-    // The keys KV_AHEAD_BYTES on into L1, and this block's values into L2 for dp_values: a
-    // row lies wherever its block of the pool does, so the hardware prefetcher cannot see the
-    // next one coming, and the weights streamed since the last step have evicted them.
+    // The keys KV_AHEAD_BYTES on, and this block's values for dp_values, into L2: a row lies
+    // wherever its block of the pool does, so the hardware prefetcher cannot see the next one
+    // coming, and the weights streamed since the last step have evicted them. Into L1 the
+    // keys' requests outnumbered its miss buffers: 8 rows x 1,024 keys 781 -> 519 us a layer
+    // into L2, 8 x 4,160 3.5 -> 2.6 ms (one row and short rows alike).
     const int64_t ahead = std::min(i + skip + KB, i1);
     for (int64_t j = i == i0 ? i : i + skip; j < ahead; ++j)
-      prefetch_row<_MM_HINT_T0>(keys + (u.slots[u.live[j]] * u.KVH + u.kh) * u.D, u.D);
+      prefetch_row<_MM_HINT_T1>(keys + (u.slots[u.live[j]] * u.KVH + u.kh) * u.D, u.D);
     for (int j = 0; j < kb; ++j)
       prefetch_row<_MM_HINT_T1>(values + (u.slots[u.live[i + j]] * u.KVH + u.kh) * u.D, u.D);
     const uint16_t* kp[KB];
