@@ -184,12 +184,13 @@ void gemv_int8_dpbf16(const uint16_t* x, int64_t B, int64_t K, const int8_t* w,
 #if PC_VNNI
 // Decode rows' products in integers (gemv_int8_vnni), as llama.cpp multiplies its quantized
 // weights: each bfloat16 row is quantized per group of VNNI_GROUP inputs to int8 (a ~= x /
-// alpha, alpha = the group's largest |x| / 127; ~0.6% of an output's magnitude, less than a
-// second bfloat16 rounding of it), and vpdpbusd sums 64 byte products an instruction in 32-bit
-// integers, exactly: half the instructions of bfloat16 pairs, with no conversion of the
-// weights (8 rows of Gemma 3 270M's layers: 5.3 -> 2.8 ms from the caches, ~5.8 -> ~3.8 ms
-// from memory). An output adds its groups' exact integer sums times alpha in group order, then
-// times its weight's scale: a row's outputs depend on that row alone.
+// alpha, alpha = the group's largest |x| / 127: an output of random rows moves by ~0.6% rms,
+// and the model predicts as well as with bfloat16 rows, docs/benchmarks.md), and vpdpbusd
+// sums 64 byte products an instruction in 32-bit integers, exactly: half the instructions of
+// bfloat16 pairs, with no conversion of the weights (8 rows of Gemma 3 270M's layers: 5.3 ->
+// 2.8 ms from the caches, ~5.8 -> ~3.8 ms from memory). An output adds its groups' exact
+// integer sums times alpha in group order, then times its weight's scale: a row's outputs
+// depend on that row alone.
 constexpr int64_t VNNI_GROUP = 64;
 // The weights stream from memory once a step and are read once; asked for this far ahead into
 // the L2 cache, whose miss buffers outnumber the L1's (into the L1, as the other kernels do,
