@@ -18,8 +18,8 @@ integers (``vpdpbusd``, 64 byte products an instruction, exact) from a copy laid
 horizontal sum is needed), as llama.cpp multiplies its quantized weights (its rows by blocks of
 256 for Q4_K weights such as the embedded Gemma 3's). Teacher-forced over this repository's
 docs Gemma 3 predicts as well as with bfloat16 rows (log-loss 4.327 vs 4.325,
-``benchmarks/decode_quality.py``), and 8 rows' products take ~2/3 of the time. So the step stays ahead of PyTorch well past a
-handful of rows (``MAX_ROWS``).
+``benchmarks/decode_quality.py``), and 8 rows' products take ~2/3 of the time. So the step
+stays ahead of PyTorch well past a handful of rows (``MAX_ROWS``).
 """
 
 from __future__ import annotations
