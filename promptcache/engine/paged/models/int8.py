@@ -23,8 +23,8 @@ def quantize_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
     """``(q, scales)``: ``q [out, in]`` int8 and ``scales [out]`` in ``dtype`` with
     ``q * scales ≈ weight``. Rounding uses the scales as stored, so ``q * scales`` is exactly the
     weight the kernel multiplies by. ``q`` is symmetric, -127..127 (a scale rounded to its dtype
-    may sit below max / 127, but by less than half a step), so a magnitude fits 7 bits
-    (native_decode.pair_weight)."""
+    may sit below max / 127, but by less than half a step): ``q + 128`` fits a byte and a group's
+    integer sum an exact float (native_decode.vnni_weight, kernels/products.h')."""
     w = weight.detach().float()
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(dtype)
     q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
