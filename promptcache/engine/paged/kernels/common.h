@@ -203,6 +203,22 @@ inline __m512 exps_in_place(float* s, int64_t W, float mx) {
 }
 #endif
 
+// f(std::integral_constant<int, rows>{}) for rows 1..8: the kernels that keep a register of
+// accumulators per activation row take their row count at compile time.
+template <class F>
+inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // A buffer that only grows and is never cleared (std::vector would zero what it adds).
 template <class E>
 struct Scratch {

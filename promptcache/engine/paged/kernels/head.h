@@ -120,14 +120,9 @@ void int4_logits(const typename S::T* x, int64_t B, int64_t K, const uint8_t* pa
     if (mb) {
 #pragma omp parallel for schedule(static)
       for (int64_t blk = 0; blk < N / INT4_TOP_BLOCK; ++blk) {
-        switch (bn) {
-#define PC_ROWS(r)                                                       \
-  case r:                                                                \
-    int4_top_block<r>(ab, al, as, K, packed, sl, yb, blk, N, mb);        \
-    break;
-          PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
-#undef PC_ROWS
-        }
+        with_rows(bn, [&](auto r) {
+          int4_top_block<decltype(r)::value>(ab, al, as, K, packed, sl, yb, blk, N, mb);
+        });
       }
       continue;
     }
@@ -136,14 +131,9 @@ void int4_logits(const typename S::T* x, int64_t B, int64_t K, const uint8_t* pa
       const uint8_t* pb = packed + nb * 8 * K;
       const uint16_t* sb = sl + nb * 2 * K / 4;
       __m512 top[8] = {};  // block maxima not wanted here
-      switch (bn) {
-#define PC_ROWS(r)                                              \
-  case r:                                                       \
-    int4_block<r>(ab, al, as, K, pb, sb, yb, nb * 16, N, top);  \
-    break;
-        PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
-#undef PC_ROWS
-      }
+      with_rows(bn, [&](auto r) {
+        int4_block<decltype(r)::value>(ab, al, as, K, pb, sb, yb, nb * 16, N, top);
+      });
     }
   }
 }

@@ -287,14 +287,9 @@ void gemv_int8_vnni(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p,
 #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
     for (int64_t nb = 0; nb < N / 16; ++nb) {
       const uint8_t* pb = p + nb * 16 * K;
-      switch (bn) {
-#define PC_ROWS(r)                                                        \
-  case r:                                                                 \
-    vnni_block<r>(ab, al, bb, K, pb, scales, bias, nb * 16, N, yb);       \
-    break;
-        PC_ROWS(1) PC_ROWS(2) PC_ROWS(3) PC_ROWS(4) PC_ROWS(5) PC_ROWS(6) PC_ROWS(7) PC_ROWS(8)
-#undef PC_ROWS
-      }
+      with_rows(bn, [&](auto r) {
+        vnni_block<decltype(r)::value>(ab, al, bb, K, pb, scales, bias, nb * 16, N, yb);
+      });
     }
   }
 }
