@@ -25,8 +25,10 @@
 extern "C" {
 
 // 1 when the vector paths are compiled in (the Python side uses these kernels only then: the
-// portable loops are correct but not faster than PyTorch).
-int pc_vectorized() { return PC_AVX512; }
+// portable loops are correct but not faster than PyTorch): AVX-512, or AVX2 with FMA.
+int pc_vectorized() { return PC_VEC16; }
+// 1 on AVX-512, 2 on AVX2 (avx2.h), 0 without either.
+int pc_vector_isa() { return PC_AVX512 ? 1 : PC_AVX2 ? 2 : 0; }
 
 void pc_decode_attention_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* keys,
                               const uint16_t* values, const int64_t* slots, const float* mask,

@@ -1,5 +1,6 @@
-// What every kernel shares: the instruction-set switches (PC_AVX512, PC_DPBF16, PC_VNNI),
-// the storage types' loads, stores and roundings (BF16, F32), exp16 and scratch buffers.
+// What every kernel shares: the instruction-set switches (PC_AVX512, PC_AVX2, PC_VEC16,
+// PC_DPBF16, PC_VNNI), the storage types' loads, stores and roundings (BF16, F32), exp16 and
+// scratch buffers.
 
 #pragma once
 
@@ -19,6 +20,15 @@
 #else
 #define PC_AVX512 0
 #endif
+// The kernels' vector paths are written for 16 float lanes (AVX-512's): on AVX-512 natively,
+// on AVX2 with FMA as two 8-lane halves (avx2.h, the same lanes and bits). PC_AVX2 says which.
+#if !PC_AVX512 && defined(__AVX2__) && defined(__FMA__)
+#include "avx2.h"
+#define PC_AVX2 1
+#else
+#define PC_AVX2 0
+#endif
+#define PC_VEC16 (PC_AVX512 || PC_AVX2)
 // bfloat16 pairs multiplied and summed in float32 (vdpbf16ps): a product of two bfloat16 is
 // exact in float32, so only the order of the additions differs from float32 FMAs.
 #if PC_AVX512 && defined(__AVX512BF16__)
@@ -71,7 +81,7 @@ struct BF16 {
   static float load(T x) { return bf16_to_float(x); }
   static T store(float f) { return float_to_bf16(f); }
   static float round(float f) { return bf16_to_float(float_to_bf16(f)); }
-#if PC_AVX512
+#if PC_VEC16
   static __m512 load16(const T* p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -118,7 +128,7 @@ struct F32 {
   static float load(T x) { return x; }
   static T store(float f) { return f; }
   static float round(float f) { return f; }
-#if PC_AVX512
+#if PC_VEC16
   static __m512 load16(const T* p) { return _mm512_loadu_ps(p); }
   static void store16(T* p, __m512 v) { _mm512_storeu_ps(p, v); }
   static __m512 round16(__m512 v) { return v; }
@@ -127,7 +137,7 @@ struct F32 {
 #endif
 };
 
-#if PC_AVX512
+#if PC_VEC16
 // The lanes of a 16-wide step at j of a row of n: all of them but in the row's last step.
 // Every element of a row sits in lane j % 16 whatever the row's length, so a sum over a row
 // that a longer row extends with zeros (masked keys) adds in the same order.
@@ -140,7 +150,7 @@ inline __mmask16 lanes(int64_t j, int64_t n) {
 // Rows between the storage type and float32, 16 lanes at a time where AVX-512 is at hand.
 template <class S>
 inline void load_row(const typename S::T* x, int64_t n, float* out) {
-#if PC_AVX512
+#if PC_VEC16
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = lanes(i, n);
     _mm512_mask_storeu_ps(out + i, k, S::load16(k, x + i));
@@ -152,7 +162,7 @@ inline void load_row(const typename S::T* x, int64_t n, float* out) {
 
 template <class S>
 inline void store_row(const float* x, int64_t n, typename S::T* out) {
-#if PC_AVX512
+#if PC_VEC16
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = lanes(i, n);
     S::store16(out + i, k, _mm512_maskz_loadu_ps(k, x + i));
@@ -162,7 +172,7 @@ inline void store_row(const float* x, int64_t n, typename S::T* out) {
 #endif
 }
 
-#if PC_AVX512
+#if PC_VEC16
 // exp(x) for a vector, ~1 ulp (Cephes' polynomial); exactly 0 for x below -88 (-inf included).
 inline __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-88.0f);
@@ -186,7 +196,7 @@ inline __m512 exp16(__m512 x) {
 inline float exp1(float x) { return x < -88.0f ? 0.0f : std::exp(x); }
 #endif
 
-#if PC_AVX512
+#if PC_VEC16
 // exp(s - mx) of a row of W scores, in place; returns 1 / their sum in every lane. Lane j % 16
 // sums element j, whatever W (masked tail).
 inline __m512 exps_in_place(float* s, int64_t W, float mx) {

@@ -13,7 +13,7 @@ template <class S>
 void softmax_rows(float* scores, int64_t G, int64_t W) {
   for (int64_t g = 0; g < G; ++g) {
     float* s = scores + g * W;
-#if PC_AVX512
+#if PC_VEC16
     const __m512 none = _mm512_set1_ps(-INFINITY);
     __m512 vmx = none;
     for (int64_t j = 0; j < W; j += 16)
@@ -37,7 +37,7 @@ void softmax_rows(float* scores, int64_t G, int64_t W) {
   }
 }
 
-#if PC_AVX512
+#if PC_VEC16
 // One key head's part of decode_attention, for GQ (a compile-time count) query heads per key
 // head, D a multiple of 32: the accumulators stay in registers.
 template <class S, int GQ>
@@ -528,7 +528,7 @@ void decode_attention(const typename S::T* q, int64_t q_stride, const typename S
       float* s = sc.data();
       float* a = acc.data();
       bool done = false;
-#if PC_AVX512
+#if PC_VEC16
       if (D % 32 == 0) {
         done = true;
         switch (G) {

@@ -11,7 +11,7 @@ namespace {
 inline float sum_squares(const float* x, int64_t n) {
   int64_t i = 0;
   float s = 0.0f;
-#if PC_AVX512
+#if PC_VEC16
   __m512 a = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
@@ -37,7 +37,7 @@ void norm_row(const float* xf, int64_t n, const void* w, float eps, int mode,
   int64_t i = 0;
   if (mode == OFFSET) {
     const float* wf = static_cast<const float*>(w);
-#if PC_AVX512
+#if PC_VEC16
     for (; i + 16 <= n; i += 16) {
       const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xf + i), _mm512_set1_ps(r));
       S::store16(out + i, _mm512_mul_ps(v, _mm512_loadu_ps(wf + i)));
@@ -46,7 +46,7 @@ void norm_row(const float* xf, int64_t n, const void* w, float eps, int mode,
     for (; i < n; ++i) out[i] = S::store(xf[i] * r * wf[i]);
   } else {
     const typename S::T* wt = static_cast<const typename S::T*>(w);
-#if PC_AVX512
+#if PC_VEC16
     for (; i + 16 <= n; i += 16) {
       const __m512 v = S::round16(_mm512_mul_ps(_mm512_loadu_ps(xf + i), _mm512_set1_ps(r)));
       S::store16(out + i, _mm512_mul_ps(v, S::load16(wt + i)));
@@ -96,7 +96,7 @@ void residual_norm(const typename S::T* x, const typename S::T* a, int64_t rows,
         ar = an.data();
       }
       int64_t i = 0;
-#if PC_AVX512
+#if PC_VEC16
       for (; i + 16 <= n; i += 16) {
         const __m512 v = S::round16(_mm512_add_ps(S::load16(xr + i), S::load16(ar + i)));
         _mm512_storeu_ps(xf.data() + i, v);
@@ -152,7 +152,7 @@ void qk_norm_rope(const typename S::T* qk, int64_t qk_stride, int64_t rows, int6
         for (int64_t part = 0; part < 2; ++part) {
           const int64_t lo = part * half, shift = part ? -half : half;
           int64_t i = lo;
-#if PC_AVX512
+#if PC_VEC16
           for (; i + 16 <= lo + half; i += 16) {
             const __m512 kept = S::round16(_mm512_mul_ps(S::load16(n + i), S::load16(c + i)));
             const __m512 turned =
@@ -183,7 +183,7 @@ void gated_act(const typename S::T* gu, int64_t B, int64_t I, int act, typename 
     const typename S::T* u = g + I;
     typename S::T* o = out + b * out_stride;
     int64_t i = 0;
-#if PC_AVX512
+#if PC_VEC16
     for (; i + 16 <= I; i += 16) {
       const __m512 x = S::load16(g + i);
       __m512 y;
@@ -232,7 +232,7 @@ void scale_mask_softmax(const typename S::T* scores, int64_t R, int64_t W, const
     for (int64_t r = 0; r < R; ++r) {
       const typename S::T* sr = scores + r * W;
       const float* mr = mask ? mask + (r % mask_rows) * W : nullptr;
-#if PC_AVX512
+#if PC_VEC16
       // softmax_rows' arithmetic in three passes over the row, not five: the maximum found
       // as the scores are scaled and masked, the probabilities rounded straight into probs.
       const __m512 vs = _mm512_set1_ps(scale);

@@ -8,8 +8,17 @@
 
 namespace {
 
-#if PC_AVX512 && defined(__AVX512VNNI__)
+#if PC_VNNI || PC_AVX2
 #define PC_INT4_HEAD 1
+// acc + the sums of 4 products of nibbles u (0..15) and signed bytes s per 32-bit lane:
+// vpdpbusd, or its AVX2 equivalent for such small u (avx2.h).
+inline __m512i dot_nibbles(__m512i acc, __m512i u, __m512i s) {
+#if PC_VNNI
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else
+  return pc_avx2::nibble_dot(acc, u, s);
+#endif
+}
 // Scores of a vocabulary projection from 4-bit weights, for RescoredHead (models/int4.py) to
 // pick the candidates it then scores exactly: logits [B, N] float32 ~= x [B, K] W^T.
 //
@@ -47,8 +56,8 @@ inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_s
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
       for (int b = 0; b < BN; ++b) {
         const int32_t* ab = reinterpret_cast<const int32_t*>(a + b * K + g * 64 + j * 8);
-        d[b] = _mm512_dpbusd_epi32(d[b], lo, _mm512_set1_epi32(ab[0]));
-        d[b] = _mm512_dpbusd_epi32(d[b], hi, _mm512_set1_epi32(ab[1]));
+        d[b] = dot_nibbles(d[b], lo, _mm512_set1_epi32(ab[0]));
+        d[b] = dot_nibbles(d[b], hi, _mm512_set1_epi32(ab[1]));
       }
     }
     const __m512 scale = BF16::load16(sl + g * 32);

@@ -124,7 +124,7 @@ void gemv_int8(const float* xf, int64_t B, int64_t K, const int8_t* w,
       const int64_t bn = B - b0 < 4 ? B - b0 : 4;
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       int64_t k = 0;
-#if PC_AVX512
+#if PC_VEC16
       __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                      _mm512_setzero_ps()};
       for (; k + 16 <= K; k += 16) {

@@ -9,7 +9,7 @@ namespace {
 
 // The largest of a row's W floats (-inf for none), and whether any is a NaN (into nan).
 inline float row_max(const float* row, int64_t W, bool& nan) {
-#if PC_AVX512
+#if PC_VEC16
   const __m512 none = _mm512_set1_ps(-INFINITY);
   __m512 vmax = none;
   __mmask16 unordered = 0;
@@ -121,7 +121,7 @@ void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, co
       double total = 0.0;
       for (int64_t b = 0; b * 16 < W; ++b) {
         double sum = 0.0;
-#if PC_AVX512
+#if PC_VEC16
         const __mmask16 k = lanes(b * 16, W);
         const __m512 v = _mm512_maskz_loadu_ps(k, row + b * 16);
         // Masked lanes are exp(-inf) = 0 (exp16 is exactly 0 below -88).
