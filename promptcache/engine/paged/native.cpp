@@ -127,8 +127,9 @@ void pc_int4_rescore(float* scores, int64_t B, int64_t V, const float* bmax, int
 }
 #endif
 
-// 1 when bfloat16 steps multiply int8 weights in integers (gemv_int8_vnni).
-int pc_vnni_products() { return PC_DPBF16 && PC_VNNI; }
+// 1 when decode steps can multiply int8 weights in integers (gemv_int8_vnni: AVX512-VNNI or
+// AVX2); native_decode.py says for which dtypes.
+int pc_vnni_products() { return PC_INT8_ROWS; }
 
 // 1 when int4_logits is compiled in (AVX512-VNNI).
 int pc_int4_head() { return PC_INT4_HEAD; }
@@ -152,13 +153,18 @@ int64_t pc_sizeof_step() { return sizeof(PcStep); }
 
 void pc_decode_step_bf16(const PcModel* m, const PcStep* st) { decode_step<BF16>(*m, *st); }
 
-#if PC_DPBF16 && PC_VNNI
+#if PC_INT8_ROWS
 // y [B, N] = x [B, K] (q * scales)^T (+ bias) over q laid out by native_decode.vnni_weight;
 // scratch: what gemv_int8_vnni asks.
-void pc_gemv_int8_vnni(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p,
-                       const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y,
-                       void* scratch) {
-  gemv_int8_vnni(x, B, K, p, scales, bias, N, y, scratch);
+void pc_gemv_int8_vnni_bf16(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p,
+                            const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y,
+                            void* scratch) {
+  gemv_int8_vnni<BF16>(x, B, K, p, scales, bias, N, y, scratch);
+}
+void pc_gemv_int8_vnni_f32(const float* x, int64_t B, int64_t K, const uint8_t* p,
+                           const float* scales, const float* bias, int64_t N, float* y,
+                           void* scratch) {
+  gemv_int8_vnni<F32>(x, B, K, p, scales, bias, N, y, scratch);
 }
 int64_t pc_vnni_group() { return VNNI_GROUP; }
 #endif

@@ -11,9 +11,10 @@ It computes what the eager model computes in a narrow decode step (int8 weights,
 roundings, float additions in another order), and it is taken by the kind of step alone (decode
 rows only, at most ``MAX_ROWS``), like the int8 weights themselves: each row's products, norms
 and attention are its own, so a sequence's tokens never depend on its neighbours, and a cache
-hit decodes as the cold run did. One difference, where AVX512-VNNI is at hand: bfloat16 rows
-are quantized to int8 per group of ``VNNI_GROUP`` inputs and multiplied by the int8 weights in
-integers (``vpdpbusd``, 64 byte products an instruction, exact) from a copy laid out for it
+hit decodes as the cold run did. One difference, where AVX512-VNNI is at hand (and on AVX2,
+``integer_rows``): rows are quantized to int8 per group of ``VNNI_GROUP`` inputs and multiplied
+by the int8 weights in integers (``vpdpbusd``, 64 byte products an instruction, exact; on AVX2
+``vpmaddubsw``, the same sums) from a copy laid out for it
 (``vnni_weight``: 16 output rows side by side, so each vector lane sums one output and no
 horizontal sum is needed), as llama.cpp multiplies its quantized weights (its rows by blocks of
 256 for Q4_K weights such as the embedded Gemma 3's). Teacher-forced over this repository's
@@ -99,6 +100,18 @@ class StepStruct(ctypes.Structure):
 
 VNNI_GROUP = 64
 """Inputs per int8 scale of a row quantized for ``gemv_int8_vnni`` (kernels/products.h')."""
+
+
+def integer_rows(library: Any, dtype: torch.dtype) -> bool:
+    """Whether a decode step of a ``dtype`` model multiplies its rows in integers here
+    (``gemv_int8_vnni``): bfloat16 rows where the library has the integer products, and
+    float32 rows on AVX2 (``pc_vector_isa`` 2), where float32 is the default for want of
+    bfloat16 arithmetic and the integer sums take ~half the time of float products at 8 rows.
+    On AVX-512 a float32 model is a choice (``--dtype float32``): its products stay float."""
+    if not library.pc_vnni_products():
+        return False
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and library.pc_vector_isa() == 2)
+
 
 MAX_ROWS = 64
 """Decode rows up to which a step runs here. Gemma 3 270M on 2 cores, one process, whole engine
@@ -256,10 +269,9 @@ class NativeDecode(NativeStep):
         windows = windows_of(model)
         keep: list[torch.Tensor] = []
         layers: list[LayerStruct] = []
-        # bfloat16 rows multiply a copy of the int8 weights laid out for vpdpbusd where the
-        # library has it (kernels/products.h' gemv_int8_vnni; it costs the int8 weights'
-        # memory once more).
-        vnni = model.dtype == torch.bfloat16 and bool(library.pc_vnni_products())
+        # Rows in integers multiply a copy of the int8 weights laid out for vpdpbusd
+        # (kernels/products.h' gemv_int8_vnni; it costs the int8 weights' memory once more).
+        vnni = integer_rows(library, model.dtype)
         if vnni:
             library.pc_vnni_group.restype = ctypes.c_int64
             if library.pc_vnni_group() != VNNI_GROUP:
@@ -382,6 +394,7 @@ __all__ = [
     "StepStruct",
     "fill_norms",
     "fill_pool",
+    "integer_rows",
     "layers_of",
     "model_struct",
     "norm_mode_of",

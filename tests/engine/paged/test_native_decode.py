@@ -23,6 +23,8 @@ from promptcache.engine.paged.models.int8 import Int8Linear, add_decode_int8
 from tests.engine.paged.test_int8 import assert_hits_exact
 from tests.engine.paged.tiny_models import KINDS, build
 
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
 pytestmark = pytest.mark.skipif(
     native.kernels() is None, reason="no C++ compiler or no AVX-512 here: the kernels are not used"
 )
@@ -82,14 +84,15 @@ def one_step(engine: PagedEngine, rows: int) -> tuple[torch.Tensor, torch.Tensor
 
 @contextlib.contextmanager
 def integer_reference(dtype: torch.dtype) -> Iterator[None]:
-    """Where the native step multiplies bfloat16 rows in integers (``gemv_int8_vnni``), the
+    """Where the native step multiplies its rows in integers (``gemv_int8_vnni``), the
     PyTorch model's int8 products do the same arithmetic (``integer_product``) while it runs:
     the step is compared with the products it means to compute."""
+    from promptcache.engine.paged.native_decode import VNNI_GROUP, integer_rows
+
     kernels = native.kernels()
-    if dtype != torch.bfloat16 or kernels is None or not kernels.library.pc_vnni_products():
+    if kernels is None or not integer_rows(kernels.library, dtype):
         yield
         return
-    from promptcache.engine.paged.native_decode import VNNI_GROUP
 
     plain = Int8Linear.forward
 
@@ -104,9 +107,9 @@ def integer_reference(dtype: torch.dtype) -> Iterator[None]:
 
 
 def integer_product(linear: Int8Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear``'s output for bfloat16 rows ``x [B, K]`` quantized per group as
-    ``gemv_int8_vnni`` quantizes them (``quantized_rows``): the groups' exact integer sums times
-    their alphas, times the scale and rounded to bfloat16, then the bias added and rounded."""
+    """``linear``'s output for rows ``x [B, K]`` quantized per group as ``gemv_int8_vnni``
+    quantizes them (``quantized_rows``): the groups' exact integer sums times their alphas,
+    times the scale and rounded to ``x``'s dtype, then the bias added and rounded."""
     from promptcache.engine.paged.native_decode import VNNI_GROUP
 
     q, scales, bias = linear.q, linear.scales, linear.bias
@@ -198,37 +201,40 @@ def test_a_stream_decodes_the_same_alone_and_beside_others() -> None:
     (k := native.kernels()) is None or not k.library.pc_vnni_products(),
     reason="no integer products here",
 )
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("n", "k"), [(48, 64), (64, 576), (640, 1024)])
-def test_the_integer_products_are_the_quantized_rows_products(n: int, k: int) -> None:
+def test_the_integer_products_are_the_quantized_rows_products(
+    n: int, k: int, dtype: torch.dtype
+) -> None:
     """``vnni_weight``'s bytes multiply as the int8 weights they came from, every value
     -127..127, by each row quantized per group of 64 (a zero group, a group with one large
     value, ordinary ones): against the same products in float64 (the groups' integer sums
-    times their alphas, times the scale, rounded to bfloat16 twice as the kernel rounds, to
+    times their alphas, times the scale, rounded to the dtype twice as the kernel rounds, to
     within its float32 order); and each row's outputs, bit for bit, the same alone as beside up
-    to 8 others."""
+    to 8 others. Both storage types, whichever machine: the float32 rows are AVX2's default."""
     from promptcache.engine.paged.models.int8 import quantize_weight
     from promptcache.engine.paged.native_decode import VNNI_GROUP, vnni_weight
 
     kernels = native.kernels()
     assert kernels is not None
-    gemv = kernels.library.pc_gemv_int8_vnni
+    gemv = getattr(kernels.library, f"pc_gemv_int8_vnni_{_DTYPE_NAMES[dtype]}")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     gemv.restype, gemv.argtypes = None, [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     gen = torch.Generator().manual_seed(n)
-    q, scales = quantize_weight(torch.randn(n, k, generator=gen), torch.bfloat16)
+    q, scales = quantize_weight(torch.randn(n, k, generator=gen), dtype)
     q.view(-1)[:255] = torch.arange(-127, 128, dtype=torch.int8)  # every value there is
-    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(dtype)
     packed = vnni_weight(q)
     # The layout, element by element: [N / 16, K / 4, 16 rows, 4 inputs], q + 128.
     want_layout = (q.to(torch.int16) + 128).view(n // 16, 16, k // 4, 4).transpose(1, 2)
     assert torch.equal(packed.view(n // 16, k // 4, 16, 4).to(torch.int16), want_layout)
-    x = torch.randn(9, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(9, k, generator=gen).to(dtype)
     x[1, :VNNI_GROUP] = 0  # alpha 0
     x[2, 3] = 300.0  # the rest of its group rounds to a few levels
     x[3] = x[3] * 1e-30  # tiny alphas: still exact integer sums
 
     def product(rows: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+        y = torch.empty(rows.shape[0], n, dtype=dtype)
         scratch = torch.empty(rows.numel() * 2 + 64, dtype=torch.uint8)
         gemv(
             rows.data_ptr(),
@@ -245,6 +251,9 @@ def test_the_integer_products_are_the_quantized_rows_products(n: int, k: int) ->
 
     together = product(x)
     want = integer_product(Int8Linear(q, scales, bias), x)
-    torch.testing.assert_close(together, want, atol=1e-2, rtol=2**-7)
+    close = (
+        {"atol": 1e-2, "rtol": 2**-7} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-5}
+    )
+    torch.testing.assert_close(together, want, **close)
     for r in range(9):
         assert torch.equal(product(x[r : r + 1].clone()), together[r : r + 1])

@@ -6,9 +6,9 @@
 // operation is the same IEEE operation per lane, and the reductions add as GCC's AVX-512
 // reductions do (halves, then quarters, then pairs), so a kernel gives the same bits on both.
 // Masks stay 16-bit integers; a masked load or store reads or writes only its lanes (vmaskmov),
-// as AVX-512's do. Only what the float32 paths need is here: the bfloat16 products (vdpbf16ps)
-// and byte products (vpdpbusd) have no AVX2 equivalent, and the kernels that use them stay off
-// (PC_DPBF16, PC_VNNI are 0); the int4 head's nibble products have their own (nibble_dot).
+// as AVX-512's do. Only what the kernels need outside their bfloat16 products (vdpbf16ps, no
+// AVX2 equivalent: PC_DPBF16 stays 0) is here; byte products (vpdpbusd) have their own, exact
+// for the operands they get: the int4 head's (nibble_dot) and the int8 decode rows' (dot_bytes).
 
 #pragma once
 
@@ -247,6 +247,42 @@ inline i16x nibble_dot(i16x acc, i16x u, i16x s) {
           _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(u.hi, s.hi), ones))};
 }
 
+// Signed saturation of each lane to a byte, in lane order (vpmovsdb).
+inline __m128i cvtsepi32_epi8(i16x a) {
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(a.lo, a.hi), _MM_SHUFFLE(3, 1, 2, 0));
+  return _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+}
+// In the order of GCC's _mm512_reduce_add_epi32 (integers: any order gives the same sum).
+inline int reduce_add_epi32(i16x a) {
+  const __m256i t3 = _mm256_add_epi32(a.hi, a.lo);
+  const __m128i t6 = _mm_add_epi32(_mm256_extracti128_si256(t3, 1), _mm256_castsi256_si128(t3));
+  const __m128i t8 = _mm_add_epi32(t6, _mm_shuffle_epi32(t6, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtsi128_si32(t8) + _mm_extract_epi32(t8, 1);
+}
+
+// The int8 decode weights' bytes as gemv_int8_vnni stores them (q + 128, for vpdpbusd), taken
+// back to q and |q| for dot_bytes.
+struct Bytes {
+  i16x q, abs;
+};
+inline Bytes weight_bytes(i16x stored) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i lo = _mm256_xor_si256(stored.lo, flip), hi = _mm256_xor_si256(stored.hi, flip);
+  return {{lo, hi}, {_mm256_abs_epi8(lo), _mm256_abs_epi8(hi)}};
+}
+// acc + per 32-bit lane the sum of its 4 products q a, a: the four signed bytes of `four`
+// broadcast to every lane. vpmaddubsw multiplies |q| by a with q's sign (vpsignb) and adds
+// pairs in 16 bits, which cannot saturate: |q|, |a| <= 127 (both symmetric), so a pair's sum
+// is at most 2 * 127 * 127 < 32768; vpmaddwd adds the pairs in 32 bits. The exact integer sum
+// of vpdpbusd's (q + 128) a less 128 sum(a).
+inline i16x dot_bytes(i16x acc, const Bytes& w, int32_t four) {
+  const __m256i a = _mm256_set1_epi32(four);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(w.abs.lo, _mm256_sign_epi8(a, w.q.lo)), ones);
+  const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(w.abs.hi, _mm256_sign_epi8(a, w.q.hi)), ones);
+  return {_mm256_add_epi32(acc.lo, lo), _mm256_add_epi32(acc.hi, hi)};
+}
+
 }  // namespace pc_avx2
 
 // The AVX-512 names the kernels use, for the definitions above (the compiler's own
@@ -367,6 +403,10 @@ inline i16x nibble_dot(i16x acc, i16x u, i16x s) {
 #define _mm512_cvtepu16_epi32 pc_avx2::cvtepu16_epi32
 #undef _mm512_cvtepi32_epi16
 #define _mm512_cvtepi32_epi16 pc_avx2::cvtepi32_epi16
+#undef _mm512_cvtsepi32_epi8
+#define _mm512_cvtsepi32_epi8 pc_avx2::cvtsepi32_epi8
+#undef _mm512_reduce_add_epi32
+#define _mm512_reduce_add_epi32 pc_avx2::reduce_add_epi32
 #undef _mm256_maskz_loadu_epi16
 #define _mm256_maskz_loadu_epi16 pc_avx2::maskz_loadu_epi16
 #undef _mm256_mask_storeu_epi16

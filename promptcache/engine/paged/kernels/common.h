@@ -43,6 +43,8 @@
 #else
 #define PC_VNNI 0
 #endif
+// Decode rows multiplied in integers (gemv_int8_vnni): by vpdpbusd, or on AVX2 by vpmaddubsw.
+#define PC_INT8_ROWS (PC_VNNI || PC_AVX2)
 
 namespace {
 

@@ -181,7 +181,9 @@ void gemv_int8_dpbf16(const uint16_t* x, int64_t B, int64_t K, const int8_t* w,
   }
 }
 
-#if PC_VNNI
+#endif  // PC_DPBF16
+
+#if PC_INT8_ROWS
 // Decode rows' products in integers (gemv_int8_vnni), as llama.cpp multiplies its quantized
 // weights: each bfloat16 row is quantized per group of VNNI_GROUP inputs to int8 (a ~= x /
 // alpha, alpha = the group's largest |x| / 127: an output of random rows moves by ~0.6% rms,
@@ -190,7 +192,8 @@ void gemv_int8_dpbf16(const uint16_t* x, int64_t B, int64_t K, const int8_t* w,
 // bfloat16 pairs, with no conversion of the weights (8 rows of Gemma 3 270M's layers: 5.3 ->
 // 2.8 ms from the caches, ~5.8 -> ~3.8 ms from memory). An output adds its groups' exact
 // integer sums times alpha in group order, then times its weight's scale: a row's outputs
-// depend on that row alone.
+// depend on that row alone. On AVX2 (float32 rows, where float32 is the default) the same
+// integer sums come from vpmaddubsw (dot_bytes): the same outputs, bit for bit.
 constexpr int64_t VNNI_GROUP = 64;
 // The weights stream from memory once a step and are read once; asked for this far ahead into
 // the L2 cache, whose miss buffers outnumber the L1's (into the L1, as the other kernels do,
@@ -232,69 +235,82 @@ void quantize_rows(const typename S::T* x, int64_t B, int64_t K, int8_t* a, floa
 // 16 output rows n0 .. n0 + 15 of gemv_int8_vnni for BN (compile-time) activation rows. p: the
 // block's [K / 4][16][4] weight bytes, q + 128 (vpdpbusd multiplies unsigned bytes by signed
 // ones): sum(a (q + 128)) - 128 sum(a) = sum(a q), exactly.
-template <int BN>
+template <class S, int BN>
 inline void vnni_block(const int8_t* a, const float* alpha, const int32_t* bias128, int64_t K,
-                       const uint8_t* p, const uint16_t* scales, const uint16_t* bias,
-                       int64_t n0, int64_t N, uint16_t* y) {
+                       const uint8_t* p, const typename S::T* scales, const typename S::T* bias,
+                       int64_t n0, int64_t N, typename S::T* y) {
   const int64_t G = K / VNNI_GROUP;
   __m512 f[BN];
   for (int b = 0; b < BN; ++b) f[b] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* pg = p + g * VNNI_GROUP * 16;
     __m512i d[BN];
+#if PC_VNNI
     for (int b = 0; b < BN; ++b) d[b] = _mm512_set1_epi32(-bias128[b * G + g]);
+#else
+    (void)bias128;  // dot_bytes takes the weights back to q first
+    for (int b = 0; b < BN; ++b) d[b] = _mm512_setzero_si512();
+#endif
 #pragma GCC unroll 16
     for (int j = 0; j < VNNI_GROUP / 4; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(pg + j * 64 + VNNI_PREFETCH_AHEAD), _MM_HINT_T1);
+#if PC_VNNI
       const __m512i w = _mm512_loadu_si512(pg + j * 64);
+#else
+      const pc_avx2::Bytes w = pc_avx2::weight_bytes(_mm512_loadu_si512(pg + j * 64));
+#endif
       for (int b = 0; b < BN; ++b) {
         int32_t four;
         std::memcpy(&four, a + b * K + g * VNNI_GROUP + 4 * j, sizeof four);
+#if PC_VNNI
         d[b] = _mm512_dpbusd_epi32(d[b], w, _mm512_set1_epi32(four));
+#else
+        d[b] = pc_avx2::dot_bytes(d[b], w, four);
+#endif
       }
     }
     // |sum(a q)| <= 64 * 127 * 127 < 2^24: exact as a float.
     for (int b = 0; b < BN; ++b)
       f[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[b]), _mm512_set1_ps(alpha[b * G + g]), f[b]);
   }
-  const __m512 s = BF16::load16(scales + n0);
+  const __m512 s = S::load16(scales + n0);
   for (int b = 0; b < BN; ++b) {
-    __m512 v = BF16::round16(_mm512_mul_ps(f[b], s));
-    if (bias) v = BF16::round16(_mm512_add_ps(v, BF16::load16(bias + n0)));
-    BF16::store16(y + b * N + n0, v);
+    __m512 v = S::round16(_mm512_mul_ps(f[b], s));
+    if (bias) v = S::round16(_mm512_add_ps(v, S::load16(bias + n0)));
+    S::store16(y + b * N + n0, v);
   }
 }
 
-// y [B, N] = x [B, K] (q * scales)^T (+ bias) for bfloat16 rows x, over q laid out by
+// y [B, N] = x [B, K] (q * scales)^T (+ bias) for rows x of the storage type, over q laid out by
 // native_decode.vnni_weight ([N / 16][K / 4][16][4] bytes, q + 128: 16 output rows side by
 // side, four inputs each, so that four of a row's int8 inputs broadcast to every lane multiply
 // 16 outputs' four weights at once and each lane sums its own output). scratch: B * K bytes
 // and 8 B K / VNNI_GROUP more. N a multiple of 16, K of VNNI_GROUP.
-void gemv_int8_vnni(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p,
-                    const uint16_t* scales, const uint16_t* bias, int64_t N, uint16_t* y,
-                    void* scratch) {
+template <class S>
+void gemv_int8_vnni(const typename S::T* x, int64_t B, int64_t K, const uint8_t* p,
+                    const typename S::T* scales, const typename S::T* bias, int64_t N,
+                    typename S::T* y, void* scratch) {
   const int64_t G = K / VNNI_GROUP;
   int8_t* a = static_cast<int8_t*>(scratch);
   float* alpha = reinterpret_cast<float*>(a + ((B * K + 63) & ~int64_t{63}));
   int32_t* bias128 = reinterpret_cast<int32_t*>(alpha + B * G);
-  quantize_rows<BF16>(x, B, K, a, alpha, bias128);
+  quantize_rows<S>(x, B, K, a, alpha, bias128);
   for (int64_t b0 = 0; b0 < B; b0 += 8) {
     const int64_t bn = B - b0 < 8 ? B - b0 : 8;
     const int8_t* ab = a + b0 * K;
     const float* al = alpha + b0 * G;
     const int32_t* bb = bias128 + b0 * G;
-    uint16_t* yb = y + b0 * N;
+    typename S::T* yb = y + b0 * N;
 #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
     for (int64_t nb = 0; nb < N / 16; ++nb) {
       const uint8_t* pb = p + nb * 16 * K;
       with_rows(bn, [&](auto r) {
-        vnni_block<decltype(r)::value>(ab, al, bb, K, pb, scales, bias, nb * 16, N, yb);
+        vnni_block<S, decltype(r)::value>(ab, al, bb, K, pb, scales, bias, nb * 16, N, yb);
       });
     }
   }
 }
-#endif  // PC_VNNI
-#endif
+#endif  // PC_INT8_ROWS
 
 template <class S>
 void to_float(const typename S::T* x, int64_t n, float* out) {
@@ -307,15 +323,15 @@ void project(const typename S::T* x, float* xf, int64_t B, int64_t K, const int8
              const uint8_t* vnni, const void* scales, const void* bias, int64_t N,
              typename S::T* y) {
   using T = typename S::T;
+#if PC_INT8_ROWS
+  if (vnni && N % 16 == 0 && K % VNNI_GROUP == 0) {
+    gemv_int8_vnni<S>(x, B, K, vnni, static_cast<const T*>(scales), static_cast<const T*>(bias),
+                      N, y, xf);
+    return;
+  }
+#endif
 #if PC_DPBF16
   if constexpr (std::is_same_v<S, BF16>) {
-#if PC_VNNI
-    if (vnni && N % 16 == 0 && K % VNNI_GROUP == 0) {
-      gemv_int8_vnni(x, B, K, vnni, static_cast<const uint16_t*>(scales),
-                     static_cast<const uint16_t*>(bias), N, y, xf);
-      return;
-    }
-#endif
     if (K % 32 == 0) {
       gemv_int8_dpbf16(x, B, K, w, static_cast<const uint16_t*>(scales),
                        static_cast<const uint16_t*>(bias), N, y);
