@@ -7,8 +7,8 @@
 // reductions do (halves, then quarters, then pairs), so a kernel gives the same bits on both.
 // Masks stay 16-bit integers; a masked load or store reads or writes only its lanes (vmaskmov),
 // as AVX-512's do. Only what the kernels need outside their bfloat16 products (vdpbf16ps, no
-// AVX2 equivalent: PC_DPBF16 stays 0) is here; byte products (vpdpbusd) have their own, exact
-// for the operands they get: the int4 head's (nibble_dot) and the int8 decode rows' (dot_bytes).
+// AVX2 equivalent: PC_DPBF16 stays 0) is here; byte products (vpdpbusd) are written for AVX2
+// where they are used, exact for the operands they get (products.h' and head.h' AVX2 blocks).
 
 #pragma once
 
@@ -238,15 +238,6 @@ inline void mask_storeu_epi16(void* p, mask16 k, __m256i a) {
     if (k >> i & 1) q[i] = buf[i];
 }
 
-// acc + the sums of 4 products of unsigned bytes u (each at most 127: the int4 head's nibbles)
-// and signed bytes s, per 32-bit lane: vpdpbusd's result for such u, by vpmaddubsw (whose
-// 16-bit pair sums cannot saturate below 2 * 127 * 128) and vpmaddwd.
-inline i16x nibble_dot(i16x acc, i16x u, i16x s) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(u.lo, s.lo), ones)),
-          _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(u.hi, s.hi), ones))};
-}
-
 // Signed saturation of each lane to a byte, in lane order (vpmovsdb).
 inline __m128i cvtsepi32_epi8(i16x a) {
   const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(a.lo, a.hi), _MM_SHUFFLE(3, 1, 2, 0));
@@ -258,29 +249,6 @@ inline int reduce_add_epi32(i16x a) {
   const __m128i t6 = _mm_add_epi32(_mm256_extracti128_si256(t3, 1), _mm256_castsi256_si128(t3));
   const __m128i t8 = _mm_add_epi32(t6, _mm_shuffle_epi32(t6, _MM_SHUFFLE(1, 0, 3, 2)));
   return _mm_cvtsi128_si32(t8) + _mm_extract_epi32(t8, 1);
-}
-
-// The int8 decode weights' bytes as gemv_int8_vnni stores them (q + 128, for vpdpbusd), taken
-// back to q and |q| for dot_bytes.
-struct Bytes {
-  i16x q, abs;
-};
-inline Bytes weight_bytes(i16x stored) {
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  const __m256i lo = _mm256_xor_si256(stored.lo, flip), hi = _mm256_xor_si256(stored.hi, flip);
-  return {{lo, hi}, {_mm256_abs_epi8(lo), _mm256_abs_epi8(hi)}};
-}
-// acc + per 32-bit lane the sum of its 4 products q a, a: the four signed bytes of `four`
-// broadcast to every lane. vpmaddubsw multiplies |q| by a with q's sign (vpsignb) and adds
-// pairs in 16 bits, which cannot saturate: |q|, |a| <= 127 (both symmetric), so a pair's sum
-// is at most 2 * 127 * 127 < 32768; vpmaddwd adds the pairs in 32 bits. The exact integer sum
-// of vpdpbusd's (q + 128) a less 128 sum(a).
-inline i16x dot_bytes(i16x acc, const Bytes& w, int32_t four) {
-  const __m256i a = _mm256_set1_epi32(four);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(w.abs.lo, _mm256_sign_epi8(a, w.q.lo)), ones);
-  const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(w.abs.hi, _mm256_sign_epi8(a, w.q.hi)), ones);
-  return {_mm256_add_epi32(acc.lo, lo), _mm256_add_epi32(acc.hi, hi)};
 }
 
 }  // namespace pc_avx2

@@ -10,15 +10,6 @@ namespace {
 
 #if PC_VNNI || PC_AVX2
 #define PC_INT4_HEAD 1
-// acc + the sums of 4 products of nibbles u (0..15) and signed bytes s per 32-bit lane:
-// vpdpbusd, or its AVX2 equivalent for such small u (avx2.h).
-inline __m512i dot_nibbles(__m512i acc, __m512i u, __m512i s) {
-#if PC_VNNI
-  return _mm512_dpbusd_epi32(acc, u, s);
-#else
-  return pc_avx2::nibble_dot(acc, u, s);
-#endif
-}
 // Scores of a vocabulary projection from 4-bit weights, for RescoredHead (models/int4.py) to
 // pick the candidates it then scores exactly: logits [B, N] float32 ~= x [B, K] W^T.
 //
@@ -31,6 +22,7 @@ inline __m512i dot_nibbles(__m512i acc, __m512i u, __m512i s) {
 //   sl [N / 16, K / 64, 2, 16] bfloat16: the 16 rows' scales, then their lows.
 // Each row's scores depend on that row alone (the products are exact integers, the float sums
 // go in group order), so a row scores alike in any batch. K a multiple of 64, N of 16.
+#if PC_VNNI
 template <int BN>
 inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_sum, int64_t K,
                        const uint8_t* pk, const uint16_t* sl, float* y, int64_t n0, int64_t N,
@@ -56,8 +48,8 @@ inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_s
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
       for (int b = 0; b < BN; ++b) {
         const int32_t* ab = reinterpret_cast<const int32_t*>(a + b * K + g * 64 + j * 8);
-        d[b] = dot_nibbles(d[b], lo, _mm512_set1_epi32(ab[0]));
-        d[b] = dot_nibbles(d[b], hi, _mm512_set1_epi32(ab[1]));
+        d[b] = _mm512_dpbusd_epi32(d[b], lo, _mm512_set1_epi32(ab[0]));
+        d[b] = _mm512_dpbusd_epi32(d[b], hi, _mm512_set1_epi32(ab[1]));
       }
     }
     const __m512 scale = BF16::load16(sl + g * 32);
@@ -73,6 +65,70 @@ inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_s
     top[b] = _mm512_max_ps(top[b], f[b]);
   }
 }
+#else
+// int4_block on AVX2: the same integer sums and float operations per lane as vpdpbusd's.
+// vpmaddubsw multiplies the nibbles by a and adds pairs in 16 bits (at most 2 * 15 * 127), and
+// 8 of those add in 16 bits too (|sum| <= 30,480 < 32,768) before vpmaddwd takes them to 32.
+// Each 8-output half of a group in turn. Against the whole 16 outputs at once (32-bit sums
+// after every product): one row of Gemma 3's head 6.8 -> 6.0 ms, 8 rows within noise.
+template <int BN>
+inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_sum, int64_t K,
+                       const uint8_t* pk, const uint16_t* sl, float* y, int64_t n0, int64_t N,
+                       __m512* top) {
+  const int64_t G = K / 64;
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(64) float acc[BN][16] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* pg = pk + g * 512;
+    for (int h = 0; h < 2; ++h) {
+      __m256i d[BN];
+      for (int b = 0; b < BN; ++b) d[b] = _mm256_setzero_si256();
+      for (int j0 = 0; j0 < 8; j0 += 4) {
+        __m256i e[BN];
+        for (int b = 0; b < BN; ++b) e[b] = _mm256_setzero_si256();
+        for (int j = j0; j < j0 + 4; ++j) {
+          if (h == 0) {
+            if constexpr (BN == 1)
+              _mm_prefetch(reinterpret_cast<const char*>(pg + j * 64 + 8192), _MM_HINT_T1);
+            else
+              _mm_prefetch(reinterpret_cast<const char*>(pg + j * 64 + PREFETCH_AHEAD),
+                           _MM_HINT_T0);
+          }
+          const __m256i v =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + j * 64 + h * 32));
+          const __m256i lo = _mm256_and_si256(v, nibble);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          for (int b = 0; b < BN; ++b) {
+            const int32_t* ab = reinterpret_cast<const int32_t*>(a + b * K + g * 64 + j * 8);
+            e[b] = _mm256_add_epi16(e[b], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ab[0])));
+            e[b] = _mm256_add_epi16(e[b], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ab[1])));
+          }
+        }
+        for (int b = 0; b < BN; ++b) d[b] = _mm256_add_epi32(d[b], _mm256_madd_epi16(e[b], ones));
+      }
+      const auto bf16x8 = [](const uint16_t* q) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      };
+      const __m256 scale = bf16x8(sl + g * 32 + 8 * h);
+      const __m256 low = bf16x8(sl + g * 32 + 16 + 8 * h);
+      for (int b = 0; b < BN; ++b) {
+        float* f = acc[b] + 8 * h;
+        const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(d[b]), scale);
+        __m256 v = _mm256_fmadd_ps(t, _mm256_set1_ps(alpha[b * G + g]), _mm256_load_ps(f));
+        v = _mm256_fmadd_ps(low, _mm256_set1_ps(alpha_sum[b * G + g]), v);
+        _mm256_store_ps(f, v);
+      }
+    }
+  }
+  for (int b = 0; b < BN; ++b) {
+    const __m512 f = _mm512_load_ps(acc[b]);
+    _mm512_storeu_ps(y + b * N + n0, f);
+    top[b] = _mm512_max_ps(top[b], f);
+  }
+}
+#endif
 
 // The 8 x 16 output rows of one block of INT4_TOP_BLOCK scores for BN activation rows, and
 // each row's largest score of the block into block_max [B, N / INT4_TOP_BLOCK] (when not null).

@@ -193,7 +193,7 @@ void gemv_int8_dpbf16(const uint16_t* x, int64_t B, int64_t K, const int8_t* w,
 // 2.8 ms from the caches, ~5.8 -> ~3.8 ms from memory). An output adds its groups' exact
 // integer sums times alpha in group order, then times its weight's scale: a row's outputs
 // depend on that row alone. On AVX2 (float32 rows, where float32 is the default) the same
-// integer sums come from vpmaddubsw (dot_bytes): the same outputs, bit for bit.
+// integer sums come from vpmaddubsw (vnni_block's AVX2 form): the same outputs, bit for bit.
 constexpr int64_t VNNI_GROUP = 64;
 // The weights stream from memory once a step and are read once; asked for this far ahead into
 // the L2 cache, whose miss buffers outnumber the L1's (into the L1, as the other kernels do,
@@ -235,6 +235,20 @@ void quantize_rows(const typename S::T* x, int64_t B, int64_t K, int8_t* a, floa
 // 16 output rows n0 .. n0 + 15 of gemv_int8_vnni for BN (compile-time) activation rows. p: the
 // block's [K / 4][16][4] weight bytes, q + 128 (vpdpbusd multiplies unsigned bytes by signed
 // ones): sum(a (q + 128)) - 128 sum(a) = sum(a q), exactly.
+// The 16 outputs n0.. of BN rows from their float sums f: times the scale, rounded to the
+// storage type, then the bias added and rounded (models.int8.Int8Linear's roundings).
+template <class S, int BN>
+inline void vnni_store(const __m512* f, const typename S::T* scales, const typename S::T* bias,
+                       int64_t n0, int64_t N, typename S::T* y) {
+  const __m512 s = S::load16(scales + n0);
+  for (int b = 0; b < BN; ++b) {
+    __m512 v = S::round16(_mm512_mul_ps(f[b], s));
+    if (bias) v = S::round16(_mm512_add_ps(v, S::load16(bias + n0)));
+    S::store16(y + b * N + n0, v);
+  }
+}
+
+#if PC_VNNI
 template <class S, int BN>
 inline void vnni_block(const int8_t* a, const float* alpha, const int32_t* bias128, int64_t K,
                        const uint8_t* p, const typename S::T* scales, const typename S::T* bias,
@@ -245,41 +259,71 @@ inline void vnni_block(const int8_t* a, const float* alpha, const int32_t* bias1
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* pg = p + g * VNNI_GROUP * 16;
     __m512i d[BN];
-#if PC_VNNI
     for (int b = 0; b < BN; ++b) d[b] = _mm512_set1_epi32(-bias128[b * G + g]);
-#else
-    (void)bias128;  // dot_bytes takes the weights back to q first
-    for (int b = 0; b < BN; ++b) d[b] = _mm512_setzero_si512();
-#endif
 #pragma GCC unroll 16
     for (int j = 0; j < VNNI_GROUP / 4; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(pg + j * 64 + VNNI_PREFETCH_AHEAD), _MM_HINT_T1);
-#if PC_VNNI
       const __m512i w = _mm512_loadu_si512(pg + j * 64);
-#else
-      const pc_avx2::Bytes w = pc_avx2::weight_bytes(_mm512_loadu_si512(pg + j * 64));
-#endif
       for (int b = 0; b < BN; ++b) {
         int32_t four;
         std::memcpy(&four, a + b * K + g * VNNI_GROUP + 4 * j, sizeof four);
-#if PC_VNNI
         d[b] = _mm512_dpbusd_epi32(d[b], w, _mm512_set1_epi32(four));
-#else
-        d[b] = pc_avx2::dot_bytes(d[b], w, four);
-#endif
       }
     }
     // |sum(a q)| <= 64 * 127 * 127 < 2^24: exact as a float.
     for (int b = 0; b < BN; ++b)
       f[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[b]), _mm512_set1_ps(alpha[b * G + g]), f[b]);
   }
-  const __m512 s = S::load16(scales + n0);
-  for (int b = 0; b < BN; ++b) {
-    __m512 v = S::round16(_mm512_mul_ps(f[b], s));
-    if (bias) v = S::round16(_mm512_add_ps(v, S::load16(bias + n0)));
-    S::store16(y + b * N + n0, v);
-  }
+  vnni_store<S, BN>(f, scales, bias, n0, N, y);
 }
+#else
+// vnni_block on AVX2: the same integer sums and the same float operations per lane. The
+// weights go back to q (q + 128 xor 128) and vpmaddubsw multiplies |q| by a with q's sign
+// (vpsignb), adding pairs in 16 bits, which cannot saturate: |q|, |a| <= 127 (both symmetric),
+// so a pair is at most 2 * 127 * 127 < 32768; vpmaddwd adds the pairs in 32 bits: sum(a q)
+// exactly, as vpdpbusd's sum(a (q + 128)) - 128 sum(a). Each 8-output half of a group in turn:
+// AVX2's 16 registers hold one half's accumulators for 8 rows (both halves at once spilled
+// them on every product).
+template <class S, int BN>
+inline void vnni_block(const int8_t* a, const float* alpha, const int32_t*, int64_t K,
+                       const uint8_t* p, const typename S::T* scales, const typename S::T* bias,
+                       int64_t n0, int64_t N, typename S::T* y) {
+  const int64_t G = K / VNNI_GROUP;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(64) float acc[BN][16] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* pg = p + g * VNNI_GROUP * 16;
+    for (int h = 0; h < 2; ++h) {
+      __m256i d[BN];
+      for (int b = 0; b < BN; ++b) d[b] = _mm256_setzero_si256();
+#pragma GCC unroll 16
+      for (int j = 0; j < VNNI_GROUP / 4; ++j) {
+        if (h == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(pg + j * 64 + VNNI_PREFETCH_AHEAD),
+                       _MM_HINT_T1);
+        const __m256i q = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + j * 64 + h * 32)), flip);
+        const __m256i u = _mm256_abs_epi8(q);
+        for (int b = 0; b < BN; ++b) {
+          int32_t four;
+          std::memcpy(&four, a + b * K + g * VNNI_GROUP + 4 * j, sizeof four);
+          const __m256i s = _mm256_sign_epi8(_mm256_set1_epi32(four), q);
+          d[b] = _mm256_add_epi32(d[b], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
+        }
+      }
+      for (int b = 0; b < BN; ++b) {
+        float* f = acc[b] + 8 * h;
+        _mm256_store_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[b]),
+                                           _mm256_set1_ps(alpha[b * G + g]), _mm256_load_ps(f)));
+      }
+    }
+  }
+  __m512 f[BN];
+  for (int b = 0; b < BN; ++b) f[b] = _mm512_load_ps(acc[b]);
+  vnni_store<S, BN>(f, scales, bias, n0, N, y);
+}
+#endif
 
 // y [B, N] = x [B, K] (q * scales)^T (+ bias) for rows x of the storage type, over q laid out by
 // native_decode.vnni_weight ([N / 16][K / 4][16][4] bytes, q + 128: 16 output rows side by
