@@ -14,13 +14,15 @@ Two levels: ``Kernels`` wraps the per-operation kernels the layers call in every
 ``native_decode.NativeDecode`` and ``native_prefill.NativePrefill`` call the whole-step
 functions for narrow decode steps and for steps of one short prompt chunk.
 
-The kernels are used only where they pay: a CPU with AVX-512 (the vector paths; elsewhere the
-portable loops would be slower than PyTorch), tensors in bfloat16 or float32. Without a
-compiler, or with ``PROMPTCACHE_NATIVE=off``, everything runs through PyTorch as before. ctypes
-releases the GIL for the call's duration, so the HTTP threads run beside a kernel. The library
-is linked against ``libgomp.so.1`` by name, which resolves to the OpenMP runtime PyTorch has
-already loaded (its CPU wheels ship one of that name): the kernels split their work over
-PyTorch's own thread team, never a second one (``_openmp_runtimes`` warns if it ever is).
+The kernels are used only where they pay: an x86 CPU with AVX-512, or AVX2 with FMA (the vector
+paths, written for AVX-512's 16 lanes and run on AVX2 as two 8-lane halves, ``kernels/avx2.h``;
+elsewhere the portable loops would be slower than PyTorch), tensors in bfloat16 or float32.
+Without a compiler, or with ``PROMPTCACHE_NATIVE=off``, everything runs through PyTorch as
+before. ctypes releases the GIL for the call's duration, so the HTTP threads run beside a
+kernel. The library is linked against ``libgomp.so.1`` by name, which resolves to the OpenMP
+runtime PyTorch has already loaded (its CPU wheels ship one of that name): the kernels split
+their work over PyTorch's own thread team, never a second one (``_openmp_runtimes`` warns if it
+ever is).
 """
 
 from __future__ import annotations
@@ -762,7 +764,7 @@ def _load() -> Kernels | None:
         log.warning("the engine's CPU kernels could not be built, using PyTorch's: %s", exc)
         return None
     if not library.pc_vectorized():
-        log.info("no AVX-512 here: the engine's CPU kernels are not used")
+        log.info("neither AVX-512 nor AVX2 here: the engine's CPU kernels are not used")
         return None
     runtimes = _openmp_runtimes()
     if len(runtimes) > 1:

@@ -11,7 +11,9 @@ from promptcache.engine.paged import native
 from promptcache.engine.paged.attention import StepSeq
 
 
-@pytest.mark.skipif(native.kernels() is None, reason="no C++ compiler here")
+@pytest.mark.skipif(
+    native.kernels() is None, reason="no kernels here (no C++ compiler, or no AVX-512 or AVX2)"
+)
 @pytest.mark.parametrize("lengths", [[1], [5, 70, 33], [40, 40]], ids=["one", "ragged", "even"])
 def test_decode_keys_are_the_same_from_the_kernel(lengths: list[int]) -> None:
     """Rows of several lengths (within and past the tiny gemma's sliding window, one a
@@ -50,7 +52,9 @@ def test_decode_keys_are_the_same_from_the_kernel(lengths: list[int]) -> None:
         pool.decref(blocks)
 
 
-@pytest.mark.skipif(native.kernels() is None, reason="no C++ compiler here")
+@pytest.mark.skipif(
+    native.kernels() is None, reason="no kernels here (no C++ compiler, or no AVX-512 or AVX2)"
+)
 @pytest.mark.parametrize(
     ("start", "num_new"),
     [(0, 40), (0, 200), (37, 5), (150, 64), (300, 100)],

@@ -23,7 +23,8 @@ def native_int4() -> bool:
 
 
 needs_native = pytest.mark.skipif(
-    not native_int4(), reason="the engine's int4 kernel needs AVX512-VNNI and a C++ compiler"
+    not native_int4(),
+    reason="the engine's int4 kernel needs AVX512-VNNI or AVX2, and a C++ compiler",
 )
 
 
