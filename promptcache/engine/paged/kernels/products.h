@@ -232,9 +232,6 @@ void quantize_rows(const typename S::T* x, int64_t B, int64_t K, int8_t* a, floa
     }
 }
 
-// 16 output rows n0 .. n0 + 15 of gemv_int8_vnni for BN (compile-time) activation rows. p: the
-// block's [K / 4][16][4] weight bytes, q + 128 (vpdpbusd multiplies unsigned bytes by signed
-// ones): sum(a (q + 128)) - 128 sum(a) = sum(a q), exactly.
 // The 16 outputs n0.. of BN rows from their float sums f: times the scale, rounded to the
 // storage type, then the bias added and rounded (models.int8.Int8Linear's roundings).
 template <class S, int BN>
@@ -249,6 +246,9 @@ inline void vnni_store(const __m512* f, const typename S::T* scales, const typen
 }
 
 #if PC_VNNI
+// 16 output rows n0 .. n0 + 15 of gemv_int8_vnni for BN (compile-time) activation rows. p: the
+// block's [K / 4][16][4] weight bytes, q + 128 (vpdpbusd multiplies unsigned bytes by signed
+// ones): sum(a (q + 128)) - 128 sum(a) = sum(a q), exactly.
 template <class S, int BN>
 inline void vnni_block(const int8_t* a, const float* alpha, const int32_t* bias128, int64_t K,
                        const uint8_t* p, const typename S::T* scales, const typename S::T* bias,
