@@ -7,9 +7,10 @@ Over windows of this repository's docs: a prompt of ``--context`` tokens prefill
 next ``--steps`` tokens of the text fed one decode step at a time (whatever was predicted),
 each step computed three ways over the same KV and the same head:
 
-- the engine's decode step (``NativeDecode``: int8 weights; bfloat16 rows quantized to int8
-  where the CPU has AVX512-VNNI, ``kernels/products.h``' ``gemv_int8_vnni``);
-- PyTorch's int8 decode path (the same int8 weights, bfloat16 rows);
+- the engine's decode step (``NativeDecode``: int8 weights; the rows quantized to int8 where it
+  multiplies in integers, ``native_decode.integer_rows``: bfloat16 rows with AVX512-VNNI,
+  float32 rows on AVX2);
+- PyTorch's int8 decode path (the same int8 weights, rows in the model's dtype);
 - the dense weights (what a prompt's tokens are computed with).
 
 Prints each one's log-loss and next-token accuracy on the text, how often its greedy token is
@@ -59,6 +60,7 @@ def main() -> int:
         print("the engine's own decode step does not run here (no int8 weights or no kernels)")
         return 1
     model, attn, pool = engine.model, engine._attn, engine._pool
+    plain = f"int8 weights, {'bf16' if model.dtype == torch.bfloat16 else 'f32'} rows"
     n0, n = args.context, args.steps
     loss: dict[str, list[float]] = {}
     right: dict[str, list[bool]] = {}
@@ -82,7 +84,7 @@ def main() -> int:
                     switch.on = False
                     logits["dense"] = model.logits(model(x, pos, attn)).float()
                     switch.on = True
-                    logits["int8 weights, bf16 rows"] = model.logits(model(x, pos, attn)).float()
+                    logits[plain] = model.logits(model(x, pos, attn)).float()
                     logits["engine step"] = model.logits(step(x, pos)).float()
                     dense = int(logits["dense"].argmax())
                     for name, row in logits.items():
@@ -94,7 +96,7 @@ def main() -> int:
                         float(
                             torch.nn.functional.kl_div(
                                 logits["engine step"].log_softmax(-1),
-                                logits["int8 weights, bf16 rows"].log_softmax(-1),
+                                logits[plain].log_softmax(-1),
                                 log_target=True,
                                 reduction="sum",
                             )
@@ -109,7 +111,7 @@ def main() -> int:
             f"  {name:26} {statistics.mean(loss[name]):8.4f}  "
             f"{statistics.mean(right[name]):9.2%}  {statistics.mean(dense_agree[name]):9.2%}"
         )
-    print(f"  engine step vs int8 weights, bf16 rows: mean KL {statistics.mean(kl):.2e}")
+    print(f"  engine step vs {plain}: mean KL {statistics.mean(kl):.2e}")
     return 0
 
 
