@@ -45,8 +45,6 @@ PC_BINARY(mul_ps, _mm256_mul_ps)
 PC_BINARY(div_ps, _mm256_div_ps)
 PC_BINARY(max_ps, _mm256_max_ps)
 PC_BINARY(min_ps, _mm256_min_ps)
-PC_BINARY(unpacklo_ps, _mm256_unpacklo_ps)  // within 128-bit lanes, as AVX-512's
-PC_BINARY(unpackhi_ps, _mm256_unpackhi_ps)
 #undef PC_BINARY
 inline f16x fmadd_ps(f16x a, f16x b, f16x c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
@@ -79,30 +77,6 @@ inline f16x scalef_ps(f16x a, f16x n) {
   };
   return {half(a.lo, n.lo), half(a.hi, n.hi)};
 }
-template <int imm>
-inline f16x shuffle_ps(f16x a, f16x b) {
-  return {_mm256_shuffle_ps(a.lo, b.lo, imm), _mm256_shuffle_ps(a.hi, b.hi, imm)};
-}
-// The 128-bit lane i (0..3) of a.
-template <int i>
-inline __m128 lane128(f16x a) {
-  return _mm256_extractf128_ps(i < 2 ? a.lo : a.hi, i & 1);
-}
-template <int imm>
-inline f16x shuffle_f32x4(f16x a, f16x b) {
-  return {_mm256_set_m128(lane128<(imm >> 2) & 3>(a), lane128<imm & 3>(a)),
-          _mm256_set_m128(lane128<(imm >> 6) & 3>(b), lane128<(imm >> 4) & 3>(b))};
-}
-// a[idx & 15] in each lane.
-inline f16x permutexvar_ps(i16x idx, f16x a) {
-  const auto pick = [&](__m256i i) {
-    const __m256 from_hi = _mm256_castsi256_ps(_mm256_slli_epi32(i, 28));  // bit 3 -> sign
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(a.lo, i),
-                            _mm256_permutevar8x32_ps(a.hi, i), from_hi);
-  };
-  return {pick(idx.lo), pick(idx.hi)};
-}
-
 // ---- float32 reductions, in the order of GCC's _mm512_reduce_add_ps / _max_ps
 inline float reduce_add_ps(f16x a) {
   const __m256 t3 = _mm256_add_ps(a.hi, a.lo);
@@ -163,35 +137,10 @@ inline f16x mask_mul_ps(f16x src, mask16 k, f16x a, f16x b) {
 inline f16x mask_max_ps(f16x src, mask16 k, f16x a, f16x b) {
   return mask_mov_ps(src, k, max_ps(a, b));
 }
-inline f16x maskz_div_ps(mask16 k, f16x a, f16x b) { return maskz_mov_ps(k, div_ps(a, b)); }
 
 // ---- integers
 inline i16x setzero_si512() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
 inline i16x set1_epi32(int x) { return {_mm256_set1_epi32(x), _mm256_set1_epi32(x)}; }
-inline i16x set1_epi8(char x) { return {_mm256_set1_epi8(x), _mm256_set1_epi8(x)}; }
-inline i16x setr_epi32(int a0, int a1, int a2, int a3, int a4, int a5, int a6, int a7, int a8,
-                       int a9, int a10, int a11, int a12, int a13, int a14, int a15) {
-  return {_mm256_setr_epi32(a0, a1, a2, a3, a4, a5, a6, a7),
-          _mm256_setr_epi32(a8, a9, a10, a11, a12, a13, a14, a15)};
-}
-inline i16x loadu_si512(const void* p) {
-  const __m256i* q = static_cast<const __m256i*>(p);
-  return {_mm256_loadu_si256(q), _mm256_loadu_si256(q + 1)};
-}
-inline i16x load_si512(const void* p) {
-  const __m256i* q = static_cast<const __m256i*>(p);
-  return {_mm256_load_si256(q), _mm256_load_si256(q + 1)};
-}
-inline void storeu_si512(void* p, i16x a) {
-  __m256i* q = static_cast<__m256i*>(p);
-  _mm256_storeu_si256(q, a.lo);
-  _mm256_storeu_si256(q + 1, a.hi);
-}
-inline void store_si512(void* p, i16x a) {
-  __m256i* q = static_cast<__m256i*>(p);
-  _mm256_store_si256(q, a.lo);
-  _mm256_store_si256(q + 1, a.hi);
-}
 #define PC_IBINARY(name, op)                                                    \
   inline i16x name(i16x a, i16x b) { return {op(a.lo, b.lo), op(a.hi, b.hi)}; }
 PC_IBINARY(and_si512, _mm256_and_si256)
@@ -200,7 +149,6 @@ PC_IBINARY(add_epi32, _mm256_add_epi32)
 #undef PC_IBINARY
 inline i16x slli_epi32(i16x a, int n) { return {_mm256_slli_epi32(a.lo, n), _mm256_slli_epi32(a.hi, n)}; }
 inline i16x srli_epi32(i16x a, int n) { return {_mm256_srli_epi32(a.lo, n), _mm256_srli_epi32(a.hi, n)}; }
-inline i16x srli_epi16(i16x a, int n) { return {_mm256_srli_epi16(a.lo, n), _mm256_srli_epi16(a.hi, n)}; }
 inline f16x castsi512_ps(i16x a) { return {_mm256_castsi256_ps(a.lo), _mm256_castsi256_ps(a.hi)}; }
 inline i16x castps_si512(f16x a) { return {_mm256_castps_si256(a.lo), _mm256_castps_si256(a.hi)}; }
 inline i16x mask_mov_epi32(i16x src, mask16 k, i16x a) {
@@ -277,10 +225,6 @@ inline int reduce_add_epi32(i16x a) {
 #define _mm512_max_ps pc_avx2::max_ps
 #undef _mm512_min_ps
 #define _mm512_min_ps pc_avx2::min_ps
-#undef _mm512_unpacklo_ps
-#define _mm512_unpacklo_ps pc_avx2::unpacklo_ps
-#undef _mm512_unpackhi_ps
-#define _mm512_unpackhi_ps pc_avx2::unpackhi_ps
 #undef _mm512_fmadd_ps
 #define _mm512_fmadd_ps pc_avx2::fmadd_ps
 #undef _mm512_fnmadd_ps
@@ -295,12 +239,6 @@ inline int reduce_add_epi32(i16x a) {
 #define _mm512_roundscale_ps(a, imm) pc_avx2::roundscale_ps<(imm)>(a)
 #undef _mm512_scalef_ps
 #define _mm512_scalef_ps pc_avx2::scalef_ps
-#undef _mm512_shuffle_ps
-#define _mm512_shuffle_ps(a, b, imm) pc_avx2::shuffle_ps<(imm)>(a, b)
-#undef _mm512_shuffle_f32x4
-#define _mm512_shuffle_f32x4(a, b, imm) pc_avx2::shuffle_f32x4<(imm)>(a, b)
-#undef _mm512_permutexvar_ps
-#define _mm512_permutexvar_ps pc_avx2::permutexvar_ps
 #undef _mm512_reduce_add_ps
 #define _mm512_reduce_add_ps pc_avx2::reduce_add_ps
 #undef _mm512_reduce_max_ps
@@ -321,32 +259,16 @@ inline int reduce_add_epi32(i16x a) {
 #define _mm512_mask_storeu_ps pc_avx2::mask_storeu_ps
 #undef _mm512_cmp_ps_mask
 #define _mm512_cmp_ps_mask(a, b, imm) pc_avx2::cmp_ps_mask<(imm)>(a, b)
-#undef _mm512_mask_mov_ps
-#define _mm512_mask_mov_ps pc_avx2::mask_mov_ps
 #undef _mm512_maskz_mov_ps
 #define _mm512_maskz_mov_ps pc_avx2::maskz_mov_ps
 #undef _mm512_mask_mul_ps
 #define _mm512_mask_mul_ps pc_avx2::mask_mul_ps
 #undef _mm512_mask_max_ps
 #define _mm512_mask_max_ps pc_avx2::mask_max_ps
-#undef _mm512_maskz_div_ps
-#define _mm512_maskz_div_ps pc_avx2::maskz_div_ps
 #undef _mm512_setzero_si512
 #define _mm512_setzero_si512 pc_avx2::setzero_si512
 #undef _mm512_set1_epi32
 #define _mm512_set1_epi32 pc_avx2::set1_epi32
-#undef _mm512_set1_epi8
-#define _mm512_set1_epi8 pc_avx2::set1_epi8
-#undef _mm512_setr_epi32
-#define _mm512_setr_epi32 pc_avx2::setr_epi32
-#undef _mm512_loadu_si512
-#define _mm512_loadu_si512 pc_avx2::loadu_si512
-#undef _mm512_load_si512
-#define _mm512_load_si512 pc_avx2::load_si512
-#undef _mm512_storeu_si512
-#define _mm512_storeu_si512 pc_avx2::storeu_si512
-#undef _mm512_store_si512
-#define _mm512_store_si512 pc_avx2::store_si512
 #undef _mm512_and_si512
 #define _mm512_and_si512 pc_avx2::and_si512
 #undef _mm512_or_si512
@@ -357,8 +279,6 @@ inline int reduce_add_epi32(i16x a) {
 #define _mm512_slli_epi32 pc_avx2::slli_epi32
 #undef _mm512_srli_epi32
 #define _mm512_srli_epi32 pc_avx2::srli_epi32
-#undef _mm512_srli_epi16
-#define _mm512_srli_epi16 pc_avx2::srli_epi16
 #undef _mm512_castsi512_ps
 #define _mm512_castsi512_ps pc_avx2::castsi512_ps
 #undef _mm512_castps_si512
