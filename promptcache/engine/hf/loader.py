@@ -45,6 +45,7 @@ from promptcache.engine.paged.models import from_hf
 from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.int8 import add_decode_int8
 from promptcache.engine.paged.models.packed import pack_linears, packing_available
+from promptcache.engine.paged.models.panels import panel_linears, panels_available
 
 log = logging.getLogger("promptcache.engine")
 
@@ -137,6 +138,9 @@ def load_engine(
     native.use_directory(Path(cache_dir) / "native")
     kernels = native.kernels() if dev.type == "cpu" else None
     tag = "" if kernels is None else "native" + "+prefill" * (kernels.prefill is not None)
+    # Float32 projections by the engine's own product sum in another order than MKL's.
+    panels = panels_available(dev, DTYPES[dtype])
+    tag += "+panels" * panels
     parts = (KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed, tag)
     revision = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
     stops = stop_token_ids(fmt, tokenizer, hf_model)
@@ -154,6 +158,8 @@ def load_engine(
     switch = add_decode_int8(lean, head_cache=head_cache) if quant == "int8" else None
     if packed:  # after the int8 copies, which are made from the plain weights
         pack_linears(lean)
+    if panels:
+        panel_linears(lean)
     compiled = resolve_compile(compile_mode, lean, switch is not None, native=kernels is not None)
     if compiled:
         use_cache_dir(Path(cache_dir))

@@ -29,6 +29,7 @@ from promptcache.engine.paged.engine import PagedEngine
 from promptcache.engine.paged.models import from_hf
 from promptcache.engine.paged.models.int8 import add_decode_int8
 from promptcache.engine.paged.models.packed import pack_linears
+from promptcache.engine.paged.models.panels import panel_linears, panels_available
 
 TinyKind = Literal["llama", "gemma3"]
 TINY_SLIDING_WINDOW = 16
@@ -100,13 +101,15 @@ def build_tiny_engine(
     decode_int8: bool = False,
     compile_decode: bool = False,
     packed: bool = False,
+    panels: bool | None = None,
 ) -> PagedEngine:
     """A ``PagedEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``).
 
     Blocks are small (``TINY_BLOCK_TOKENS``) so that short test prompts span several, and so is
     the step (``max_batch_tokens``), so that prompts prefill in several chunks. ``packed``:
     the layers' projections in oneDNN's layout, as the loader packs bf16 ones on a CPU
-    (``models.packed``).
+    (``models.packed``). ``panels``: float32 projections on the engine's own product
+    (``models.panels``); by default where the loader would use it.
     """
     tokenizer = ByteTokenizer()
     model = build_tiny_model(kind, seed=seed).to(device)
@@ -116,6 +119,10 @@ def build_tiny_engine(
     switch = add_decode_int8(lean) if decode_int8 else None
     if packed:
         pack_linears(lean)
+    if panels is None:
+        panels = panels_available(torch.device(device), dtype)
+    if panels:
+        panel_linears(lean)
     return PagedEngine(
         lean,
         tokenizer,

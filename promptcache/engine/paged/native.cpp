@@ -15,6 +15,7 @@
 #include "kernels/common.h"
 #include "kernels/decode_attention.h"
 #include "kernels/elementwise.h"
+#include "kernels/gemm_f32.h"
 #include "kernels/head.h"
 #include "kernels/plans.h"
 #include "kernels/prefill_attention.h"
@@ -180,5 +181,15 @@ void pc_pair_dense(const uint32_t* w, int64_t N, int64_t K2, uint32_t* out) {
 }
 #endif
 void pc_decode_step_f32(const PcModel* m, const PcStep* st) { decode_step<F32>(*m, *st); }
+
+#if PC_VEC16
+// y [M, N] = x [M, K] W^T (+ bias) over W laid out by pc_panel_f32 (models/panels.py).
+void pc_gemm_f32(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t N,
+                 const float* bias, float* y, int64_t ldy) {
+  gemm_f32(x, ldx, M, K, w, N, bias, y, ldy);
+}
+void pc_panel_f32(const float* w, int64_t N, int64_t K, float* out) { panel_f32(w, N, K, out); }
+int64_t pc_f32_panel() { return PANEL; }
+#endif
 
 }  // extern "C"

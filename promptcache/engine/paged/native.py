@@ -175,6 +175,15 @@ class Kernels:
         self._prefill_plan = library.pc_prefill_plan
         self._prefill_plan.restype = None
         self._prefill_plan.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr]
+        self._gemm_f32 = library.pc_gemm_f32
+        self._gemm_f32.restype = None
+        self._gemm_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64]
+        self._panel_f32 = library.pc_panel_f32
+        self._panel_f32.restype = None
+        self._panel_f32.argtypes = [ptr, i64, i64, ptr]
+        library.pc_f32_panel.restype = i64
+        self.panel = int(library.pc_f32_panel())
+        """Outputs side by side in ``panel_f32``'s layout (``gemm_f32`` takes N a multiple)."""
         self._int4_rescore: Any = None
         if library.pc_int4_rescore_available():
             self._int4_rescore = library.pc_int4_rescore
@@ -245,6 +254,29 @@ class Kernels:
             d,
             slots.shape[1],
             scale,
+        )
+        return out
+
+    def panel_f32(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight [N, K]`` (float32, N a multiple of ``panel``) laid out for ``gemm_f32``:
+        ``[N / panel, K, panel]``, ``panel`` outputs side by side."""
+        n, k = weight.shape
+        w = weight.detach().contiguous()
+        out = torch.empty((n // self.panel, k, self.panel), dtype=torch.float32)
+        self._panel_f32(w.data_ptr(), n, k, out.data_ptr())
+        return out
+
+    def gemm_f32(
+        self, x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``x [M, K] W^T + bias`` in float32 for ``panels`` (``panel_f32`` of W): each output
+        one chain of FMAs over its inputs in order, so a row is the same bits whatever rows
+        come with it. ``x``: float32, its last dimension contiguous."""
+        m, k = x.shape
+        n = panels.shape[0] * panels.shape[2]
+        out = torch.empty((m, n), dtype=torch.float32)
+        self._gemm_f32(
+            x.data_ptr(), x.stride(0), m, k, panels.data_ptr(), n, _ptr(bias), out.data_ptr(), n
         )
         return out
 
