@@ -138,7 +138,8 @@ def load_engine(
     native.use_directory(Path(cache_dir) / "native")
     kernels = native.kernels() if dev.type == "cpu" else None
     tag = "" if kernels is None else "native" + "+prefill" * (kernels.prefill is not None)
-    # Float32 projections by the engine's own product sum in another order than MKL's.
+    # Float32 prompts on the engine's own kernels (its product, ``models.panels``, and its
+    # prompt attention) sum in another order than MKL's matmuls.
     panels = panels_available(dev, DTYPES[dtype])
     tag += "+panels" * panels
     parts = (KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed, tag)

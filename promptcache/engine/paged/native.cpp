@@ -58,6 +58,15 @@ void pc_prefill_attention_bf16(const uint16_t* q, int64_t q_stride, int64_t n, i
                     out_stride);
 }
 #endif
+#if PC_VEC16
+void pc_prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t H, int64_t KVH,
+                              int64_t D, const float* keys, const float* values,
+                              const int64_t* slots, int64_t L, int64_t k0, int64_t q0,
+                              int64_t window, float scale, float* out, int64_t out_stride) {
+  prefill_attention_f32(q, q_stride, n, H, KVH, D, keys, values, slots, L, k0, q0, window, scale,
+                        out, out_stride);
+}
+#endif
 
 #define PC_NORMS(name, T, S)                                                                  \
   void pc_rms_norm_##name(const T* x, int64_t x_stride, int64_t rows, int64_t n, const void* w, \
@@ -175,7 +184,7 @@ void pc_gemm_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const ui
                   int64_t N, int64_t block, uint16_t* y, int64_t ldy) {
   gemm_bf16(x, ldx, M, K, w, N, block, y, ldy);
 }
-void pc_prefill_step_bf16(const PcModel* m, const PcStep* st) { prefill_step(*m, *st); }
+void pc_prefill_step_bf16(const PcModel* m, const PcStep* st) { prefill_step<BF16>(*m, *st); }
 void pc_pair_dense(const uint32_t* w, int64_t N, int64_t K2, uint32_t* out) {
   pair_dense(w, N, K2, out);
 }
@@ -189,6 +198,7 @@ void pc_gemm_f32(const float* x, int64_t ldx, int64_t M, int64_t K, const float*
   gemm_f32(x, ldx, M, K, w, N, bias, y, ldy);
 }
 void pc_panel_f32(const float* w, int64_t N, int64_t K, float* out) { panel_f32(w, N, K, out); }
+void pc_prefill_step_f32(const PcModel* m, const PcStep* st) { prefill_step<F32>(*m, *st); }
 int64_t pc_f32_panel() { return PANEL; }
 #endif
 

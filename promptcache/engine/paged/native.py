@@ -196,6 +196,16 @@ class Kernels:
             self.prefill.restype = None
             self.prefill.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64]
             self.prefill.argtypes += [i64, f32, ptr, i64]
+        self._prefill_fns: dict[torch.dtype, Any] = {}
+        """``prefill_attention``'s function per dtype: float32 wherever the kernels run,
+        bfloat16 with AVX512-BF16."""
+        prefill_f32 = library.pc_prefill_attention_f32
+        prefill_f32.restype = None
+        prefill_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64]
+        prefill_f32.argtypes += [i64, f32, ptr, i64]
+        self._prefill_fns[torch.float32] = prefill_f32
+        if self.prefill is not None:
+            self._prefill_fns[torch.bfloat16] = self.prefill
         self.int4_head = bool(library.pc_int4_head())
         """Whether ``int4_logits`` runs here (a CPU with AVX512-VNNI)."""
         if self.int4_head:
@@ -297,16 +307,16 @@ class Kernels:
         causal, each query seeing its last ``window`` positions (None: all). What
         ``attention.grouped`` computes with the chunk's mask, in an order of additions that
         depends on each query's own row alone (kernels/prefill_attention.h). False, ``out``
-        untouched, where the kernel does not run (no AVX512-BF16, another dtype or layout)."""
-        fn = self.prefill
+        untouched, where the kernel does not run (bfloat16 without AVX512-BF16, another dtype
+        or layout). Float32 sums without rounding between the steps, as ``grouped`` does."""
+        fn = self._prefill_fns.get(q.dtype)
         n, h, d = q.shape
         kv = keys.shape[1] if keys.dim() == 3 else 0
         key_pos, query_pos = positions
         if (
             fn is None
-            or q.dtype != torch.bfloat16
             or q.device.type != "cpu"
-            or not (keys.dtype == values.dtype == out.dtype == torch.bfloat16)
+            or not (keys.dtype == values.dtype == out.dtype == q.dtype)
             or not (keys.is_contiguous() and values.is_contiguous() and slots.is_contiguous())
             or kv == 0
             or keys.shape != values.shape

@@ -14,11 +14,12 @@ So a chunk computed here is the same bits as through PyTorch: a hit's suffix and
 prompt's chunk agree exactly whichever way each went (tested).
 
 It takes the steps that are one prefill chunk and nothing else (a hit's suffix, a short
-prompt, the last chunk of a long one), of bfloat16 models of the Gemma 3 and Llama families
-without biases, on CPUs with AVX512-BF16. It keeps a copy of the layers' dense weights laid
-out for its products (``pair_dense``), so only for models whose layers are at most
-``MAX_BYTES``; longer chunks stay with oneDNN, faster there (~206 against ~194 GMAC/s at 512
-rows), where the fixed cost is a small part of the step.
+prompt, each chunk of a long one while no stream decodes), of models of the Gemma 3 and Llama
+families without biases: bfloat16 ones on CPUs with AVX512-BF16, keeping a copy of the
+layers' dense weights laid out for its products (``pair_dense``), so only for models whose
+layers are at most ``MAX_BYTES``; and float32 ones wherever the kernels run (AVX2 included),
+whose projections are already the engine's own (``models.panels``: ``gemm_f32``, read in
+place, and ``prefill_attention_f32``), so the same bits by construction, no calibration.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from promptcache.engine.paged.models.int8 import DecodeInt8Linear
 from promptcache.engine.paged.models.layers import Linear, kernel_act
 from promptcache.engine.paged.models.llama import LlamaLayer
 from promptcache.engine.paged.models.packed import PackedLinear
+from promptcache.engine.paged.models.panels import PanelLinear
 from promptcache.engine.paged.native_decode import (
     LayerStruct,
     NativeStep,
@@ -76,9 +78,11 @@ class NativePrefill(NativeStep):
         """A ``NativePrefill`` for ``model`` where it runs (see the module's docstring)."""
         norm_mode = norm_mode_of(model)
         kernels = native.kernels()
-        if norm_mode is None or kernels is None or kernels.prefill is None:
+        if norm_mode is None or kernels is None:
             return None
-        if model.dtype != torch.bfloat16:
+        if model.dtype == torch.float32:
+            return cls._build_f32(model, attn, max_rows, norm_mode)
+        if kernels.prefill is None or model.dtype != torch.bfloat16:
             return None
         shape = model.shape
         groups, rest = divmod(shape.num_heads, shape.num_kv_heads)
@@ -127,6 +131,48 @@ class NativePrefill(NativeStep):
         assert down is not None
         head = model_struct(model, layers, down[1], norm_mode, act, keep)
         return cls(model, attn, library.pc_prefill_step_bf16, max_rows, layers, head, keep)
+
+    @classmethod
+    def _build_f32(
+        cls, model: CausalLM, attn: PagedAttention, max_rows: int, norm_mode: int
+    ) -> NativePrefill | None:
+        """A float32 model's: its layers' projections are ``PanelLinear`` (the products the
+        PyTorch forward computes by ``gemm_f32``), read where they are, no copy."""
+        kernels = native.kernels()
+        assert kernels is not None
+        shape = model.shape
+        groups, rest = divmod(shape.num_heads, shape.num_kv_heads)
+        if rest or groups > 32 or shape.head_dim % 16 or (shape.num_heads * shape.head_dim) % 16:
+            return None  # prefill_attention_f32's limits, and the last layer's query rows
+        stack = layers_of(model)
+        if stack is None:
+            return None
+        windows = windows_of(model)
+        keep: list[torch.Tensor] = []
+        layers: list[LayerStruct] = []
+        act = None
+        intermediate = 0
+        for i, layer in enumerate(stack):
+            struct = LayerStruct()
+            if not fill_norms(struct, layer, norm_mode, keep):
+                return None
+            layer_act = kernel_act(layer.mlp.act)
+            if layer_act is None or (act is not None and layer_act != act):
+                return None
+            act = layer_act
+            for j, proj in enumerate(_projections(layer)):
+                module = _module(proj)
+                if not isinstance(module, PanelLinear) or module.bias is not None:
+                    return None
+                keep.append(module.panels)
+                struct.dense[j], struct.dense_block[j] = module.panels.data_ptr(), 0
+                intermediate = module.in_features  # the last, down's: the MLP's width
+            fill_pool(struct, model, attn, i, windows)
+            layers.append(struct)
+        if act is None or not layers:
+            return None
+        head = model_struct(model, layers, intermediate, norm_mode, act, keep)
+        return cls(model, attn, kernels.library.pc_prefill_step_f32, max_rows, layers, head, keep)
 
     def covers(self, num_decode: int, chunks: list[int]) -> bool:
         """Whether a step of this kind runs here: one prefill chunk of at most ``max_rows``

@@ -272,45 +272,60 @@ PREFILL_CASES = [
     (2, 2, 32, 5, 3, 2),
 ]
 
-needs_prefill = pytest.mark.skipif(
-    KERNELS is None or KERNELS.prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
-)
+# Float32 wherever the kernels run; bfloat16 with AVX512-BF16 (elsewhere PyTorch's path).
+PREFILL_DTYPES = [
+    torch.float32,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            KERNELS is None or KERNELS.prefill is None,
+            reason="no AVX512-BF16 here: PyTorch's path",
+        ),
+    ),
+]
 each_chunk = pytest.mark.parametrize(("heads", "kv_heads", "d", "n", "q0", "window"), PREFILL_CASES)
 
 
 def chunk(
-    heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None, seed: int = 5
+    heads: int,
+    kv_heads: int,
+    d: int,
+    n: int,
+    q0: int,
+    window: int | None,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
-    keys, values = pool(1300, kv_heads, d, torch.bfloat16)
+    keys, values = pool(1300, kv_heads, d, dtype)
     gen = torch.Generator().manual_seed(seed)
     k0 = 0 if window is None else max(0, q0 - window + 1)
     slots = torch.randperm(1300, generator=gen)[: q0 + n - k0]  # scattered, as a pool may be
     # Queries as the model passes them: a slice of the q/k/v slab.
-    q = torch.randn(n, heads + 2 * kv_heads, d, generator=gen).to(torch.bfloat16)[:, :heads]
+    q = torch.randn(n, heads + 2 * kv_heads, d, generator=gen).to(dtype)[:, :heads]
     return q, keys, values, slots, (k0, q0)
 
 
-@needs_prefill
+@pytest.mark.parametrize("dtype", PREFILL_DTYPES)
 @each_chunk
 def test_prefill_attention_matches_pytorch(
-    heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None
+    heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None, dtype: torch.dtype
 ) -> None:
-    q, keys, values, slots, positions = chunk(heads, kv_heads, d, n, q0, window)
+    q, keys, values, slots, positions = chunk(heads, kv_heads, d, n, q0, window, dtype)
     got = chunk_attention(q, keys, values, slots, positions, window)
     with native.disabled():
         want = chunk_attention(q, keys, values, slots, positions, window)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want, **close(torch.bfloat16))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, **close(dtype))
 
 
-@needs_prefill
+@pytest.mark.parametrize("dtype", PREFILL_DTYPES)
 @each_chunk
 def test_a_query_attends_alike_in_any_chunk(
-    heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None
+    heads: int, kv_heads: int, d: int, n: int, q0: int, window: int | None, dtype: torch.dtype
 ) -> None:
     """A cold prompt and a hit cut the same queries into different chunks (and the kernel its
     chunks into different units): each query's result is the same bits."""
-    q, keys, values, slots, (k0, _) = chunk(heads, kv_heads, d, n, q0, window)
+    q, keys, values, slots, (k0, _) = chunk(heads, kv_heads, d, n, q0, window, dtype)
     whole = chunk_attention(q, keys, values, slots, (k0, q0), window)
     for cut in {1, n // 3, n - 1} - {0, n}:
         first = chunk_attention(q[:cut], keys, values, slots[: q0 + cut - k0], (k0, q0), window)
@@ -324,8 +339,11 @@ def test_prefill_attention_declines_what_it_does_not_read() -> None:
     q = torch.randn(4, 2, 64)
     out = torch.full((4, 2, 64), 7.0)
     slots = torch.arange(8)
-    assert not kernels().prefill_attention(q, keys, values, slots, (0, 4), None, 0.1, out)
-    bf = [t.to(torch.bfloat16) for t in (q, keys, values, out)]
+    half = [t.to(torch.float16) for t in (q, keys, values)]
+    assert not kernels().prefill_attention(*half, slots, (0, 4), None, 0.1, out.half())
+    # Keys of another dtype than the queries.
+    assert not kernels().prefill_attention(q, half[1], half[2], slots, (0, 4), None, 0.1, out)
+    bf = [t.to(torch.float32) for t in (q, keys, values, out)]
     # Keys that do not end at the chunk's last query, and a head size not a multiple of 16.
     assert not kernels().prefill_attention(bf[0], bf[1], bf[2], slots, (0, 3), None, 0.1, bf[3])
     odd = [t[..., :40].contiguous() for t in bf]
@@ -395,16 +413,17 @@ def test_the_default_directory_follows_the_environment(monkeypatch: pytest.Monke
     assert native.directory() == Path("cachehome") / "promptcache" / "native"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_an_engine_with_the_kernels_keeps_hits_exact(
-    kind: str, monkeypatch: pytest.MonkeyPatch
+    kind: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from promptcache.engine.hf.testing import build_tiny_engine
     from tests.engine.paged.test_int8 import assert_hits_exact
 
     calls: dict[str, int] = {}
     names = ["decode_attention", "rms_norm", "residual_norm", "qk_norm_rope"]
-    if kernels().prefill is not None:
+    if dtype == torch.float32 or kernels().prefill is not None:
         names.append("prefill_attention")
     for name in names:
         real = getattr(native.Kernels, name)
@@ -419,7 +438,7 @@ def test_an_engine_with_the_kernels_keeps_hits_exact(
         monkeypatch.setattr(native.Kernels, name, counted)
     # Without int8 weights: decode steps run through the PyTorch model and these kernels
     # (with them, narrow ones run whole in ``NativeDecode``: test_native_decode.py).
-    engine = build_tiny_engine(kind, dtype=torch.bfloat16)
+    engine = build_tiny_engine(kind, dtype=dtype)
     assert engine.native_decode is None
     engine.native_prefill = None  # prompt chunks too (with it: test_native_prefill.py)
     assert_hits_exact(engine)

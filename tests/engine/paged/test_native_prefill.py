@@ -1,6 +1,7 @@
 """The native prefill step (``native_prefill``): a chunk computed there is the same bits as
-through the model's PyTorch forward (its products summed as oneDNN sums them), so a hit's
-suffix and the cold prompt agree exactly whichever way each chunk went."""
+through the model's PyTorch forward (bfloat16: its products summed as oneDNN sums them;
+float32: the same kernels), so a hit's suffix and the cold prompt agree exactly whichever way
+each chunk went."""
 
 from __future__ import annotations
 
@@ -16,22 +17,34 @@ from promptcache.engine.paged import native
 from promptcache.engine.paged.engine import PagedEngine
 from promptcache.engine.paged.models.layers import Linear
 from promptcache.engine.paged.models.packed import PackedLinear, packing_available
+from promptcache.engine.paged.models.panels import PanelLinear
 from promptcache.engine.paged.native_prefill import NativePrefill, _calibrate, pair_dense
 from promptcache.engine.paged.pool import PoolPayload
 from tests.engine.paged.test_int8 import assert_hits_exact
 
 KERNELS = native.kernels()
 pytestmark = pytest.mark.skipif(
+    KERNELS is None, reason="no C++ compiler or no AVX-512 or AVX2 here: PyTorch's path"
+)
+needs_bf16 = pytest.mark.skipif(
     KERNELS is None or KERNELS.prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
 )
+# Float32 wherever the kernels run (its projections on models.panels); bfloat16 with
+# AVX512-BF16.
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)]
 
 
 def engine_of(
-    kind: str, *, packed: bool = False, decode_int8: bool = False, step_tokens: int = 64
+    kind: str,
+    *,
+    packed: bool = False,
+    decode_int8: bool = False,
+    step_tokens: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> PagedEngine:
     engine = build_tiny_engine(
         kind,
-        dtype=torch.bfloat16,
+        dtype=dtype,
         packed=packed,
         decode_int8=decode_int8,
         max_batch_tokens=step_tokens,
@@ -68,32 +81,49 @@ def assert_same_bits_both_ways(engine: PagedEngine, tokens: list[int], chunks: i
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-@pytest.mark.parametrize(("packed", "decode_int8"), [(False, False), (True, True)])
+@pytest.mark.parametrize(
+    ("dtype", "packed", "decode_int8"),
+    [
+        pytest.param(torch.bfloat16, False, False, marks=needs_bf16),
+        pytest.param(torch.bfloat16, True, True, marks=needs_bf16),
+        (torch.float32, False, False),
+        (torch.float32, False, True),
+    ],
+)
 def test_a_chunk_is_the_same_bits_as_through_pytorch(
-    kind: str, packed: bool, decode_int8: bool
+    kind: str, dtype: torch.dtype, packed: bool, decode_int8: bool
 ) -> None:
     # Chunks of 64, 64 and 22 (the tiny gemma3's window is 16: windowed masks in each).
-    engine = engine_of(kind, packed=packed, decode_int8=decode_int8)
+    engine = engine_of(kind, packed=packed, decode_int8=decode_int8, dtype=dtype)
     assert_same_bits_both_ways(engine, random_prompt(150, seed=7), chunks=4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_a_full_step_of_prompt_is_the_same_bits_as_through_pytorch(kind: str) -> None:
+def test_a_full_step_of_prompt_is_the_same_bits_as_through_pytorch(
+    kind: str, dtype: torch.dtype
+) -> None:
     """Chunks of a CPU's default step (512 tokens: the cold prompt's) and a short last one."""
-    engine = engine_of(kind, packed=True, step_tokens=512)
+    engine = engine_of(kind, packed=dtype == torch.bfloat16, step_tokens=512, dtype=dtype)
     assert engine.native_prefill is not None and engine.native_prefill.covers(0, [512])
     assert_same_bits_both_ways(engine, random_prompt(600, seed=8), chunks=4)  # 512 + 88, twice
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_hits_stay_exact(kind: str) -> None:
-    engine = engine_of(kind, packed=True)
+def test_hits_stay_exact(kind: str, dtype: torch.dtype) -> None:
+    engine = engine_of(kind, packed=dtype == torch.bfloat16, dtype=dtype)
     assert_hits_exact(engine)
     assert engine.native_prefill is not None and engine.native_prefill.num_steps > 0
 
 
+def test_a_float32_model_without_panels_keeps_pytorchs_path() -> None:
+    engine = build_tiny_engine("llama", dtype=torch.float32, panels=False)
+    assert engine.native_prefill is None
+
+
 def test_it_takes_steps_of_one_short_chunk_alone() -> None:
-    natively = engine_of("llama").native_prefill
+    natively = engine_of("llama", dtype=torch.float32).native_prefill
     assert natively is not None
     assert natively.covers(0, [64])
     assert natively.covers(0, [1])
@@ -102,14 +132,16 @@ def test_it_takes_steps_of_one_short_chunk_alone() -> None:
     assert not natively.covers(0, [natively.max_rows + 1])
 
 
-def test_a_projection_with_a_bias_keeps_pytorchs_path() -> None:
-    engine = engine_of("llama")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_projection_with_a_bias_keeps_pytorchs_path(dtype: torch.dtype) -> None:
+    engine = engine_of("llama", dtype=dtype)
     qkv = engine.model.layers[0].attn.qkv
-    assert isinstance(qkv, Linear)
-    qkv.bias = torch.zeros(qkv.out_features, dtype=torch.bfloat16)
+    assert isinstance(qkv, (Linear, PanelLinear))
+    qkv.bias = torch.nn.Parameter(torch.zeros(qkv.out_features, dtype=dtype), requires_grad=False)
     assert NativePrefill.build(engine.model, engine._attn, 64) is None
 
 
+@needs_bf16
 @pytest.mark.skipif(
     not packing_available(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 here"
 )

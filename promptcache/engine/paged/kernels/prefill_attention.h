@@ -6,6 +6,12 @@
 
 namespace {
 
+struct PfUnit {
+  int64_t kh, t0, t1;  // key head, the chunk's tokens [t0, t1)
+};
+// Rows of a unit: query heads x tokens that share a key head.
+constexpr int64_t PF_LANES = 32;
+
 #if PC_DPBF16
 // Attention of a prefill chunk in bfloat16 (prefill_attention): the chunk's n queries q [n, H,
 // D] (positions q0 ..) over its keys and values at slots [L] of the pool (positions k0 ..
@@ -25,7 +31,6 @@ namespace {
 //
 // So a query attends alike whichever chunk it came in and whichever tokens share its unit:
 // a cache hit's suffix and the cold prompt's last chunk give the same bits.
-constexpr int64_t PF_LANES = 32;
 constexpr int PF_KEYS = 12;
 constexpr int PF_ROWS = 12;
 
@@ -65,10 +70,6 @@ inline void pf_value_tile(const uint32_t* pp, int64_t lanes, int64_t r0, const u
     }
   }
 }
-
-struct PfUnit {
-  int64_t kh, t0, t1;  // key head, the chunk's tokens [t0, t1)
-};
 
 // One unit of prefill_attention with NV vectors of rows. qp, sc: the thread's scratch.
 template <int NV>
@@ -267,6 +268,221 @@ void prefill_attention(const uint16_t* q, int64_t q_stride, int64_t n, int64_t H
     }
   }
 }
+#endif  // PC_DPBF16
+
+#if PC_VEC16
+// Attention of a prefill chunk in float32 (prefill_attention_f32), on AVX-512 and AVX2 alike:
+// the units, masks and order of additions of the bfloat16 kernel above, with FMAs for its
+// pairs and no rounding between the steps (as attention.grouped in float32 rounds nowhere):
+// a score is one chain of FMAs over the head's dimensions, the exponentials summed per lane
+// (even and odd absolute positions apart), and an output one chain of FMAs over the keys from
+// the unit's first even position (a key the row does not see weighs an exact 0, which adds
+// nothing). So a query's result depends on its own row alone, as there: a hit's suffix and
+// the cold prompt's last chunk give the same bits, on either instruction set.
+//
+// Register tiles sized for 16 float lanes in one register (AVX-512) or two (AVX2's 16
+// registers): keys a score tile, and rows x 16-column vectors a value tile.
+constexpr int PF32_KEYS = PC_AVX512 ? 12 : 6;
+constexpr int PF32_ROWS = PC_AVX512 ? 12 : 6;
+constexpr int PF32_COLS = PC_AVX512 ? 2 : 1;
+constexpr int64_t PF32_BLOCK = 16 * PF32_COLS;  // columns of a block of the values' copy
+
+template <int NK, int NV>
+inline void pf32_score_tile(const float* const* krow, const float* qf, int64_t D, __m512* acc) {
+  for (int i = 0; i < NK * NV; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(qf + d * NV * 16 + v * 16);
+    for (int k = 0; k < NK; ++k) {
+      const __m512 kb = _mm512_set1_ps(krow[k][d]);
+      for (int v = 0; v < NV; ++v) acc[k * NV + v] = _mm512_fmadd_ps(kb, w[v], acc[k * NV + v]);
+    }
+  }
+}
+
+// NR rows' outputs, 16 * NC columns: their probabilities pr ([keys][lanes], the rows from r0)
+// times the values vb (the block's [keys][PF32_BLOCK]), summed in key order.
+template <int NR, int NC>
+inline void pf32_value_tile(const float* pr, int64_t lanes, int64_t r0, const float* vb,
+                            int64_t keys, __m512* acc) {
+  for (int i = 0; i < NC * NR; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < keys; ++l) {
+    __m512 w[NC];
+    for (int c = 0; c < NC; ++c) w[c] = _mm512_loadu_ps(vb + l * PF32_BLOCK + 16 * c);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 b = _mm512_set1_ps(pr[l * lanes + r0 + r]);
+      for (int c = 0; c < NC; ++c) acc[NC * r + c] = _mm512_fmadd_ps(b, w[c], acc[NC * r + c]);
+    }
+  }
+}
+
+template <int NV>
+void pf32_unit(const PfUnit& u, const float* q, int64_t q_stride, int64_t H, int64_t KVH,
+               int64_t D, const float* keys, const int64_t* slots, int64_t k0, int64_t q0,
+               int64_t window, float scale, const float* vcopy, int64_t pa0, int64_t vkeys,
+               float* qf, float* sc, float* out, int64_t out_stride) {
+  constexpr int64_t lanes = NV * 16;
+  const int64_t G = H / KVH, rows = (u.t1 - u.t0) * G;
+  // The rows lane-major: qf[d * lanes + r] = row r's element d.
+  for (int64_t r = 0; r < lanes; ++r) {
+    const float* row = r < rows ? q + (u.t0 + r / G) * q_stride + (u.kh * G + r % G) * D : nullptr;
+    for (int64_t d = 0; d < D; ++d) qf[d * lanes + r] = row ? row[d] : 0.0f;
+  }
+  // Each lane's position, and the last it does not see (-1: none), as floats (exact below
+  // 2^24): padding lanes see nothing.
+  __m512 qpos[NV], qlow[NV];
+  for (int v = 0; v < NV; ++v) {
+    alignas(64) float pos[16], low[16];
+    for (int i = 0; i < 16; ++i) {
+      const int64_t r = v * 16 + i;
+      pos[i] = r < rows ? static_cast<float>(q0 + u.t0 + r / G) : -1.0f;
+      low[i] = window > 0 && r < rows ? pos[i] - static_cast<float>(window) : -1.0f;
+    }
+    qpos[v] = _mm512_load_ps(pos);
+    qlow[v] = _mm512_load_ps(low);
+  }
+  const int64_t lo = window > 0 ? std::max(k0, q0 + u.t0 - window + 1) : k0;
+  const int64_t hi = q0 + u.t1;  // keys [lo, hi)
+  const int64_t pa = lo & ~int64_t{1}, pb = (hi + 1) & ~int64_t{1};  // whole pairs
+  const __m512 none = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
+  __m512 mx[NV];
+  for (int v = 0; v < NV; ++v) mx[v] = none;
+  for (int64_t l : {pa, pb - 1})
+    if (l < lo || l >= hi)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(sc + (l - pa) * lanes + v * 16, none);
+  auto scores = [&](auto nk, int64_t l0) {
+    constexpr int NK = decltype(nk)::value;
+    const float* krow[NK];
+    for (int k = 0; k < NK; ++k) krow[k] = keys + (slots[l0 + k - k0] * KVH + u.kh) * D;
+    __m512 acc[NK * NV];
+    pf32_score_tile<NK, NV>(krow, qf, D, acc);
+    for (int k = 0; k < NK; ++k) {
+      const __m512 vl = _mm512_set1_ps(static_cast<float>(l0 + k));
+      for (int v = 0; v < NV; ++v) {
+        const __mmask16 seen = _mm512_cmp_ps_mask(vl, qpos[v], _CMP_LE_OQ) &
+                               _mm512_cmp_ps_mask(vl, qlow[v], _CMP_GT_OQ);
+        const __m512 s = _mm512_mask_mul_ps(none, seen, acc[k * NV + v], vscale);
+        _mm512_storeu_ps(sc + (l0 + k - pa) * lanes + v * 16, s);
+        mx[v] = _mm512_max_ps(mx[v], s);
+      }
+    }
+  };
+  // Two vectors of rows take twice the registers a key (AVX2: 2 keys, not 3, or they spill).
+  constexpr int NK = NV == 1 ? PF32_KEYS : PF32_KEYS / 2 - PC_AVX2;
+  int64_t l = lo;
+  for (; l + NK <= hi; l += NK) scores(std::integral_constant<int, NK>{}, l);
+  for (; l + 2 <= hi; l += 2) scores(std::integral_constant<int, 2>{}, l);
+  for (; l < hi; ++l) scores(std::integral_constant<int, 1>{}, l);
+  // Exponentials and their sums (even and odd positions apart, pa being even), then the
+  // probabilities, in place.
+  const int64_t pairs = (pb - pa) / 2;
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 empty = _mm512_cmp_ps_mask(mx[v], none, _CMP_EQ_OQ);
+    const __m512 m = _mm512_maskz_mov_ps(static_cast<__mmask16>(~empty), mx[v]);
+    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      float* s0 = sc + 2 * p * lanes + v * 16;
+      const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0), m));
+      const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0 + lanes), m));
+      _mm512_storeu_ps(s0, e0);
+      _mm512_storeu_ps(s0 + lanes, e1);
+      even = _mm512_add_ps(even, e0);
+      odd = _mm512_add_ps(odd, e1);
+    }
+    const __m512 sum = _mm512_add_ps(even, odd);
+    const __mmask16 some = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 inv = _mm512_maskz_mov_ps(some, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
+    for (int64_t i = 0; i < 2 * pairs; ++i) {
+      float* si = sc + i * lanes + v * 16;
+      _mm512_storeu_ps(si, _mm512_mul_ps(_mm512_loadu_ps(si), inv));
+    }
+  }
+  // The values: key pa of the unit is key pa - pa0 of the chunk's copy (vkeys of them a
+  // block of columns).
+  const int64_t nkeys = pb - pa;
+  for (int64_t j = 0; j < D; j += PF32_BLOCK) {
+    const int nc = static_cast<int>(std::min<int64_t>(PF32_BLOCK, D - j) / 16);  // D % 16 == 0
+    const float* vb = vcopy + ((j / PF32_BLOCK) * vkeys + (pa - pa0)) * PF32_BLOCK;
+    for (int64_t r0 = 0; r0 < rows; r0 += PF32_ROWS) {
+      const int64_t nr = std::min<int64_t>(PF32_ROWS, rows - r0);
+      __m512 acc[PF32_COLS * PF32_ROWS];
+      switch (nr * 2 + nc - 1) {
+#define PC_CASE(n)                                                   \
+  case n * 2:                                                        \
+    pf32_value_tile<n, 1>(sc, lanes, r0, vb, nkeys, acc);            \
+    break;                                                           \
+  case n * 2 + 1:                                                    \
+    pf32_value_tile<n, PF32_COLS>(sc, lanes, r0, vb, nkeys, acc);    \
+    break;
+        PC_CASE(1) PC_CASE(2) PC_CASE(3) PC_CASE(4) PC_CASE(5) PC_CASE(6)
+#if PC_AVX512
+        PC_CASE(7) PC_CASE(8) PC_CASE(9) PC_CASE(10) PC_CASE(11) PC_CASE(12)
 #endif
+#undef PC_CASE
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t row = r0 + r;
+        float* o = out + (u.t0 + row / G) * out_stride + (u.kh * G + row % G) * D + j;
+        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(o + 16 * c, acc[nc * r + c]);
+      }
+    }
+  }
+}
+
+// D a multiple of 16, H / KVH at most PF_LANES.
+void prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t H, int64_t KVH,
+                           int64_t D, const float* keys, const float* values,
+                           const int64_t* slots, int64_t L, int64_t k0, int64_t q0,
+                           int64_t window, float scale, float* out, int64_t out_stride) {
+  const int64_t G = H / KVH;
+  const int64_t per = std::max<int64_t>(1, PF_LANES / G);  // tokens a unit
+  const int64_t blocks = (n + per - 1) / per, units = blocks * KVH;
+  // The values copied per key head and block of columns, the keys from an even position
+  // (zeros outside [k0, k0 + L)): a value tile streams through memory, not strides of a slot.
+  const int64_t pa0 = k0 & ~int64_t{1}, vkeys = (k0 + L + 1 - pa0) & ~int64_t{1};
+  const int64_t vblocks = (D + PF32_BLOCK - 1) / PF32_BLOCK;
+  const int64_t per_head = vblocks * vkeys * PF32_BLOCK;
+  const int threads = omp_get_max_threads();
+  thread_local Scratch<float> vcopy_s, qf_s, sc_s;
+  const int64_t sc_size = (L + 2) * PF_LANES;
+  vcopy_s.reserve(KVH * per_head);
+  qf_s.reserve(threads * D * PF_LANES);
+  sc_s.reserve(threads * sc_size);
+  float* const vcopy = vcopy_s.data();
+  float* const qf_all = qf_s.data();
+  float* const sc_all = sc_s.data();
+#pragma omp parallel if (units * L * D * G >= PARALLEL_MIN_WORK)
+  {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < KVH * vkeys; ++item) {
+      const int64_t kh = item / vkeys, i = item % vkeys, pos = pa0 + i;
+      const float* row = pos >= k0 && pos < k0 + L ? values + (slots[pos - k0] * KVH + kh) * D
+                                                    : nullptr;
+      for (int64_t j = 0; j < D; j += PF32_BLOCK) {
+        float* dst = vcopy + kh * per_head + ((j / PF32_BLOCK) * vkeys + i) * PF32_BLOCK;
+        const int64_t w = std::min<int64_t>(PF32_BLOCK, D - j);
+        if (row)
+          std::memcpy(dst, row + j, sizeof(float) * w);
+        else
+          std::memset(dst, 0, sizeof(float) * w);
+      }
+    }
+    const int t = omp_get_thread_num();
+    float* qf = qf_all + t * D * PF_LANES;
+    float* sc = sc_all + t * sc_size;
+#pragma omp for schedule(static, 1)
+    for (int64_t i = 0; i < units; ++i) {
+      const PfUnit u{i % KVH, (i / KVH) * per, std::min(n, (i / KVH + 1) * per)};
+      const float* kv = vcopy + u.kh * per_head;
+      if ((u.t1 - u.t0) * G > 16)
+        pf32_unit<2>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
+                     vkeys, qf, sc, out, out_stride);
+      else
+        pf32_unit<1>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
+                     vkeys, qf, sc, out, out_stride);
+    }
+  }
+}
+#endif  // PC_VEC16
 
 }  // namespace

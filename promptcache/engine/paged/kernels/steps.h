@@ -6,6 +6,7 @@
 #include "common.h"
 #include "decode_attention.h"
 #include "elementwise.h"
+#include "gemm_f32.h"
 #include "prefill_attention.h"
 #include "products.h"
 
@@ -25,8 +26,9 @@ struct PcLayer {
   float scale;              // softmax scale
   void* keys;               // the pool's keys and values of this layer: [slots, KVH, D]
   void* values;
-  const uint16_t* dense[4]; // prefill_step: the dense bfloat16 weights laid out for gemm_bf16
-  int64_t dense_block[4];   // and their blocks (pairs) of the inputs, oneDNN's (calibrated)
+  const void* dense[4];     // prefill_step: the dense weights, bfloat16 laid out for gemm_bf16
+                            // or float32 for gemm_f32 (panel_f32)
+  int64_t dense_block[4];   // bfloat16: their blocks (pairs) of the inputs, oneDNN's (calibrated)
 };
 
 struct PcModel {
@@ -104,22 +106,56 @@ void decode_step(const PcModel& m, const PcStep& st) {
   }
 }
 
+#if PC_VEC16
+// A prompt step's product: x [M, K] W^T into y, by the kernel the PyTorch forward's projection
+// calls (gemm_bf16 with oneDNN's blocks; gemm_f32 for models.panels' layers).
+template <class S>
+inline void prefill_product(const typename S::T* x, int64_t ldx, int64_t M, int64_t K,
+                            const void* w, int64_t offset, int64_t N, int64_t block,
+                            typename S::T* y, int64_t ldy) {
+  if constexpr (std::is_same_v<S, F32>) {
+    gemm_f32(x, ldx, M, K, static_cast<const float*>(w) + offset, N, nullptr, y, ldy);
+  } else {
 #if PC_DPBF16
-// One prefill chunk of a bfloat16 model, every layer in one call: what the model's PyTorch
-// forward computes for it with the engine's kernels (the same functions for the norms, rope,
-// attention and activation; gemm_bf16 for oneDNN's products, the same sums), without the
-// ~400 Python-level operations between them. The last layer writes every row's keys and
+    gemm_bf16(x, ldx, M, K, static_cast<const uint16_t*>(w) + offset, N, block, y, ldy);
+#endif
+  }
+}
+
+template <class S>
+inline void prefill_attend(const typename S::T* q, int64_t q_stride, int64_t n, int64_t H,
+                           int64_t KVH, int64_t D, const typename S::T* keys,
+                           const typename S::T* values, const int64_t* slots, int64_t L,
+                           int64_t k0, int64_t q0, int64_t window, float scale,
+                           typename S::T* out, int64_t out_stride) {
+  if constexpr (std::is_same_v<S, F32>) {
+    prefill_attention_f32(q, q_stride, n, H, KVH, D, keys, values, slots, L, k0, q0, window,
+                          scale, out, out_stride);
+  } else {
+#if PC_DPBF16
+    prefill_attention(q, q_stride, n, H, KVH, D, keys, values, slots, L, k0, q0, window, scale,
+                      out, out_stride);
+#endif
+  }
+}
+
+// One prefill chunk of a bfloat16 (AVX512-BF16) or float32 model, every layer in one call:
+// what the model's PyTorch forward computes for it with the engine's kernels (the same
+// functions for the norms, rope, attention, activation and products), without the ~400
+// Python-level operations between them. The last layer writes every row's keys and
 // values and finishes the last row alone when it is sampled (st.keep), as the PyTorch
 // forward's `keep` does; it projects that row's queries alone (the same sums, row by row).
+template <class S>
 void prefill_step(const PcModel& m, const PcStep& st) {
-  using S = BF16;
-  using T = uint16_t;
+  using T = typename S::T;
   const int64_t n = st.rows, E = m.hidden, H = m.heads, KVH = m.kv_heads, D = m.head_dim;
   const int64_t I = m.intermediate, QKV = (H + 2 * KVH) * D, QK = H + KVH;
   // The products' inputs whose rows would lie a multiple of 2 KiB apart get a cache line
   // more a row: rows 4 KiB apart (Gemma 3 270M's MLP middle) all fall in one set of the L1
   // cache, and a tile of 12 of them evicts itself every line (the down product ran ~12% slower).
-  const auto spread = [](int64_t k) { return (k * 2) % 2048 == 0 ? k + 32 : k; };
+  const auto spread = [](int64_t k) {
+    return (k * sizeof(T)) % 2048 == 0 ? k + 64 / static_cast<int64_t>(sizeof(T)) : k;
+  };
   const int64_t AS = spread(H * D), MS = spread(I);
   thread_local Scratch<T> x_s, h_s, x2_s, qkv_s, qk_s, att_s, proj_s, mid_s;
   x_s.reserve(n * E);
@@ -145,14 +181,14 @@ void prefill_step(const PcModel& m, const PcStep& st) {
     const T* normed_keys = qk + H * D;  // row r's key heads at r * key_stride
     int64_t key_stride = QK * D;
     if (!last || (H * D) % 32 != 0) {
-      gemm_bf16(h, E, n, E, L.dense[0], QKV, L.dense_block[0], qkv, QKV);
+      prefill_product<S>(h, E, n, E, L.dense[0], 0, QKV, L.dense_block[0], qkv, QKV);
       qk_norm_rope<S>(qkv, QKV, n, QK, D, L.head_norm, L.head_eps, mode, cos, sin, qk);
     } else {
       // The last layer: every row's keys and values, the sampled row's queries alone (none
       // where no row is sampled); the same sums row by row. The keys go through att, free
       // until the attention.
-      gemm_bf16(h, E, n, E, L.dense[0] + H * D * E, 2 * KVH * D, L.dense_block[0], qkv + H * D,
-                QKV);
+      prefill_product<S>(h, E, n, E, L.dense[0], H * D * E, 2 * KVH * D, L.dense_block[0],
+                         qkv + H * D, QKV);
       const size_t w_size = m.norm_mode == OFFSET ? sizeof(float) : sizeof(T);
       const void* key_table =
           L.head_norm ? static_cast<const char*>(L.head_norm) + H * D * w_size : nullptr;
@@ -161,7 +197,8 @@ void prefill_step(const PcModel& m, const PcStep& st) {
       key_stride = KVH * D;
       if (st.keep) {
         const int64_t r = n - 1;
-        gemm_bf16(h + r * E, E, 1, E, L.dense[0], H * D, L.dense_block[0], qkv + r * QKV, QKV);
+        prefill_product<S>(h + r * E, E, 1, E, L.dense[0], 0, H * D, L.dense_block[0],
+                           qkv + r * QKV, QKV);
         qk_norm_rope<S>(qkv + r * QKV, QKV, 1, H, D, L.head_norm, L.head_eps, mode,
                         cos ? cos + r * D : nullptr, sin ? sin + r * D : nullptr, qk + r * QK * D);
       }
@@ -176,7 +213,7 @@ void prefill_step(const PcModel& m, const PcStep& st) {
     const int w = L.window;
     int64_t rows = n;
     if (!last) {
-      prefill_attention(qk, QK * D, n, H, KVH, D, keys, values, st.slots[w], st.widths[w],
+      prefill_attend<S>(qk, QK * D, n, H, KVH, D, keys, values, st.slots[w], st.widths[w],
                         st.key_pos[w], st.query_pos, st.window_len[w], L.scale, att, AS);
     } else {
       if (!st.keep) return;  // no row sampled: its keys and values were all it needed
@@ -185,12 +222,12 @@ void prefill_step(const PcModel& m, const PcStep& st) {
       std::memmove(x, x + (n - 1) * E, sizeof(T) * E);
       rows = 1;
     }
-    gemm_bf16(att, AS, rows, H * D, L.dense[1], E, L.dense_block[1], proj, E);
+    prefill_product<S>(att, AS, rows, H * D, L.dense[1], 0, E, L.dense_block[1], proj, E);
     residual_norm<S>(x, proj, rows, E, gemma ? L.norm_w[1] : nullptr, L.norm_eps[1],
                      L.norm_w[2], L.norm_eps[2], m.norm_mode, x2, h);
-    gemm_bf16(h, E, rows, E, L.dense[2], 2 * I, L.dense_block[2], proj, 2 * I);
+    prefill_product<S>(h, E, rows, E, L.dense[2], 0, 2 * I, L.dense_block[2], proj, 2 * I);
     gated_act<S>(proj, rows, I, m.act, mid, MS);
-    gemm_bf16(mid, MS, rows, I, L.dense[3], E, L.dense_block[3], proj, E);
+    prefill_product<S>(mid, MS, rows, I, L.dense[3], 0, E, L.dense_block[3], proj, E);
     const void* next_w = last ? m.final_norm : m.layers[l + 1].norm_w[0];
     const float next_eps = last ? m.final_eps : m.layers[l + 1].norm_eps[0];
     residual_norm<S>(x2, proj, rows, E, gemma ? L.norm_w[3] : nullptr, L.norm_eps[3], next_w,
