@@ -104,16 +104,13 @@ class NativePrefill(NativeStep):
         windows = windows_of(model)
         keep: list[torch.Tensor] = []
         layers: list[LayerStruct] = []
-        act = None
+        act: int | None = None
         found: dict[tuple[int, int], tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         for i, layer in enumerate(stack):
-            struct = LayerStruct()
-            if not fill_norms(struct, layer, norm_mode, keep):
+            started = _layer_struct(layer, norm_mode, keep, act)
+            if started is None:
                 return None
-            layer_act = kernel_act(layer.mlp.act)
-            if layer_act is None or (act is not None and layer_act != act):
-                return None
-            act = layer_act
+            struct, act = started
             for j, proj in enumerate(_projections(layer)):
                 # Each dense copy dropped once paired: the next one reuses its memory, and the
                 # start pays for ~200 MB of fresh pages rather than ~400 (~0.3 s).
@@ -150,16 +147,13 @@ class NativePrefill(NativeStep):
         windows = windows_of(model)
         keep: list[torch.Tensor] = []
         layers: list[LayerStruct] = []
-        act = None
+        act: int | None = None
         intermediate = 0
         for i, layer in enumerate(stack):
-            struct = LayerStruct()
-            if not fill_norms(struct, layer, norm_mode, keep):
+            started = _layer_struct(layer, norm_mode, keep, act)
+            if started is None:
                 return None
-            layer_act = kernel_act(layer.mlp.act)
-            if layer_act is None or (act is not None and layer_act != act):
-                return None
-            act = layer_act
+            struct, act = started
             for j, proj in enumerate(_projections(layer)):
                 module = _module(proj)
                 if not isinstance(module, PanelLinear) or module.bias is not None:
@@ -213,6 +207,20 @@ def pair_dense(weight: torch.Tensor) -> torch.Tensor:
         fn(weight.data_ptr(), n, k // 2, out.data_ptr())
         return out
     return weight.view(n // 32, 32, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def _layer_struct(
+    layer: Gemma3Layer | LlamaLayer, norm_mode: int, keep: list[torch.Tensor], act: int | None
+) -> tuple[LayerStruct, int] | None:
+    """A layer's struct with its norms filled, and its activation's code; None where the
+    kernels do not compute its norms or activation, or it is not the layers' one ``act``."""
+    struct = LayerStruct()
+    if not fill_norms(struct, layer, norm_mode, keep):
+        return None
+    layer_act = kernel_act(layer.mlp.act)
+    if layer_act is None or (act is not None and layer_act != act):
+        return None
+    return struct, layer_act
 
 
 def _projections(layer: Gemma3Layer | LlamaLayer) -> tuple[nn.Module, ...]:
