@@ -107,6 +107,24 @@ class Linear(nn.Module):
         return cls(weight, bias)
 
 
+def replace_layer_linears(
+    model: nn.Module, make: Callable[[Linear], nn.Module], fits: Callable[[Linear], bool]
+) -> int:
+    """Replace every ``Linear`` of ``model``'s layers that ``fits`` (not the lm_head, whose
+    weight is the embedding table's) with ``make`` of it, in place, including the dense half
+    of int8 decode layers; returns how many. The replaced weights are freed once nothing
+    else holds them."""
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, Linear) and not name.startswith("lm_head") and fits(m)
+    ]
+    for name, module in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, make(module))
+    return len(targets)
+
+
 def _share_rows(linears: Sequence[Any], name: str, fused: torch.Tensor) -> None:
     start = 0
     for lin in linears:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from promptcache.engine.paged.models.base import CausalLM
-from promptcache.engine.paged.models.layers import Linear
+from promptcache.engine.paged.models.layers import Linear, replace_layer_linears
 
 ROWS_HINT = 8
 """The row count oneDNN is told to expect when it packs (any count works with any packing;
@@ -87,15 +87,7 @@ def pack_linears(model: CausalLM) -> int:
     embedding table's) with ``PackedLinear``, in place, including the dense half of int8
     decode layers; returns how many. The plain weights are freed once nothing else holds
     them."""
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, Linear) and not name.startswith("lm_head")
-    ]
-    for name, module in targets:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, PackedLinear(module))
-    return len(targets)
+    return replace_layer_linears(model, PackedLinear, lambda _: True)
 
 
 __all__ = ["ROWS_HINT", "PackedLinear", "pack_linears", "packed_linear", "packing_available"]

@@ -21,7 +21,7 @@ from torch import nn
 
 from promptcache.engine.paged import native
 from promptcache.engine.paged.models.base import CausalLM
-from promptcache.engine.paged.models.layers import Linear, frozen
+from promptcache.engine.paged.models.layers import Linear, frozen, replace_layer_linears
 
 _LIBRARY = torch.library.Library("promptcache", "FRAGMENT")  # type: ignore[no-untyped-call]
 _LIBRARY.define(  # type: ignore[no-untyped-call]
@@ -102,15 +102,7 @@ def panel_linears(model: CausalLM) -> int:
     """Replace the projections of ``model``'s layers (not the lm_head) that ``PanelLinear``
     takes with it, in place, including the dense half of int8 decode layers; returns how
     many. The plain weights are freed once nothing else holds them."""
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, Linear) and not name.startswith("lm_head") and PanelLinear.fits(m)
-    ]
-    for name, module in targets:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, PanelLinear(module))
-    return len(targets)
+    return replace_layer_linears(model, PanelLinear, PanelLinear.fits)
 
 
 __all__ = ["PanelLinear", "panel_linear", "panel_linears", "panels_available", "plain"]
