@@ -270,6 +270,7 @@ PREFILL_CASES = [
     (4, 2, 16, 70, 0, 16),  # the tiny test models: a window shorter than the chunk
     (4, 2, 48, 33, 40, None),  # a last block of 16 columns
     (2, 2, 32, 5, 3, 2),
+    (20, 1, 32, 9, 30, 12),  # more query heads a key head than one vector's 16 lanes
 ]
 
 # Float32 wherever the kernels run; bfloat16 with AVX512-BF16 (elsewhere PyTorch's path).
