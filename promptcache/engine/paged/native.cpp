@@ -127,13 +127,21 @@ void pc_prefill_plan(const int64_t* blocks, int64_t bt, int64_t lo, int64_t star
   prefill_plan(blocks, bt, lo, start, end, window, slots, mask);
 }
 
-// 1 when int4_rescore is compiled in (AVX512-BF16).
+// 1 when int4_rescore is compiled in for bfloat16 (AVX512-BF16); float32's wherever the
+// vector paths are.
 int pc_int4_rescore_available() { return PC_DPBF16; }
 #if PC_DPBF16
 void pc_int4_rescore(float* scores, int64_t B, int64_t V, const float* bmax, int64_t block,
                      const uint16_t* x, int64_t K, const uint16_t* weight, int64_t k,
                      int64_t* greedy) {
-  int4_rescore(scores, B, V, bmax, block, x, K, weight, k, greedy);
+  int4_rescore<BF16>(scores, B, V, bmax, block, x, K, weight, k, greedy);
+}
+#endif
+#if PC_VEC16
+void pc_int4_rescore_f32(float* scores, int64_t B, int64_t V, const float* bmax, int64_t block,
+                         const float* x, int64_t K, const float* weight, int64_t k,
+                         int64_t* greedy) {
+  int4_rescore<F32>(scores, B, V, bmax, block, x, K, weight, k, greedy);
 }
 #endif
 

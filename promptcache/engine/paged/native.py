@@ -184,11 +184,14 @@ class Kernels:
         library.pc_f32_panel.restype = i64
         self.panel = int(library.pc_f32_panel())
         """Outputs side by side in ``panel_f32``'s layout (``gemm_f32`` takes N a multiple)."""
-        self._int4_rescore: Any = None
+        self._rescore_fns: dict[torch.dtype, Any] = {torch.float32: library.pc_int4_rescore_f32}
+        """``int4_rescore``'s function per dtype: float32 wherever the kernels run, bfloat16
+        with AVX512-BF16."""
         if library.pc_int4_rescore_available():
-            self._int4_rescore = library.pc_int4_rescore
-            self._int4_rescore.restype = None
-            self._int4_rescore.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr]
+            self._rescore_fns[torch.bfloat16] = library.pc_int4_rescore
+        for fn in self._rescore_fns.values():
+            fn.restype = None
+            fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr]
         self.prefill: Any = None
         """``prefill_attention``'s function where it runs here (AVX512-BF16), else None."""
         if library.pc_prefill_attention_available():
@@ -711,27 +714,27 @@ class Kernels:
         row's highest approximate ``scores [R, V]`` (float32, found through ``block_max``, as
         ``int4.top_indices`` finds them) rescored exactly, in place, with the dense ``weight
         [V, K]`` against the row of ``x [R, K]`` (both bfloat16: products summed in float32,
-        rounded to bfloat16), and each row's argmax (the first on ties); None where it does
-        not run (another dtype, no AVX512-BF16)."""
+        rounded to bfloat16; or both float32), and each row's argmax (the first on ties); None
+        where it does not run (another dtype, bfloat16 without AVX512-BF16)."""
         rows, v = scores.shape
+        fn = self._rescore_fns.get(x.dtype)
         if (
-            self._int4_rescore is None
-            or x.dtype != torch.bfloat16
-            or weight.dtype != torch.bfloat16
+            fn is None
+            or weight.dtype != x.dtype
             or scores.dtype != torch.float32
             or block_max.dtype != torch.float32
             or not (scores.is_contiguous() and block_max.is_contiguous())
             or not weight.is_contiguous()
             or x.shape[0] != rows
             or weight.shape != (v, x.shape[1])
-            or x.shape[1] % 32
+            or x.shape[1] % (32 if x.dtype == torch.bfloat16 else 16)
             or block_max.shape[0] != rows
             or v % block_max.shape[1]
         ):
             return None
         x = x.contiguous()
         out = torch.empty(rows, dtype=torch.long)
-        self._int4_rescore(
+        fn(
             scores.data_ptr(),
             rows,
             v,

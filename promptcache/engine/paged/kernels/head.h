@@ -206,20 +206,41 @@ void int4_logits(const typename S::T* x, int64_t B, int64_t K, const uint8_t* pa
 #define PC_INT4_HEAD 0
 #endif
 
+#if PC_VEC16
+// A candidate's exact logit: the row against the dense weight's row [K], as the dense matmul
+// of that dtype computes it up to the order of its sums: bfloat16 pairs by vdpbf16ps summed in
+// float32 and rounded to bfloat16 (K a multiple of 32), float32 products by FMAs (of 16).
+template <class S>
+inline float rescore_dot(const typename S::T* x, const typename S::T* w, int64_t K) {
+  __m512 acc = _mm512_setzero_ps();
+  if constexpr (std::is_same_v<S, F32>) {
+    for (int64_t d = 0; d < K; d += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(w + d), acc);
+    return _mm512_reduce_add_ps(acc);
+  } else {
 #if PC_DPBF16
+    for (int64_t d = 0; d < K; d += 32)
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + d),
+                             (__m512bh)_mm512_loadu_si512(w + d));
+#endif
+    return round_bf16(_mm512_reduce_add_ps(acc));
+  }
+}
+
 // The rest of RescoredHead.scores_and_greedy after int4_logits took its block maxima, per row
-// of x [B, K] (bfloat16, K a multiple of 32), in one call where PyTorch's topk, gather, bmm,
-// scatter and argmax took ~0.5 ms a row (1.1 ms for 8):
+// of x [B, K] (bfloat16 with AVX512-BF16, or float32), in one call where PyTorch's topk,
+// gather, bmm, scatter and argmax took ~0.5 ms a row (1.1 ms for 8 in bfloat16; 0.7 and 1.5 ms
+// in float32 on a 2-core AVX2 CPU):
 // - the k columns of the highest approximate scores (top_indices' two passes: the k blocks of
 //   the highest maxima, the lower block first on ties and NaN highest, as topk ranks them;
 //   then the k highest of their columns, likewise);
-// - their exact logits: the row against the dense weight's rows [V, K] (bfloat16 products
-//   summed in float32, rounded to bfloat16 as the dense matmul rounds), written over the
+// - their exact logits (rescore_dot) with the dense weight's rows [V, K], written over the
 //   approximate ones in scores [B, V];
 // - the row's argmax through argmax_blocks (-1 where a NaN leaves it to PyTorch).
 // Each row depends on its own scores alone.
+template <class S>
 void int4_rescore(float* scores, int64_t B, int64_t V, const float* bmax, int64_t block,
-                  const uint16_t* x, int64_t K, const uint16_t* weight, int64_t k,
+                  const typename S::T* x, int64_t K, const typename S::T* weight, int64_t k,
                   int64_t* greedy) {
   const int64_t nb = V / block;
   // Higher first; NaN above everything; the lower index first among equals.
@@ -244,15 +265,9 @@ void int4_rescore(float* scores, int64_t B, int64_t V, const float* bmax, int64_
     const int64_t kc = std::min(k, n);
     std::partial_sort(cols.begin(), cols.begin() + kc, cols.begin() + n,
                       [&](int64_t i, int64_t j) { return above(row[i], i, row[j], j); });
-    const uint16_t* xr = x + r * K;
     for (int64_t i = 0; i < kc; ++i) {
       const int64_t c = cols[i];
-      const uint16_t* w = weight + c * K;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t d = 0; d < K; d += 32)
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(xr + d),
-                               (__m512bh)_mm512_loadu_si512(w + d));
-      row[c] = round_bf16(_mm512_reduce_add_ps(acc));
+      row[c] = rescore_dot<S>(x + r * K, weight + c * K, K);
       top[i] = c;
     }
     argmax_blocks(row, 1, V, rmax, block, top.data(), kc, greedy + r);
