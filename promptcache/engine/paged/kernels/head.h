@@ -183,11 +183,21 @@ void int4_logits(const typename S::T* x, int64_t B, int64_t K, const uint8_t* pa
     float* yb = out + b0 * N;
     float* mb = block_max ? block_max + b0 * (N / INT4_TOP_BLOCK) : nullptr;
     if (mb) {
-#pragma omp parallel for schedule(static)
-      for (int64_t blk = 0; blk < N / INT4_TOP_BLOCK; ++blk) {
+      const auto top_block = [&](int64_t blk) {
         with_rows(bn, [&](auto r) {
           int4_top_block<decltype(r)::value>(ab, al, as, K, packed, sl, yb, blk, N, mb);
         });
+      };
+      // One row streams the weights: the threads take 16 blocks (~650 KB) at a time in turn,
+      // so one that memory or a neighbour slows does not leave the other waiting at the end
+      // (Gemma 3's head, one row, medians in turns: 5.2-8.0 -> 4.4-6.4 ms on a 2-core Zen 3;
+      // with more rows, which compute, static shares measured as fast or faster).
+      if (bn == 1) {
+#pragma omp parallel for schedule(dynamic, 16)
+        for (int64_t blk = 0; blk < N / INT4_TOP_BLOCK; ++blk) top_block(blk);
+      } else {
+#pragma omp parallel for schedule(static)
+        for (int64_t blk = 0; blk < N / INT4_TOP_BLOCK; ++blk) top_block(blk);
       }
       continue;
     }
