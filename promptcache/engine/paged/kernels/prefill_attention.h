@@ -286,11 +286,17 @@ constexpr int PF32_KEYS = PC_AVX512 ? 12 : 6;
 constexpr int PF32_ROWS = PC_AVX512 ? 12 : 6;
 constexpr int PF32_COLS = PC_AVX512 ? 2 : 1;
 constexpr int64_t PF32_BLOCK = 16 * PF32_COLS;  // columns of a block of the values' copy
-// Rows a unit takes where its query heads allow: AVX2's two-vector units score 2 keys a tile
-// (16 registers), its one-vector units 6, with the rows' copy (qf, 16 KiB at D = 256) kept in
-// L1 beside them: 16-row units attend ~25% faster there. A row's result does not depend on
-// its unit, so the width changes no bits.
+// Rows a unit takes: on AVX2 one vector of 16 (two-vector units score 2 keys a tile
+// in its 16 registers, one-vector units 6, with the rows' copy, qf, 16 KiB at D = 256, kept
+// in L1 beside them: ~25% faster there). A row's result does not depend on its unit, so the
+// width changes no bits.
 constexpr int64_t PF32_LANES = PC_AVX512 ? PF_LANES : 16;
+// A unit of the float32 kernel: rows [r0, r1) of key head kh's n * G rows (token-major: row
+// t * G + g is token t's query head kh * G + g), whole vectors of them whatever G (SmolLM2's
+// 3 heads a key head fill 16 lanes, not 15).
+struct Pf32Unit {
+  int64_t kh, r0, r1;
+};
 
 template <int NK, int NV>
 inline void pf32_score_tile(const float* const* krow, const float* qf, int64_t D, __m512* acc) {
@@ -333,15 +339,20 @@ inline void pf32_value_tile(const float* pr, int64_t lanes, int64_t r0, const fl
 }
 
 template <int NV>
-void pf32_unit(const PfUnit& u, const float* q, int64_t q_stride, int64_t H, int64_t KVH,
+void pf32_unit(const Pf32Unit& u, const float* q, int64_t q_stride, int64_t H, int64_t KVH,
                int64_t D, const float* keys, const int64_t* slots, int64_t k0, int64_t q0,
                int64_t window, float scale, const float* vcopy, int64_t pa0, int64_t vkeys,
                float* qf, float* sc, float* out, int64_t out_stride) {
   constexpr int64_t lanes = NV * 16;
-  const int64_t G = H / KVH, rows = (u.t1 - u.t0) * G;
+  const int64_t G = H / KVH, rows = u.r1 - u.r0;
+  // Row r of the unit: the key head's row u.r0 + r, token (u.r0 + r) / G, query head % G.
+  const auto row_at = [&](int64_t stride, int64_t r) {
+    return (u.r0 + r) / G * stride + (u.kh * G + (u.r0 + r) % G) * D;
+  };
+  const int64_t t0 = u.r0 / G, t1 = (u.r1 - 1) / G + 1;  // the tokens it holds rows of
   // The rows lane-major: qf[d * lanes + r] = row r's element d.
   for (int64_t r = 0; r < lanes; ++r) {
-    const float* row = r < rows ? q + (u.t0 + r / G) * q_stride + (u.kh * G + r % G) * D : nullptr;
+    const float* row = r < rows ? q + row_at(q_stride, r) : nullptr;
     for (int64_t d = 0; d < D; ++d) qf[d * lanes + r] = row ? row[d] : 0.0f;
   }
   // Each lane's position, and the last it does not see (-1: none), as floats (exact below
@@ -351,14 +362,14 @@ void pf32_unit(const PfUnit& u, const float* q, int64_t q_stride, int64_t H, int
     alignas(64) float pos[16], low[16];
     for (int i = 0; i < 16; ++i) {
       const int64_t r = v * 16 + i;
-      pos[i] = r < rows ? static_cast<float>(q0 + u.t0 + r / G) : -1.0f;
+      pos[i] = r < rows ? static_cast<float>(q0 + (u.r0 + r) / G) : -1.0f;
       low[i] = window > 0 && r < rows ? pos[i] - static_cast<float>(window) : -1.0f;
     }
     qpos[v] = _mm512_load_ps(pos);
     qlow[v] = _mm512_load_ps(low);
   }
-  const int64_t lo = window > 0 ? std::max(k0, q0 + u.t0 - window + 1) : k0;
-  const int64_t hi = q0 + u.t1;  // keys [lo, hi)
+  const int64_t lo = window > 0 ? std::max(k0, q0 + t0 - window + 1) : k0;
+  const int64_t hi = q0 + t1;  // keys [lo, hi)
   const int64_t pa = lo & ~int64_t{1}, pb = (hi + 1) & ~int64_t{1};  // whole pairs
   const __m512 none = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
   __m512 mx[NV];
@@ -440,7 +451,7 @@ void pf32_unit(const PfUnit& u, const float* q, int64_t q_stride, int64_t H, int
       }
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = r0 + r;
-        float* o = out + (u.t0 + row / G) * out_stride + (u.kh * G + row % G) * D + j;
+        float* o = out + row_at(out_stride, row) + j;
         for (int c = 0; c < nc; ++c) _mm512_storeu_ps(o + 16 * c, acc[nc * r + c]);
       }
     }
@@ -453,8 +464,8 @@ void prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t 
                            const int64_t* slots, int64_t L, int64_t k0, int64_t q0,
                            int64_t window, float scale, float* out, int64_t out_stride) {
   const int64_t G = H / KVH;
-  const int64_t per = std::max<int64_t>(1, PF32_LANES / G);  // tokens a unit
-  const int64_t blocks = (n + per - 1) / per, units = blocks * KVH;
+  const int64_t R = n * G;  // a key head's rows, token-major
+  const int64_t blocks = (R + PF32_LANES - 1) / PF32_LANES, units = blocks * KVH;
   // The values copied per key head and block of columns, the keys from an even position
   // (zeros outside [k0, k0 + L)): a value tile streams through memory, not strides of a slot.
   const int64_t pa0 = k0 & ~int64_t{1}, vkeys = (k0 + L + 1 - pa0) & ~int64_t{1};
@@ -490,9 +501,9 @@ void prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t 
     float* sc = sc_all + t * sc_size;
 #pragma omp for schedule(static, 1)
     for (int64_t i = 0; i < units; ++i) {
-      const PfUnit u{i % KVH, (i / KVH) * per, std::min(n, (i / KVH + 1) * per)};
+      const Pf32Unit u{i % KVH, (i / KVH) * PF32_LANES, std::min(R, (i / KVH + 1) * PF32_LANES)};
       const float* kv = vcopy + u.kh * per_head;
-      if ((u.t1 - u.t0) * G > 16)
+      if (u.r1 - u.r0 > 16)
         pf32_unit<2>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
                      vkeys, qf, sc, out, out_stride);
       else
