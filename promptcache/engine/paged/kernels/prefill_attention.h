@@ -458,7 +458,7 @@ void pf32_unit(const Pf32Unit& u, const float* q, int64_t q_stride, int64_t H, i
   }
 }
 
-// D a multiple of 16, H / KVH at most PF_LANES.
+// D a multiple of 16 (any H / KVH: a unit is rows, not tokens).
 void prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t H, int64_t KVH,
                            int64_t D, const float* keys, const float* values,
                            const int64_t* slots, int64_t L, int64_t k0, int64_t q0,
