@@ -345,12 +345,21 @@ void gemv_int8_vnni(const typename S::T* x, int64_t B, int64_t K, const uint8_t*
     const float* al = alpha + b0 * G;
     const int32_t* bb = bias128 + b0 * G;
     typename S::T* yb = y + b0 * N;
-#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
-    for (int64_t nb = 0; nb < N / 16; ++nb) {
-      const uint8_t* pb = p + nb * 16 * K;
+    const auto block = [&](int64_t nb) {
       with_rows(bn, [&](auto r) {
-        vnni_block<S, decltype(r)::value>(ab, al, bb, K, pb, scales, bias, nb * 16, N, yb);
+        vnni_block<S, decltype(r)::value>(ab, al, bb, K, p + nb * 16 * K, scales, bias, nb * 16,
+                                          N, yb);
       });
+    };
+    // 5-8 rows compute more than they stream: the threads take 4 blocks at a time in turn,
+    // so one that a neighbour slows does not leave the other waiting (8 streams of Gemma 3
+    // 270M on a 2-core Zen 3, in turns: +5-9% tokens/s; fewer rows measured no faster).
+    if (bn > 4) {
+#pragma omp parallel for schedule(dynamic, 4) if (N * K >= PARALLEL_MIN_WORK)
+      for (int64_t nb = 0; nb < N / 16; ++nb) block(nb);
+    } else {
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
+      for (int64_t nb = 0; nb < N / 16; ++nb) block(nb);
     }
   }
 }
