@@ -80,7 +80,10 @@ void gemm_f32(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w,
         for (int64_t k = 0; k < K; ++k) o[k * rows + r] = xr[k];
       }
     }
-#pragma omp for schedule(static)
+    // The threads take two panels at a time in turn: one that a neighbour or memory slows
+    // does not leave the other waiting at the end (Gemma 3 270M's 18 layers, medians in
+    // turns on a 2-core Zen 3: 64 rows -2-9%, 512 rows -8-9%, against static shares).
+#pragma omp for schedule(dynamic, 2)
     for (int64_t b = 0; b < N / PANEL; ++b) {
       const float* wb = w + b * PANEL * K;
       // The next panel's weights (K lines) on their way, a share during each tile: the first
