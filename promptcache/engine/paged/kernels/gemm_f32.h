@@ -87,7 +87,8 @@ void gemm_f32(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w,
     for (int64_t b = 0; b < N / PANEL; ++b) {
       const float* wb = w + b * PANEL * K;
       // The next panel's weights (K lines) on their way, a share during each tile: the first
-      // tile of a panel otherwise waits on memory for its weights.
+      // tile of a panel otherwise waits on memory for its weights. (After a pair's second
+      // panel the next may be the other thread's: then it meets them in the shared L3.)
       const char* next =
           b + 1 < N / PANEL ? reinterpret_cast<const char*>(wb + PANEL * K) : nullptr;
       for (int64_t t = 0; t < tiles; ++t) {
