@@ -291,9 +291,16 @@ constexpr int64_t PF32_BLOCK = 16 * PF32_COLS;  // columns of a block of the val
 // in L1 beside them: ~25% faster there). A row's result does not depend on its unit, so the
 // width changes no bits.
 constexpr int64_t PF32_LANES = PC_AVX512 ? PF_LANES : 16;
+// Groups of PF32_LANES rows a unit takes at most: 64 rows on either instruction set. The
+// unit's groups share each tile of keys while it is in the L1 cache and each block of the
+// values' copy while it is in the L2: a full layer's 4k keys (4 MiB of float32 keys and as
+// many of values) do not stay in this machine's share of the L3 cache, and units of one group
+// read them from memory each (a hit's suffix on Gemma 3 270M: 16 units a key head, the score
+// tiles at ~16 GMAC/s a core where they run at ~35 from the caches).
+constexpr int64_t PF32_GROUPS = PC_AVX512 ? 2 : 4;
 // A unit of the float32 kernel: rows [r0, r1) of key head kh's n * G rows (token-major: row
 // t * G + g is token t's query head kh * G + g), whole vectors of them whatever G (SmolLM2's
-// 3 heads a key head fill 16 lanes, not 15).
+// 3 heads a key head fill 16 lanes, not 15), at most PF32_GROUPS groups of PF32_LANES.
 struct Pf32Unit {
   int64_t kh, r0, r1;
 };
@@ -338,61 +345,72 @@ inline void pf32_value_tile(const float* pr, int64_t lanes, int64_t r0, const fl
   }
 }
 
+// One unit of prefill_attention_f32, its groups NV vectors of rows each (AVX2: 1). qf, sc: the
+// thread's scratch, the groups' rows lane-major [group][D][lanes] and their scores
+// [group][keys][lanes], sc_group floats a group (a value tile reads its group's alone).
 template <int NV>
 void pf32_unit(const Pf32Unit& u, const float* q, int64_t q_stride, int64_t H, int64_t KVH,
                int64_t D, const float* keys, const int64_t* slots, int64_t k0, int64_t q0,
                int64_t window, float scale, const float* vcopy, int64_t pa0, int64_t vkeys,
-               float* qf, float* sc, float* out, int64_t out_stride) {
+               float* qf, float* sc, int64_t sc_group, float* out, int64_t out_stride) {
   constexpr int64_t lanes = NV * 16;
-  const int64_t G = H / KVH, rows = u.r1 - u.r0;
+  const int64_t G = H / KVH, rows = u.r1 - u.r0, groups = (rows + lanes - 1) / lanes;
   // Row r of the unit: the key head's row u.r0 + r, token (u.r0 + r) / G, query head % G.
   const auto row_at = [&](int64_t stride, int64_t r) {
     return (u.r0 + r) / G * stride + (u.kh * G + (u.r0 + r) % G) * D;
   };
   const int64_t t0 = u.r0 / G, t1 = (u.r1 - 1) / G + 1;  // the tokens it holds rows of
-  // The rows lane-major: qf[d * lanes + r] = row r's element d.
-  for (int64_t r = 0; r < lanes; ++r) {
+  // The rows lane-major: qf[(g * D + d) * lanes + i] = row g * lanes + i's element d.
+  for (int64_t r = 0; r < groups * lanes; ++r) {
     const float* row = r < rows ? q + row_at(q_stride, r) : nullptr;
-    for (int64_t d = 0; d < D; ++d) qf[d * lanes + r] = row ? row[d] : 0.0f;
+    float* dst = qf + (r / lanes) * D * lanes + r % lanes;
+    for (int64_t d = 0; d < D; ++d) dst[d * lanes] = row ? row[d] : 0.0f;
   }
   // Each lane's position, and the last it does not see (-1: none), as floats (exact below
   // 2^24): padding lanes see nothing.
-  __m512 qpos[NV], qlow[NV];
-  for (int v = 0; v < NV; ++v) {
-    alignas(64) float pos[16], low[16];
-    for (int i = 0; i < 16; ++i) {
-      const int64_t r = v * 16 + i;
-      pos[i] = r < rows ? static_cast<float>(q0 + (u.r0 + r) / G) : -1.0f;
-      low[i] = window > 0 && r < rows ? pos[i] - static_cast<float>(window) : -1.0f;
+  __m512 qpos[PF32_GROUPS][NV], qlow[PF32_GROUPS][NV];
+  for (int64_t g = 0; g < groups; ++g)
+    for (int v = 0; v < NV; ++v) {
+      alignas(64) float pos[16], low[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t r = g * lanes + v * 16 + i;
+        pos[i] = r < rows ? static_cast<float>(q0 + (u.r0 + r) / G) : -1.0f;
+        low[i] = window > 0 && r < rows ? pos[i] - static_cast<float>(window) : -1.0f;
+      }
+      qpos[g][v] = _mm512_load_ps(pos);
+      qlow[g][v] = _mm512_load_ps(low);
     }
-    qpos[v] = _mm512_load_ps(pos);
-    qlow[v] = _mm512_load_ps(low);
-  }
   const int64_t lo = window > 0 ? std::max(k0, q0 + t0 - window + 1) : k0;
   const int64_t hi = q0 + t1;  // keys [lo, hi)
   const int64_t pa = lo & ~int64_t{1}, pb = (hi + 1) & ~int64_t{1};  // whole pairs
   const __m512 none = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
-  __m512 mx[NV];
-  for (int v = 0; v < NV; ++v) mx[v] = none;
+  __m512 mx[PF32_GROUPS][NV];
+  for (int64_t g = 0; g < groups; ++g)
+    for (int v = 0; v < NV; ++v) mx[g][v] = none;
   for (int64_t l : {pa, pb - 1})
     if (l < lo || l >= hi)
-      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(sc + (l - pa) * lanes + v * 16, none);
+      for (int64_t g = 0; g < groups; ++g)
+        for (int v = 0; v < NV; ++v)
+          _mm512_storeu_ps(sc + g * sc_group + (l - pa) * lanes + v * 16, none);
   auto scores = [&](auto nk, int64_t l0) {
     constexpr int NK = decltype(nk)::value;
     const float* krow[NK];
     for (int k = 0; k < NK; ++k) krow[k] = keys + (slots[l0 + k - k0] * KVH + u.kh) * D;
-    alignas(64) float res[NK * NV * 16];
-    pf32_scores<NK, NV>(krow, qf, D, res);
-    __m512 acc[NK * NV];
-    for (int i = 0; i < NK * NV; ++i) acc[i] = _mm512_load_ps(res + 16 * i);
-    for (int k = 0; k < NK; ++k) {
-      const __m512 vl = _mm512_set1_ps(static_cast<float>(l0 + k));
-      for (int v = 0; v < NV; ++v) {
-        const __mmask16 seen = _mm512_cmp_ps_mask(vl, qpos[v], _CMP_LE_OQ) &
-                               _mm512_cmp_ps_mask(vl, qlow[v], _CMP_GT_OQ);
-        const __m512 s = _mm512_mask_mul_ps(none, seen, acc[k * NV + v], vscale);
-        _mm512_storeu_ps(sc + (l0 + k - pa) * lanes + v * 16, s);
-        mx[v] = _mm512_max_ps(mx[v], s);
+    // Each group in turn against the same keys, read from memory once for all of them.
+    for (int64_t g = 0; g < groups; ++g) {
+      alignas(64) float res[NK * NV * 16];
+      pf32_scores<NK, NV>(krow, qf + g * D * lanes, D, res);
+      float* sg = sc + g * sc_group;
+      for (int k = 0; k < NK; ++k) {
+        const __m512 vl = _mm512_set1_ps(static_cast<float>(l0 + k));
+        for (int v = 0; v < NV; ++v) {
+          const __mmask16 seen = _mm512_cmp_ps_mask(vl, qpos[g][v], _CMP_LE_OQ) &
+                                 _mm512_cmp_ps_mask(vl, qlow[g][v], _CMP_GT_OQ);
+          const __m512 s =
+              _mm512_mask_mul_ps(none, seen, _mm512_load_ps(res + 16 * (k * NV + v)), vscale);
+          _mm512_storeu_ps(sg + (l0 + k - pa) * lanes + v * 16, s);
+          mx[g][v] = _mm512_max_ps(mx[g][v], s);
+        }
       }
     }
   };
@@ -405,57 +423,75 @@ void pf32_unit(const Pf32Unit& u, const float* q, int64_t q_stride, int64_t H, i
   // Exponentials and their sums (even and odd positions apart, pa being even), then the
   // probabilities, in place.
   const int64_t pairs = (pb - pa) / 2;
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 empty = _mm512_cmp_ps_mask(mx[v], none, _CMP_EQ_OQ);
-    const __m512 m = _mm512_maskz_mov_ps(static_cast<__mmask16>(~empty), mx[v]);
-    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
-    for (int64_t p = 0; p < pairs; ++p) {
-      float* s0 = sc + 2 * p * lanes + v * 16;
-      const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0), m));
-      const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0 + lanes), m));
-      _mm512_storeu_ps(s0, e0);
-      _mm512_storeu_ps(s0 + lanes, e1);
-      even = _mm512_add_ps(even, e0);
-      odd = _mm512_add_ps(odd, e1);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 empty = _mm512_cmp_ps_mask(mx[g][v], none, _CMP_EQ_OQ);
+      const __m512 m = _mm512_maskz_mov_ps(static_cast<__mmask16>(~empty), mx[g][v]);
+      __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+      float* sv = sc + g * sc_group + v * 16;
+      for (int64_t p = 0; p < pairs; ++p) {
+        float* s0 = sv + 2 * p * lanes;
+        const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0), m));
+        const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0 + lanes), m));
+        _mm512_storeu_ps(s0, e0);
+        _mm512_storeu_ps(s0 + lanes, e1);
+        even = _mm512_add_ps(even, e0);
+        odd = _mm512_add_ps(odd, e1);
+      }
+      const __m512 sum = _mm512_add_ps(even, odd);
+      const __mmask16 some = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ);
+      const __m512 inv = _mm512_maskz_mov_ps(some, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
+      for (int64_t i = 0; i < 2 * pairs; ++i) {
+        float* si = sv + i * lanes;
+        _mm512_storeu_ps(si, _mm512_mul_ps(_mm512_loadu_ps(si), inv));
+      }
     }
-    const __m512 sum = _mm512_add_ps(even, odd);
-    const __mmask16 some = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ);
-    const __m512 inv = _mm512_maskz_mov_ps(some, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
-    for (int64_t i = 0; i < 2 * pairs; ++i) {
-      float* si = sc + i * lanes + v * 16;
-      _mm512_storeu_ps(si, _mm512_mul_ps(_mm512_loadu_ps(si), inv));
-    }
-  }
   // The values: key pa of the unit is key pa - pa0 of the chunk's copy (vkeys of them a
-  // block of columns).
+  // block of columns); each block for every group while it is in the L2 cache.
   const int64_t nkeys = pb - pa;
   for (int64_t j = 0; j < D; j += PF32_BLOCK) {
     const int nc = static_cast<int>(std::min<int64_t>(PF32_BLOCK, D - j) / 16);  // D % 16 == 0
     const float* vb = vcopy + ((j / PF32_BLOCK) * vkeys + (pa - pa0)) * PF32_BLOCK;
-    for (int64_t r0 = 0; r0 < rows; r0 += PF32_ROWS) {
-      const int64_t nr = std::min<int64_t>(PF32_ROWS, rows - r0);
-      __m512 acc[PF32_COLS * PF32_ROWS];
-      switch (nr * 2 + nc - 1) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* sg = sc + g * sc_group;
+      const int64_t group_rows = std::min(lanes, rows - g * lanes);
+      for (int64_t r0 = 0; r0 < group_rows; r0 += PF32_ROWS) {
+        const int64_t nr = std::min<int64_t>(PF32_ROWS, group_rows - r0);
+        __m512 acc[PF32_COLS * PF32_ROWS];
+        switch (nr * 2 + nc - 1) {
 #define PC_CASE(n)                                                   \
   case n * 2:                                                        \
-    pf32_value_tile<n, 1>(sc, lanes, r0, vb, nkeys, acc);            \
+    pf32_value_tile<n, 1>(sg, lanes, r0, vb, nkeys, acc);            \
     break;                                                           \
   case n * 2 + 1:                                                    \
-    pf32_value_tile<n, PF32_COLS>(sc, lanes, r0, vb, nkeys, acc);    \
+    pf32_value_tile<n, PF32_COLS>(sg, lanes, r0, vb, nkeys, acc);    \
     break;
-        PC_CASE(1) PC_CASE(2) PC_CASE(3) PC_CASE(4) PC_CASE(5) PC_CASE(6)
+          PC_CASE(1) PC_CASE(2) PC_CASE(3) PC_CASE(4) PC_CASE(5) PC_CASE(6)
 #if PC_AVX512
-        PC_CASE(7) PC_CASE(8) PC_CASE(9) PC_CASE(10) PC_CASE(11) PC_CASE(12)
+          PC_CASE(7) PC_CASE(8) PC_CASE(9) PC_CASE(10) PC_CASE(11) PC_CASE(12)
 #endif
 #undef PC_CASE
-      }
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t row = r0 + r;
-        float* o = out + row_at(out_stride, row) + j;
-        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(o + 16 * c, acc[nc * r + c]);
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          float* o = out + row_at(out_stride, g * lanes + r0 + r) + j;
+          for (int c = 0; c < nc; ++c) _mm512_storeu_ps(o + 16 * c, acc[nc * r + c]);
+        }
       }
     }
   }
+}
+
+// Groups of rows a unit takes (1 .. PF32_GROUPS) for a key head's `blocks` groups: the most
+// whose units end soonest on `threads` threads, counting each unit's groups as its time
+// (SmolLM2's hit, 12 groups a key head on 3 heads: 3 a unit, 12 units, rather than 4 and 9).
+inline int64_t pf32_unit_groups(int64_t blocks, int64_t KVH, int64_t threads) {
+  int64_t best = 1, span = 0;
+  for (int64_t v = PF32_GROUPS; v >= 1; --v) {
+    const int64_t units = KVH * ((blocks + v - 1) / v);
+    const int64_t t = (units + threads - 1) / threads * v;
+    if (span == 0 || t < span) best = v, span = t;
+  }
+  return best;
 }
 
 // D a multiple of 16 (any H / KVH: a unit is rows, not tokens).
@@ -465,22 +501,25 @@ void prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t 
                            int64_t window, float scale, float* out, int64_t out_stride) {
   const int64_t G = H / KVH;
   const int64_t R = n * G;  // a key head's rows, token-major
-  const int64_t blocks = (R + PF32_LANES - 1) / PF32_LANES, units = blocks * KVH;
+  const int64_t blocks = (R + PF32_LANES - 1) / PF32_LANES;  // groups of rows a key head
+  const int threads = omp_get_max_threads();
+  const int64_t per_unit = pf32_unit_groups(blocks, KVH, threads);
+  const int64_t unit_rows = per_unit * PF32_LANES;
+  const int64_t units = (blocks + per_unit - 1) / per_unit * KVH;
   // The values copied per key head and block of columns, the keys from an even position
   // (zeros outside [k0, k0 + L)): a value tile streams through memory, not strides of a slot.
   const int64_t pa0 = k0 & ~int64_t{1}, vkeys = (k0 + L + 1 - pa0) & ~int64_t{1};
   const int64_t vblocks = (D + PF32_BLOCK - 1) / PF32_BLOCK;
   const int64_t per_head = vblocks * vkeys * PF32_BLOCK;
-  const int threads = omp_get_max_threads();
   thread_local Scratch<float> vcopy_s, qf_s, sc_s;
-  const int64_t sc_size = (L + 2) * PF_LANES;
+  const int64_t sc_group = (L + 2) * PF32_LANES, unit_size = PF32_GROUPS * PF32_LANES;
   vcopy_s.reserve(KVH * per_head);
-  qf_s.reserve(threads * D * PF_LANES);
-  sc_s.reserve(threads * sc_size);
+  qf_s.reserve(threads * D * unit_size);
+  sc_s.reserve(threads * PF32_GROUPS * sc_group);
   float* const vcopy = vcopy_s.data();
   float* const qf_all = qf_s.data();
   float* const sc_all = sc_s.data();
-#pragma omp parallel if (units * L * D * G >= PARALLEL_MIN_WORK)
+#pragma omp parallel if (blocks * KVH * L * D * G >= PARALLEL_MIN_WORK)
   {
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < KVH * vkeys; ++item) {
@@ -497,20 +536,20 @@ void prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t 
       }
     }
     const int t = omp_get_thread_num();
-    float* qf = qf_all + t * D * PF_LANES;
-    float* sc = sc_all + t * sc_size;
+    float* qf = qf_all + t * D * unit_size;
+    float* sc = sc_all + t * PF32_GROUPS * sc_group;
     // Units one at a time in turn: later tokens' units see more keys, and a thread that a
     // neighbour slows takes fewer (3-10% faster than round robin, in turns).
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < units; ++i) {
-      const Pf32Unit u{i % KVH, (i / KVH) * PF32_LANES, std::min(R, (i / KVH + 1) * PF32_LANES)};
+      const Pf32Unit u{i % KVH, (i / KVH) * unit_rows, std::min(R, (i / KVH + 1) * unit_rows)};
       const float* kv = vcopy + u.kh * per_head;
-      if (u.r1 - u.r0 > 16)
+      if (PC_AVX512 && u.r1 - u.r0 > 16)
         pf32_unit<2>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
-                     vkeys, qf, sc, out, out_stride);
+                     vkeys, qf, sc, sc_group, out, out_stride);
       else
         pf32_unit<1>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
-                     vkeys, qf, sc, out, out_stride);
+                     vkeys, qf, sc, sc_group, out, out_stride);
     }
   }
 }
