@@ -19,7 +19,7 @@ from promptcache.engine import models
 from promptcache.engine.base import EngineRequest
 from promptcache.engine.hf import loader
 from promptcache.engine.hf.testing import build_tiny_model, run_all, stop_reason, token_ids
-from promptcache.engine.hf.tokenizer import HFTokenizer
+from promptcache.engine.hf.tokenizer import BACKEND_META, BackendTokenizer, HFTokenizer
 from promptcache.engine.models import EmbeddedModel
 from promptcache.engine.paged.engine import PagedEngine
 
@@ -70,7 +70,7 @@ def load(path: Path, tmp_path: Path, **kwargs: Any) -> PagedEngine:
 
 def ids(engine: PagedEngine, *tokens: str) -> set[int]:
     tok = engine.tokenizer
-    assert isinstance(tok, HFTokenizer)
+    assert isinstance(tok, BackendTokenizer | HFTokenizer)
     return {tok.token_id(t) for t in tokens}  # type: ignore[misc]
 
 
@@ -143,6 +143,35 @@ def test_hf_tokenizer_keeps_user_text_out_of_special_tokens(
     assert not special & set(content)
     assert tok.encode("", allow_special=False) == []
     assert tok.decode(structural) == "hello world"  # specials dropped
+
+
+def test_a_converted_copy_keeps_its_tokenizer_for_the_next_start(
+    model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's own copies (under the cache's ``converted``) save the tokenizer's backend
+    at the first start and the later ones read it, without transformers building it again;
+    other directories are only read."""
+    import shutil
+
+    copy = tmp_path / "cache" / "converted" / "tiny"
+    shutil.copytree(model_dirs["gemma"], copy)
+    first = load(copy, tmp_path)
+    assert isinstance(first.tokenizer, BackendTokenizer)
+    assert (copy / BACKEND_META).is_file()
+    assert not (model_dirs["gemma"] / BACKEND_META).exists()
+    import transformers
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the saved tokenizer should have been read")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    second = load(copy, tmp_path)
+    assert second.stop_token_ids == first.stop_token_ids
+    text = "<bos><start_of_turn>the cat sat"
+    for allow in (True, False):
+        assert second.tokenizer.encode(text, allow_special=allow) == first.tokenizer.encode(
+            text, allow_special=allow
+        )
 
 
 def test_loaded_engine_generates(model_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -4,6 +4,6 @@ tokenizer adapter, and tiny random models for tests. The engine that serves them
 
 from __future__ import annotations
 
-from promptcache.engine.hf.tokenizer import HFTokenizer
+from promptcache.engine.hf.tokenizer import BackendTokenizer, HFTokenizer
 
-__all__ = ["HFTokenizer"]
+__all__ = ["BackendTokenizer", "HFTokenizer"]

@@ -31,7 +31,7 @@ import torch
 from promptcache.core.chatformat import CHATML, FORMATS, GEMMA, ChatFormat
 from promptcache.engine.device import resolve_device
 from promptcache.engine.hf.checkpoint import Checkpoint, load_checkpoint
-from promptcache.engine.hf.tokenizer import HFTokenizer
+from promptcache.engine.hf.tokenizer import BackendTokenizer, HFTokenizer
 from promptcache.engine.models import DEFAULT, EmbeddedModel, resolve_model
 from promptcache.engine.paged import native
 from promptcache.engine.paged.compiled import compiler_available, use_cache_dir
@@ -113,21 +113,18 @@ def load_engine(
         raise ValueError(f"unknown chat format {chat_format!r}; choose one of {sorted(FORMATS)}")
     model_dir, source, model_id = find_model(model, Path(cache_dir))
 
-    from transformers import AutoTokenizer
-
     started = time.monotonic()
-    # The tokenizer (a 33 MB tokenizer.json for Gemma) loads in a thread while the weights load:
-    # about a second less to ready on a 2-core machine.
+    # The converted copies are the engine's own: they keep their weights in the load dtype, and
+    # their tokenizer as its Rust backend (BackendTokenizer.save), read without transformers.
+    ours = model_dir.parent == Path(cache_dir) / "converted"
+    # The tokenizer (a 33 MB tokenizer.json for Gemma) loads in a thread while the weights load.
     with _quiet_transformers_bars(), ThreadPoolExecutor(1) as pool:
-        tok_future = pool.submit(AutoTokenizer.from_pretrained, model_dir, local_files_only=True)
-        # The converted copies are the engine's own: they keep their weights in the load dtype.
-        ours = model_dir.parent == Path(cache_dir) / "converted"
+        tok_future = pool.submit(load_tokenizer, model_dir, save=ours)
         hf_model: Any = load_checkpoint(model_dir, DTYPES[dtype], keep_copy=ours)
         if hf_model is None:
             hf_model = _from_pretrained(model_dir, dtype)
-        hf_tok = tok_future.result()
+        tokenizer = tok_future.result()
     log.info("loaded %s from %s in %.1f s", model_id, model_dir, time.monotonic() - started)
-    tokenizer = HFTokenizer(hf_tok)
     fmt = FORMATS[chat_format] if chat_format else detect_chat_format(hf_model.config, tokenizer)
     quant = resolve_quantize(quantize, dev, hf_model)
     packed = packing_available(dev, DTYPES[dtype])
@@ -281,7 +278,26 @@ def default_batch_tokens(device: torch.device) -> int:
     return 2048 if device.type == "cuda" else DEFAULT_MAX_BATCH_TOKENS
 
 
-def detect_chat_format(config: Any, tokenizer: HFTokenizer) -> ChatFormat:
+def load_tokenizer(directory: Path, *, save: bool = False) -> BackendTokenizer | HFTokenizer:
+    """``directory``'s tokenizer: its Rust backend where transformers builds it on one (saved in
+    ``directory`` when ``save``, and read from there by the next start), else transformers'."""
+    if save and (saved := BackendTokenizer.load(directory)) is not None:
+        return saved
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    backend = BackendTokenizer.from_transformers(hf_tok)
+    if backend is None:
+        return HFTokenizer(hf_tok)
+    if save:
+        try:
+            backend.save(directory)
+        except OSError as error:  # a read-only cache still serves, it starts slower
+            log.warning("could not save the tokenizer in %s: %s", directory, error)
+    return backend
+
+
+def detect_chat_format(config: Any, tokenizer: BackendTokenizer | HFTokenizer) -> ChatFormat:
     """GEMMA for ``gemma*`` model types, CHATML if the vocabulary has ``<|im_start|>``, or PLAIN."""
     if str(getattr(config, "model_type", "")).startswith("gemma"):
         return GEMMA
@@ -290,14 +306,16 @@ def detect_chat_format(config: Any, tokenizer: HFTokenizer) -> ChatFormat:
     return FORMATS["plain"]
 
 
-def stop_token_ids(fmt: ChatFormat, tokenizer: HFTokenizer, model: Any) -> frozenset[int]:
+def stop_token_ids(
+    fmt: ChatFormat, tokenizer: BackendTokenizer | HFTokenizer, model: Any
+) -> frozenset[int]:
     """The format's end-of-turn token (if the vocabulary has it) plus every EOS id known."""
     ids: set[int] = set()
     end_of_turn = {GEMMA.name: "<end_of_turn>", CHATML.name: "<|im_end|>"}.get(fmt.name)
     if end_of_turn is not None and (tid := tokenizer.token_id(end_of_turn)) is not None:
         ids.add(tid)
     sources = (
-        tokenizer.hf_tokenizer.eos_token_id,
+        tokenizer.eos_token_id,
         getattr(model.config, "eos_token_id", None),
         getattr(getattr(model, "generation_config", None), "eos_token_id", None),
     )
