@@ -19,7 +19,10 @@ namespace {
 // products an instruction, unsigned q times signed a). Layouts (pack_int4_native):
 //   packed [N / 16, K / 64, 8, 64] bytes: 16 output rows side by side; byte 4 o + i of step j
 //     holds input 8 j + i of row o in its low nibble and input 8 j + 4 + i in its high one;
-//   sl [N / 16, K / 64, 2, 16] bfloat16: the 16 rows' scales, then their lows.
+//   sl [N / 16, K / 64, 2, 16] bfloat16: the 16 rows' scales, then their lows;
+//   a (x's int8) by blocks of 8 rows (fewer in the last) from a + b0 * K, the rows' inputs four
+//     by four in turn: row b's inputs 4 c .. 4 c + 3 at (c * rows + b) * 4, so a step's words
+//     of every row lie together (quantize_rows' layout; per-row pointers spilled on AVX2).
 // Each row's scores depend on that row alone (the products are exact integers, the float sums
 // go in group order), so a row scores alike in any batch. K a multiple of 64, N of 16.
 #if PC_VNNI
@@ -33,6 +36,7 @@ inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_s
   for (int b = 0; b < BN; ++b) f[b] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* pg = pk + g * 512;
+    const int8_t* ag = a + g * 64 * BN;  // the group's four-input words, row by row
     __m512i d[BN];
     for (int b = 0; b < BN; ++b) d[b] = _mm512_setzero_si512();
     for (int j = 0; j < 8; ++j) {
@@ -47,9 +51,11 @@ inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_s
       const __m512i lo = _mm512_and_si512(v, nibble);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
       for (int b = 0; b < BN; ++b) {
-        const int32_t* ab = reinterpret_cast<const int32_t*>(a + b * K + g * 64 + j * 8);
-        d[b] = _mm512_dpbusd_epi32(d[b], lo, _mm512_set1_epi32(ab[0]));
-        d[b] = _mm512_dpbusd_epi32(d[b], hi, _mm512_set1_epi32(ab[1]));
+        int32_t w0, w1;  // inputs 8 j .. 8 j + 3 and 8 j + 4 .. 8 j + 7
+        std::memcpy(&w0, ag + ((2 * j) * BN + b) * 4, 4);
+        std::memcpy(&w1, ag + ((2 * j + 1) * BN + b) * 4, 4);
+        d[b] = _mm512_dpbusd_epi32(d[b], lo, _mm512_set1_epi32(w0));
+        d[b] = _mm512_dpbusd_epi32(d[b], hi, _mm512_set1_epi32(w1));
       }
     }
     const __m512 scale = BF16::load16(sl + g * 32);
@@ -81,7 +87,9 @@ inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_s
   alignas(64) float acc[BN][16] = {};
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* pg = pk + g * 512;
+    const int8_t* ag = a + g * 64 * BN;  // the group's four-input words, row by row
     for (int h = 0; h < 2; ++h) {
+      asm("" : "+r"(ag));  // each word read as ag plus a constant (as vnni_block's)
       __m256i d[BN];
       for (int b = 0; b < BN; ++b) d[b] = _mm256_setzero_si256();
       for (int j0 = 0; j0 < 8; j0 += 4) {
@@ -100,9 +108,12 @@ inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_s
           const __m256i lo = _mm256_and_si256(v, nibble);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
           for (int b = 0; b < BN; ++b) {
-            const int32_t* ab = reinterpret_cast<const int32_t*>(a + b * K + g * 64 + j * 8);
-            e[b] = _mm256_add_epi16(e[b], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ab[0])));
-            e[b] = _mm256_add_epi16(e[b], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ab[1])));
+            const auto word = [&](int64_t c) {  // four inputs to every lane, from memory
+              return _mm256_castps_si256(
+                  _mm256_broadcast_ss(reinterpret_cast<const float*>(ag + (c * BN + b) * 4)));
+            };
+            e[b] = _mm256_add_epi16(e[b], _mm256_maddubs_epi16(lo, word(2 * j)));
+            e[b] = _mm256_add_epi16(e[b], _mm256_maddubs_epi16(hi, word(2 * j + 1)));
           }
         }
         for (int b = 0; b < BN; ++b) d[b] = _mm256_add_epi32(d[b], _mm256_madd_epi16(e[b], ones));
@@ -158,6 +169,7 @@ void int4_logits(const typename S::T* x, int64_t B, int64_t K, const uint8_t* pa
   std::vector<int8_t> a(B * K);
   std::vector<float> alpha(B * G), alpha_sum(B * G), row(K);
   for (int64_t b = 0; b < B; ++b) {
+    const int64_t b0 = b / 8 * 8, rows = std::min<int64_t>(8, B - b0);
     load_row<S>(x + b * K, K, row.data());
     for (int64_t g = 0; g < G; ++g) {
       const float* xg = row.data() + g * 64;
@@ -167,9 +179,10 @@ void int4_logits(const typename S::T* x, int64_t B, int64_t K, const uint8_t* pa
       const float inv = big > 0.0f ? 127.0f / big : 0.0f;
       int32_t sum = 0;
       for (int i = 0; i < 64; ++i) {
-        const int32_t q = static_cast<int32_t>(std::nearbyint(xg[i] * inv));
-        a[b * K + g * 64 + i] = static_cast<int8_t>(std::clamp(q, -127, 127));
-        sum += a[b * K + g * 64 + i];
+        const int32_t q = std::clamp(static_cast<int32_t>(std::nearbyint(xg[i] * inv)), -127, 127);
+        const int64_t c = (g * 64 + i) / 4;  // the four-input word (see int4_block's a)
+        a[b0 * K + (c * rows + b - b0) * 4 + i % 4] = static_cast<int8_t>(q);
+        sum += q;
       }
       alpha[b * G + g] = step;
       alpha_sum[b * G + g] = step * static_cast<float>(sum);

@@ -201,13 +201,22 @@ constexpr int64_t VNNI_GROUP = 64;
 // products could overlap them).
 constexpr int64_t VNNI_PREFETCH_AHEAD = 8192;
 
-// Row b's groups of x [B, K] (K a multiple of VNNI_GROUP) as int8 a [B, K], their alphas [B,
+// Rows a block of vnni_block takes at once.
+constexpr int64_t VNNI_ROWS = 8;
+
+// Row b's groups of x [B, K] (K a multiple of VNNI_GROUP) as int8 a [B * K], their alphas [B,
 // K / VNNI_GROUP] and 128 times their sums (the weights are stored plus 128: see vnni_block).
+// a holds each block of VNNI_ROWS rows (fewer in the last) at a + b0 * K, its rows' inputs
+// four by four in turn: row b's inputs 4 c .. 4 c + 3 at (c * rows + b) * 4, so a block's
+// four-input words for one step lie together and vnni_block reads them from one pointer
+// (8 rows' own pointers took more of AVX2's registers than it has, and spilled).
 template <class S>
 void quantize_rows(const typename S::T* x, int64_t B, int64_t K, int8_t* a, float* alpha,
                    int32_t* bias128) {
   const int64_t G = K / VNNI_GROUP;
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t b0 = b / VNNI_ROWS * VNNI_ROWS, rows = std::min(VNNI_ROWS, B - b0);
+    int8_t* block = a + b0 * K;
     for (int64_t g = 0; g < G; ++g) {
       const typename S::T* xg = x + b * K + g * VNNI_GROUP;
       constexpr int V = VNNI_GROUP / 16;
@@ -224,12 +233,17 @@ void quantize_rows(const typename S::T* x, int64_t B, int64_t K, int8_t* a, floa
         // Rounded to nearest even (the default rounding mode); |x| * 127 / top <= 127.
         const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));
         sum = _mm512_add_epi32(sum, q);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(a + b * K + g * VNNI_GROUP + 16 * i),
-                         _mm512_cvtsepi32_epi8(q));
+        alignas(16) int8_t bytes[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm512_cvtsepi32_epi8(q));
+        for (int m = 0; m < 4; ++m) {
+          const int64_t c = (g * VNNI_GROUP + 16 * i) / 4 + m;
+          std::memcpy(block + (c * rows + b - b0) * 4, bytes + 4 * m, 4);
+        }
       }
       alpha[b * G + g] = top / 127.0f;
       bias128[b * G + g] = 128 * _mm512_reduce_add_epi32(sum);
     }
+  }
 }
 
 // The 16 outputs n0.. of BN rows from their float sums f: times the scale, rounded to the
@@ -266,7 +280,7 @@ inline void vnni_block(const int8_t* a, const float* alpha, const int32_t* bias1
       const __m512i w = _mm512_loadu_si512(pg + j * 64);
       for (int b = 0; b < BN; ++b) {
         int32_t four;
-        std::memcpy(&four, a + b * K + g * VNNI_GROUP + 4 * j, sizeof four);
+        std::memcpy(&four, a + ((g * VNNI_GROUP / 4 + j) * BN + b) * 4, sizeof four);
         d[b] = _mm512_dpbusd_epi32(d[b], w, _mm512_set1_epi32(four));
       }
     }
@@ -294,7 +308,11 @@ inline void vnni_block(const int8_t* a, const float* alpha, const int32_t*, int6
   alignas(64) float acc[BN][16] = {};
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* pg = p + g * VNNI_GROUP * 16;
+    const int8_t* ag = a + g * VNNI_GROUP * BN;  // the group's four-input words, row by row
     for (int h = 0; h < 2; ++h) {
+      // Each word read as ag plus a constant: left to itself GCC kept a pointer per word and
+      // step (128 for 8 rows) on the stack, and loaded one before each word.
+      asm("" : "+r"(ag));
       __m256i d[BN];
       for (int b = 0; b < BN; ++b) d[b] = _mm256_setzero_si256();
 #pragma GCC unroll 16
@@ -306,9 +324,10 @@ inline void vnni_block(const int8_t* a, const float* alpha, const int32_t*, int6
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + j * 64 + h * 32)), flip);
         const __m256i u = _mm256_abs_epi8(q);
         for (int b = 0; b < BN; ++b) {
-          int32_t four;
-          std::memcpy(&four, a + b * K + g * VNNI_GROUP + 4 * j, sizeof four);
-          const __m256i s = _mm256_sign_epi8(_mm256_set1_epi32(four), q);
+          // Four inputs to every lane straight from memory (a load, no shuffle).
+          const __m256i four = _mm256_castps_si256(_mm256_broadcast_ss(
+              reinterpret_cast<const float*>(ag + (j * BN + b) * 4)));
+          const __m256i s = _mm256_sign_epi8(four, q);
           d[b] = _mm256_add_epi32(d[b], _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
         }
       }
@@ -339,8 +358,8 @@ void gemv_int8_vnni(const typename S::T* x, int64_t B, int64_t K, const uint8_t*
   float* alpha = reinterpret_cast<float*>(a + ((B * K + 63) & ~int64_t{63}));
   int32_t* bias128 = reinterpret_cast<int32_t*>(alpha + B * G);
   quantize_rows<S>(x, B, K, a, alpha, bias128);
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {
-    const int64_t bn = B - b0 < 8 ? B - b0 : 8;
+  for (int64_t b0 = 0; b0 < B; b0 += VNNI_ROWS) {
+    const int64_t bn = std::min(VNNI_ROWS, B - b0);
     const int8_t* ab = a + b0 * K;
     const float* al = alpha + b0 * G;
     const int32_t* bb = bias128 + b0 * G;
