@@ -12,6 +12,30 @@ struct PfUnit {
 // Rows of a unit: query heads x tokens that share a key head.
 constexpr int64_t PF_LANES = 32;
 
+#if PC_VEC16
+// The exponentials of one vector of lanes' scores, s[2 * pairs][lanes] from an even position,
+// less each lane's largest mx (-inf where the lane saw no key: taken as 0), written over them
+// and summed per lane in key order, even and odd positions apart; returns 1 / each lane's sum
+// (0 where it saw nothing). Both prompt attention kernels' softmax.
+inline __m512 pf_exp_in_place(float* s, int64_t lanes, int64_t pairs, __m512 mx) {
+  const __mmask16 empty = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
+  const __m512 m = _mm512_maskz_mov_ps(static_cast<__mmask16>(~empty), mx);
+  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    float* s0 = s + 2 * p * lanes;
+    const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0), m));
+    const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0 + lanes), m));
+    _mm512_storeu_ps(s0, e0);
+    _mm512_storeu_ps(s0 + lanes, e1);
+    even = _mm512_add_ps(even, e0);
+    odd = _mm512_add_ps(odd, e1);
+  }
+  const __m512 sum = _mm512_add_ps(even, odd);
+  const __mmask16 some = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ);
+  return _mm512_maskz_mov_ps(some, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
+}
+#endif
+
 #if PC_DPBF16
 // Attention of a prefill chunk in bfloat16 (prefill_attention): the chunk's n queries q [n, H,
 // D] (positions q0 ..) over its keys and values at slots [L] of the pool (positions k0 ..
@@ -136,23 +160,7 @@ void pf_unit(const PfUnit& u, const uint16_t* q, int64_t q_stride, int64_t H, in
   // scores it is made of).
   const int64_t pairs = (pb - pa) / 2;
   __m512 inv[NV];
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 empty = _mm512_cmp_ps_mask(mx[v], none, _CMP_EQ_OQ);
-    const __m512 m = _mm512_mask_mov_ps(mx[v], empty, _mm512_setzero_ps());
-    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
-    for (int64_t p = 0; p < pairs; ++p) {
-      float* s0 = sc + 2 * p * lanes + v * 16;
-      const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0), m));
-      const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0 + lanes), m));
-      _mm512_storeu_ps(s0, e0);
-      _mm512_storeu_ps(s0 + lanes, e1);
-      even = _mm512_add_ps(even, e0);
-      odd = _mm512_add_ps(odd, e1);
-    }
-    const __m512 sum = _mm512_add_ps(even, odd);
-    const __mmask16 some = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ);
-    inv[v] = _mm512_maskz_div_ps(some, _mm512_set1_ps(1.0f), sum);
-  }
+  for (int v = 0; v < NV; ++v) inv[v] = pf_exp_in_place(sc + v * 16, lanes, pairs, mx[v]);
   uint32_t* pp = reinterpret_cast<uint32_t*>(sc);
   for (int64_t p = 0; p < pairs; ++p)
     for (int v = 0; v < NV; ++v) {
@@ -425,22 +433,8 @@ void pf32_unit(const Pf32Unit& u, const float* q, int64_t q_stride, int64_t H, i
   const int64_t pairs = (pb - pa) / 2;
   for (int64_t g = 0; g < groups; ++g)
     for (int v = 0; v < NV; ++v) {
-      const __mmask16 empty = _mm512_cmp_ps_mask(mx[g][v], none, _CMP_EQ_OQ);
-      const __m512 m = _mm512_maskz_mov_ps(static_cast<__mmask16>(~empty), mx[g][v]);
-      __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
       float* sv = sc + g * sc_group + v * 16;
-      for (int64_t p = 0; p < pairs; ++p) {
-        float* s0 = sv + 2 * p * lanes;
-        const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0), m));
-        const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s0 + lanes), m));
-        _mm512_storeu_ps(s0, e0);
-        _mm512_storeu_ps(s0 + lanes, e1);
-        even = _mm512_add_ps(even, e0);
-        odd = _mm512_add_ps(odd, e1);
-      }
-      const __m512 sum = _mm512_add_ps(even, odd);
-      const __mmask16 some = _mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ);
-      const __m512 inv = _mm512_maskz_mov_ps(some, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
+      const __m512 inv = pf_exp_in_place(sv, lanes, pairs, mx[g][v]);
       for (int64_t i = 0; i < 2 * pairs; ++i) {
         float* si = sv + i * lanes;
         _mm512_storeu_ps(si, _mm512_mul_ps(_mm512_loadu_ps(si), inv));
