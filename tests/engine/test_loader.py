@@ -18,7 +18,14 @@ from promptcache.core.request import Sampling
 from promptcache.engine import models
 from promptcache.engine.base import EngineRequest
 from promptcache.engine.hf import loader
-from promptcache.engine.hf.testing import build_tiny_model, run_all, stop_reason, token_ids
+from promptcache.engine.hf.testing import (
+    BASE_SPECIALS,
+    build_tiny_model,
+    fast_tokenizer,
+    run_all,
+    stop_reason,
+    token_ids,
+)
 from promptcache.engine.hf.tokenizer import BACKEND_META, BackendTokenizer, HFTokenizer
 from promptcache.engine.models import EmbeddedModel
 from promptcache.engine.paged.engine import PagedEngine
@@ -31,21 +38,13 @@ CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>"]
 def save_tiny_model(path: Path, kind: str, extra_specials: list[str]) -> Path:
     """A tiny random model plus a word-level tokenizer built with ``tokenizers``, saved to disk."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", *extra_specials]
+    specials = [*BASE_SPECIALS, *extra_specials]
     vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece()
-    hf_tok = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-        additional_special_tokens=extra_specials,
-    )
+    hf_tok = fast_tokenizer(backend, extra_specials)
     model = build_tiny_model(
         kind, vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, bos_token_id=2
     )

@@ -37,6 +37,26 @@ TINY_LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention")
 TINY_BLOCK_TOKENS = 8
 
 
+BASE_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
+"""The special tokens ``fast_tokenizer`` names, first in a tiny vocabulary (ids 0-3)."""
+
+
+def fast_tokenizer(backend: Any, extra_specials: Sequence[str] = ()) -> Any:
+    """A ``tokenizers.Tokenizer`` wrapped as transformers wraps one, with ``BASE_SPECIALS`` as
+    its pad, EOS, BOS and unknown tokens and ``extra_specials`` as more special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    pad, eos, bos, unk = BASE_SPECIALS
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=backend,
+        pad_token=pad,
+        eos_token=eos,
+        bos_token=bos,
+        unk_token=unk,
+        additional_special_tokens=list(extra_specials),
+    )
+
+
 def build_tiny_model(kind: str, *, seed: int = 0, **config: Any) -> Any:
     """A tiny ``LlamaForCausalLM`` or ``Gemma3ForCausalLM`` in float32, weights from ``seed``.
 
@@ -182,11 +202,13 @@ def stop_reason(events: Sequence[EngineEvent]) -> str:
 
 
 __all__ = [
+    "BASE_SPECIALS",
     "TINY_BLOCK_TOKENS",
     "TINY_SLIDING_WINDOW",
     "TinyKind",
     "build_tiny_engine",
     "build_tiny_model",
+    "fast_tokenizer",
     "prefilled",
     "random_prompt",
     "run_all",

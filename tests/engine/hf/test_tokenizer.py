@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from promptcache.engine.hf.testing import BASE_SPECIALS, fast_tokenizer
 from promptcache.engine.hf.tokenizer import (
     BACKEND_FILE,
     BACKEND_META,
@@ -26,7 +27,6 @@ def hf_tok() -> Any:
     """A byte-level BPE tokenizer trained on a few sentences, with special tokens, as
     transformers wraps one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -34,18 +34,11 @@ def hf_tok() -> Any:
     corpus = ["the cat sat on the mat", "hello world, héllo wörld", "日本語のテキスト", "a b"] * 9
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", *SPECIALS],
+        special_tokens=[*BASE_SPECIALS, *SPECIALS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<bos>",
-        unk_token="<unk>",
-        additional_special_tokens=SPECIALS,
-    )
+    return fast_tokenizer(backend, SPECIALS)
 
 
 def texts() -> list[str]:
