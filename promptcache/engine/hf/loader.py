@@ -30,7 +30,7 @@ import torch
 
 from promptcache.core.chatformat import CHATML, FORMATS, GEMMA, ChatFormat
 from promptcache.engine.device import resolve_device
-from promptcache.engine.hf.checkpoint import Checkpoint, load_checkpoint
+from promptcache.engine.hf.checkpoint import Checkpoint, import_transformers, load_checkpoint
 from promptcache.engine.hf.tokenizer import BackendTokenizer, HFTokenizer
 from promptcache.engine.models import DEFAULT, EmbeddedModel, resolve_model
 from promptcache.engine.paged import native
@@ -118,7 +118,7 @@ def load_engine(
     # their tokenizer as its Rust backend (BackendTokenizer.save), read without transformers.
     ours = model_dir.parent == Path(cache_dir) / "converted"
     # The tokenizer (a 33 MB tokenizer.json for Gemma) loads in a thread while the weights load.
-    with _quiet_transformers_bars(), ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool:
         tok_future = pool.submit(load_tokenizer, model_dir, save=ours)
         hf_model: Any = load_checkpoint(model_dir, DTYPES[dtype], keep_copy=ours)
         if hf_model is None:
@@ -189,11 +189,13 @@ def load_engine(
 def _from_pretrained(model_dir: Path, dtype: str) -> Any:
     """The directory loaded by transformers' model class (what ``load_checkpoint`` does not
     read)."""
+    import_transformers()
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, dtype=DTYPES[dtype], attn_implementation="sdpa"
-    )
+    with _quiet_transformers_bars():
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, dtype=DTYPES[dtype], attn_implementation="sdpa"
+        )
 
 
 AUTO_INT8_MAX_BYTES = 4 << 30
@@ -283,6 +285,7 @@ def load_tokenizer(directory: Path, *, save: bool = False) -> BackendTokenizer |
     ``directory`` when ``save``, and read from there by the next start), else transformers'."""
     if save and (saved := BackendTokenizer.load(directory)) is not None:
         return saved
+    import_transformers()
     from transformers import AutoTokenizer
 
     hf_tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)

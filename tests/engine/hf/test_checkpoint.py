@@ -14,7 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from promptcache.engine.hf.checkpoint import Checkpoint, dtype_copy, load_checkpoint
+from promptcache.engine.hf import checkpoint as checkpoint_module
+from promptcache.engine.hf.checkpoint import (
+    RESOLVED_CONFIGS,
+    Checkpoint,
+    dtype_copy,
+    load_checkpoint,
+    load_configs,
+)
 from promptcache.engine.paged.models import from_hf
 from tests.engine.paged.tiny_models import KINDS, build
 
@@ -139,3 +146,80 @@ def test_a_converted_copy_keeps_its_weights_in_the_load_dtype(tmp_path: Path) ->
     user = saved("llama", tmp_path)
     assert load_checkpoint(user, torch.bfloat16) is not None
     assert not dtype_copy(user, torch.bfloat16).exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_converted_copy_reads_its_configs_without_transformers(kind: str, tmp_path: Path) -> None:
+    """The engine's own directories keep their configs as transformers resolved them; a later
+    load reads that file instead, and builds the same lean model (every tensor, every layer's
+    attention: scale and window). Rope that transformers computes (Llama 3's) keeps reading
+    through transformers."""
+    path = saved(kind, tmp_path)
+    config, generation = load_configs(path, save=True)
+    want = from_hf(load_checkpoint(path, torch.float32), torch.float32)
+    resolved = path / RESOLVED_CONFIGS
+    rope = config.rope_parameters
+    kinds = rope.values() if all(isinstance(v, dict) for v in rope.values()) else [rope]
+    if any(k.get("rope_type", "default") != "default" for k in kinds):
+        assert not resolved.exists()
+        return
+    assert resolved.is_file()
+    again, generation_again = load_configs(path, save=True)
+    assert type(again).__module__ == "types"  # not transformers' config class
+    # Every attribute, as JSON keeps it (id2label's keys become strings; the engine reads none).
+    for key, value in json.loads(json.dumps(config.to_dict(), default=str)).items():
+        assert getattr(again, key) == value, key
+    assert getattr(generation_again, "eos_token_id", None) == getattr(
+        generation, "eos_token_id", None
+    )
+    checkpoint = load_checkpoint(path, torch.float32, keep_copy=True)
+    assert checkpoint is not None and checkpoint.config.__class__ is again.__class__
+    got = from_hf(checkpoint, torch.float32)
+    assert got.attn_specs == want.attn_specs
+    a, b = lean_tensors(got), lean_tensors(want)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # A user's directory is never written to.
+    user = saved(kind, tmp_path / "user")
+    load_configs(user)
+    assert not (user / RESOLVED_CONFIGS).exists()
+
+
+def test_resolved_configs_from_another_transformers_or_damaged_are_read_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = saved("gemma3", tmp_path)
+    load_configs(path, save=True)
+    resolved = path / RESOLVED_CONFIGS
+    monkeypatch.setattr(checkpoint_module, "_transformers_version", lambda: "0.0.1")
+    config, _ = load_configs(path, save=True)
+    assert type(config).__module__ != "types"
+    assert json.loads(resolved.read_text())["transformers"] == "0.0.1"  # rewritten
+    monkeypatch.undo()
+    for damage in ("{", "[]", '{"config": {}}'):
+        resolved.write_text(damage)
+        config, _ = load_configs(path, save=True)
+        assert type(config).__module__ != "types"
+        assert type(load_configs(path, save=True)[0]).__module__ == "types"
+
+
+def test_a_second_start_of_a_converted_copy_imports_no_transformers(tmp_path: Path) -> None:
+    """transformers' import (~1.3 s, and what it pulls in of torch) is left out of a start
+    whose configs and tokenizer the engine kept: the engine is whole (it generates)."""
+    from tests.engine.test_loader import GEMMA_SPECIALS, save_tiny_model
+
+    cache = tmp_path / "cache"
+    path = save_tiny_model(cache / "converted" / "tiny", "gemma3", GEMMA_SPECIALS)
+    code = (
+        "import sys; from pathlib import Path; from promptcache.engine.hf import loader; "
+        "from promptcache.core.request import Sampling; "
+        "from promptcache.engine.base import EngineRequest; "
+        f"engine = loader.load_engine({str(path)!r}, cache_dir=Path({str(cache)!r})); "
+        "seq = engine.add(EngineRequest([5, 6, 7], Sampling(max_tokens=3, temperature=0.0))); "
+        "[engine.step() for _ in range(8)]; "
+        "print(any(m == 'transformers' or m.startswith('transformers.') for m in sys.modules))"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    assert [r.stdout.strip() for r in runs] == ["True", "False"]
