@@ -117,12 +117,13 @@ inline void with_heads(int64_t G, F&& f) {
 // Keys a share of decode_attention_split's scores.
 constexpr int64_t SPLIT_KEYS = 64;
 
-// decode_attention with fewer units (a row's key head) than threads, as one decode row of
-// Gemma 3 (one key head) is: each unit's keys' scores, then its columns' outputs, shared by the
-// threads, where a unit alone took one core (one stream after 4,160 tokens: ~25 MB of float32
-// keys and values a step read by one core; Gemma 3 270M on a 2-core Zen 3, in turns: decode
-// 53 -> 60 tok/s after 4,160 tokens, 65 -> 72 after 600). The same parts as attend_head, so
-// the same bits. D a multiple of 32, H / KVH at most 8.
+// decode_attention where the units (a row's key head) do not share out evenly among the
+// threads, as one decode row of Gemma 3 (one key head) does not: each unit's keys' scores, then
+// its columns' outputs, shared by the threads, where a unit alone took one core (one stream
+// after 4,160 tokens: ~25 MB of float32 keys and values a step read by one core; Gemma 3 270M
+// on a 2-core Zen 3, in turns: decode 53 -> 60 tok/s after 4,160 tokens, 65 -> 72 after 600)
+// and 3 streams' units went 2 to one thread, 1 to the other (+0-7% after 600 tokens, noisy).
+// The same parts as attend_head, so the same bits. D a multiple of 32, H / KVH at most 8.
 template <class S>
 void decode_attention_split(const typename S::T* q, int64_t q_stride, const typename S::T* keys,
                             const typename S::T* values, const int64_t* slots,
@@ -601,7 +602,7 @@ void decode_attention(const typename S::T* q, int64_t q_stride, const typename S
   }
 #endif
 #if PC_VEC16
-  if (units < omp_get_max_threads() && D % 32 == 0 && G <= 8 &&
+  if (units % omp_get_max_threads() != 0 && D % 32 == 0 && G <= 8 &&
       units * W * D >= PARALLEL_MIN_WORK) {
     decode_attention_split<S>(q, q_stride, keys, values, slots, mask, out, B, H, KVH, D, W,
                               scale);
