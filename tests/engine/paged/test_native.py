@@ -598,3 +598,27 @@ def test_sampling_draws_what_pytorch_draws() -> None:
     logits[3, 7] = float("nan")
     assert kernels().sample(logits, temperatures, [0.5] * 4) is None
     assert kernels().sample(logits.double(), temperatures, [0.5] * 4) is None
+
+
+def test_a_row_alone_draws_as_in_a_batch() -> None:
+    """One row (a single stream's) shares its blocks out among the threads, rows of a batch go
+    whole to a thread: the same maximum, exponentials and sums, so the same token at every
+    draw; a NaN or an infinity anywhere in the row is found either way."""
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(4, 262_147, generator=gen) * 4
+    logits[1, ::3] = float("-inf")
+    logits[2, :-40_000] = float("-inf")  # only the last blocks (another thread's) are drawn
+    logits[3, 200_000] = 30.0  # the maximum far into the row
+    temperatures = [1.0, 0.7, 1.3, 0.2]
+    for uniforms in ([0.0] * 4, [1 - 2**-40] * 4, *torch.rand(12, 4, generator=gen)):
+        draws = [float(u) for u in uniforms]
+        batch = kernels().sample(logits, temperatures, draws)
+        alone = [
+            kernels().sample(logits[r : r + 1], temperatures[r : r + 1], draws[r : r + 1])
+            for r in range(4)
+        ]
+        assert batch is not None and alone == [[t] for t in batch]
+    for bad in (float("nan"), float("inf")):
+        row = logits[:1].clone()
+        row[0, 250_000] = bad
+        assert kernels().sample(row, [1.0], [0.5]) is None

@@ -216,7 +216,8 @@ inline __m512 exps_in_place(float* s, int64_t W, float mx) {
 #endif
 
 // f(std::integral_constant<int, rows>{}) for rows 1..8: the kernels that keep a register of
-// accumulators per activation row take their row count at compile time.
+// accumulators per activation row (or per query head of a key head) take their count at
+// compile time.
 template <class F>
 inline void with_rows(int64_t rows, F&& f) {
   switch (rows) {

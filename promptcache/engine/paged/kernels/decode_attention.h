@@ -99,21 +99,6 @@ void attend_head(const float* qf, const typename S::T* keys, const typename S::T
     attend_values<S, GQ>(values, srow, mrow, sc, acc, KVH, kh, D, W, d0);
 }
 
-// Calls f with GQ = G as a compile-time count (1 .. 8).
-template <class F>
-inline void with_heads(int64_t G, F&& f) {
-  switch (G) {
-#define PC_CASE(n)                         \
-  case n:                                  \
-    f(std::integral_constant<int, n>{});   \
-    break;
-    PC_CASE(1) PC_CASE(2) PC_CASE(3) PC_CASE(4) PC_CASE(5) PC_CASE(6) PC_CASE(7) PC_CASE(8)
-#undef PC_CASE
-    default:
-      break;
-  }
-}
-
 // Keys a share of decode_attention_split's scores.
 constexpr int64_t SPLIT_KEYS = 64;
 
@@ -146,7 +131,7 @@ void decode_attention_split(const typename S::T* q, int64_t q_stride, const type
     for (int64_t item = 0; item < units * shares; ++item) {
       const int64_t u = item / shares, j0 = (item % shares) * SPLIT_KEYS;
       const int64_t b = u / KVH, kh = u % KVH;
-      with_heads(G, [&](auto gq) {
+      with_rows(G, [&](auto gq) {
         attend_scores<S, decltype(gq)::value>(qf + u * G * D, keys, slots + b * W,
                                               mask ? mask + b * W : nullptr, sc + u * G * W,
                                               KVH, kh, D, W, j0, std::min(W, j0 + SPLIT_KEYS),
@@ -159,7 +144,7 @@ void decode_attention_split(const typename S::T* q, int64_t q_stride, const type
     for (int64_t item = 0; item < units * columns; ++item) {
       const int64_t u = item / columns, d0 = (item % columns) * 32;
       const int64_t b = u / KVH, kh = u % KVH;
-      with_heads(G, [&](auto gq) {
+      with_rows(G, [&](auto gq) {
         attend_values<S, decltype(gq)::value>(values, slots + b * W,
                                               mask ? mask + b * W : nullptr, sc + u * G * W,
                                               acc + u * G * D, KVH, kh, D, W, d0);

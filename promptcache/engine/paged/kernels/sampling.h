@@ -94,20 +94,134 @@ void argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int6
   }
 }
 
+// The exponentials of blocks [b0, b1) of a row of W logits (16 lanes a block from b * 16;
+// none past W) at inverse temperature t less the row's maximum mx, into e, then each block's
+// sum in float64 in lane order into part. A whole block goes without masks (AVX2 has no
+// masked store but vmaskmovps, slow on AMD's cores); the sums go 8 blocks at a time, whose 8
+// chains of additions are independent (one block's 16 dependent additions at a time took most
+// of the time). The same operations on the same values either way, so the same bits.
+inline void sample_blocks(const float* row, int64_t W, int64_t b0, int64_t b1, float mx,
+                          float t, float* e, double* part) {
+#if PC_VEC16
+  for (int64_t b = b0; b < b1; ++b) {
+    if (b * 16 + 16 <= W) {
+      const __m512 z = _mm512_mul_ps(
+          _mm512_sub_ps(_mm512_loadu_ps(row + b * 16), _mm512_set1_ps(mx)), _mm512_set1_ps(t));
+      _mm512_storeu_ps(e + b * 16, exp16(z));
+    } else {
+      const __mmask16 k = lanes(b * 16, W);
+      const __m512 v = _mm512_maskz_loadu_ps(k, row + b * 16);
+      // Masked lanes are exp(-inf) = 0 (exp16 is exactly 0 below -88), and not stored.
+      const __m512 z = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), k,
+                                          _mm512_sub_ps(v, _mm512_set1_ps(mx)),
+                                          _mm512_set1_ps(t));
+      _mm512_mask_storeu_ps(e + b * 16, k, exp16(z));
+    }
+  }
+#else
+  for (int64_t j = b0 * 16; j < std::min(W, b1 * 16); ++j) e[j] = exp1((row[j] - mx) * t);
+#endif
+  const int64_t whole = std::min(b1, W / 16);  // blocks with 16 lanes
+  int64_t b = b0;
+  for (; b + 8 <= whole; b += 8) {
+    double acc[8] = {};
+    for (int i = 0; i < 16; ++i)
+      for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(e[(b + k) * 16 + i]);
+    for (int k = 0; k < 8; ++k) part[b + k] = acc[k];
+  }
+  for (; b < b1; ++b) {
+    double sum = 0.0;
+    for (int64_t j = b * 16; j < std::min(W, b * 16 + 16); ++j) sum += e[j];
+    part[b] = sum;
+  }
+}
+
+// The drawn index of a row from its exponentials e [W] and their block sums part, at the
+// draw u: the first whose cumulative sum passes u times the total (the blocks' sums added in
+// order). The cumulative sum goes block by block, then element by element inside the block
+// where it passes the target, summed from 0 in the block's order: at the block's end it is
+// the block's sum exactly, so the target is passed inside it.
+inline int64_t sample_pick(const float* e, const double* part, int64_t W, double u) {
+  double total = 0.0;
+  for (int64_t b = 0; b * 16 < W; ++b) total += part[b];
+  const double target = u * total;
+  int64_t at = -1;
+  double cum = 0.0;
+  for (int64_t b = 0; b * 16 < W && at < 0; ++b) {
+    if (cum + part[b] <= target) {
+      cum += part[b];
+      continue;
+    }
+    double within = 0.0;
+    for (int64_t j = b * 16; j < std::min(W, b * 16 + 16); ++j) {
+      within += e[j];
+      if (e[j] > 0.0f && cum + within > target) {
+        at = j;
+        break;
+      }
+    }
+  }
+  // A draw rounded up to the total passes nothing: the last index with any probability.
+  for (int64_t j = W - 1; at < 0 && j >= 0; --j)
+    if (e[j] > 0.0f) at = j;
+  return at;
+}
+
 // One token drawn per row of logits x [R, W] (float32) from softmax(x * inv_temp[r]), at the
 // uniform draw u[r] in [0, 1): the first index whose cumulative probability passes u (as
 // sampling.draw, whose arithmetic this is: exps in float32, their sums in float64), in two
 // passes over the row (the maximum; the exps and their sums per 16, kept) and a search of
 // the sums, where PyTorch's softmax, cumsum and searchsorted take ~1 ms over 262k logits.
+// Rows go to the threads in turn; fewer rows than threads (one stream's) share each row's
+// blocks out instead, whose maximum and block sums are the same whichever thread takes them.
 // An index of probability 0 is never drawn, nor one below e^-88 of the most likely (exp16's
 // 0; PyTorch's softmax gives it a float32 denormal). -1 for a row with a NaN or nothing finite
 // (the caller asks PyTorch).
 void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, const double* u,
                  int64_t* out) {
+  const int64_t nb = (W + 15) / 16;
+  const int threads = omp_get_max_threads();
+  // The exponentials and block sums go to scratch memory (zeroing 1 MB a row took ~10%).
+  thread_local Scratch<float> e_s;
+  thread_local Scratch<double> part_s;
+  if (R < threads && W >= PARALLEL_MIN_WORK) {
+    e_s.reserve(W);
+    part_s.reserve(nb);
+    float* const e = e_s.data();
+    double* const part = part_s.data();
+    std::vector<float> maxima(threads);
+    std::vector<char> nans(threads);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = x + r * W;
+      bool usable = false;
+#pragma omp parallel
+      {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t b0 = nb * id / nt, b1 = nb * (id + 1) / nt;  // this thread's blocks
+        bool nan = false;
+        maxima[id] = b1 > b0 ? row_max(row + b0 * 16, std::min(W, b1 * 16) - b0 * 16, nan)
+                             : -INFINITY;
+        nans[id] = nan;
+#pragma omp barrier
+        float mx = -INFINITY;
+        for (int i = 0; i < nt; ++i) {
+          nan |= nans[i] != 0;
+          mx = maxima[i] > mx ? maxima[i] : mx;
+        }
+        const bool ok = !nan && mx > -INFINITY && mx != INFINITY;
+        if (ok) sample_blocks(row, W, b0, b1, mx, inv_temp[r], e, part);
+        if (id == 0) usable = ok;
+      }
+      out[r] = usable ? sample_pick(e, part, W, u[r]) : -1;
+    }
+    return;
+  }
 #pragma omp parallel if (R > 1 && R * W >= PARALLEL_MIN_WORK)
   {
-    std::vector<float> e(W);
-    std::vector<double> part((W + 15) / 16);
+    e_s.reserve(W);  // each thread's own
+    part_s.reserve(nb);
+    float* const e = e_s.data();
+    double* const part = part_s.data();
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       const float* row = x + r * W;
@@ -117,55 +231,8 @@ void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, co
         out[r] = -1;
         continue;
       }
-      const float t = inv_temp[r];
-      double total = 0.0;
-      for (int64_t b = 0; b * 16 < W; ++b) {
-        double sum = 0.0;
-#if PC_VEC16
-        const __mmask16 k = lanes(b * 16, W);
-        const __m512 v = _mm512_maskz_loadu_ps(k, row + b * 16);
-        // Masked lanes are exp(-inf) = 0 (exp16 is exactly 0 below -88).
-        const __m512 z = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), k,
-                                            _mm512_sub_ps(v, _mm512_set1_ps(mx)),
-                                            _mm512_set1_ps(t));
-        const __m512 ev = exp16(z);
-        _mm512_mask_storeu_ps(e.data() + b * 16, k, ev);
-        alignas(64) float lane[16];
-        _mm512_store_ps(lane, ev);
-        for (int i = 0; i < 16; ++i) sum += lane[i];
-#else
-        for (int64_t j = b * 16; j < std::min(W, b * 16 + 16); ++j) {
-          e[j] = exp1((row[j] - mx) * t);
-          sum += e[j];
-        }
-#endif
-        part[b] = sum;
-        total += sum;
-      }
-      const double target = u[r] * total;
-      // The cumulative sum goes block by block, then element by element inside the block
-      // where it passes the target, summed from 0 in the block's order: at the block's end it
-      // is the block's sum exactly, so the target is passed inside it.
-      int64_t at = -1;
-      double cum = 0.0;
-      for (int64_t b = 0; b * 16 < W && at < 0; ++b) {
-        if (cum + part[b] <= target) {
-          cum += part[b];
-          continue;
-        }
-        double within = 0.0;
-        for (int64_t j = b * 16; j < std::min(W, b * 16 + 16); ++j) {
-          within += e[j];
-          if (e[j] > 0.0f && cum + within > target) {
-            at = j;
-            break;
-          }
-        }
-      }
-      // A draw rounded up to the total passes nothing: the last index with any probability.
-      for (int64_t j = W - 1; at < 0 && j >= 0; --j)
-        if (e[j] > 0.0f) at = j;
-      out[r] = at;
+      sample_blocks(row, W, 0, nb, mx, inv_temp[r], e, part);
+      out[r] = sample_pick(e, part, W, u[r]);
     }
   }
 }
