@@ -106,9 +106,9 @@ void pc_argmax_rows(const float* x, int64_t R, int64_t W, int64_t* out) {
   argmax_rows(x, R, W, out);
 }
 
-void pc_sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, const double* u,
-                    int64_t* out) {
-  sample_rows(x, R, W, inv_temp, u, out);
+void pc_sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp,
+                    const float* top_p, const float* floor, const double* u, int64_t* out) {
+  sample_rows(x, R, W, inv_temp, top_p, floor, u, out);
 }
 
 void pc_argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int64_t block,

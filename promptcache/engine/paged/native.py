@@ -165,7 +165,7 @@ class Kernels:
         self._argmax.argtypes = [ptr, i64, i64, ptr]
         self._sample_rows = library.pc_sample_rows
         self._sample_rows.restype = None
-        self._sample_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
+        self._sample_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
         self._argmax_blocks = library.pc_argmax_blocks
         self._argmax_blocks.restype = None
         self._argmax_blocks.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr]
@@ -565,13 +565,20 @@ class Kernels:
         return None if -1 in found else found
 
     def sample(
-        self, logits: torch.Tensor, temperatures: list[float], uniforms: list[float]
+        self,
+        logits: torch.Tensor,
+        temperatures: list[float],
+        uniforms: list[float],
+        top_ps: list[float] | None = None,
+        floors: list[float] | None = None,
     ) -> list[int] | None:
         """One token per row of float32 ``logits [R, W]`` drawn from ``softmax(logits /
         temperature)`` at the uniform draw in ``[0, 1)`` given for the row, as
         ``sampling.draw`` draws it (the first index whose cumulative probability passes the
         draw), in one pass over the row; None for other tensors or where a row has a NaN or
-        nothing finite (PyTorch's own answer then)."""
+        nothing finite (PyTorch's own answer then). ``top_ps``: each row's nucleus, as
+        ``sampling.apply_top_p`` cuts it (1: none); ``floors``: each row's least logit kept
+        (top-k's threshold; ``-inf``: none)."""
         rows = logits.shape[0] if logits.dim() == 2 else 0
         if (
             rows == 0
@@ -581,16 +588,22 @@ class Kernels:
             or len(temperatures) != rows
             or len(uniforms) != rows
             or any(t <= 0.0 for t in temperatures)
+            or (top_ps is not None and len(top_ps) != rows)
+            or (floors is not None and len(floors) != rows)
         ):
             return None
         inv = torch.tensor([1.0 / t for t in temperatures], dtype=torch.float32)
         draws = torch.tensor(uniforms, dtype=torch.float64)
+        nuclei = None if top_ps is None else torch.tensor(top_ps, dtype=torch.float32)
+        least = None if floors is None else torch.tensor(floors, dtype=torch.float32)
         out = torch.empty(rows, dtype=torch.long)
         self._sample_rows(
             logits.data_ptr(),
             rows,
             logits.shape[1],
             inv.data_ptr(),
+            _ptr(nuclei),
+            _ptr(least),
             draws.data_ptr(),
             out.data_ptr(),
         )

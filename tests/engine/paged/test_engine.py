@@ -341,12 +341,12 @@ def test_seeded_sampling_survives_a_cache_hit(engine: PagedEngine) -> None:
     assert token_ids(warm) == token_ids(cold)
 
 
-def test_plain_temperature_draws_in_the_kernel_alike_alone_and_in_a_batch(
+def test_sampled_rows_draw_in_the_kernel_alike_alone_and_in_a_batch(
     engine: PagedEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rows of plain temperature sampling draw in the engine's kernel (where it runs), each
-    from its own generator: seeded, a request draws the same tokens alone and beside others;
-    top-p keeps PyTorch's path."""
+    """Rows of temperature sampling draw in the engine's kernel (where it runs), each from its
+    own generator: seeded, a request draws the same tokens alone and beside others; top-p and
+    top-k rows draw there too (against PyTorch's cut: test_native), as reproducibly."""
     from promptcache.engine.paged import native
 
     kernels = native.kernels()
@@ -370,10 +370,11 @@ def test_plain_temperature_draws_in_the_kernel_alike_alone_and_in_a_batch(
     assert run_batch(engine, requests) == alone
     assert max(calls) > 1  # several rows in one call
     calls.clear()
-    nucleus = Sampling(20, temperature=0.8, top_p=0.9, seed=1)
-    first = token_ids(run_all(engine, EngineRequest(requests[0].tokens, nucleus)))
-    assert not calls
-    assert token_ids(run_all(engine, EngineRequest(requests[0].tokens, nucleus))) == first
+    for cut in (Sampling(20, temperature=0.8, top_p=0.9, seed=1), Sampling(20, top_k=5, seed=2)):
+        first = token_ids(run_all(engine, EngineRequest(requests[0].tokens, cut)))
+        assert calls
+        calls.clear()
+        assert token_ids(run_all(engine, EngineRequest(requests[0].tokens, cut))) == first
 
 
 def test_add_is_lazy_and_cancel_stops_mid_decode(engine: PagedEngine) -> None:

@@ -600,6 +600,44 @@ def test_sampling_draws_what_pytorch_draws() -> None:
     assert kernels().sample(logits.double(), temperatures, [0.5] * 4) is None
 
 
+@pytest.mark.parametrize("width", [50_001, 262_144])
+def test_top_p_and_top_k_draw_what_pytorch_draws(width: int) -> None:
+    """Nucleus and top-k sampling in the kernel against ``sampling``'s PyTorch cut
+    (``apply_top_k``, then ``apply_top_p`` with its sort) and ``draw``, at the same uniform
+    draws: the same token, for narrow and wide nuclei, top-p 0 (the most likely alone), top-k
+    alone and both together, on a flat row and a peaked one."""
+    from promptcache.engine.sampling import apply_top_k, apply_top_p
+
+    gen = torch.Generator().manual_seed(22)
+    logits = torch.randn(6, width, generator=gen) * 3
+    logits[1] = torch.randn(width, generator=gen) * 0.2  # flat: a wide nucleus
+    logits[2, 17] = 25.0  # peaked: a nucleus of one or two
+    logits[3, ::5] = float("-inf")
+    rows = [(1.0, 0.9, None), (1.0, 0.95, None), (0.8, 0.5, None), (1.3, 0.0, None),
+            (0.7, None, 40), (1.0, 0.9, 64)]  # fmt: skip
+    temperatures = [t for t, _, _ in rows]
+    top_ps = [1.0 if p is None else p for _, p, _ in rows]
+    floors = [
+        float(torch.topk(logits[r], k).values[-1]) if k else float("-inf")
+        for r, (_, _, k) in enumerate(rows)
+    ]
+    for uniforms in ([0.0] * 6, [1 - 2**-40] * 6, *torch.rand(10, 6, generator=gen)):
+        draws = [float(u) for u in uniforms]
+        found = kernels().sample(logits, temperatures, draws, top_ps, floors)
+        assert found is not None
+        for r, (t, p, k) in enumerate(rows):
+            scaled = logits[r] / t
+            if k:
+                scaled = apply_top_k(scaled, k)
+            if p is not None:
+                scaled = apply_top_p(scaled, p)
+            cumulative = torch.softmax(scaled, -1).cumsum(0, dtype=torch.float64)
+            expected = torch.searchsorted(cumulative, draws[r] * cumulative[-1], right=True)
+            expected = min(int(expected), int(torch.searchsorted(cumulative, cumulative[-1])))
+            assert found[r] == expected, (r, draws[r])
+            assert torch.isfinite(scaled[found[r]])
+
+
 def test_a_row_alone_draws_as_in_a_batch() -> None:
     """One row (a single stream's) shares its blocks out among the threads, rows of a batch go
     whole to a thread: the same maximum, exponentials and sums, so the same token at every

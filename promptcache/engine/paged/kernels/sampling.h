@@ -94,6 +94,8 @@ void argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int6
   }
 }
 
+inline void block_sums(const float* e, int64_t W, int64_t b0, int64_t b1, double* part);
+
 // The exponentials of blocks [b0, b1) of a row of W logits (16 lanes a block from b * 16;
 // none past W) at inverse temperature t less the row's maximum mx, into e, then each block's
 // sum in float64 in lane order into part. A whole block goes without masks (AVX2 has no
@@ -101,26 +103,36 @@ void argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int6
 // chains of additions are independent (one block's 16 dependent additions at a time took most
 // of the time). The same operations on the same values either way, so the same bits.
 inline void sample_blocks(const float* row, int64_t W, int64_t b0, int64_t b1, float mx,
-                          float t, float* e, double* part) {
+                          float t, float floor, float* e, double* part) {
 #if PC_VEC16
+  const bool floored = floor > -INFINITY;
   for (int64_t b = b0; b < b1; ++b) {
-    if (b * 16 + 16 <= W) {
+    if (b * 16 + 16 <= W && !floored) {
       const __m512 z = _mm512_mul_ps(
           _mm512_sub_ps(_mm512_loadu_ps(row + b * 16), _mm512_set1_ps(mx)), _mm512_set1_ps(t));
       _mm512_storeu_ps(e + b * 16, exp16(z));
     } else {
-      const __mmask16 k = lanes(b * 16, W);
-      const __m512 v = _mm512_maskz_loadu_ps(k, row + b * 16);
-      // Masked lanes are exp(-inf) = 0 (exp16 is exactly 0 below -88), and not stored.
+      const __mmask16 in = lanes(b * 16, W);
+      const __m512 v = _mm512_maskz_loadu_ps(in, row + b * 16);
+      // Lanes below the floor or past W are exp(-inf) = 0 (exp16 is exactly 0 below -88);
+      // those past W are not stored.
+      const __mmask16 k = in & _mm512_cmp_ps_mask(v, _mm512_set1_ps(floor), _CMP_GE_OQ);
       const __m512 z = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), k,
                                           _mm512_sub_ps(v, _mm512_set1_ps(mx)),
                                           _mm512_set1_ps(t));
-      _mm512_mask_storeu_ps(e + b * 16, k, exp16(z));
+      _mm512_mask_storeu_ps(e + b * 16, in, exp16(z));
     }
   }
 #else
-  for (int64_t j = b0 * 16; j < std::min(W, b1 * 16); ++j) e[j] = exp1((row[j] - mx) * t);
+  for (int64_t j = b0 * 16; j < std::min(W, b1 * 16); ++j)
+    e[j] = row[j] >= floor ? exp1((row[j] - mx) * t) : 0.0f;
 #endif
+  block_sums(e, W, b0, b1, part);
+}
+
+// Each block's sum of e in float64, in lane order, into part (8 blocks at a time: their 8
+// chains of additions are independent).
+inline void block_sums(const float* e, int64_t W, int64_t b0, int64_t b1, double* part) {
   const int64_t whole = std::min(b1, W / 16);  // blocks with 16 lanes
   int64_t b = b0;
   for (; b + 8 <= whole; b += 8) {
@@ -134,6 +146,53 @@ inline void sample_blocks(const float* row, int64_t W, int64_t b0, int64_t b1, f
     for (int64_t j = b * 16; j < std::min(W, b * 16 + 16); ++j) sum += e[j];
     part[b] = sum;
   }
+}
+
+// Nucleus (top-p) sampling's cut of a row's exponentials e [W] (0 where excluded), as
+// sampling.apply_top_p makes it: in descending order, the tokens until the one whose
+// cumulative mass reaches top_p of the total are kept (the most likely at least), the rest
+// set to 0, and the blocks' sums redone. Without a sort of the whole row: the masses are first
+// summed in 2,048 buckets by the float's exponent and top three mantissa bits (a bucket's
+// values all below the next one's), the boundary bucket's values alone are sorted. Ties at
+// the cut are kept. Sums in float64 (apply_top_p's cumsum is float32: the cut can differ where
+// the mass reaches top_p within its rounding).
+inline void nucleus(float* e, double* part, int64_t W, double total, float top_p) {
+  constexpr int NB = 2048;
+  std::vector<double> mass(NB, 0.0);
+  const auto key = [](float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    return static_cast<int>(bits >> 20) & (NB - 1);  // e in (0, 1]: sign 0, exponent <= 127
+  };
+  for (int64_t j = 0; j < W; ++j)
+    if (e[j] > 0.0f) mass[key(e[j])] += e[j];
+  const double target = static_cast<double>(top_p) * total;
+  double above = 0.0;
+  int cut = -1;
+  for (int k = NB - 1; k >= 0; --k) {
+    if (mass[k] > 0.0 && above + mass[k] >= target) {
+      cut = k;
+      break;
+    }
+    above += mass[k];
+  }
+  if (cut < 0) return;  // rounding left the target unreached: every token stays
+  std::vector<float> edge;
+  for (int64_t j = 0; j < W; ++j)
+    if (e[j] > 0.0f && key(e[j]) == cut) edge.push_back(e[j]);
+  std::sort(edge.begin(), edge.end(), [](float a, float b) { return a > b; });
+  float tau = edge.back();
+  double c = above;
+  for (float v : edge) {
+    c += v;
+    if (c >= target) {
+      tau = v;
+      break;
+    }
+  }
+  for (int64_t j = 0; j < W; ++j)
+    if (e[j] < tau) e[j] = 0.0f;
+  block_sums(e, W, 0, (W + 15) / 16, part);
 }
 
 // The drawn index of a row from its exponentials e [W] and their block sums part, at the
@@ -177,14 +236,17 @@ inline int64_t sample_pick(const float* e, const double* part, int64_t W, double
 // An index of probability 0 is never drawn, nor one below e^-88 of the most likely (exp16's
 // 0; PyTorch's softmax gives it a float32 denormal). -1 for a row with a NaN or nothing finite
 // (the caller asks PyTorch).
-void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, const double* u,
-                 int64_t* out) {
+void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp,
+                 const float* top_p, const float* floor, const double* u, int64_t* out) {
   const int64_t nb = (W + 15) / 16;
   const int threads = omp_get_max_threads();
+  const auto floor_of = [&](int64_t r) { return floor ? floor[r] : -INFINITY; };
+  bool nucleus_rows = false;
+  for (int64_t r = 0; top_p && r < R; ++r) nucleus_rows |= top_p[r] < 1.0f;
   // The exponentials and block sums go to scratch memory (zeroing 1 MB a row took ~10%).
   thread_local Scratch<float> e_s;
   thread_local Scratch<double> part_s;
-  if (R < threads && W >= PARALLEL_MIN_WORK) {
+  if (R < threads && W >= PARALLEL_MIN_WORK && !nucleus_rows) {
     e_s.reserve(W);
     part_s.reserve(nb);
     float* const e = e_s.data();
@@ -209,7 +271,7 @@ void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, co
           mx = maxima[i] > mx ? maxima[i] : mx;
         }
         const bool ok = !nan && mx > -INFINITY && mx != INFINITY;
-        if (ok) sample_blocks(row, W, b0, b1, mx, inv_temp[r], e, part);
+        if (ok) sample_blocks(row, W, b0, b1, mx, inv_temp[r], floor_of(r), e, part);
         if (id == 0) usable = ok;
       }
       out[r] = usable ? sample_pick(e, part, W, u[r]) : -1;
@@ -231,7 +293,12 @@ void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp, co
         out[r] = -1;
         continue;
       }
-      sample_blocks(row, W, 0, nb, mx, inv_temp[r], e, part);
+      sample_blocks(row, W, 0, nb, mx, inv_temp[r], floor_of(r), e, part);
+      if (top_p && top_p[r] < 1.0f) {
+        double total = 0.0;
+        for (int64_t b = 0; b < nb; ++b) total += part[b];
+        nucleus(e, part, W, total, top_p[r]);
+      }
       out[r] = sample_pick(e, part, W, u[r]);
     }
   }
