@@ -21,12 +21,18 @@ def make_generator(sampling: Sampling, device: torch.device | str) -> torch.Gene
     return generator
 
 
+def top_k_threshold(logits: torch.Tensor, top_k: int) -> torch.Tensor | None:
+    """The ``top_k``-th largest logit of each row ``[..., 1]``; None where ``top_k`` keeps every
+    one."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return None
+    return torch.topk(logits, top_k, dim=-1).values[..., -1:]
+
+
 def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Mask everything below the ``top_k``-th largest logit (ties at the threshold are kept)."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    threshold = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    threshold = top_k_threshold(logits, top_k)
+    return logits if threshold is None else logits.masked_fill(logits < threshold, float("-inf"))
 
 
 def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -83,4 +89,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
     return int(torch.minimum(index, last).item())
 
 
-__all__ = ["apply_top_k", "apply_top_p", "draw", "make_generator", "sample_token"]
+__all__ = [
+    "apply_top_k",
+    "apply_top_p",
+    "draw",
+    "make_generator",
+    "sample_token",
+    "top_k_threshold",
+]

@@ -50,7 +50,7 @@ from promptcache.engine.paged.native_decode import MAX_ROWS, NativeDecode
 from promptcache.engine.paged.native_prefill import MAX_ROWS as PREFILL_ROWS
 from promptcache.engine.paged.native_prefill import NativePrefill
 from promptcache.engine.paged.pool import KVPool, PoolExhausted, PoolPayload
-from promptcache.engine.sampling import make_generator, sample_token
+from promptcache.engine.sampling import make_generator, sample_token, top_k_threshold
 
 log = logging.getLogger("promptcache.engine")
 
@@ -440,33 +440,29 @@ class PagedEngine:
         temperature, top-k (its threshold found here by ``torch.topk``, the kernel keeping the
         logits at or above it) and top-p (the kernel's nucleus: ~25 ms a token over 262k
         logits through ``torch.sort``, ~1 ms there); no kernel: ``sample_token``."""
-        plain = list(zip(rows, seqs, strict=True))
         fast = native.kernels() if logits.device.type == "cpu" else None
         found = None
-        if fast is not None and plain:
-            picked = [row for row, _ in plain]
-            scores = logits if picked == list(range(logits.shape[0])) else logits[picked]
+        if fast is not None and rows:
+            scores = logits if rows == list(range(logits.shape[0])) else logits[rows]
             scores = scores.float().contiguous()
             uniforms = [
-                float(torch.rand(1, dtype=torch.float64, generator=seq.generator))
-                for _, seq in plain
+                float(torch.rand(1, dtype=torch.float64, generator=seq.generator)) for seq in seqs
             ]
-            settings = [seq.request.sampling for _, seq in plain]
+            settings = [seq.request.sampling for seq in seqs]
             top_ps = [1.0 if s.top_p is None else min(s.top_p, 1.0) for s in settings]
-            floors = [
-                float(torch.topk(scores[i], s.top_k).values[-1])
-                if s.top_k and 0 < s.top_k < scores.shape[1]
-                else float("-inf")
+            thresholds = [
+                top_k_threshold(scores[i], s.top_k) if s.top_k else None
                 for i, s in enumerate(settings)
             ]
+            floors = [float("-inf") if t is None else float(t) for t in thresholds]
             found = fast.sample(
                 scores,
                 [s.temperature for s in settings],
                 uniforms,
                 top_ps if any(p < 1.0 for p in top_ps) else None,
-                floors if any(f > float("-inf") for f in floors) else None,
+                floors if any(t is not None for t in thresholds) else None,
             )
-        drawn = dict(zip((row for row, _ in plain), found, strict=True)) if found else {}
+        drawn = dict(zip(rows, found, strict=True)) if found else {}
         for row, seq in zip(rows, seqs, strict=True):
             token = drawn.get(row)
             if token is None:

@@ -94,14 +94,30 @@ void argmax_blocks(const float* x, int64_t R, int64_t W, const float* bmax, int6
   }
 }
 
-inline void block_sums(const float* e, int64_t W, int64_t b0, int64_t b1, double* part);
+// Blocks [b0, b1)'s sums of e in float64, each in lane order, into part: 8 blocks at a time,
+// whose 8 chains of additions are independent (one block's 16 dependent additions at a time
+// took most of sample_rows' time).
+inline void block_sums(const float* e, int64_t W, int64_t b0, int64_t b1, double* part) {
+  const int64_t whole = std::min(b1, W / 16);  // blocks with 16 lanes
+  int64_t b = b0;
+  for (; b + 8 <= whole; b += 8) {
+    double acc[8] = {};
+    for (int i = 0; i < 16; ++i)
+      for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(e[(b + k) * 16 + i]);
+    for (int k = 0; k < 8; ++k) part[b + k] = acc[k];
+  }
+  for (; b < b1; ++b) {
+    double sum = 0.0;
+    for (int64_t j = b * 16; j < std::min(W, b * 16 + 16); ++j) sum += e[j];
+    part[b] = sum;
+  }
+}
 
 // The exponentials of blocks [b0, b1) of a row of W logits (16 lanes a block from b * 16;
-// none past W) at inverse temperature t less the row's maximum mx, into e, then each block's
-// sum in float64 in lane order into part. A whole block goes without masks (AVX2 has no
-// masked store but vmaskmovps, slow on AMD's cores); the sums go 8 blocks at a time, whose 8
-// chains of additions are independent (one block's 16 dependent additions at a time took most
-// of the time). The same operations on the same values either way, so the same bits.
+// none past W) at inverse temperature t less the row's maximum mx, 0 below the floor, into e,
+// then their block_sums into part. A whole block without a floor goes without masks (AVX2 has
+// no masked store but vmaskmovps, slow on AMD's cores): the same operations on the same values,
+// so the same bits.
 inline void sample_blocks(const float* row, int64_t W, int64_t b0, int64_t b1, float mx,
                           float t, float floor, float* e, double* part) {
 #if PC_VEC16
@@ -130,24 +146,6 @@ inline void sample_blocks(const float* row, int64_t W, int64_t b0, int64_t b1, f
   block_sums(e, W, b0, b1, part);
 }
 
-// Each block's sum of e in float64, in lane order, into part (8 blocks at a time: their 8
-// chains of additions are independent).
-inline void block_sums(const float* e, int64_t W, int64_t b0, int64_t b1, double* part) {
-  const int64_t whole = std::min(b1, W / 16);  // blocks with 16 lanes
-  int64_t b = b0;
-  for (; b + 8 <= whole; b += 8) {
-    double acc[8] = {};
-    for (int i = 0; i < 16; ++i)
-      for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(e[(b + k) * 16 + i]);
-    for (int k = 0; k < 8; ++k) part[b + k] = acc[k];
-  }
-  for (; b < b1; ++b) {
-    double sum = 0.0;
-    for (int64_t j = b * 16; j < std::min(W, b * 16 + 16); ++j) sum += e[j];
-    part[b] = sum;
-  }
-}
-
 // Nucleus (top-p) sampling's cut of a row's exponentials e [W] (0 where excluded), as
 // sampling.apply_top_p makes it: in descending order, the tokens until the one whose
 // cumulative mass reaches top_p of the total are kept (the most likely at least), the rest
@@ -156,8 +154,10 @@ inline void block_sums(const float* e, int64_t W, int64_t b0, int64_t b1, double
 // values all below the next one's), the boundary bucket's values alone are sorted. Ties at
 // the cut are kept. Sums in float64 (apply_top_p's cumsum is float32: the cut can differ where
 // the mass reaches top_p within its rounding).
-inline void nucleus(float* e, double* part, int64_t W, double total, float top_p) {
+inline void nucleus(float* e, double* part, int64_t W, float top_p) {
   constexpr int NB = 2048;
+  double total = 0.0;  // in block order, as sample_pick adds them
+  for (int64_t b = 0; b * 16 < W; ++b) total += part[b];
   std::vector<double> mass(NB, 0.0);
   const auto key = [](float v) {
     uint32_t bits;
@@ -194,6 +194,9 @@ inline void nucleus(float* e, double* part, int64_t W, double total, float top_p
     if (e[j] < tau) e[j] = 0.0f;
   block_sums(e, W, 0, (W + 15) / 16, part);
 }
+
+// Whether a row whose maximum is mx (nan: it holds a NaN) can be drawn from here.
+inline bool drawable(float mx, bool nan) { return !nan && mx > -INFINITY && mx != INFINITY; }
 
 // The drawn index of a row from its exponentials e [W] and their block sums part, at the
 // draw u: the first whose cumulative sum passes u times the total (the blocks' sums added in
@@ -270,7 +273,7 @@ void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp,
           nan |= nans[i] != 0;
           mx = maxima[i] > mx ? maxima[i] : mx;
         }
-        const bool ok = !nan && mx > -INFINITY && mx != INFINITY;
+        const bool ok = drawable(mx, nan);
         if (ok) sample_blocks(row, W, b0, b1, mx, inv_temp[r], floor_of(r), e, part);
         if (id == 0) usable = ok;
       }
@@ -289,16 +292,12 @@ void sample_rows(const float* x, int64_t R, int64_t W, const float* inv_temp,
       const float* row = x + r * W;
       bool nan = false;
       const float mx = row_max(row, W, nan);
-      if (nan || !(mx > -INFINITY) || mx == INFINITY) {
+      if (!drawable(mx, nan)) {
         out[r] = -1;
         continue;
       }
       sample_blocks(row, W, 0, nb, mx, inv_temp[r], floor_of(r), e, part);
-      if (top_p && top_p[r] < 1.0f) {
-        double total = 0.0;
-        for (int64_t b = 0; b < nb; ++b) total += part[b];
-        nucleus(e, part, W, total, top_p[r]);
-      }
+      if (top_p && top_p[r] < 1.0f) nucleus(e, part, W, top_p[r]);
       out[r] = sample_pick(e, part, W, u[r]);
     }
   }
