@@ -184,6 +184,21 @@ def test_a_batch_gives_each_request_its_solo_tokens(engine: PagedEngine) -> None
     assert run_batch(engine, requests) == solo
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_streams_decode_alike_beside_prompts_being_read(kind: str) -> None:
+    """With int8 decode weights (a CPU's default), the steps that carry prompt chunks beside
+    decoding streams run in parts: each stream still gets its solo tokens (a forward of the
+    whole mixed batch took the dense weights for its rows), and so does each prompt."""
+    engine = build_tiny_engine(kind, decode_int8=True, max_batch_tokens=48)
+    requests = [EngineRequest(random_prompt(n, seed=n), greedy(40)) for n in (5, 11)]
+    requests += [EngineRequest(random_prompt(n, seed=n), greedy(4)) for n in (150, 100, 30)]
+    solo = [token_ids(run_all(engine, r)) for r in requests]
+    steps = engine.native_prefill.num_steps if engine.native_prefill else 0
+    assert run_batch(engine, requests) == solo
+    if engine.native_prefill is not None:  # each chunk beside the streams in the kernels
+        assert engine.native_prefill.num_steps - steps >= (150 + 100 + 30) // 48
+
+
 def test_batched_logits_stay_close_to_solo(engine: PagedEngine) -> None:
     """fp32: the logits of a prompt prefilled in steps shared with decoding requests stay within
     1e-4 of the same prompt alone."""
@@ -402,6 +417,33 @@ def test_long_prefill_runs_in_steps_that_can_be_cancelled() -> None:
     assert isinstance(engine.step()[0][1], PrefillProgress)
     engine.cancel(seq)
     assert engine.num_prefill_tokens_total - before == 16
+
+
+def test_a_short_prompt_goes_ahead_of_a_long_one_being_read() -> None:
+    """A hit's suffix (a short prompt) arriving while a long prompt is read gets its first
+    token in the next step, not after the whole long prompt; the long one keeps at least half
+    of every step however many short ones arrive."""
+    engine = build_tiny_engine("llama", max_batch_tokens=32)
+    long = engine.add(EngineRequest(random_prompt(400, seed=50), greedy(2)))
+    engine.step()
+    done = 32
+
+    def step_reading(at_least: int) -> set[int]:
+        nonlocal done
+        events = engine.step()
+        progress = [e for seq, e in events if seq == long and isinstance(e, PrefillProgress)]
+        assert progress and progress[0].num_done_tokens - done >= at_least
+        done = progress[0].num_done_tokens
+        return {seq for seq, e in events if isinstance(e, TokenOut)}
+
+    for i in range(3):  # one at a time: each answered in the step after it came
+        short = engine.add(EngineRequest(random_prompt(9, seed=60 + i), greedy(1)))
+        assert step_reading(at_least=32 - 9) == {short}
+    flood = [engine.add(EngineRequest(random_prompt(9, seed=70 + i), greedy(1))) for i in range(6)]
+    answered = [step_reading(at_least=16) for _ in range(4)]  # 54 short tokens, 16 a step
+    assert answered[0] == {flood[0]} and set().union(*answered) == set(flood)
+    run_all(engine, EngineRequest(random_prompt(9, seed=1), greedy(1)))
+    assert engine.num_running == 0
 
 
 # --- info and validation -------------------------------------------------------------------------
