@@ -360,3 +360,11 @@ def test_real_smollm2(tmp_path_factory: pytest.TempPathFactory) -> None:
     events = run_all(engine, EngineRequest(prompt, Sampling(max_tokens=24, temperature=0.0)))
     assert "Paris" in tok.decode(token_ids(events))
     assert stop_reason(events) == "end_turn"
+
+
+def test_a_cpu_step_beside_streams_carries_half_the_prompt_tokens() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loader.beside_streams(cpu, None) == loader.default_batch_tokens(cpu) // 2
+    assert loader.beside_streams(cpu, 100) == 50
+    assert loader.beside_streams(cpu, 1) == 1
+    assert loader.beside_streams(cuda, None) is None

@@ -112,12 +112,16 @@ class PagedEngine:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         decode_switch: DecodeSwitch | None = None,
         compile_decode: bool = False,
+        prompt_tokens_beside_streams: int | None = None,
     ) -> None:
         """``pool_bytes`` sizes the KV pool (cached entries plus live sequences); the model
         must already sit on its device in its compute dtype. ``decode_switch`` is set before
         each step when the model has int8 decode weights (``add_decode_int8``).
         ``compile_decode``: compile the forward of decode-only steps (``compiled.CompiledDecode``;
-        it needs the switch's int8 weights), on a thread of its own; eager until it is ready."""
+        it needs the switch's int8 weights), on a thread of its own; eager until it is ready.
+        ``prompt_tokens_beside_streams``: the most prompt tokens of a step that also decodes
+        (default ``max_batch_tokens``): a smaller chunk is a shorter wait between the streams'
+        tokens while a long prompt is read."""
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
         self._model = model
@@ -142,6 +146,7 @@ class PagedEngine:
         self._chat_format = chat_format
         self._stop_ids = frozenset(int(i) for i in stop_token_ids)
         self._max_batch = max_batch_tokens
+        self._beside_streams = prompt_tokens_beside_streams or max_batch_tokens
         self._decode_switch = decode_switch
         self._last_step = 0.0
         # Narrow decode steps run in the engine's own kernels where they can (int8 weights, a
@@ -300,6 +305,8 @@ class PagedEngine:
         # Prompts whose rest fits in half a step go first (a hit's suffix behind a long cold
         # prompt waited for all of it), in arrival order, then the others; while a long one
         # waits, the short ones take at most half the step, so a stream of them never starves it.
+        if decode:
+            budget = min(budget, self._beside_streams)
         reading = [s for s in self._seqs.values() if not s.decoding and s.computed < s.end]
         short = {s.seq_id for s in reading if s.end - s.computed <= self._max_batch // 2}
         short_budget = budget if len(short) == len(reading) else budget // 2

@@ -4,6 +4,7 @@ stops, sampling, cancellation and the pool's block accounting."""
 from __future__ import annotations
 
 import gc
+import itertools
 
 import pytest
 import torch
@@ -444,6 +445,23 @@ def test_a_short_prompt_goes_ahead_of_a_long_one_being_read() -> None:
     assert answered[0] == {flood[0]} and set().union(*answered) == set(flood)
     run_all(engine, EngineRequest(random_prompt(9, seed=1), greedy(1)))
     assert engine.num_running == 0
+
+
+def test_a_step_beside_streams_carries_fewer_prompt_tokens() -> None:
+    """``prompt_tokens_beside_streams``: while a stream decodes, a long prompt is read in
+    smaller chunks (shorter waits between the stream's tokens), and in whole steps after."""
+    engine = build_tiny_engine("llama", max_batch_tokens=32)
+    engine._beside_streams = 8
+    engine.add(EngineRequest(random_prompt(5, seed=80), greedy(6)))  # a stream
+    engine.step()
+    long = engine.add(EngineRequest(random_prompt(200, seed=81), greedy(1)))
+    done = [0]
+    while engine.num_running:
+        for seq, item in engine.step():
+            if seq == long and isinstance(item, PrefillProgress):
+                done.append(item.num_done_tokens)
+    steps = [b - a for a, b in itertools.pairwise(done)]
+    assert steps[:5] == [8] * 5 and set(steps[6:]) == {32}
 
 
 # --- info and validation -------------------------------------------------------------------------
