@@ -99,6 +99,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     size.add_argument("--documents", type=int, default=3, help="qa: documents (default 3)")
     size.add_argument("--questions", type=int, default=3, help="qa: questions each (default 3)")
     size.add_argument("--clients", type=int, help="qa: clients (default 3); decode: (default 8)")
+    size.add_argument(
+        "--arrival",
+        choices=("rounds", "rolling"),
+        default="rounds",
+        help="qa: rounds (default: every document's first question, then every second, ...) or "
+        "rolling (documents arrive while earlier ones are still asked about: with --concurrency "
+        "above 1, a new document's miss runs beside other documents' hits)",
+    )
     size.add_argument("--rounds", type=int, default=1, help="decode: requests per client (1)")
     size.add_argument("--tasks", type=int, default=2, help="agent: tasks (default 2)")
     size.add_argument("--calls", type=int, default=6, help="agent: calls per task (default 6)")
@@ -152,6 +160,7 @@ def build_workload(args: argparse.Namespace) -> Workload:
             documents=args.documents,
             questions=args.questions,
             clients=args.clients or 3,
+            arrival=args.arrival,
             **common,
         )
     if args.workload == "agent":

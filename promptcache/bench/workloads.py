@@ -4,7 +4,9 @@ Three shapes that prompt caching is bought for, one for the answer side, plus a 
 
 - ``qa``: multi-document Q&A (RAG, legal review). D contracts of ~2.5k tokens each sit in the
   system prompt with a breakpoint; Q questions per document arrive interleaved across documents
-  and clients, so each document is written once and read Q-1 times.
+  and clients, so each document is written once and read Q-1 times. ``arrival="rolling"``:
+  documents arrive one after another while the earlier ones are still asked about, so with
+  requests in flight together a new document's miss runs beside other documents' hits.
 - ``agent``: an agent loop. A fixed tool list and system prompt (both marked), then 5-20 calls per
   task whose transcript grows by a tool call and its result each time; the breakpoint on the
   latest message moves forward, so each call reads what the previous one wrote.
@@ -28,6 +30,8 @@ from typing import Any, Literal
 from promptcache.bench import corpus
 
 Ttl = Literal["5m", "1h"]
+Arrival = Literal["rounds", "rolling"]
+ARRIVALS = ("rounds", "rolling")
 WORKLOADS = ("qa", "agent", "chat", "decode")
 
 
@@ -164,8 +168,11 @@ def qa(
     scale: float = 1.0,
     max_tokens: int = 16,
     ttl: Ttl = "5m",
+    arrival: Arrival = "rounds",
 ) -> Workload:
-    """Multi-document Q&A: ``documents`` x ``questions`` requests, interleaved across documents."""
+    """Multi-document Q&A: ``documents`` x ``questions`` requests, interleaved across documents:
+    in ``rounds`` (every document's first question, then every second one, ...) or
+    ``rolling`` (question q of document d in wave d + q: document d arrives in wave d)."""
     rng = random.Random(f"qa:{seed}")
     size = max(1, round(doc_tokens * scale))
     per_doc: list[list[BenchRequest]] = []
@@ -179,7 +186,18 @@ def qa(
             msg = Message("user", (Text(ask),))
             reqs.append(BenchRequest(0, "", f"doc{d}/q{q}", system, (msg,), max_tokens=max_tokens))
         per_doc.append(reqs)
-    ordered = _interleave(per_doc)
+    if arrival == "rolling":
+        waves = documents + questions - 1
+        ordered = [
+            per_doc[d][w - d]
+            for w in range(waves)
+            for d in range(documents)
+            if 0 <= w - d < questions
+        ]
+    elif arrival == "rounds":
+        ordered = _interleave(per_doc)
+    else:
+        raise ValueError(f"unknown arrival {arrival!r}; choose from {', '.join(ARRIVALS)}")
     # Clients take turns, so one client's questions hop between documents as real users do.
     ordered = [replace(r, session=f"client{i % max(1, clients)}") for i, r in enumerate(ordered)]
     params = dict(
@@ -190,6 +208,7 @@ def qa(
         doc_tokens=size,
         max_tokens=max_tokens,
         ttl=ttl,
+        arrival=arrival,
     )
     return _finish("qa", params, ordered)
 
@@ -456,6 +475,7 @@ def estimated_tokens(req: BenchRequest) -> int:
 
 
 __all__ = [
+    "ARRIVALS",
     "WORKLOADS",
     "BenchRequest",
     "Message",

@@ -35,6 +35,9 @@ def test_dry_run_prints_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "qa", "--dry-run", "--documents", "5", "--questions", "2"]) == 0
     out = capsys.readouterr().out
     assert "10 requests, 5 with a prefix sent before" in out
+    assert "arrival=rounds" in out
+    assert cli.main(["bench", "qa", "--dry-run", "--arrival", "rolling"]) == 0
+    assert "arrival=rolling" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

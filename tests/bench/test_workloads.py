@@ -54,6 +54,30 @@ def test_qa_sizes_and_interleaving() -> None:
     assert w.params["doc_tokens"] == 2500
 
 
+def test_qa_rolling_arrival_asks_about_earlier_documents_while_new_ones_arrive() -> None:
+    w = workloads.qa(0, documents=3, questions=3, clients=3, arrival="rolling")
+    assert [r.label for r in w.requests] == [
+        "doc0/q0",
+        "doc0/q1",
+        "doc1/q0",
+        "doc0/q2",
+        "doc1/q1",
+        "doc2/q0",
+        "doc1/q2",
+        "doc2/q1",
+        "doc2/q2",
+    ]
+    # The same requests as in rounds, in another order; a document's first question is its miss.
+    rounds = workloads.qa(0, documents=3, questions=3, clients=3)
+    assert {r.label: r.messages for r in w.requests} == {
+        r.label: r.messages for r in rounds.requests
+    }
+    assert [r.repeat for r in w.requests] == [not r.label.endswith("q0") for r in w.requests]
+    assert w.params["arrival"] == "rolling" and rounds.params["arrival"] == "rounds"
+    with pytest.raises(ValueError, match="arrival"):
+        workloads.qa(0, arrival="random")  # type: ignore[arg-type]
+
+
 def test_decode_is_short_prompts_and_long_answers() -> None:
     w = workloads.decode(0)
     assert len(w.requests) == 8 and w.params["clients"] == 8
