@@ -309,7 +309,7 @@ class PagedEngine:
             budget = min(budget, self._beside_streams)
         reading = [s for s in self._seqs.values() if not s.decoding and s.computed < s.end]
         short = {s.seq_id for s in reading if s.end - s.computed <= self._max_batch // 2}
-        short_budget = budget if len(short) == len(reading) else budget // 2
+        short_budget = budget if len(short) == len(reading) else max(1, budget // 2)
         reading.sort(key=lambda s: s.seq_id not in short)  # stable: arrival order within
         for seq in reading:
             if budget <= 0:

@@ -445,6 +445,15 @@ def test_a_short_prompt_goes_ahead_of_a_long_one_being_read() -> None:
     assert answered[0] == {flood[0]} and set().union(*answered) == set(flood)
     run_all(engine, EngineRequest(random_prompt(9, seed=1), greedy(1)))
     assert engine.num_running == 0
+    # The smallest steps too: a stream decoding leaves 1 token of a 2-token step, and it goes
+    # to the short prompt.
+    tiny = build_tiny_engine("llama", max_batch_tokens=2)
+    tiny.add(EngineRequest(random_prompt(1, seed=50), greedy(20)))
+    tiny.step()
+    tiny.add(EngineRequest(random_prompt(10, seed=51), greedy(1)))
+    tiny.step()
+    short = tiny.add(EngineRequest(random_prompt(1, seed=52), greedy(1)))
+    assert any(seq == short and isinstance(e, TokenOut) for seq, e in tiny.step())
 
 
 def test_a_step_beside_streams_carries_fewer_prompt_tokens() -> None:
