@@ -56,6 +56,9 @@ class EngineConfig:
     """KV pool memory for live sequences, on top of the cache budget (``cache_memory``)."""
     max_batch_tokens: int | None = None
     """Tokens per engine step (decode tokens plus prefill chunks); None: by device."""
+    stream_time_share: float | None = None
+    """Share of the time decoding streams get steps of their own while a long prompt is read
+    beside them; None: by device (0.2 on a CPU, 0 on a GPU)."""
     kv_block_tokens: int = 32
     quantize: str | None = None
     compile: str = "auto"
@@ -245,6 +248,15 @@ def _share(value: str | float) -> float:
     return share
 
 
+def _opt_time_share(value: str | float | None) -> float | None:
+    if value in (None, "", "none", "auto"):
+        return None
+    share = float(value)
+    if not 0 <= share < 1:
+        raise ValueError("must be a fraction in [0, 1)")
+    return share
+
+
 def _opt_int(value: str | int | None) -> int | None:
     return None if value in (None, "", "none") else int(value)
 
@@ -298,6 +310,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "model_cache_dir": ("engine", "model_cache_dir", Path),
     "kv_reserve_memory": ("engine", "kv_reserve_bytes", parse_bytes),
     "max_batch_tokens": ("engine", "max_batch_tokens", _opt_int),
+    "stream_time_share": ("engine", "stream_time_share", _opt_time_share),
     "kv_block_tokens": ("engine", "kv_block_tokens", int),
     "quantize": ("engine", "quantize", _opt_str),
     "compile": ("engine", "compile", _compile_mode),

@@ -177,3 +177,13 @@ def test_config_profiles(tmp_path: Path) -> None:
         assert response.json()["message"] == (
             "A maximum of 2 cachePoint blocks may be provided. Found 3."
         )
+
+
+def test_stream_time_share_option() -> None:
+    assert load({}, env={}).engine.stream_time_share is None
+    assert load({"stream_time_share": "auto"}, env={}).engine.stream_time_share is None
+    assert load({}, env={"PROMPTCACHE_STREAM_TIME_SHARE": "0"}).engine.stream_time_share == 0.0
+    assert load({"stream_time_share": "0.3"}, env={}).engine.stream_time_share == 0.3
+    for bad in ("1", "-0.1", "half"):
+        with pytest.raises(ConfigError, match="stream_time_share"):
+            load({"stream_time_share": bad}, env={})

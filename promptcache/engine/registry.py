@@ -27,6 +27,7 @@ def _hf(config: EngineConfig, cache_bytes: int) -> Engine:
         max_context_tokens=config.max_context_tokens,
         kv_pool_bytes=cache_bytes + config.kv_reserve_bytes,
         max_batch_tokens=config.max_batch_tokens,
+        stream_time_share=config.stream_time_share,
         kv_block_tokens=config.kv_block_tokens,
         quantize=config.quantize,
         compile_mode=config.compile,

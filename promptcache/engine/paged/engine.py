@@ -113,6 +113,7 @@ class PagedEngine:
         decode_switch: DecodeSwitch | None = None,
         compile_decode: bool = False,
         prompt_tokens_beside_streams: int | None = None,
+        stream_time_share: float = 0.0,
     ) -> None:
         """``pool_bytes`` sizes the KV pool (cached entries plus live sequences); the model
         must already sit on its device in its compute dtype. ``decode_switch`` is set before
@@ -121,7 +122,11 @@ class PagedEngine:
         it needs the switch's int8 weights), on a thread of its own; eager until it is ready.
         ``prompt_tokens_beside_streams``: the most prompt tokens of a step that also decodes
         (default ``max_batch_tokens``): a smaller chunk is a shorter wait between the streams'
-        tokens while a long prompt is read."""
+        tokens while a long prompt is read. ``stream_time_share``: the share of the time, while
+        a long prompt is read beside decoding streams, that goes to steps of the streams alone
+        (0: none; each such step then carries the streams' rows and a chunk)."""
+        if not 0.0 <= stream_time_share < 1.0:
+            raise ValueError("stream_time_share must be in [0, 1)")
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
         self._model = model
@@ -147,6 +152,11 @@ class PagedEngine:
         self._stop_ids = frozenset(int(i) for i in stop_token_ids)
         self._max_batch = max_batch_tokens
         self._beside_streams = prompt_tokens_beside_streams or max_batch_tokens
+        # Seconds of decode-only steps owed to the streams: each step that reads a long prompt
+        # beside them adds its time * share / (1 - share); each decode-only step pays its own.
+        self._stream_ratio = stream_time_share / (1.0 - stream_time_share)
+        self._owed_s = 0.0
+        self.clock = time.perf_counter  # replaceable: tests step a clock of their own
         self._decode_switch = decode_switch
         self._last_step = 0.0
         # Narrow decode steps run in the engine's own kernels where they can (int8 weights, a
@@ -305,14 +315,21 @@ class PagedEngine:
         # Prompts whose rest fits in half a step go first (a hit's suffix behind a long cold
         # prompt waited for all of it), in arrival order, then the others; while a long one
         # waits, the short ones take at most half the step, so a stream of them never starves it.
+        # Beside decoding streams a step reads fewer prompt tokens, and where the streams are
+        # owed time (``stream_time_share``) no long prompt at all.
         if decode:
             budget = min(budget, self._beside_streams)
         reading = [s for s in self._seqs.values() if not s.decoding and s.computed < s.end]
         short = {s.seq_id for s in reading if s.end - s.computed <= self._max_batch // 2}
-        short_budget = budget if len(short) == len(reading) else max(1, budget // 2)
+        long_waiting = len(short) < len(reading)
+        short_budget = max(1, budget // 2) if long_waiting else budget
         reading.sort(key=lambda s: s.seq_id not in short)  # stable: arrival order within
+        # A step the streams are owed reads no long prompt (short ones still go).
+        if not (decode and long_waiting):
+            self._owed_s = 0.0
+        owed = self._owed_s > 0.0
         for seq in reading:
-            if budget <= 0:
+            if budget <= 0 or (owed and seq.seq_id not in short):
                 break
             stop = seq.cuts[0] if seq.cuts else seq.end
             n = min(stop - seq.computed, short_budget if seq.seq_id in short else budget)
@@ -340,7 +357,14 @@ class PagedEngine:
                 out.append((waiting.seq_id, full))
                 self.cancel(waiting.seq_id)
             return out
+        started = self.clock()
         out += self._forward(decode, prefill)
+        if decode and long_waiting and self._stream_ratio:
+            took = self.clock() - started
+            if any(seq.seq_id not in short for seq, _ in prefill):
+                self._owed_s += took * self._stream_ratio
+            else:
+                self._owed_s = max(0.0, self._owed_s - took)
         return out
 
     def _forward(self, decode: list[_Seq], prefill: list[tuple[_Seq, int]]) -> StepResult:

@@ -473,6 +473,32 @@ def test_a_step_beside_streams_carries_fewer_prompt_tokens() -> None:
     assert steps[:5] == [8] * 5 and set(steps[6:]) == {32}
 
 
+def test_streams_get_steps_of_their_own_beside_a_long_prompt() -> None:
+    """``stream_time_share``: while a long prompt is read beside a decoding stream, steps of
+    the stream alone take that share of the time (each step here takes 1 s of a test clock:
+    at 0.5, every other step); short prompts still go in those steps; none once the stream ends."""
+    engine = build_tiny_engine("llama", max_batch_tokens=16, stop_token_ids=())
+    engine._stream_ratio = 1.0  # a share of 0.5
+    ticks = iter(range(10_000))
+    engine.clock = lambda: float(next(ticks))
+    stream = engine.add(EngineRequest(random_prompt(3, seed=90), greedy(9)))
+    engine.step()
+    long = engine.add(EngineRequest(random_prompt(200, seed=91), greedy(1)))
+    read, tokens = [], []
+    for i in range(14):
+        if i == 3:
+            short = engine.add(EngineRequest(random_prompt(4, seed=92), greedy(1)))
+        events = engine.step()
+        read.append(any(seq == long and isinstance(e, PrefillProgress) for seq, e in events))
+        tokens.append({seq for seq, e in events if isinstance(e, TokenOut)})
+    # The stream's 8 tokens, one a step; the long prompt read in every other step meanwhile.
+    assert all(stream in t for t in tokens[:8]) and read[:8] == [True, False] * 4
+    assert short in tokens[3]  # a step of the stream's own: the short prompt still went
+    assert all(read[9:])  # the stream is done: every step reads the prompt
+    engine._stream_ratio = 0.0
+    run_all(engine, EngineRequest(random_prompt(3, seed=93), greedy(1)))
+
+
 # --- info and validation -------------------------------------------------------------------------
 
 
