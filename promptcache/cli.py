@@ -31,7 +31,7 @@ _HELP = {
     "max_batch_tokens": "tokens per engine step: decode tokens plus prefill chunks "
     "(default 512 on CPU, 2048 on CUDA)",
     "stream_time_share": "while a long prompt is read beside decoding streams, the share of the "
-    "time given to steps of the streams alone (auto: 0.2 on CPU, 0 on CUDA; 0: none)",
+    "time given to steps of the streams alone (default auto: 0, none), e.g. 0.2",
     "kv_block_tokens": "tokens per KV pool block (default 32)",
     "quantize": "auto (default: int8 decode weights on a CPU for models under 4 GiB), int8 or none",
     "compile": "auto (default: compile the decode-only steps of a CPU engine with int8 decode "

@@ -58,7 +58,7 @@ class EngineConfig:
     """Tokens per engine step (decode tokens plus prefill chunks); None: by device."""
     stream_time_share: float | None = None
     """Share of the time decoding streams get steps of their own while a long prompt is read
-    beside them; None: by device (0.2 on a CPU, 0 on a GPU)."""
+    beside them; None: the engine's default (none)."""
     kv_block_tokens: int = 32
     quantize: str | None = None
     compile: str = "auto"

@@ -368,5 +368,3 @@ def test_a_cpu_step_beside_streams_carries_half_the_prompt_tokens() -> None:
     assert loader.beside_streams(cpu, 100) == 50
     assert loader.beside_streams(cpu, 1) == 1
     assert loader.beside_streams(cuda, None) is None
-    assert loader.default_stream_time_share(cpu) == 0.2
-    assert loader.default_stream_time_share(cuda) == 0.0
