@@ -93,6 +93,18 @@ class _Seq:
         return self.pending is not None
 
 
+@dataclass(frozen=True)
+class _Forward:
+    """One forward's rows: ``decode`` sequences (one token each) then ``prefill`` chunks,
+    their token ``ids`` and ``positions`` packed so, and the ``rows`` whose output is kept."""
+
+    decode: list[_Seq]
+    prefill: list[tuple[_Seq, int]]
+    ids: list[int]
+    positions: list[int]
+    rows: list[int]
+
+
 class PagedEngine:
     """A lean ``CausalLM`` behind the batched ``Engine`` protocol. Not thread-safe, except the
     codec (the cache moves payloads on other threads)."""
@@ -390,10 +402,9 @@ class PagedEngine:
                 rows.append(offset - 1)
                 sampled.append(seq)
         with torch.inference_mode():
-            if self._in_parts(decode, prefill):
-                hidden = self._forward_parts(decode, prefill, ids, positions, rows)
-            else:
-                hidden = self._hidden(decode, prefill, ids, positions, rows)
+            step = _Forward(decode, prefill, ids, positions, rows)
+            in_parts = self._in_parts(decode, prefill)
+            hidden = self._forward_parts(step) if in_parts else self._hidden(step)
             logits, greedy = self._model.logits_and_greedy(hidden) if rows else (None, None)
         return self._advance(decode, prefill, sampled, logits, greedy)
 
@@ -408,14 +419,7 @@ class PagedEngine:
         natively = self.native_prefill
         return natively is not None and all(natively.covers(0, [n]) for _, n in prefill)
 
-    def _forward_parts(
-        self,
-        decode: list[_Seq],
-        prefill: list[tuple[_Seq, int]],
-        ids: list[int],
-        positions: list[int],
-        rows: list[int],
-    ) -> torch.Tensor:
+    def _forward_parts(self, step: _Forward) -> torch.Tensor:
         """The sampled rows' final hidden states of a step run in parts, each planned and
         computed as a step of its own (their sequences share no keys): the decode rows
         together, then each prompt chunk.
@@ -427,29 +431,25 @@ class PagedEngine:
         decode, or a hit's suffix beside a long prompt, went through PyTorch's forward of the
         whole mixed batch: ~10% slower for Gemma 3 270M on a CPU)."""
         parts: list[torch.Tensor] = []
-        offset = len(decode)
-        if decode:
-            parts.append(self._hidden(decode, [], ids[:offset], positions[:offset], rows[:offset]))
-        for seq, n in prefill:
-            last = offset + n - 1
-            keep = [n - 1] if last in rows else []
+        ids, positions, rows = step.ids, step.positions, step.rows
+        offset = len(step.decode)
+        if step.decode:
+            head = slice(0, offset)
+            parts.append(
+                self._hidden(_Forward(step.decode, [], ids[head], positions[head], rows[head]))
+            )
+        for seq, n in step.prefill:
+            keep = [n - 1] if offset + n - 1 in rows else []
             chunk = slice(offset, offset + n)
-            parts.append(self._hidden([], [(seq, n)], ids[chunk], positions[chunk], keep))
+            parts.append(self._hidden(_Forward([], [(seq, n)], ids[chunk], positions[chunk], keep)))
             offset += n
         return torch.cat(parts)
 
-    def _hidden(
-        self,
-        decode: list[_Seq],
-        prefill: list[tuple[_Seq, int]],
-        ids: list[int],
-        positions: list[int],
-        rows: list[int],
-    ) -> torch.Tensor:
-        """The final hidden states of ``rows`` of one forward over ``decode`` rows then
-        ``prefill`` chunks (``ids`` and ``positions`` packed so), by the fastest path that
-        computes it: the engine's decode or prefill kernels, the compiled decode graph, else
-        the model's PyTorch forward."""
+    def _hidden(self, step: _Forward) -> torch.Tensor:
+        """The final hidden states of ``step``'s kept rows, one forward over its decode rows
+        then its prompt chunks, by the fastest path that computes it: the engine's decode or
+        prefill kernels, the compiled decode graph, else the model's PyTorch forward."""
+        decode, prefill, rows = step.decode, step.prefill, step.rows
         # Index tensors as the compiled step was traced with (under inference mode).
         self._attn.plan(
             [StepSeq(s.table, s.computed, 1) for s in decode],
@@ -458,9 +458,9 @@ class PagedEngine:
         )
         if self._decode_switch is not None:
             self._decode_switch.set_step(len(decode), sum(n for _, n in prefill))
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self._device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self._device)
-        num_prompt = len(ids) - len(decode)
+        input_ids = torch.tensor(step.ids, dtype=torch.long, device=self._device)
+        pos = torch.tensor(step.positions, dtype=torch.long, device=self._device)
+        num_prompt = len(step.ids) - len(decode)
         chunks = [n for _, n in prefill]
         # A step of decode rows only samples every row: no gather of them (~1% of a step).
         if self.native_decode is not None and self.native_decode.covers(len(decode), num_prompt):
