@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from promptcache.bench import corpus
 
 Ttl = Literal["5m", "1h"]
 Arrival = Literal["rounds", "rolling"]
-ARRIVALS = ("rounds", "rolling")
+ARRIVALS: tuple[Arrival, ...] = get_args(Arrival)
 WORKLOADS = ("qa", "agent", "chat", "decode")
 
 
