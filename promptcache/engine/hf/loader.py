@@ -105,7 +105,7 @@ def load_engine(
     ``max_position_embeddings``. ``quantize`` is ``auto``, ``int8`` or ``none``: int8 copies of
     the projections for narrow decode steps (``resolve_quantize``). ``compile_mode`` is ``auto``,
     ``on`` or ``off``: compile the decode-only steps (``resolve_compile``), in the background.
-    ``stream_time_share``: see ``PagedEngine``; None: ``DEFAULT_STREAM_TIME_SHARE``.
+    ``stream_time_share``: see ``PagedEngine``; None: none (docs/architecture.md: why).
     """
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
@@ -184,7 +184,7 @@ def load_engine(
         block_tokens=kv_block_tokens,
         max_batch_tokens=max_batch_tokens or default_batch_tokens(dev),
         prompt_tokens_beside_streams=beside_streams(dev, max_batch_tokens),
-        stream_time_share=stream_time_share or DEFAULT_STREAM_TIME_SHARE,
+        stream_time_share=stream_time_share or 0.0,
         decode_switch=switch,
         compile_decode=compiled,
     )
@@ -277,17 +277,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         pass
     return False
-
-
-DEFAULT_STREAM_TIME_SHARE = 0.0
-"""The share of the time that steps of the decoding streams alone take while a long prompt is
-read beside them, where ``--stream-time-share`` is not given: none. At 0.2 (Gemma 3 270M, 2
-cores) a stream beside a 2,600-token prompt got 11.5-17.1 tok/s instead of 2.0-2.6 and that
-prompt's first token came ~25% later, as the share implies; but over a whole concurrent
-workload (``bench qa --arrival rolling --concurrency 3 --max-tokens 64``) the mean TTFT
-(4.27-4.61 vs 3.63-3.76 s), the mean total time and even the per-request decode p50
-(16.6-17.6 vs 30.4-34.8 tok/s: more answers overlap a stretched prompt) came out worse. A
-choice for deployments whose readers watch long answers stream, not a default."""
 
 
 def default_batch_tokens(device: torch.device) -> int:

@@ -122,6 +122,8 @@ def build_tiny_engine(
     compile_decode: bool = False,
     packed: bool = False,
     panels: bool | None = None,
+    prompt_tokens_beside_streams: int | None = None,
+    stream_time_share: float = 0.0,
 ) -> PagedEngine:
     """A ``PagedEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``).
 
@@ -156,6 +158,8 @@ def build_tiny_engine(
         max_batch_tokens=max_batch_tokens,
         decode_switch=switch,
         compile_decode=compile_decode,
+        prompt_tokens_beside_streams=prompt_tokens_beside_streams,
+        stream_time_share=stream_time_share,
     )
 
 

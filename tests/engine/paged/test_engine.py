@@ -459,8 +459,7 @@ def test_a_short_prompt_goes_ahead_of_a_long_one_being_read() -> None:
 def test_a_step_beside_streams_carries_fewer_prompt_tokens() -> None:
     """``prompt_tokens_beside_streams``: while a stream decodes, a long prompt is read in
     smaller chunks (shorter waits between the stream's tokens), and in whole steps after."""
-    engine = build_tiny_engine("llama", max_batch_tokens=32)
-    engine._beside_streams = 8
+    engine = build_tiny_engine("llama", max_batch_tokens=32, prompt_tokens_beside_streams=8)
     engine.add(EngineRequest(random_prompt(5, seed=80), greedy(6)))  # a stream
     engine.step()
     long = engine.add(EngineRequest(random_prompt(200, seed=81), greedy(1)))
@@ -477,8 +476,9 @@ def test_streams_get_steps_of_their_own_beside_a_long_prompt() -> None:
     """``stream_time_share``: while a long prompt is read beside a decoding stream, steps of
     the stream alone take that share of the time (each step here takes 1 s of a test clock:
     at 0.5, every other step); short prompts still go in those steps; none once the stream ends."""
-    engine = build_tiny_engine("llama", max_batch_tokens=16, stop_token_ids=())
-    engine._stream_ratio = 1.0  # a share of 0.5
+    engine = build_tiny_engine(
+        "llama", max_batch_tokens=16, stop_token_ids=(), stream_time_share=0.5
+    )
     ticks = iter(range(10_000))
     engine.clock = lambda: float(next(ticks))
     stream = engine.add(EngineRequest(random_prompt(3, seed=90), greedy(9)))
@@ -495,7 +495,6 @@ def test_streams_get_steps_of_their_own_beside_a_long_prompt() -> None:
     assert all(stream in t for t in tokens[:8]) and read[:8] == [True, False] * 4
     assert short in tokens[3]  # a step of the stream's own: the short prompt still went
     assert all(read[9:])  # the stream is done: every step reads the prompt
-    engine._stream_ratio = 0.0
     run_all(engine, EngineRequest(random_prompt(3, seed=93), greedy(1)))
 
 

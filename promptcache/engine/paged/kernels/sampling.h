@@ -146,6 +146,13 @@ inline void sample_blocks(const float* row, int64_t W, int64_t b0, int64_t b1, f
   block_sums(e, W, b0, b1, part);
 }
 
+// The sum of a row's block sums part, in block order.
+inline double row_total(const double* part, int64_t W) {
+  double total = 0.0;
+  for (int64_t b = 0; b * 16 < W; ++b) total += part[b];
+  return total;
+}
+
 // Nucleus (top-p) sampling's cut of a row's exponentials e [W] (0 where excluded), as
 // sampling.apply_top_p makes it: in descending order, the tokens until the one whose
 // cumulative mass reaches top_p of the total are kept (the most likely at least), the rest
@@ -156,8 +163,7 @@ inline void sample_blocks(const float* row, int64_t W, int64_t b0, int64_t b1, f
 // the mass reaches top_p within its rounding).
 inline void nucleus(float* e, double* part, int64_t W, float top_p) {
   constexpr int NB = 2048;
-  double total = 0.0;  // in block order, as sample_pick adds them
-  for (int64_t b = 0; b * 16 < W; ++b) total += part[b];
+  const double total = row_total(part, W);
   std::vector<double> mass(NB, 0.0);
   const auto key = [](float v) {
     uint32_t bits;
@@ -204,9 +210,7 @@ inline bool drawable(float mx, bool nan) { return !nan && mx > -INFINITY && mx !
 // where it passes the target, summed from 0 in the block's order: at the block's end it is
 // the block's sum exactly, so the target is passed inside it.
 inline int64_t sample_pick(const float* e, const double* part, int64_t W, double u) {
-  double total = 0.0;
-  for (int64_t b = 0; b * 16 < W; ++b) total += part[b];
-  const double target = u * total;
+  const double target = u * row_total(part, W);
   int64_t at = -1;
   double cum = 0.0;
   for (int64_t b = 0; b * 16 < W && at < 0; ++b) {
