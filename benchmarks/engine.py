@@ -12,7 +12,9 @@ decodes ``--decode-tokens``:
   after the first token; for the streams, after the last stream's first token) and the whole
   run (every token over the time from the request to the last token, the prefill included);
   one stream and the streams take turns ``--repeats`` times, and each figure is a median; and
-  one stream sampling at temperature 1 (the APIs' default) instead of greedy;
+  one stream sampling at temperature 1 (the APIs' default) instead of greedy; with
+  ``--scaling``, every stream count from 1 to ``--streams`` too (each count has kernels of its
+  own, and one compiled badly shows as a dip);
 - ttft: a ``--prefix``-token prefix plus a 64-token suffix, cold (nothing cached) and hit (the
   prefix restored from a snapshot), medians of ``--repeats``; and the hit sent while another
   user's cold prompt of that length is being read (it has run one step);
@@ -203,6 +205,9 @@ def main() -> int:
     parser.add_argument("--prefix", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument(
+        "--scaling", action="store_true", help="also every stream count from 1 to --streams"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer", action="store_true", help="also run llama-cpp-python")
     parser.add_argument("--json", type=Path, help="write the figures here too")
@@ -265,6 +270,20 @@ def main() -> int:
         b / a for a, b in zip(rates["decode_tok_s"], rates["batch_decode_tok_s"], strict=True)
     ]
     figures["batch_ratio_min"], figures["batch_ratio_max"] = min(ratios), max(ratios)
+
+    # Every stream count from 1 up, in turns: each has its own kernels (a count whose kernel
+    # GCC compiled badly, as the int4 head's 4 rows once, shows as a dip here).
+    scaling: dict[int, list[float]] = {}
+    for _ in range(args.repeats if args.scaling else 0):
+        for count in range(1, args.streams + 1):
+            each = run(
+                engine, [EngineRequest(prompt(32, s, vocab), greedy(n)) for s in range(count)]
+            )
+            started = max(each["first"].values())
+            rate = (each["tokens"] - count) / (each["total"] - started)
+            scaling.setdefault(count, []).append(rate)
+    for count, values in scaling.items():
+        figures[f"streams_{count}_decode_tok_s"] = statistics.median(values)
 
     long = prompt(args.prefix + SUFFIX, 2, vocab)
     cold, hit, write = [], [], []
@@ -329,6 +348,12 @@ def main() -> int:
         f"  (medians of {args.repeats} turns; decode-rate ratio in each turn "
         f"{figures['batch_ratio_min']:.2f}-{figures['batch_ratio_max']:.2f}x)"
     )
+    if scaling:
+        one = figures["streams_1_decode_tok_s"]
+        print("  by streams (decode rate, total tok/s, x one stream; medians of the turns):")
+        for count in scaling:
+            rate = figures[f"streams_{count}_decode_tok_s"]
+            print(f"    {count} {rate:8.1f} tok/s {rate / one:5.2f}x")
     print(
         f"  1 stream after {args.prefix + SUFFIX} prompt tokens "
         f"{figures['decode_long_tok_s']:6.1f} tok/s"
