@@ -21,7 +21,7 @@ import httpx
 
 from promptcache.bench import wire
 from promptcache.bench.cluster import round_robin
-from promptcache.bench.workloads import BenchRequest, Message, Text, Workload
+from promptcache.bench.workloads import BenchRequest, Message, Text, Workload, prefix_digest
 
 
 @dataclass
@@ -45,6 +45,9 @@ class RequestRecord:
     error: str | None = None
     target: int = 0
     """Which of the run's targets served the request (an index into ``Run.target_urls()``)."""
+    prefix: str = ""
+    """Its stable prefix's identity (``workloads.prefix_digest``): equal for requests that a
+    cache could serve from one another; empty where it has none (or the record predates it)."""
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict for the JSON report."""
@@ -119,6 +122,7 @@ async def send(
         label=req.label,
         session=req.session,
         repeat=req.repeat,
+        prefix=prefix_digest(req),
         start_s=start - t0,
         ttft_s=None if state.error else ttft,
         total_s=total,

@@ -6,7 +6,10 @@ Percentiles interpolate linearly between closest ranks (numpy's default, Hyndman
 A request is a *hit* when the server reports cache reads for at least half of its prompt. For a
 server that reports no cache usage the split falls back to the workload's own view (the request's
 stable prefix was sent before) and the table says so; token and cost figures it cannot know read
-"not reported".
+"not reported". A hit sent while an earlier miss of the same prefix had not yet begun to answer
+is *joined* (``joined_hits``): it waits for that miss to write the prefix (a server with single
+flight) or reads it once written, so its TTFT is the miss's less a head start; the table counts
+those apart from the hits' percentiles.
 
 The decode rate of a request is its output tokens after the first over the time after the first
 token (``(n - 1) / (total - ttft)``): what a reader of the streamed answer sees. Where the server
@@ -127,6 +130,9 @@ class Summary:
     ttft: Stats
     hit: Stats
     miss: Stats
+    joined: Stats
+    """Hits sent while an earlier miss of their prefix was still before its first token (not
+    in ``hit``)."""
     split_basis: str
     total_time: Stats
     decode_rate: Stats
@@ -169,6 +175,25 @@ def is_hit(r: RequestRecord, basis: str) -> bool:
     return r.repeat
 
 
+def joined_hits(ok: Sequence[RequestRecord], basis: str) -> set[int]:
+    """The indices of the hits in ``ok`` sent while an earlier miss of the same prefix had not
+    yet begun to answer: what they read, that miss was still writing."""
+    misses = [r for r in ok if r.prefix and r.ttft_s is not None and not is_hit(r, basis)]
+    return {
+        r.index
+        for r in ok
+        if r.prefix
+        and r.ttft_s is not None
+        and is_hit(r, basis)
+        and any(
+            m.prefix == r.prefix
+            and m.index != r.index
+            and m.start_s <= r.start_s < m.start_s + (m.ttft_s or 0.0)
+            for m in misses
+        )
+    }
+
+
 def generated_tokens(r: RequestRecord) -> int | None:
     """Output tokens of ``r``: the reported count, else its stream's content deltas."""
     return r.output_tokens if r.output_tokens is not None else r.content_chunks
@@ -196,7 +221,8 @@ def summarize(run: Run, prices: Prices) -> Summary:
     ok = sorted((r for r in run.records if r.error is None), key=lambda r: r.start_s)
     basis = "usage" if ok and all(r.cache_read_tokens is not None for r in ok) else "workload"
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
-    hits = [r.ttft_s for r in ok if r.ttft_s is not None and is_hit(r, basis)]
+    joined = joined_hits(ok, basis)
+    hits = [r for r in ok if r.ttft_s is not None and is_hit(r, basis)]
     misses = [r.ttft_s for r in ok if r.ttft_s is not None and not is_hit(r, basis)]
     if run.records:
         begin = min(r.start_s for r in run.records)
@@ -212,8 +238,9 @@ def summarize(run: Run, prices: Prices) -> Summary:
         errors=len(run.records) - len(ok),
         wall_s=wall,
         ttft=stats(ttfts),
-        hit=stats(hits),
+        hit=stats([r.ttft_s for r in hits if r.ttft_s is not None and r.index not in joined]),
         miss=stats(misses),
+        joined=stats([r.ttft_s for r in hits if r.ttft_s is not None and r.index in joined]),
         split_basis=basis,
         total_time=stats([r.total_s for r in ok]),
         decode_rate=stats(rates),
@@ -346,22 +373,30 @@ def render(report: Report) -> str:
         + ", ".join(f"{k}={v}" for k, v in report.params.items() if k != "cold"),
         "",
     ]
-    lat_header = ["run", "ok", "TTFT mean", "hit p50", "hit p95", "miss p50", "miss p95"]
+    # The joined hits' column only where some run has them, so other tables keep their shape.
+    any_joined = any(s.joined.n for _, s in sums)
+    lat_header = ["run", "ok", "TTFT mean", "hit p50", "hit p95"]
+    lat_header += ["joined p50"] if any_joined else []
+    lat_header += ["miss p50", "miss p95"]
     lat_rows = []
     for run, s in sums:
         star = "" if s.split_basis == "usage" else "*"
-        lat_rows.append(
-            [
-                run.label + star,
-                f"{s.requests - s.errors}/{s.requests}",
-                _s(s.ttft.mean),
-                f"{_s(s.hit.p50)} ({s.hit.n})",
-                _s(s.hit.p95),
-                f"{_s(s.miss.p50)} ({s.miss.n})",
-                _s(s.miss.p95),
-            ]
-        )
+        row = [
+            run.label + star,
+            f"{s.requests - s.errors}/{s.requests}",
+            _s(s.ttft.mean),
+            f"{_s(s.hit.p50)} ({s.hit.n})",
+            _s(s.hit.p95),
+        ]
+        row += [f"{_s(s.joined.p50)} ({s.joined.n})"] if any_joined else []
+        row += [f"{_s(s.miss.p50)} ({s.miss.n})", _s(s.miss.p95)]
+        lat_rows.append(row)
     out += _table(lat_header, lat_rows)
+    if any_joined:
+        out.append(
+            "joined: hits sent while an earlier miss of their prefix had not begun to answer "
+            "(they read what it wrote; not in the hit columns)"
+        )
     out.append("")
     ans_header = ["run", "total p50", "total mean", "decode p50", "out tok/s", "req/min", "wall"]
     ans_rows = []

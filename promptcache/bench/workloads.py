@@ -22,6 +22,7 @@ every server sees byte-identical prompts and runs compare like with like.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field, replace
@@ -121,6 +122,14 @@ def prefix_key(req: BenchRequest) -> str:
     cache could serve one request's prefix from another's."""
     tools = [(t.name, t.description, t.schema) for t in req.tools]
     return json.dumps([tools, [s.text for s in req.system]], sort_keys=True)
+
+
+def prefix_digest(req: BenchRequest) -> str:
+    """A short digest of ``prefix_key(req)``, for records; empty for a request with no system
+    prompt or tools (no stable prefix)."""
+    if not (req.system or req.tools):
+        return ""
+    return hashlib.sha256(prefix_key(req).encode()).hexdigest()[:16]
 
 
 def _finish(name: str, params: dict[str, Any], reqs: list[BenchRequest]) -> Workload:

@@ -189,7 +189,10 @@ def test_whole_workload_against_promptcache(fake_server: str, protocol: wire.Pro
             assert r.cache_write_tokens is not None and r.cache_write_tokens < 100
     run = report.Run("promptcache", fake_server, protocol, False, records)
     s = report.summarize(run, DEFAULT)
-    assert (s.split_basis, s.hit.n, s.miss.n) == ("usage", 4, 2)
+    # A hit may be joined (sent while its document's first question was still before its first
+    # token, which depends on timing): the hits and joined hits together are the 4 repeats.
+    assert (s.split_basis, s.hit.n + s.joined.n, s.miss.n) == ("usage", 4, 2)
+    assert all(r.prefix for r in records) and len({r.prefix for r in records}) == 2
     assert s.saving is not None and s.saving > 0
     cold = client.run(workloads.cold(w), target)
     assert all(r.cache_read_tokens == 0 and r.cache_write_tokens == 0 for r in cold)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,33 @@ def test_a_small_shared_read_is_not_a_hit() -> None:
     # Without a prompt count, any read is a hit.
     bare = RequestRecord(2, "x", "c", True, 0.0, 0.1, 0.2, None, 5, None, None, 1)
     assert report.is_hit(bare, "usage")
+
+
+def _record(i: int, start: float, ttft: float, read: int, prefix: str = "doc1") -> RequestRecord:
+    return RequestRecord(
+        i, f"r{i}", f"c{i}", i > 0, start, ttft, ttft + 0.5, 2700, read, None, None, 16,
+        prefix=prefix,
+    )  # fmt: skip
+
+
+def test_a_hit_sent_while_its_prefix_was_being_read_is_joined() -> None:
+    miss = _record(0, 0.0, 4.0, 0)
+    joined = _record(1, 1.0, 3.2, 2690)  # sent before the miss's first token, at 4.0 s
+    later = _record(2, 4.5, 0.1, 2690)  # sent after it: a hit like any other
+    other = _record(3, 1.0, 0.2, 2690, prefix="doc2")  # another prefix, cached before
+    beside = _record(4, 1.5, 0.15, 2690, prefix="doc2")  # beside a hit of its prefix
+    records = [miss, joined, later, other, beside]
+    assert report.joined_hits(records, "usage") == {1}
+    run = report.Run("promptcache", "http://x", "anthropic", False, records)
+    s = report.summarize(run, prices.DEFAULT)
+    assert (s.hit.n, s.joined.n, s.miss.n) == (3, 1, 1)
+    assert s.joined.p50 == approx(3.2) and s.hit.p95 is not None and s.hit.p95 < 0.2
+    assert s.ttft.n == 5  # the mean still counts every request
+    table = report.render(report.Report("qa", {}, 3, prices.DEFAULT, [run]))
+    assert "joined p50" in table.splitlines()[2] and "3.20 s (1)" in table
+    # A record without a prefix (an older report) is never joined; a table without joined
+    # hits keeps its columns.
+    bare = [replace(r, prefix="") for r in records]
+    assert report.joined_hits(bare, "usage") == set()
+    plain = report.Run("promptcache", "http://x", "anthropic", False, bare)
+    assert "joined" not in report.render(report.Report("qa", {}, 3, prices.DEFAULT, [plain]))
