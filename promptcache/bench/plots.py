@@ -40,10 +40,13 @@ def nice_ticks(lo: float, hi: float) -> list[float]:
 
 
 def plain_log_axis(ax: Axes, values: Sequence[float], unit: str) -> None:
-    """Log y axis with plain-number ticks ("0.3 s", "1 s", "6 s") spanning ``values``."""
-    ax.set_yscale("log")
+    """Log y axis with plain-number ticks ("0.3 s", "1 s", "6 s") spanning ``values``; a
+    linear one where none is positive (a run whose every request failed: an empty log axis
+    has no ticks to draw, and matplotlib raised)."""
+    values = [v for v in values if v > 0]
     if not values:
         return
+    ax.set_yscale("log")
     ticks = nice_ticks(min(values), max(values))
     ax.set_ylim(ticks[0] / 1.15, ticks[-1] * 1.15)
     ax.yaxis.set_major_locator(FixedLocator(ticks))
