@@ -69,11 +69,24 @@ class RequestTooLarge(PromptCacheError):
     kind = "request_too_large"
 
 
+RETRY_AFTER_S = 1.0
+"""What an overloaded answer asks a client to wait before it retries (``Retry-After``): the
+official SDKs retry 529/503 twice by default, and without the header back off ~0.5 s then
+~1 s, less than a model takes to load."""
+
+
 class Overloaded(PromptCacheError):
-    """The engine queue is full; the client should retry later."""
+    """The engine queue is full (or the model still loading); the client should retry after
+    ``retry_after_s`` seconds, and not at all where that is None (a model that failed to load):
+    the envelopes send ``Retry-After`` / ``retry-after-ms``, or ``x-should-retry: false``,
+    headers the official SDKs follow."""
 
     status = 529
     kind = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class EngineFailure(PromptCacheError):
@@ -84,6 +97,7 @@ class EngineFailure(PromptCacheError):
 
 
 __all__ = [
+    "RETRY_AFTER_S",
     "AuthenticationFailed",
     "EngineFailure",
     "InvalidRequest",

@@ -90,6 +90,8 @@ from promptcache.worker import EngineWorker, Job
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 30.0
+LOADING_RETRY_S = 2.0
+"""The ``Retry-After`` of an answer while the model loads (a second start takes seconds)."""
 _HOSTED_RULES = MarkRules()
 
 
@@ -182,7 +184,10 @@ class Service:
     def engine(self) -> Engine:
         """The loaded engine; raises ``Overloaded`` while the model is still loading."""
         if self._engine is None:
-            raise Overloaded(self.load_error or "the model is still loading; retry shortly")
+            if self.load_error:
+                raise Overloaded(self.load_error, retry_after_s=None)
+            loading = "the model is still loading; retry shortly"
+            raise Overloaded(loading, retry_after_s=LOADING_RETRY_S)
         return self._engine
 
     async def start(self) -> None:

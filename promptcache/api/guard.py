@@ -20,6 +20,7 @@ for what happens outside any route (unknown path or method, a bug in Starlette's
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from promptcache.errors import PromptCacheError
+from promptcache.errors import Overloaded, PromptCacheError
 
 logger = logging.getLogger("promptcache.api")
 
@@ -56,6 +57,8 @@ class Envelope:
             )
             response = self.render(InternalError(), request_id)
         response.headers[self.request_id_header] = request_id
+        if isinstance(exc, Overloaded):
+            retry_hint(exc, response)
         return response
 
     def stream_frame(self, exc: BaseException) -> bytes:
@@ -103,6 +106,17 @@ def guarded(envelope: Envelope, handler: Handler) -> Endpoint:
         return response
 
     return endpoint
+
+
+def retry_hint(exc: Overloaded, response: Response) -> None:
+    """When to retry, in headers the official SDKs read: ``retry-after-ms`` and ``Retry-After``
+    (whole seconds, as HTTP has them), or ``x-should-retry: false`` where retrying cannot help
+    (the model failed to load)."""
+    if exc.retry_after_s is None:
+        response.headers["x-should-retry"] = "false"
+        return
+    response.headers["retry-after-ms"] = str(round(exc.retry_after_s * 1000))
+    response.headers["retry-after"] = str(math.ceil(exc.retry_after_s))
 
 
 def log_unexpected(exc: BaseException, surface: str, request_id: str) -> None:

@@ -14,7 +14,8 @@ from promptcache.service import Service
 
 
 class BackgroundServer:
-    """Serves ``service`` until ``stop``. ``start`` returns once ``/health`` answers 200."""
+    """Serves ``service`` until ``stop``. ``start`` returns once ``/health`` answers 200 (or,
+    with ``wait_ready=False``, once it answers at all: the model may still be loading)."""
 
     def __init__(self, service: Service, host: str = "127.0.0.1") -> None:
         self.service = service
@@ -28,14 +29,15 @@ class BackgroundServer:
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
         )
 
-    def start(self, timeout_s: float = 600.0) -> BackgroundServer:
+    def start(self, timeout_s: float = 600.0, *, wait_ready: bool = True) -> BackgroundServer:
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self._thread.is_alive():
                 break
             try:
-                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
+                status = httpx.get(f"{self.base_url}/health", timeout=2.0).status_code
+                if status == 200 or not wait_ready:
                     return self
             except httpx.TransportError:
                 pass

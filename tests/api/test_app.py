@@ -55,6 +55,10 @@ def test_health_reports_loading_then_ready() -> None:
             json={"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
         )
         assert busy.status_code == 529
+        # When to come back, in the headers the official SDKs read (they would otherwise give
+        # up after ~1.5 s of their own backoff).
+        assert busy.headers["retry-after"] == "2" and busy.headers["retry-after-ms"] == "2000"
+        assert "x-should-retry" not in busy.headers
         gate.set()
         deadline = time.monotonic() + 30
         while client.get("/health").status_code != 200 and time.monotonic() < deadline:
@@ -73,6 +77,11 @@ def test_failed_load_is_reported() -> None:
             time.sleep(0.01)
         health = client.get("/health").json()
         assert health["status"] == "error" and "no such model" in health["error"]
+        # Retrying cannot help: the SDKs are told not to.
+        chat = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+        failed = client.post("/v1/chat/completions", json=chat)
+        assert failed.status_code == 503 and "no such model" in failed.json()["error"]["message"]
+        assert failed.headers["x-should-retry"] == "false" and "retry-after" not in failed.headers
 
 
 def test_client_disconnect_stops_generation() -> None:

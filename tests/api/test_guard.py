@@ -14,15 +14,18 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from promptcache.api import anthropic, bedrock, openai
+from promptcache.api.anthropic.errors import ENVELOPE as ANTHROPIC
 from promptcache.api.app import build_app
+from promptcache.api.bedrock.errors import ENVELOPE as BEDROCK
 from promptcache.api.bedrock.schema import ConverseBody, validate
 from promptcache.api.guard import Envelope
+from promptcache.api.openai.errors import ENVELOPE as OPENAI
 from promptcache.api.wire import MAX_DEPTH, json_object, printable
 from promptcache.config import ApiConfig, ServerConfig, load
 from promptcache.core.request import ChatRequest
 from promptcache.core.response import ChatEvent, Started
 from promptcache.engine.fake import FakeEngine
-from promptcache.errors import InvalidRequest
+from promptcache.errors import InvalidRequest, Overloaded
 from promptcache.service import Service
 from tests.api.anthropic.conftest import PROMPT_USAGE
 from tests.api.bedrock.conftest import FakeBedrockService, stream_events
@@ -402,3 +405,21 @@ def test_error_messages_quoting_a_lone_surrogate_still_encode() -> None:
         response = envelope.response(exc, "req_1")
         assert response.status_code == 400 and b"\\\\ud800" in response.body
         assert b"\\\\ud800" in envelope.stream_frame(exc)
+
+
+# -- retry hints --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("envelope", [ANTHROPIC, OPENAI, BEDROCK], ids=lambda e: e.name)
+def test_an_overloaded_answer_says_when_to_retry(envelope: Envelope) -> None:
+    busy = envelope.response(Overloaded("Overloaded"), "req-1")
+    assert busy.status_code in (503, 529)
+    assert busy.headers["retry-after"] == "1" and busy.headers["retry-after-ms"] == "1000"
+    # HTTP's Retry-After is whole seconds: a shorter wait rounds up there, not in the ms header.
+    soon = envelope.response(Overloaded("Overloaded", retry_after_s=0.25), "req-2")
+    assert soon.headers["retry-after"] == "1" and soon.headers["retry-after-ms"] == "250"
+    # A model that failed to load will not load on a retry.
+    failed = envelope.response(Overloaded("model failed to load", retry_after_s=None), "req-3")
+    assert failed.headers["x-should-retry"] == "false" and "retry-after" not in failed.headers
+    other = envelope.response(InvalidRequest("bad"), "req-4")
+    assert "retry-after" not in other.headers and "x-should-retry" not in other.headers

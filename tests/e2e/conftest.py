@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,29 @@ def bedrock_connect(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
     yield connect
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def loading_server() -> Iterator[Callable[[Service], BackgroundServer]]:
+    """Call it with a ``Service`` whose model still loads to get its server as soon as it
+    answers (``/health`` says 503); every server stops after the test."""
+    running: list[BackgroundServer] = []
+
+    def start(service: Service) -> BackgroundServer:
+        server = BackgroundServer(service).start(timeout_s=60, wait_ready=False)
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        server.stop()
+
+
+def slow_to_load(engine: Any, seconds: float) -> Callable[[], Any]:
+    """A loader that hands over ``engine`` after ``seconds`` (a model still loading)."""
+
+    def load() -> Any:
+        time.sleep(seconds)
+        return engine
+
+    return load

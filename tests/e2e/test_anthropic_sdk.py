@@ -8,13 +8,14 @@ from dataclasses import replace
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 
 from promptcache.config import ApiConfig
 from promptcache.engine.hf.testing import build_tiny_engine
 from promptcache.service import Service
 from tests.conftest import make_config, words
-from tests.e2e.conftest import LiveServer
+from tests.e2e.conftest import LiveServer, slow_to_load
 
 pytestmark = pytest.mark.e2e
 
@@ -209,3 +210,16 @@ def test_two_tenants_never_share(live_server_factory: Factory) -> None:
     assert a2.cache_read_input_tokens == a.cache_creation_input_tokens
     with pytest.raises(anthropic.AuthenticationError):
         call("wrong")
+
+
+def test_the_sdk_waits_out_a_model_still_loading(
+    loading_server: Callable[[Service], LiveServer],
+) -> None:
+    # As the openai SDK: its own backoff (~1.5 s over two retries) is shorter than the load.
+    server = loading_server(Service(slow_to_load(build_tiny_engine("gemma3"), 2.5), make_config()))
+    assert httpx.get(f"{server.base_url}/health").status_code == 503
+    with anthropic.Anthropic(base_url=server.base_url, api_key="k") as sdk:
+        reply = sdk.messages.create(
+            model="m", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert reply.usage.input_tokens > 0

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -15,7 +16,7 @@ from promptcache.config import ApiConfig
 from promptcache.engine.hf.testing import build_tiny_engine
 from promptcache.service import Service
 from tests.conftest import make_config, words
-from tests.e2e.conftest import LiveServer
+from tests.e2e.conftest import LiveServer, slow_to_load
 
 pytestmark = pytest.mark.e2e
 
@@ -195,3 +196,17 @@ def test_tenants_and_errors(live_server_factory: Factory, connect: Connect) -> N
     assert denied.value.code == "invalid_api_key"
     models = sdk.models.list()
     assert [model.id for model in models] == ["gemma-3-270m", "gpt-local"]
+
+
+def test_the_sdk_waits_out_a_model_still_loading(
+    loading_server: Callable[[Service], LiveServer],
+) -> None:
+    # The SDK's two retries back off ~0.5 s and ~1 s on their own: the server's Retry-After
+    # (2 s while loading) carries them past a load of 2.5 s.
+    server = loading_server(Service(slow_to_load(build_tiny_engine("gemma3"), 2.5), make_config()))
+    assert httpx.get(f"{server.base_url}/health").status_code == 503
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="k") as sdk:
+        reply = sdk.chat.completions.create(
+            model="m", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert reply.choices[0].message.content is not None and reply.usage is not None
