@@ -223,6 +223,27 @@ async def _schedule(
     return records
 
 
+LOADING = 503
+"""What a server's ``/health`` answers while it loads its model (promptcache, llama-server)."""
+
+
+def wait_until_loaded(url: str, timeout_s: float, *, poll_s: float = 0.5) -> bool:
+    """Wait while ``url``'s ``/health`` answers 503 (a server still loading its model: every
+    request would fail); True once it answers anything else, or nothing (not every server has
+    the route), False after ``timeout_s`` of 503s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            status = httpx.get(f"{url}/health", timeout=5.0).status_code
+        except httpx.HTTPError:
+            return True  # no answer: the requests will say what is wrong
+        if status != LOADING:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
 def run(
     workload: Workload,
     target: Target | Sequence[Target],
@@ -284,6 +305,7 @@ def run_interleaved(
 
 
 __all__ = [
+    "LOADING",
     "WARMUP",
     "RequestRecord",
     "Target",
@@ -292,4 +314,5 @@ __all__ = [
     "run_async",
     "run_interleaved",
     "send",
+    "wait_until_loaded",
 ]

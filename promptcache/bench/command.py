@@ -272,6 +272,15 @@ def _run_one(
         dynamic_ncols=True,
     )
 
+    # A server started just before the benchmark may still be loading its model: wait for
+    # it rather than record a run of 503s.
+    for u in urls:
+        if client.wait_until_loaded(u, 0.0, poll_s=0.0):
+            continue
+        print(f"waiting for {u} to load its model", file=sys.stderr)
+        if not client.wait_until_loaded(u, args.timeout):
+            print(f"{u} still loading after {args.timeout:g} s; running anyway", file=sys.stderr)
+
     def done(record: client.RequestRecord) -> None:
         run.records.append(record)
         ttft = "error" if record.error else f"{record.ttft_s or 0:.2f}s"

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import pytest
 from promptcache import cli
 from promptcache.api.server import BackgroundServer
 from promptcache.bench import peers
+from promptcache.config import ServerConfig
+from promptcache.engine.fake import FakeEngine
+from promptcache.service import Service
 from tests.conftest import make_service
 
 FIXTURE = Path(__file__).parent / "fixtures" / "recorded.json"
@@ -58,6 +62,26 @@ def test_dry_run_prints_sizes(capsys: pytest.CaptureFixture[str]) -> None:
 def test_argument_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_waits_for_a_target_still_loading_its_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def slow() -> FakeEngine:
+        time.sleep(1.5)
+        return FakeEngine()
+
+    server = BackgroundServer(Service(slow, ServerConfig())).start(timeout_s=60, wait_ready=False)
+    try:
+        assert httpx.get(f"{server.base_url}/health").status_code == 503
+        argv = ["bench", "chat", "--target", server.base_url, "--out", str(tmp_path)]
+        argv += ["--conversations", "1", "--turns", "2", "--scale", "0.25", "--no-progress"]
+        assert cli.main([*argv, "--no-plots"]) == 0  # every request answered
+    finally:
+        server.stop()
+    assert f"waiting for {server.base_url} to load its model" in capsys.readouterr().err
+    (run,) = json.loads((tmp_path / "chat.json").read_text())["runs"]
+    assert [r["error"] for r in run["requests"]] == [None, None]
 
 
 def test_replay_renders_table_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
