@@ -259,6 +259,15 @@ def _run_one(
     urls = [u.rstrip("/") for u in ([url] if url else args.target)]
     proto = cast("Protocol", protocol)
     targets = [client.Target(u, proto, args.api_key, args.model_name, args.timeout) for u in urls]
+    # A server started just before the benchmark may still be loading its model: wait for
+    # it rather than record a run of 503s.
+    for u in urls:
+        if client.wait_until_loaded(u, 0.0, poll_s=0.0):  # one look: not loading
+            continue
+        print(f"waiting for {u} to load its model", file=sys.stderr)
+        if not client.wait_until_loaded(u, args.timeout):
+            print(f"{u} still loading after {args.timeout:g} s; running anyway", file=sys.stderr)
+
     # The run joins the report before it starts, so an interrupted run still reports.
     ttl = str(workload.params.get("ttl", "5m"))
     run = Run(label, urls[0], protocol, cold, [], ttl=ttl, targets=urls)
@@ -271,15 +280,6 @@ def _run_one(
         disable=args.no_progress,
         dynamic_ncols=True,
     )
-
-    # A server started just before the benchmark may still be loading its model: wait for
-    # it rather than record a run of 503s.
-    for u in urls:
-        if client.wait_until_loaded(u, 0.0, poll_s=0.0):
-            continue
-        print(f"waiting for {u} to load its model", file=sys.stderr)
-        if not client.wait_until_loaded(u, args.timeout):
-            print(f"{u} still loading after {args.timeout:g} s; running anyway", file=sys.stderr)
 
     def done(record: client.RequestRecord) -> None:
         run.records.append(record)

@@ -143,7 +143,7 @@ inline void int4_block(const int8_t* a, const float* alpha, const float* alpha_s
 
 // int4_block as a function of its own, for 2-4 rows on AVX2: inlined into int4_top_block's
 // loop there, GCC kept the rows' broadcast words on the stack, and 4 rows took as long as 8
-// (Gemma 3's head on a 2-core Zen 3, in turns: 4 rows 10.9-11.1 -> 7.2-7.4 ms; 4 streams
+// (Gemma 3's head on a 2-core Zen 3, in turns: 4 rows 10.9-11.4 -> 7.2-7.4 ms; 4 streams
 // decoding 149-160 -> 178-189 tok/s). 5-8 rows and 1 row measured no faster this way, and 3
 // rows slower when only 4 were outlined: GCC's choices for the others move with it.
 template <int BN>
