@@ -230,18 +230,28 @@ LOADING = 503
 def wait_until_loaded(url: str, timeout_s: float, *, poll_s: float = 0.5) -> bool:
     """Wait while ``url``'s ``/health`` answers 503 (a server still loading its model: every
     request would fail); True once it answers anything else, or nothing (not every server has
-    the route), False after ``timeout_s`` of 503s."""
+    the route), or says its model failed to load (``"status": "error"``: waiting cannot help,
+    and the requests' errors will say why); False after ``timeout_s`` of 503s."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            status = httpx.get(f"{url}/health", timeout=5.0).status_code
+            health = httpx.get(f"{url}/health", timeout=5.0)
         except httpx.HTTPError:
             return True  # no answer: the requests will say what is wrong
-        if status != LOADING:
+        if health.status_code != LOADING or _failed(health):
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll_s)
+
+
+def _failed(health: httpx.Response) -> bool:
+    """Whether a 503 from ``/health`` says the model failed to load (promptcache's body)."""
+    try:
+        body = health.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("status") == "error"
 
 
 def run(

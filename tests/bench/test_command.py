@@ -84,6 +84,29 @@ def test_bench_waits_for_a_target_still_loading_its_model(
     assert [r["error"] for r in run["requests"]] == [None, None]
 
 
+def test_bench_does_not_wait_for_a_model_that_failed_to_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken() -> FakeEngine:
+        raise OSError("no such model")
+
+    server = BackgroundServer(Service(broken, ServerConfig())).start(timeout_s=60, wait_ready=False)
+    try:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.base_url}/health").json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        argv = ["bench", "chat", "--target", server.base_url, "--out", str(tmp_path)]
+        argv += ["--conversations", "1", "--turns", "1", "--scale", "0.25", "--no-progress"]
+        started = time.monotonic()
+        assert cli.main([*argv, "--no-plots", "--no-warmup"]) == 1  # its requests failed
+        assert time.monotonic() - started < 60  # not the 900 s of --timeout
+    finally:
+        server.stop()
+    captured = capsys.readouterr()
+    assert "waiting for" not in captured.err and "no such model" in captured.out
+
+
 def test_replay_renders_table_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "--replay", str(FIXTURE), "--out", str(tmp_path), "--price-input", "1"]
     assert cli.main(argv) == 0
