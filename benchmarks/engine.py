@@ -162,6 +162,13 @@ def run(engine: PagedEngine, requests: list[EngineRequest]) -> dict[str, Any]:
     return {"first": first, "total": total, "tokens": count, "ids": ids, "snaps": snapshots}
 
 
+def decode_rate(result: dict[str, Any]) -> float:
+    """A ``run``'s decode rate: tokens after each stream's first over the time after the last
+    stream's first token."""
+    first = result["first"]
+    return float((result["tokens"] - len(first)) / (result["total"] - max(first.values())))
+
+
 def run_behind(engine: PagedEngine, first: EngineRequest, second: EngineRequest) -> float:
     """``second`` sent once ``first`` has run a step: the time to ``second``'s first token."""
     engine.add(first)
@@ -251,19 +258,17 @@ def main() -> int:
         )
         # The same two measures on both sides: a ratio of a rate that counts the prefill to one
         # that does not would charge the streams for their 8 prompts.
-        started = max(many["first"].values())
         for key, value in (
-            ("decode_tok_s", (one["tokens"] - 1) / (one["total"] - one["first"][0])),
+            ("decode_tok_s", decode_rate(one)),
             ("whole_tok_s", one["tokens"] / one["total"]),
-            ("batch_decode_tok_s", (many["tokens"] - args.streams) / (many["total"] - started)),
+            ("batch_decode_tok_s", decode_rate(many)),
             ("batch_tok_s", many["tokens"] / many["total"]),
         ):
             rates.setdefault(key, []).append(value)
     # One stream sampling at temperature 1 (the APIs' default) rather than greedy.
     for _ in range(args.repeats):
         sampled = run(engine, [EngineRequest(short, Sampling(max_tokens=n, temperature=1.0))])
-        rate = (sampled["tokens"] - 1) / (sampled["total"] - sampled["first"][0])
-        rates.setdefault("sampled_tok_s", []).append(rate)
+        rates.setdefault("sampled_tok_s", []).append(decode_rate(sampled))
     figures.update({key: statistics.median(values) for key, values in rates.items()})
     figures["batch_per_stream_tok_s"] = figures["batch_tok_s"] / args.streams
     ratios = [
@@ -279,9 +284,7 @@ def main() -> int:
             each = run(
                 engine, [EngineRequest(prompt(32, s, vocab), greedy(n)) for s in range(count)]
             )
-            started = max(each["first"].values())
-            rate = (each["tokens"] - count) / (each["total"] - started)
-            scaling.setdefault(count, []).append(rate)
+            scaling.setdefault(count, []).append(decode_rate(each))
     for count, values in scaling.items():
         figures[f"streams_{count}_decode_tok_s"] = statistics.median(values)
 
@@ -307,7 +310,7 @@ def main() -> int:
     figures["hit_ttft_s"] = statistics.median(hit)
     # Decoding after the long prompt: attention now reads thousands of keys a token.
     deep = run(engine, [EngineRequest(long, greedy(n), payload, args.prefix)])
-    figures["decode_long_tok_s"] = (deep["tokens"] - 1) / (deep["total"] - deep["first"][0])
+    figures["decode_long_tok_s"] = decode_rate(deep)
 
     # Fidelity: a hit's greedy answer against the cold one, and one prompt's logits prefilled
     # alone against the same prompt prefilled while 7 other streams decode in the same steps.
