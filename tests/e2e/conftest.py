@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import boto3
 import pytest
@@ -17,13 +17,20 @@ from promptcache.service import Service
 LiveServer = BackgroundServer
 
 
+class ServerFactory(Protocol):
+    """``live_server_factory``'s: a ``Service`` to a running server, once its model has loaded
+    (``wait_ready=False``: as soon as it answers, while the model may still load)."""
+
+    def __call__(self, service: Service, *, wait_ready: bool = True) -> BackgroundServer: ...
+
+
 @pytest.fixture
-def live_server_factory() -> Iterator[Callable[[Service], BackgroundServer]]:
+def live_server_factory() -> Iterator[ServerFactory]:
     """Call it with a ``Service`` to get a running server; every server stops after the test."""
     running: list[BackgroundServer] = []
 
-    def start(service: Service) -> BackgroundServer:
-        server = BackgroundServer(service).start(timeout_s=60)
+    def start(service: Service, *, wait_ready: bool = True) -> BackgroundServer:
+        server = BackgroundServer(service).start(timeout_s=60, wait_ready=wait_ready)
         running.append(server)
         return server
 
@@ -63,22 +70,6 @@ def bedrock_connect(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
     yield connect
     for client in clients:
         client.close()
-
-
-@pytest.fixture
-def loading_server() -> Iterator[Callable[[Service], BackgroundServer]]:
-    """Call it with a ``Service`` whose model still loads to get its server as soon as it
-    answers (``/health`` says 503); every server stops after the test."""
-    running: list[BackgroundServer] = []
-
-    def start(service: Service) -> BackgroundServer:
-        server = BackgroundServer(service).start(timeout_s=60, wait_ready=False)
-        running.append(server)
-        return server
-
-    yield start
-    for server in running:
-        server.stop()
 
 
 def slow_to_load(engine: Any, seconds: float) -> Callable[[], Any]:

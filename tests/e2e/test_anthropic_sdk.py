@@ -15,7 +15,7 @@ from promptcache.config import ApiConfig
 from promptcache.engine.hf.testing import build_tiny_engine
 from promptcache.service import Service
 from tests.conftest import make_config, words
-from tests.e2e.conftest import LiveServer, slow_to_load
+from tests.e2e.conftest import LiveServer, ServerFactory, slow_to_load
 
 pytestmark = pytest.mark.e2e
 
@@ -212,11 +212,10 @@ def test_two_tenants_never_share(live_server_factory: Factory) -> None:
         call("wrong")
 
 
-def test_the_sdk_waits_out_a_model_still_loading(
-    loading_server: Callable[[Service], LiveServer],
-) -> None:
+def test_the_sdk_waits_out_a_model_still_loading(live_server_factory: ServerFactory) -> None:
     # As the openai SDK: its own backoff (~1.5 s over two retries) is shorter than the load.
-    server = loading_server(Service(slow_to_load(build_tiny_engine("gemma3"), 2.5), make_config()))
+    service = Service(slow_to_load(build_tiny_engine("gemma3"), 2.5), make_config())
+    server = live_server_factory(service, wait_ready=False)
     assert httpx.get(f"{server.base_url}/health").status_code == 503
     with anthropic.Anthropic(base_url=server.base_url, api_key="k") as sdk:
         reply = sdk.messages.create(

@@ -16,7 +16,7 @@ from promptcache.config import ApiConfig
 from promptcache.engine.hf.testing import build_tiny_engine
 from promptcache.service import Service
 from tests.conftest import make_config, words
-from tests.e2e.conftest import LiveServer, slow_to_load
+from tests.e2e.conftest import LiveServer, ServerFactory, slow_to_load
 
 pytestmark = pytest.mark.e2e
 
@@ -198,12 +198,11 @@ def test_tenants_and_errors(live_server_factory: Factory, connect: Connect) -> N
     assert [model.id for model in models] == ["gemma-3-270m", "gpt-local"]
 
 
-def test_the_sdk_waits_out_a_model_still_loading(
-    loading_server: Callable[[Service], LiveServer],
-) -> None:
+def test_the_sdk_waits_out_a_model_still_loading(live_server_factory: ServerFactory) -> None:
     # The SDK's two retries back off ~0.5 s and ~1 s on their own: the server's Retry-After
     # (2 s while loading) carries them past a load of 2.5 s.
-    server = loading_server(Service(slow_to_load(build_tiny_engine("gemma3"), 2.5), make_config()))
+    service = Service(slow_to_load(build_tiny_engine("gemma3"), 2.5), make_config())
+    server = live_server_factory(service, wait_ready=False)
     assert httpx.get(f"{server.base_url}/health").status_code == 503
     with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="k") as sdk:
         reply = sdk.chat.completions.create(
