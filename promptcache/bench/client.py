@@ -227,11 +227,14 @@ LOADING = 503
 """What a server's ``/health`` answers while it loads its model (promptcache, llama-server)."""
 
 
-def wait_until_loaded(url: str, timeout_s: float, *, poll_s: float = 0.5) -> bool:
+def wait_until_loaded(
+    url: str, timeout_s: float, *, poll_s: float = 0.5, waiting: Callable[[], None] | None = None
+) -> bool:
     """Wait while ``url``'s ``/health`` answers 503 (a server still loading its model: every
-    request would fail); True once it answers anything else, or nothing (not every server has
-    the route), or says its model failed to load (``"status": "error"``: waiting cannot help,
-    and the requests' errors will say why); False after ``timeout_s`` of 503s."""
+    request would fail), calling ``waiting`` once if it does; True once it answers anything
+    else, or nothing (not every server has the route), or says its model failed to load
+    (``"status": "error"``: waiting cannot help, and the requests' errors will say why); False
+    after ``timeout_s`` of 503s."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -242,6 +245,9 @@ def wait_until_loaded(url: str, timeout_s: float, *, poll_s: float = 0.5) -> boo
             return True
         if time.monotonic() >= deadline:
             return False
+        if waiting is not None:
+            waiting()
+            waiting = None
         time.sleep(poll_s)
 
 

@@ -8,6 +8,7 @@ benchmark actually runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -262,10 +263,8 @@ def _run_one(
     # A server started just before the benchmark may still be loading its model: wait for
     # it rather than record a run of 503s.
     for u in urls:
-        if client.wait_until_loaded(u, 0.0, poll_s=0.0):  # one look: not loading
-            continue
-        print(f"waiting for {u} to load its model", file=sys.stderr)
-        if not client.wait_until_loaded(u, args.timeout):
+        say = functools.partial(print, f"waiting for {u} to load its model", file=sys.stderr)
+        if not client.wait_until_loaded(u, args.timeout, waiting=say):
             print(f"{u} still loading after {args.timeout:g} s; running anyway", file=sys.stderr)
 
     # The run joins the report before it starts, so an interrupted run still reports.

@@ -222,7 +222,7 @@ def summarize(run: Run, prices: Prices) -> Summary:
     basis = "usage" if ok and all(r.cache_read_tokens is not None for r in ok) else "workload"
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     joined = joined_hits(ok, basis)
-    hits = [r for r in ok if r.ttft_s is not None and is_hit(r, basis)]
+    hits = {r.index: r.ttft_s for r in ok if r.ttft_s is not None and is_hit(r, basis)}
     misses = [r.ttft_s for r in ok if r.ttft_s is not None and not is_hit(r, basis)]
     if run.records:
         begin = min(r.start_s for r in run.records)
@@ -238,9 +238,9 @@ def summarize(run: Run, prices: Prices) -> Summary:
         errors=len(run.records) - len(ok),
         wall_s=wall,
         ttft=stats(ttfts),
-        hit=stats([r.ttft_s for r in hits if r.ttft_s is not None and r.index not in joined]),
+        hit=stats([t for i, t in hits.items() if i not in joined]),
         miss=stats(misses),
-        joined=stats([r.ttft_s for r in hits if r.ttft_s is not None and r.index in joined]),
+        joined=stats([t for i, t in hits.items() if i in joined]),
         split_basis=basis,
         total_time=stats([r.total_s for r in ok]),
         decode_rate=stats(rates),
