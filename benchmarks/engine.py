@@ -87,6 +87,7 @@ def build_engine(args: argparse.Namespace) -> tuple[PagedEngine, Path | None]:
         cache_dir=cache_dir,
         device=args.device,
         dtype=args.dtype,
+        kv_dtype=args.kv_dtype,
         kv_pool_bytes=args.pool_gib << 30,
         quantize=args.quantize,
         compile_mode=args.compile,
@@ -205,6 +206,7 @@ def main() -> int:
     parser.add_argument("--synthetic", help="random weights of a known shape: llama-3-8b")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-dtype", default="auto", help="the KV pool's: auto or float16")
     parser.add_argument("--quantize", default=None)
     parser.add_argument("--compile", default="auto", help="auto (default), on or off")
     parser.add_argument("--pool-gib", type=int, default=4)

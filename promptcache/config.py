@@ -60,6 +60,9 @@ class EngineConfig:
     """Share of the time decoding streams get steps of their own while a long prompt is read
     beside them; None: the engine's default (none)."""
     kv_block_tokens: int = 32
+    kv_dtype: str = "auto"
+    """The KV pool's dtype: ``auto`` (the model's) or a name; float16 under a float32 model
+    holds twice the cached tokens a byte (``engine.paged.engine.check_kv_dtype``)."""
     quantize: str | None = None
     compile: str = "auto"
     """Compile the decode-only steps: ``auto`` (a CPU engine with int8 decode weights and a C++
@@ -312,6 +315,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "max_batch_tokens": ("engine", "max_batch_tokens", _opt_int),
     "stream_time_share": ("engine", "stream_time_share", _opt_time_share),
     "kv_block_tokens": ("engine", "kv_block_tokens", int),
+    "kv_dtype": ("engine", "kv_dtype", str),
     "quantize": ("engine", "quantize", _opt_str),
     "compile": ("engine", "compile", _compile_mode),
     "cache_memory": ("cache", "capacity_bytes", parse_bytes),

@@ -29,6 +29,7 @@ def _hf(config: EngineConfig, cache_bytes: int) -> Engine:
         max_batch_tokens=config.max_batch_tokens,
         stream_time_share=config.stream_time_share,
         kv_block_tokens=config.kv_block_tokens,
+        kv_dtype=config.kv_dtype,
         quantize=config.quantize,
         compile_mode=config.compile,
     )

@@ -117,6 +117,26 @@ def test_revision_is_stable_and_tracks_format_and_dtype(
     assert auto.dtype == ("bfloat16" if loader.cpu_has_bf16() else "float32")
 
 
+def test_a_float16_pool_under_a_float32_model(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """``--kv-dtype float16``: half the bytes a cached token, another revision (its keys are
+    other bits), and the same answers' length of tokens; other pairings are refused."""
+    base = load(model_dirs["gemma"], tmp_path, dtype="float32")
+    half = load(model_dirs["gemma"], tmp_path, dtype="float32", kv_dtype="float16")
+    assert half.pool.dtype == torch.float16 and base.pool.dtype == torch.float32
+    assert half.info.kv_bytes_per_token * 2 == base.info.kv_bytes_per_token
+    assert half.info.revision != base.info.revision
+    assert load(model_dirs["gemma"], tmp_path, dtype="float32", kv_dtype="auto").pool.dtype == (
+        torch.float32
+    )
+    tokens = half.tokenizer.encode("<bos>the cat sat on the", allow_special=True)
+    events = run_all(half, EngineRequest(tokens, Sampling(max_tokens=4, temperature=0.0)))
+    assert len(token_ids(events)) == 4
+    with pytest.raises(ValueError, match="does not work under a bfloat16 model"):
+        load(model_dirs["gemma"], tmp_path, dtype="bfloat16", kv_dtype="float16")
+    with pytest.raises(ValueError, match="unknown KV dtype"):
+        load(model_dirs["gemma"], tmp_path, dtype="float32", kv_dtype="int8")
+
+
 def test_revision_tracks_the_cpu_kernels(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     """KV computed with the engine's CPU kernels (``paged.native``) adds in another order than
     PyTorch's: a cached entry from one must not be restored into the other."""

@@ -40,6 +40,7 @@ from promptcache.engine.paged.engine import (
     DEFAULT_MAX_BATCH_TOKENS,
     KV_FORMAT,
     PagedEngine,
+    check_kv_dtype,
 )
 from promptcache.engine.paged.models import from_hf
 from promptcache.engine.paged.models.base import CausalLM
@@ -92,6 +93,7 @@ def load_engine(
     max_batch_tokens: int | None = None,
     stream_time_share: float | None = None,
     kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
+    kv_dtype: str = "auto",
     quantize: str | None = None,
     compile_mode: str = "off",
 ) -> PagedEngine:
@@ -106,9 +108,11 @@ def load_engine(
     the projections for narrow decode steps (``resolve_quantize``). ``compile_mode`` is ``auto``,
     ``on`` or ``off``: compile the decode-only steps (``resolve_compile``), in the background.
     ``stream_time_share``: see ``PagedEngine``; None: none (docs/architecture.md: why).
+    ``kv_dtype``: the KV pool's, ``auto`` (the model's) or a name (``resolve_kv_dtype``).
     """
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
+    kv_name = resolve_kv_dtype(kv_dtype, dtype)
     if quantize not in (None, "auto", "none", "int8"):
         raise ValueError(f"unknown quantization {quantize!r}; choose auto, int8 or none")
     if chat_format is not None and chat_format not in FORMATS:
@@ -141,6 +145,8 @@ def load_engine(
     # prompt attention) sum in another order than MKL's matmuls.
     panels = panels_available(dev, DTYPES[dtype])
     tag += "+panels" * panels
+    # A pool of another dtype than the model's stores other bits (an entry's revision says it).
+    tag += f"+kv-{kv_name}" * (kv_name != dtype)
     parts = (KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed, tag)
     revision = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
     stops = stop_token_ids(fmt, tokenizer, hf_model)
@@ -164,10 +170,12 @@ def load_engine(
     if compiled:
         use_cache_dir(Path(cache_dir))
     log.info(
-        "engine: %s on %s, %s, int8 decode weights: %s, CPU kernels: %s, compiled decode: %s",
+        "engine: %s on %s, %s, KV %s, int8 decode weights: %s, CPU kernels: %s, "
+        "compiled decode: %s",
         model_id,
         dev,
         dtype,
+        kv_name,
         quant,
         "yes" if kernels else "no",
         "yes (compiling in the background)" if compiled else "no",
@@ -181,6 +189,7 @@ def load_engine(
         max_context_tokens=context,
         stop_token_ids=stops,
         pool_bytes=kv_pool_bytes,
+        kv_dtype=DTYPES[kv_name],
         block_tokens=kv_block_tokens,
         max_batch_tokens=max_batch_tokens or default_batch_tokens(dev),
         prompt_tokens_beside_streams=beside_streams(dev, max_batch_tokens),
@@ -263,6 +272,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
     return dtype
+
+
+def resolve_kv_dtype(kv_dtype: str, dtype: str) -> str:
+    """The KV pool's dtype name for a ``dtype`` model: ``auto`` is the model's (as vLLM's
+    ``--kv-cache-dtype auto``); a name must be one ``check_kv_dtype`` accepts."""
+    if kv_dtype == "auto":
+        return dtype
+    if kv_dtype not in DTYPES:
+        raise ValueError(f"unknown KV dtype {kv_dtype!r}; choose auto or one of {sorted(DTYPES)}")
+    check_kv_dtype(DTYPES[dtype], DTYPES[kv_dtype])
+    return kv_dtype
 
 
 def cpu_has_bf16() -> bool:

@@ -267,8 +267,11 @@ class PagedAttention:
         spec = self._specs[layer]
         keys = self._pool.keys(layer)
         values = self._pool.values(layer)
-        keys.index_copy_(0, self.slot_mapping, k)
-        values.index_copy_(0, self.slot_mapping, v)
+        # A float16 pool under a float32 model stores them rounded (as the kernels do) and
+        # every read below sees them converted back: a prompt attends to its own keys as a hit
+        # later restores them.
+        keys.index_copy_(0, self.slot_mapping, k.to(keys.dtype))
+        values.index_copy_(0, self.slot_mapping, v.to(values.dtype))
         out = torch.empty_like(q)
         d = self._num_decode
         if d:
@@ -277,8 +280,8 @@ class PagedAttention:
                 mask = plan.additive(torch.float32)
                 out[:d] = decode_attend(q[:d], keys, values, plan.slots, mask, spec.scale)
             else:
-                kk = keys[plan.slots].transpose(1, 2)  # [D, kv_heads, L, head_dim]
-                vv = values[plan.slots].transpose(1, 2)
+                kk = keys[plan.slots].transpose(1, 2).to(q.dtype)  # [D, kv_heads, L, head_dim]
+                vv = values[plan.slots].transpose(1, 2).to(q.dtype)
                 o = _sdpa(q[:d].unsqueeze(2), kk, vv, plan, False, spec)
                 out[:d] = o.squeeze(2)
         # The last layer attends only from kept rows: a chunk's last query, over what its row
@@ -319,12 +322,13 @@ class PagedAttention:
                 # Consecutive slots: the pool's own rows, laid out as a gathered copy would be
                 # (the same strides, so the same kernels and roundings), without the copy.
                 span = slice(plan.first, plan.first + plan.slots.shape[1])
-                kk = keys[span].transpose(0, 1).unsqueeze(0)
-                vv = values[span].transpose(0, 1).unsqueeze(0)
+                kk = keys[span].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                vv = values[span].transpose(0, 1).unsqueeze(0).to(q.dtype)
             else:
                 # index_select: see decode_attend.
                 kk = keys.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
                 vv = values.index_select(0, plan.slots[0]).transpose(0, 1).unsqueeze(0)
+                kk, vv = kk.to(q.dtype), vv.to(q.dtype)
             qq = q[offset : offset + n].transpose(0, 1).unsqueeze(0)
             o = _sdpa(qq, kk, vv, plan, causal, spec)
             out[offset : offset + n] = o[0].transpose(0, 1)
@@ -408,8 +412,8 @@ def decode_attend(
     kv_heads = keys.shape[1]
     g = h // kv_heads
     flat = slots.reshape(-1)
-    kk = keys.index_select(0, flat).view(b, w, kv_heads, d)
-    vv = values.index_select(0, flat).view(b, w, kv_heads, d)
+    kk = keys.index_select(0, flat).view(b, w, kv_heads, d).to(q.dtype)
+    vv = values.index_select(0, flat).view(b, w, kv_heads, d).to(q.dtype)
     if b * h * w > MATH_MAX_SCORES:  # long contexts in wide batches: never hold the scores
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),

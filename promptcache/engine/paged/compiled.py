@@ -68,8 +68,8 @@ def decode_attention(
     additive float32 ``mask [B, 1, 1, W]``."""
     keys = kv[layer, 0].flatten(0, 1)
     values = kv[layer, 1].flatten(0, 1)
-    keys.index_copy_(0, slot_mapping, k)
-    values.index_copy_(0, slot_mapping, v)
+    keys.index_copy_(0, slot_mapping, k.to(keys.dtype))
+    values.index_copy_(0, slot_mapping, v.to(values.dtype))
     return decode_attend(q, keys, values, slots, mask, scale)
 
 

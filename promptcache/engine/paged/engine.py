@@ -120,6 +120,7 @@ class PagedEngine:
         stop_token_ids: Collection[int],
         *,
         pool_bytes: int,
+        kv_dtype: torch.dtype | None = None,
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         decode_switch: DecodeSwitch | None = None,
@@ -128,7 +129,8 @@ class PagedEngine:
         stream_time_share: float = 0.0,
     ) -> None:
         """``pool_bytes`` sizes the KV pool (cached entries plus live sequences); the model
-        must already sit on its device in its compute dtype. ``decode_switch`` is set before
+        must already sit on its device in its compute dtype. ``kv_dtype``: the pool's (None:
+        the model's; ``check_kv_dtype`` says which others work). ``decode_switch`` is set before
         each step when the model has int8 decode weights (``add_decode_int8``).
         ``compile_decode``: compile the forward of decode-only steps (``compiled.CompiledDecode``;
         it needs the switch's int8 weights), on a thread of its own; eager until it is ready.
@@ -146,15 +148,16 @@ class PagedEngine:
         param = next(model.parameters())
         self._device = param.device
         dtype = model.dtype
+        kv_dtype = check_kv_dtype(dtype, kv_dtype or dtype)
         per_block = shape.num_layers * 2 * block_tokens * shape.num_kv_heads * shape.head_dim
-        per_block *= torch.empty((), dtype=dtype).element_size()
+        per_block *= torch.empty((), dtype=kv_dtype).element_size()
         self._pool = KVPool(
             num_layers=shape.num_layers,
             num_kv_heads=shape.num_kv_heads,
             head_dim=shape.head_dim,
             num_blocks=max(2, pool_bytes // per_block),
             block_tokens=block_tokens,
-            dtype=dtype,
+            dtype=kv_dtype,
             device=self._device,
         )
         self._attn = PagedAttention(self._pool, model.attn_specs)
@@ -186,7 +189,8 @@ class PagedEngine:
             self.compiled.start(self._pool.kv, self._idle)
         dtype_name = str(dtype).removeprefix("torch.")
         if revision is None:
-            revision = parameter_revision(model, chat_format.name, dtype_name)
+            kv_part = () if kv_dtype == dtype else (f"kv {kv_dtype}",)
+            revision = parameter_revision(model, chat_format.name, dtype_name, *kv_part)
         self._info = EngineInfo(
             model_id=model_id,
             revision=revision,
@@ -645,6 +649,20 @@ class PagedEngine:
                 raise item
 
 
+def check_kv_dtype(model_dtype: torch.dtype, kv_dtype: torch.dtype) -> torch.dtype:
+    """``kv_dtype`` where a pool of it works under a ``model_dtype`` model: the model's own, or
+    float16 under float32 (llama.cpp's default: half the bytes a cached token, and decode
+    attention reads half as much; converted where written and read, on the engine's kernels
+    and PyTorch's paths alike). Raises ``ValueError`` otherwise."""
+    if kv_dtype == model_dtype or (model_dtype == torch.float32 and kv_dtype == torch.float16):
+        return kv_dtype
+    model_name = str(model_dtype).removeprefix("torch.")
+    raise ValueError(
+        f"a {str(kv_dtype).removeprefix('torch.')} KV pool does not work under a {model_name} "
+        f"model; choose {model_name}" + (" or float16" if model_dtype == torch.float32 else "")
+    )
+
+
 def parameter_revision(model: torch.nn.Module, *parts: str) -> str:
     """A digest of a few parameter tensors plus ``parts``: for models built in process."""
     digest = hashlib.sha256(KV_FORMAT.encode())
@@ -657,4 +675,10 @@ def parameter_revision(model: torch.nn.Module, *parts: str) -> str:
     return digest.hexdigest()[:32]
 
 
-__all__ = ["DEFAULT_BLOCK_TOKENS", "DEFAULT_MAX_BATCH_TOKENS", "KV_FORMAT", "PagedEngine"]
+__all__ = [
+    "DEFAULT_BLOCK_TOKENS",
+    "DEFAULT_MAX_BATCH_TOKENS",
+    "KV_FORMAT",
+    "PagedEngine",
+    "check_kv_dtype",
+]

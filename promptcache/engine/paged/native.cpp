@@ -210,4 +210,29 @@ void pc_prefill_step_f32(const PcModel* m, const PcStep* st) { prefill_step<F32>
 int64_t pc_f32_panel() { return PANEL; }
 #endif
 
+// A float16 KV pool under a float32 model (--kv-dtype float16): 1 when compiled in.
+int pc_kv16_available() { return PC_F16; }
+#if PC_F16
+void pc_decode_attention_f32_kv16(const float* q, int64_t q_stride, const uint16_t* keys,
+                                  const uint16_t* values, const int64_t* slots, const float* mask,
+                                  float* out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                                  int64_t W, float scale) {
+  decode_attention<F32, F16>(q, q_stride, keys, values, slots, mask, out, B, H, KVH, D, W, scale);
+}
+void pc_prefill_attention_f32_kv16(const float* q, int64_t q_stride, int64_t n, int64_t H,
+                                   int64_t KVH, int64_t D, const uint16_t* keys,
+                                   const uint16_t* values, const int64_t* slots, int64_t L,
+                                   int64_t k0, int64_t q0, int64_t window, float scale,
+                                   float* out, int64_t out_stride) {
+  prefill_attention_f32<F16>(q, q_stride, n, H, KVH, D, keys, values, slots, L, k0, q0, window,
+                             scale, out, out_stride);
+}
+void pc_decode_step_f32_kv16(const PcModel* m, const PcStep* st) {
+  decode_step<F32, F16>(*m, *st);
+}
+void pc_prefill_step_f32_kv16(const PcModel* m, const PcStep* st) {
+  prefill_step<F32, F16>(*m, *st);
+}
+#endif
+
 }  // extern "C"

@@ -204,11 +204,24 @@ class Kernels:
         bfloat16 with AVX512-BF16."""
         prefill_f32 = library.pc_prefill_attention_f32
         prefill_f32.restype = None
-        prefill_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64]
-        prefill_f32.argtypes += [i64, f32, ptr, i64]
+        prefill_args: list[Any] = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64]
+        prefill_args += [i64, f32, ptr, i64]
+        prefill_f32.argtypes = prefill_args
         self._prefill_fns[torch.float32] = prefill_f32
         if self.prefill is not None:
             self._prefill_fns[torch.bfloat16] = self.prefill
+        self.kv16 = bool(library.pc_kv16_available())
+        """Whether a float16 pool under a float32 model runs here (``--kv-dtype float16``:
+        AVX-512 or F16C); the attention functions below then take its keys and values."""
+        self._kv16_fns: dict[str, Any] = {}
+        if self.kv16:
+            decode16: Any = library.pc_decode_attention_f32_kv16
+            decode16.restype = None
+            decode16.argtypes = signatures["decode_attention"]
+            prefill16 = library.pc_prefill_attention_f32_kv16
+            prefill16.restype = None
+            prefill16.argtypes = prefill_args
+            self._kv16_fns = {"decode_attention": decode16, "prefill_attention": prefill16}
         self.int4_head = bool(library.pc_int4_head())
         """Whether ``int4_logits`` runs here (a CPU with AVX512-VNNI)."""
         if self.int4_head:
@@ -237,8 +250,9 @@ class Kernels:
         scale: float,
     ) -> torch.Tensor | None:
         """``attention.decode_attend``'s result, or None when these tensors are not the
-        kernel's (another dtype or device, a layout it does not read)."""
-        fn = self._fns.get(("decode_attention", q.dtype))
+        kernel's (another dtype or device, a layout it does not read). ``keys, values``: the
+        pool's, in ``q``'s dtype or float16 under a float32 ``q``."""
+        fn = self._attention_fn("decode_attention", q, keys)
         b, h, d = q.shape
         if (
             fn is None
@@ -246,8 +260,7 @@ class Kernels:
             or q.stride(2) != 1
             or q.stride(1) != d
             or not (keys.is_contiguous() and values.is_contiguous() and slots.is_contiguous())
-            or keys.dtype != q.dtype
-            or values.dtype != q.dtype
+            or values.dtype != keys.dtype
             or slots.dtype != torch.long
             or (mask is not None and (mask.dtype != torch.float32 or not mask.is_contiguous()))
         ):
@@ -269,6 +282,14 @@ class Kernels:
             scale,
         )
         return out
+
+    def _attention_fn(self, op: str, q: torch.Tensor, keys: torch.Tensor) -> Any:
+        """``op``'s function for ``q``'s dtype over a pool of ``keys``' dtype, or None."""
+        if keys.dtype == q.dtype:
+            return self._fns.get((op, q.dtype))
+        if q.dtype == torch.float32 and keys.dtype == torch.float16:
+            return self._kv16_fns.get(op)
+        return None
 
     def panel_f32(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight [N, K]`` (float32, N a multiple of ``panel``) laid out for ``gemm_f32``:
@@ -311,15 +332,20 @@ class Kernels:
         ``attention.grouped`` computes with the chunk's mask, in an order of additions that
         depends on each query's own row alone (kernels/prefill_attention.h). False, ``out``
         untouched, where the kernel does not run (bfloat16 without AVX512-BF16, another dtype
-        or layout). Float32 sums without rounding between the steps, as ``grouped`` does."""
-        fn = self._prefill_fns.get(q.dtype)
+        or layout). Float32 sums without rounding between the steps, as ``grouped`` does.
+        A float16 pool under float32 queries reads as its keys and values converted."""
+        fn = (
+            self._prefill_fns.get(q.dtype)
+            if keys.dtype == q.dtype
+            else self._attention_fn("prefill_attention", q, keys)
+        )
         n, h, d = q.shape
         kv = keys.shape[1] if keys.dim() == 3 else 0
         key_pos, query_pos = positions
         if (
             fn is None
             or q.device.type != "cpu"
-            or not (keys.dtype == values.dtype == out.dtype == q.dtype)
+            or not (keys.dtype == values.dtype and out.dtype == q.dtype)
             or not (keys.is_contiguous() and values.is_contiguous() and slots.is_contiguous())
             or kv == 0
             or keys.shape != values.shape

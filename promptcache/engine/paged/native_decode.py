@@ -113,6 +113,19 @@ def integer_rows(library: Any, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 or (dtype == torch.float32 and library.pc_vector_isa() == 2)
 
 
+def step_function(library: Any, kind: str, model: CausalLM, attn: PagedAttention) -> Any:
+    """The library's whole-step function ``pc_{kind}_step_*`` (``decode`` or ``prefill``) for
+    ``model`` over ``attn``'s pool: the model's dtype, or a float16 pool under a float32 model
+    (``--kv-dtype float16``) where the library has it; None where it has none (bfloat16
+    prompts without AVX512-BF16, say)."""
+    pool = attn.pool.dtype
+    if pool == model.dtype and model.dtype in _DTYPES:
+        return getattr(library, f"pc_{kind}_step_{_DTYPES[model.dtype]}", None)
+    if model.dtype == torch.float32 and pool == torch.float16 and library.pc_kv16_available():
+        return getattr(library, f"pc_{kind}_step_f32_kv16", None)
+    return None
+
+
 MAX_ROWS = 64
 """Decode rows up to which a step runs here. Gemma 3 270M on 2 cores, one process, whole engine
 steps (head and sampling included) of the native step against PyTorch's path (dense bf16
@@ -266,6 +279,9 @@ class NativeDecode(NativeStep):
         if norm_mode is None or kernels is None or model.dtype not in _DTYPES:
             return None
         library = kernels.library
+        fn = step_function(library, "decode", model, attn)
+        if fn is None:
+            return None
         windows = windows_of(model)
         keep: list[torch.Tensor] = []
         layers: list[LayerStruct] = []
@@ -295,7 +311,6 @@ class NativeDecode(NativeStep):
         if act is None or not layers:
             return None
         head = model_struct(model, layers, intermediate, norm_mode, act, keep)
-        fn = getattr(library, f"pc_decode_step_{_DTYPES[model.dtype]}")
         return cls(model, attn, fn, max_rows, layers, head, keep)
 
     def covers(self, num_decode: int, num_prefill_tokens: int) -> bool:
@@ -398,6 +413,7 @@ __all__ = [
     "layers_of",
     "model_struct",
     "norm_mode_of",
+    "step_function",
     "vnni_weight",
     "windows_of",
 ]

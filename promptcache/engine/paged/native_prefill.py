@@ -48,6 +48,7 @@ from promptcache.engine.paged.native_decode import (
     layers_of,
     model_struct,
     norm_mode_of,
+    step_function,
     windows_of,
 )
 
@@ -80,8 +81,11 @@ class NativePrefill(NativeStep):
         kernels = native.kernels()
         if norm_mode is None or kernels is None:
             return None
+        fn = step_function(kernels.library, "prefill", model, attn)
+        if fn is None:
+            return None
         if model.dtype == torch.float32:
-            return cls._build_f32(model, attn, max_rows, norm_mode)
+            return cls._build_f32(model, attn, max_rows, norm_mode, fn)
         if kernels.prefill is None or model.dtype != torch.bfloat16:
             return None
         shape = model.shape
@@ -127,11 +131,11 @@ class NativePrefill(NativeStep):
         down = shapes[3]
         assert down is not None
         head = model_struct(model, layers, down[1], norm_mode, act, keep)
-        return cls(model, attn, library.pc_prefill_step_bf16, max_rows, layers, head, keep)
+        return cls(model, attn, fn, max_rows, layers, head, keep)
 
     @classmethod
     def _build_f32(
-        cls, model: CausalLM, attn: PagedAttention, max_rows: int, norm_mode: int
+        cls, model: CausalLM, attn: PagedAttention, max_rows: int, norm_mode: int, fn: Any
     ) -> NativePrefill | None:
         """A float32 model's: its layers' projections are ``PanelLinear`` (the products the
         PyTorch forward computes by ``gemm_f32``), read where they are, no copy."""
@@ -166,7 +170,7 @@ class NativePrefill(NativeStep):
         if act is None or not layers:
             return None
         head = model_struct(model, layers, intermediate, norm_mode, act, keep)
-        return cls(model, attn, kernels.library.pc_prefill_step_f32, max_rows, layers, head, keep)
+        return cls(model, attn, fn, max_rows, layers, head, keep)
 
     def covers(self, num_decode: int, chunks: list[int]) -> bool:
         """Whether a step of this kind runs here: one prefill chunk of at most ``max_rows``

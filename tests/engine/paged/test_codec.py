@@ -94,6 +94,31 @@ def test_a_file_round_trips_and_serves_the_cold_tokens(engine: PagedEngine, tmp_
     assert token_ids(warm) == cold
 
 
+def test_a_float16_pools_file_round_trips_and_no_other_pool_reads_it(tmp_path: Path) -> None:
+    """A float16 pool (``--kv-dtype float16``) writes half the bytes and reads its own files
+    back exactly; a float32 pool of the same model refuses them (other bits, not converted)."""
+    from promptcache.engine.hf.testing import build_tiny_engine
+
+    half = build_tiny_engine("gemma3", kv_dtype=torch.float16)
+    wide = build_tiny_engine("gemma3")
+    tokens = random_prompt(N, seed=3)
+    cold = token_ids(run_all(half, EngineRequest(tokens, greedy(12))))
+    (payload,) = snapshots(half, tokens, (OFFSETS[1],))
+    (wide_payload,) = snapshots(wide, tokens, (OFFSETS[1],))
+    assert payload.nbytes * 2 == wide_payload.nbytes
+    path = tmp_path / f"x{half.kv_codec.suffix}"
+    half.kv_codec.save(payload, path, {})
+    saved = payload.pool.kv[:, :, list(payload.blocks)].clone()
+    del payload
+    gc.collect()
+    fresh = half.kv_codec.to_pool(half.kv_codec.load(path))
+    assert torch.equal(fresh.pool.kv[:, :, list(fresh.blocks)], saved)
+    warm = run_all(half, EngineRequest(tokens, greedy(12), fresh, OFFSETS[1]))
+    assert token_ids(warm) == cold
+    with pytest.raises(CorruptPayload):
+        wide.kv_codec.load(path)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "header", "missing", "foreign"])
 def test_damaged_files_raise_corrupt_payload(
     gemma_engine: PagedEngine, llama_engine: PagedEngine, tmp_path: Path, damage: str

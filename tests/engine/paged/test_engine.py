@@ -30,6 +30,25 @@ OFFSETS = (W + 5, 3 * W - 3, N)  # inside windows and blocks, never multiples of
 ATOL = 1e-4
 
 
+def test_a_float16_pool_keeps_hits_exact_on_pytorchs_path() -> None:
+    """A float16 pool under a float32 model where the engine's kernels do not run (no
+    compiler, no F16C): PyTorch's attention stores the keys rounded and reads them converted,
+    so a hit still restores exactly what the cold prompt attended to."""
+    from promptcache.engine.paged import native
+    from tests.engine.paged.test_int8 import assert_hits_exact
+
+    with native.disabled():
+        for kind in ("llama", "gemma3"):
+            engine = build_tiny_engine(kind, dtype=torch.float32, kv_dtype=torch.float16)
+            assert engine.pool.dtype == torch.float16
+            assert engine.native_prefill is None and engine.native_decode is None
+            assert_hits_exact(engine)
+    with pytest.raises(ValueError, match="choose bfloat16"):
+        build_tiny_engine("llama", dtype=torch.bfloat16, kv_dtype=torch.float16)
+    with pytest.raises(ValueError, match="choose float32 or float16"):
+        build_tiny_engine("llama", dtype=torch.float32, kv_dtype=torch.bfloat16)
+
+
 def greedy(max_tokens: int) -> Sampling:
     return Sampling(max_tokens=max_tokens, temperature=0.0)
 

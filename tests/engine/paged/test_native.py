@@ -259,8 +259,8 @@ def chunk_attention(
     if window is not None:
         seen &= k_pos > q_pos - window
     mask = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))
-    kk = keys[slots].transpose(0, 1).unsqueeze(0)
-    vv = values[slots].transpose(0, 1).unsqueeze(0)
+    kk = keys[slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
+    vv = values[slots].transpose(0, 1).unsqueeze(0).to(q.dtype)
     return grouped(q.transpose(0, 1).unsqueeze(0), kk, vv, mask, 0.0625)[0].transpose(0, 1)
 
 
@@ -339,6 +339,39 @@ def test_a_query_attends_alike_in_any_chunk(
         assert torch.equal(torch.cat([first, rest]), whole)
 
 
+needs_kv16 = pytest.mark.skipif(
+    KERNELS is None or not KERNELS.kv16, reason="no F16C here: PyTorch's path for float16 pools"
+)
+
+
+@needs_kv16
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(4, 1, 256), (9, 3, 64), (2, 2, 48)])
+def test_a_float16_pool_attends_as_its_keys_converted(heads: int, kv_heads: int, d: int) -> None:
+    """A float16 pool under a float32 model (``--kv-dtype float16``): decode rows and prompt
+    chunks attend as the float32 kernels do over the same keys and values converted (the same
+    bits: the conversion is exact), and as PyTorch's path does."""
+    keys, values = pool(1300, kv_heads, d, torch.float16)
+    wide = keys.float(), values.float()
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(3, heads, d, generator=gen)
+    slots = torch.randint(1, 1300, (3, 700), generator=gen)
+    mask = torch.zeros(3, 1, 1, 700)
+    mask[1, ..., 500:] = float("-inf")
+    for m in (mask, None):
+        got = decode_attend(q, keys, values, slots, m, 0.125)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, decode_attend(q, *wide, slots, m, 0.125))
+        with native.disabled():
+            torch.testing.assert_close(got, decode_attend(q, keys, values, slots, m, 0.125))
+    for window in (None, 100):
+        q, _, _, slots, positions = chunk(heads, kv_heads, d, 64, 900, window, torch.float32)
+        got = chunk_attention(q, keys, values, slots, positions, window)
+        assert torch.equal(got, chunk_attention(q, *wide, slots, positions, window))
+        with native.disabled():
+            want = chunk_attention(q, keys, values, slots, positions, window)
+        torch.testing.assert_close(got, want, **close(torch.float32))
+
+
 def test_prefill_attention_declines_what_it_does_not_read() -> None:
     keys, values = pool(64, 1, 64, torch.float32)
     q = torch.randn(4, 2, 64)
@@ -346,8 +379,9 @@ def test_prefill_attention_declines_what_it_does_not_read() -> None:
     slots = torch.arange(8)
     half = [t.to(torch.float16) for t in (q, keys, values)]
     assert not kernels().prefill_attention(*half, slots, (0, 4), None, 0.1, out.half())
-    # Keys of another dtype than the queries.
-    assert not kernels().prefill_attention(q, half[1], half[2], slots, (0, 4), None, 0.1, out)
+    # Keys of another dtype than the queries (but float16 under float32: a float16 pool).
+    bf16 = [t.to(torch.bfloat16) for t in (keys, values)]
+    assert not kernels().prefill_attention(q, bf16[0], bf16[1], slots, (0, 4), None, 0.1, out)
     bf = [t.to(torch.float32) for t in (q, keys, values, out)]
     # Keys that do not end at the chunk's last query, and a head size not a multiple of 16.
     assert not kernels().prefill_attention(bf[0], bf[1], bf[2], slots, (0, 3), None, 0.1, bf[3])

@@ -30,7 +30,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def engine_of(kind: str, dtype: torch.dtype, *, int8: bool = True) -> PagedEngine:
+def engine_of(
+    kind: str, dtype: torch.dtype, *, int8: bool = True, kv_dtype: torch.dtype | None = None
+) -> PagedEngine:
     lean = from_hf(build(kind), dtype)
     switch = add_decode_int8(lean) if int8 else None
     return PagedEngine(
@@ -42,6 +44,7 @@ def engine_of(kind: str, dtype: torch.dtype, *, int8: bool = True) -> PagedEngin
         max_context_tokens=4096,
         stop_token_ids=(),
         pool_bytes=16 << 20,
+        kv_dtype=kv_dtype,
         block_tokens=8,
         decode_switch=switch,
     )
@@ -71,7 +74,7 @@ def one_step(engine: PagedEngine, rows: int) -> tuple[torch.Tensor, torch.Tensor
             before = pool.kv[:, :, blocks].clone()
             fast = step(ids, positions)
             written = pool.kv[:, :, blocks].clone()
-            with integer_reference(pool.dtype):
+            with integer_reference(model.dtype):
                 slow = model(ids, positions, attn)
             # Both wrote the step's keys and values, alike, and nothing else.
             torch.testing.assert_close(pool.kv[:, :, blocks], written, **tolerance(pool.dtype))
@@ -135,13 +138,21 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 4e-2, "rtol": 4e-2}
 
 
+needs_kv16 = pytest.mark.skipif(
+    (k := native.kernels()) is None or not k.kv16, reason="no F16C here: PyTorch's path"
+)
+FLOAT16_POOL = pytest.param(torch.float32, torch.float16, marks=needs_kv16, id="float16-pool")
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("dtype", "kv_dtype"), [(torch.float32, None), (torch.bfloat16, None), FLOAT16_POOL]
+)
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_a_step_computes_what_the_pytorch_model_does(
-    kind: str, dtype: torch.dtype, rows: int
+    kind: str, dtype: torch.dtype, kv_dtype: torch.dtype | None, rows: int
 ) -> None:
-    engine = engine_of(kind, dtype)
+    engine = engine_of(kind, dtype, kv_dtype=kv_dtype)
     assert engine.native_decode is not None
     fast, slow = one_step(engine, rows)
     assert fast.shape == slow.shape and fast.dtype == dtype
@@ -166,14 +177,20 @@ def test_models_it_does_not_run_keep_pytorch() -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_the_engine_keeps_hits_exact_and_decodes_natively(kind: str) -> None:
-    engine = build_tiny_engine(kind, dtype=torch.bfloat16, decode_int8=True)
+@pytest.mark.parametrize(("dtype", "kv_dtype"), [(torch.bfloat16, None), FLOAT16_POOL])
+def test_the_engine_keeps_hits_exact_and_decodes_natively(
+    kind: str, dtype: torch.dtype, kv_dtype: torch.dtype | None
+) -> None:
+    engine = build_tiny_engine(kind, dtype=dtype, kv_dtype=kv_dtype, decode_int8=True)
     assert engine.native_decode is not None
     assert_hits_exact(engine)
     assert engine.native_decode.num_steps > 0
 
 
-def test_a_stream_decodes_the_same_alone_and_beside_others() -> None:
+@pytest.mark.parametrize(("dtype", "kv_dtype"), [(torch.bfloat16, None), FLOAT16_POOL])
+def test_a_stream_decodes_the_same_alone_and_beside_others(
+    dtype: torch.dtype, kv_dtype: torch.dtype | None
+) -> None:
     """Up to the int8 row limit, the step is one call for every row: a row's tokens must not
     depend on the others (each row's products, norms and attention are its own). The prompts
     fit one step together, so that every later step is a narrow decode step."""
@@ -181,7 +198,7 @@ def test_a_stream_decodes_the_same_alone_and_beside_others() -> None:
     from promptcache.engine.base import EngineRequest, TokenOut
     from promptcache.engine.hf.testing import run_all, token_ids
 
-    engine = build_tiny_engine("gemma3", dtype=torch.bfloat16, decode_int8=True)
+    engine = build_tiny_engine("gemma3", dtype=dtype, kv_dtype=kv_dtype, decode_int8=True)
     assert engine.native_decode is not None
     greedy = Sampling(max_tokens=24, temperature=0.0)
     prompts = [random_prompt(12 + 6 * i, seed=20 + i) for i in range(3)]

@@ -32,6 +32,9 @@ needs_bf16 = pytest.mark.skipif(
 # Float32 wherever the kernels run (its projections on models.panels); bfloat16 with
 # AVX512-BF16.
 DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)]
+needs_kv16 = pytest.mark.skipif(
+    KERNELS is None or not KERNELS.kv16, reason="no F16C here: PyTorch's path for float16 pools"
+)
 
 
 def engine_of(
@@ -41,10 +44,12 @@ def engine_of(
     decode_int8: bool = False,
     step_tokens: int = 64,
     dtype: torch.dtype = torch.bfloat16,
+    kv_dtype: torch.dtype | None = None,
 ) -> PagedEngine:
     engine = build_tiny_engine(
         kind,
         dtype=dtype,
+        kv_dtype=kv_dtype,
         packed=packed,
         decode_int8=decode_int8,
         max_batch_tokens=step_tokens,
@@ -82,19 +87,22 @@ def assert_same_bits_both_ways(engine: PagedEngine, tokens: list[int], chunks: i
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 @pytest.mark.parametrize(
-    ("dtype", "packed", "decode_int8"),
+    ("dtype", "packed", "decode_int8", "kv_dtype"),
     [
-        pytest.param(torch.bfloat16, False, False, marks=needs_bf16),
-        pytest.param(torch.bfloat16, True, True, marks=needs_bf16),
-        (torch.float32, False, False),
-        (torch.float32, False, True),
+        pytest.param(torch.bfloat16, False, False, None, marks=needs_bf16),
+        pytest.param(torch.bfloat16, True, True, None, marks=needs_bf16),
+        (torch.float32, False, False, None),
+        (torch.float32, False, True, None),
+        # A float16 pool: the steps round what they store as PyTorch's .to(torch.float16)
+        # rounds, and read it back converted.
+        pytest.param(torch.float32, False, True, torch.float16, marks=needs_kv16),
     ],
 )
 def test_a_chunk_is_the_same_bits_as_through_pytorch(
-    kind: str, dtype: torch.dtype, packed: bool, decode_int8: bool
+    kind: str, dtype: torch.dtype, packed: bool, decode_int8: bool, kv_dtype: torch.dtype | None
 ) -> None:
     # Chunks of 64, 64 and 22 (the tiny gemma3's window is 16: windowed masks in each).
-    engine = engine_of(kind, packed=packed, decode_int8=decode_int8, dtype=dtype)
+    engine = engine_of(kind, packed=packed, decode_int8=decode_int8, dtype=dtype, kv_dtype=kv_dtype)
     assert_same_bits_both_ways(engine, random_prompt(150, seed=7), chunks=4)
 
 
@@ -109,10 +117,17 @@ def test_a_full_step_of_prompt_is_the_same_bits_as_through_pytorch(
     assert_same_bits_both_ways(engine, random_prompt(600, seed=8), chunks=4)  # 512 + 88, twice
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("dtype", "kv_dtype"),
+    [
+        (torch.float32, None),
+        pytest.param(torch.bfloat16, None, marks=needs_bf16),
+        pytest.param(torch.float32, torch.float16, marks=needs_kv16, id="float16-pool"),
+    ],
+)
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_hits_stay_exact(kind: str, dtype: torch.dtype) -> None:
-    engine = engine_of(kind, packed=dtype == torch.bfloat16, dtype=dtype)
+def test_hits_stay_exact(kind: str, dtype: torch.dtype, kv_dtype: torch.dtype | None) -> None:
+    engine = engine_of(kind, packed=dtype == torch.bfloat16, dtype=dtype, kv_dtype=kv_dtype)
     assert_hits_exact(engine)
     assert engine.native_prefill is not None and engine.native_prefill.num_steps > 0
 

@@ -119,6 +119,19 @@ inline void mask_storeu_ps(float* p, mask16 k, f16x a) {
   _mm256_maskstore_ps(p + 8, lanes8(k >> 8), a.hi);
 }
 
+// ---- half precision (F16C): a float16 KV pool under float32 compute (common.h' F16)
+#if defined(__F16C__)
+inline f16x cvtph_ps(__m256i a) {
+  return {_mm256_cvtph_ps(_mm256_castsi256_si128(a)), _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1))};
+}
+// Rounded to nearest even (the only rounding the kernels ask for), as vcvtps2ph does on
+// AVX-512 with the same immediate.
+inline __m256i cvtps_ph(f16x a) {
+  return _mm256_set_m128i(_mm256_cvtps_ph(a.hi, _MM_FROUND_TO_NEAREST_INT),
+                          _mm256_cvtps_ph(a.lo, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
 // ---- masks
 template <int imm>
 inline mask16 cmp_ps_mask(f16x a, f16x b) {
@@ -299,3 +312,9 @@ inline int reduce_add_epi32(i16x a) {
 #define _mm256_maskz_loadu_epi16 pc_avx2::maskz_loadu_epi16
 #undef _mm256_mask_storeu_epi16
 #define _mm256_mask_storeu_epi16 pc_avx2::mask_storeu_epi16
+#if defined(__F16C__)
+#undef _mm512_cvtph_ps
+#define _mm512_cvtph_ps pc_avx2::cvtph_ps
+#undef _mm512_cvtps_ph
+#define _mm512_cvtps_ph(a, imm) pc_avx2::cvtps_ph(a)
+#endif

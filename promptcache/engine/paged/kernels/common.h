@@ -45,6 +45,12 @@
 #endif
 // Decode rows multiplied in integers (gemv_int8_vnni): by vpdpbusd, or on AVX2 by vpmaddubsw.
 #define PC_INT8_ROWS (PC_VNNI || PC_AVX2)
+// A float16 KV pool under float32 compute (F16): vcvtph2ps / vcvtps2ph, AVX-512's or F16C's.
+#if PC_AVX512 || (PC_AVX2 && defined(__F16C__))
+#define PC_F16 1
+#else
+#define PC_F16 0
+#endif
 
 namespace {
 
@@ -138,6 +144,30 @@ struct F32 {
   static void store16(T* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
 #endif
 };
+
+#if PC_F16
+// float16 storage: a KV pool's keys and values under a float32 model (--kv-dtype float16),
+// converted to and from float32 where they are written and read, rounded to nearest even as
+// PyTorch's .to(torch.float16) rounds (vcvtps2ph), so either path stores the same bits.
+struct F16 {
+  using T = uint16_t;
+  static float load(T x) { return _cvtsh_ss(x); }
+  static T store(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+  static float round(float f) { return load(store(f)); }
+  static __m512 load16(const T* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static __m256i pack16(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+  static void store16(T* p, __m512 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack16(v));
+  }
+  static __m512 round16(__m512 v) { return _mm512_cvtph_ps(pack16(v)); }
+  static __m512 load16(__mmask16 k, const T* p) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+  }
+  static void store16(T* p, __mmask16 k, __m512 v) { _mm256_mask_storeu_epi16(p, k, pack16(v)); }
+};
+#endif
 
 #if PC_VEC16
 // The lanes of a 16-wide step at j of a row of n: all of them but in the row's last step.

@@ -43,11 +43,11 @@ void softmax_rows(float* scores, int64_t G, int64_t W) {
 // decode_attention_split shares out among the threads: the scores of keys [j0, j1) (each
 // key's its own), the softmax, then the outputs' columns [d0, d0 + 32) (each column a sum over
 // the keys in order). So a row gets the same bits whichever thread computes which part.
-template <class S, int GQ>
-void attend_scores(const float* qf, const typename S::T* keys, const int64_t* srow,
+template <class S, class K, int GQ>
+void attend_scores(const float* qf, const typename K::T* keys, const int64_t* srow,
                    const float* mrow, float* sc, int64_t KVH, int64_t kh, int64_t D, int64_t W,
                    int64_t j0, int64_t j1, float scale) {
-  using T = typename S::T;
+  using T = typename K::T;
   for (int64_t j = j0; j < j1; ++j) {
     const float m = mrow ? mrow[j] : 0.0f;
     if (m == -INFINITY) {
@@ -58,24 +58,24 @@ void attend_scores(const float* qf, const typename S::T* keys, const int64_t* sr
     __m512 a[GQ];
     for (int g = 0; g < GQ; ++g) a[g] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
-      const __m512 k = S::load16(kp + d);
+      const __m512 k = K::load16(kp + d);
       for (int g = 0; g < GQ; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + d), k, a[g]);
     }
     for (int g = 0; g < GQ; ++g) sc[g * W + j] = S::round(_mm512_reduce_add_ps(a[g])) * scale + m;
   }
 }
 
-template <class S, int GQ>
-void attend_values(const typename S::T* values, const int64_t* srow, const float* mrow,
+template <class K, int GQ>
+void attend_values(const typename K::T* values, const int64_t* srow, const float* mrow,
                    const float* sc, float* acc, int64_t KVH, int64_t kh, int64_t D, int64_t W,
                    int64_t d0) {
-  using T = typename S::T;
+  using T = typename K::T;
   __m512 a0[GQ], a1[GQ];
   for (int g = 0; g < GQ; ++g) a0[g] = a1[g] = _mm512_setzero_ps();
   for (int64_t j = 0; j < W; ++j) {
     if (mrow && mrow[j] == -INFINITY) continue;
     const T* vp = values + (srow[j] * KVH + kh) * D + d0;
-    const __m512 v0 = S::load16(vp), v1 = S::load16(vp + 16);
+    const __m512 v0 = K::load16(vp), v1 = K::load16(vp + 16);
     for (int g = 0; g < GQ; ++g) {
       const __m512 p = _mm512_set1_ps(sc[g * W + j]);
       a0[g] = _mm512_fmadd_ps(p, v0, a0[g]);
@@ -88,15 +88,15 @@ void attend_values(const typename S::T* values, const int64_t* srow, const float
   }
 }
 
-template <class S, int GQ>
-void attend_head(const float* qf, const typename S::T* keys, const typename S::T* values,
+template <class S, class K, int GQ>
+void attend_head(const float* qf, const typename K::T* keys, const typename K::T* values,
                  const int64_t* srow, const float* mrow, float* sc, float* acc, int64_t KVH,
                  int64_t kh, int64_t D, int64_t W, float scale) {
-  attend_scores<S, GQ>(qf, keys, srow, mrow, sc, KVH, kh, D, W, 0, W, scale);
+  attend_scores<S, K, GQ>(qf, keys, srow, mrow, sc, KVH, kh, D, W, 0, W, scale);
   softmax_rows<S>(sc, GQ, W);
   // 32 values of D at a time: each pass reads its own 64 bytes of each value row.
   for (int64_t d0 = 0; d0 < D; d0 += 32)
-    attend_values<S, GQ>(values, srow, mrow, sc, acc, KVH, kh, D, W, d0);
+    attend_values<K, GQ>(values, srow, mrow, sc, acc, KVH, kh, D, W, d0);
 }
 
 // Keys a share of decode_attention_split's scores.
@@ -109,9 +109,9 @@ constexpr int64_t SPLIT_KEYS = 64;
 // on a 2-core Zen 3, in turns: decode 53 -> 60 tok/s after 4,160 tokens, 65 -> 72 after 600)
 // and 3 streams' units went 2 to one thread, 1 to the other (+0-7% after 600 tokens, noisy).
 // The same parts as attend_head, so the same bits. D a multiple of 32, H / KVH at most 8.
-template <class S>
-void decode_attention_split(const typename S::T* q, int64_t q_stride, const typename S::T* keys,
-                            const typename S::T* values, const int64_t* slots,
+template <class S, class K>
+void decode_attention_split(const typename S::T* q, int64_t q_stride, const typename K::T* keys,
+                            const typename K::T* values, const int64_t* slots,
                             const float* mask, typename S::T* out, int64_t B, int64_t H,
                             int64_t KVH, int64_t D, int64_t W, float scale) {
   using T = typename S::T;
@@ -132,7 +132,7 @@ void decode_attention_split(const typename S::T* q, int64_t q_stride, const type
       const int64_t u = item / shares, j0 = (item % shares) * SPLIT_KEYS;
       const int64_t b = u / KVH, kh = u % KVH;
       with_rows(G, [&](auto gq) {
-        attend_scores<S, decltype(gq)::value>(qf + u * G * D, keys, slots + b * W,
+        attend_scores<S, K, decltype(gq)::value>(qf + u * G * D, keys, slots + b * W,
                                               mask ? mask + b * W : nullptr, sc + u * G * W,
                                               KVH, kh, D, W, j0, std::min(W, j0 + SPLIT_KEYS),
                                               scale);
@@ -145,7 +145,7 @@ void decode_attention_split(const typename S::T* q, int64_t q_stride, const type
       const int64_t u = item / columns, d0 = (item % columns) * 32;
       const int64_t b = u / KVH, kh = u % KVH;
       with_rows(G, [&](auto gq) {
-        attend_values<S, decltype(gq)::value>(values, slots + b * W,
+        attend_values<K, decltype(gq)::value>(values, slots + b * W,
                                               mask ? mask + b * W : nullptr, sc + u * G * W,
                                               acc + u * G * D, KVH, kh, D, W, d0);
       });
@@ -528,11 +528,11 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
 #endif
 
 // One key head's part of decode_attention, any shape: plain loops.
-template <class S>
-void attend_head_any(const float* qf, const typename S::T* keys, const typename S::T* values,
+template <class S, class K>
+void attend_head_any(const float* qf, const typename K::T* keys, const typename K::T* values,
                      const int64_t* srow, const float* mrow, float* sc, float* acc, int64_t G,
                      int64_t KVH, int64_t kh, int64_t D, int64_t W, float scale) {
-  using T = typename S::T;
+  using T = typename K::T;
   for (int64_t j = 0; j < W; ++j) {
     const float m = mrow ? mrow[j] : 0.0f;
     if (m == -INFINITY) {
@@ -542,7 +542,7 @@ void attend_head_any(const float* qf, const typename S::T* keys, const typename 
     const T* kp = keys + (srow[j] * KVH + kh) * D;
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.0f;
-      for (int64_t d = 0; d < D; ++d) s += qf[g * D + d] * S::load(kp[d]);
+      for (int64_t d = 0; d < D; ++d) s += qf[g * D + d] * K::load(kp[d]);
       sc[g * W + j] = S::round(s) * scale + m;
     }
   }
@@ -553,7 +553,7 @@ void attend_head_any(const float* qf, const typename S::T* keys, const typename 
     const T* vp = values + (srow[j] * KVH + kh) * D;
     for (int64_t g = 0; g < G; ++g) {
       const float p = sc[g * W + j];
-      for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p * S::load(vp[d]);
+      for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p * K::load(vp[d]);
     }
   }
 }
@@ -563,17 +563,18 @@ void attend_head_any(const float* qf, const typename S::T* keys, const typename 
 // [B, W] (nullptr: none); out [B, H, D] contiguous. Query head h reads key head h / (H / KVH).
 // As PyTorch's decode_attend: scores q.k rounded to the storage type, then * scale + mask and
 // softmax in float32, probabilities rounded, their product with the values accumulated in
-// float32 and rounded once. A masked key (-inf) is not read at all.
-template <class S>
-void decode_attention(const typename S::T* q, int64_t q_stride, const typename S::T* keys,
-                      const typename S::T* values, const int64_t* slots, const float* mask,
+// float32 and rounded once. A masked key (-inf) is not read at all. K: the pool's storage
+// type (S's, or F16 under a float32 model), converted to float32 as it is read.
+template <class S, class K = S>
+void decode_attention(const typename S::T* q, int64_t q_stride, const typename K::T* keys,
+                      const typename K::T* values, const int64_t* slots, const float* mask,
                       typename S::T* out, int64_t B, int64_t H, int64_t KVH, int64_t D,
                       int64_t W, float scale) {
   using T = typename S::T;
   const int64_t G = H / KVH;
   const int64_t units = B * KVH;
 #if PC_DPBF16
-  if constexpr (std::is_same_v<S, BF16>) {
+  if constexpr (std::is_same_v<S, BF16> && std::is_same_v<K, BF16>) {
     if (D % 32 == 0 && G >= 1 && G <= 8) {
       switch (G) {
 #define PC_CASE(n)                                                                             \
@@ -589,8 +590,8 @@ void decode_attention(const typename S::T* q, int64_t q_stride, const typename S
 #if PC_VEC16
   if (units % omp_get_max_threads() != 0 && D % 32 == 0 && G <= 8 &&
       units * W * D >= PARALLEL_MIN_WORK) {
-    decode_attention_split<S>(q, q_stride, keys, values, slots, mask, out, B, H, KVH, D, W,
-                              scale);
+    decode_attention_split<S, K>(q, q_stride, keys, values, slots, mask, out, B, H, KVH, D, W,
+                                 scale);
     return;
   }
 #endif
@@ -618,7 +619,7 @@ void decode_attention(const typename S::T* q, int64_t q_stride, const typename S
         switch (G) {
 #define PC_CASE(n) \
   case n:          \
-    attend_head<S, n>(f, keys, values, srow, mrow, s, a, KVH, kh, D, W, scale); \
+    attend_head<S, K, n>(f, keys, values, srow, mrow, s, a, KVH, kh, D, W, scale); \
     break;
           PC_CASE(1) PC_CASE(2) PC_CASE(3) PC_CASE(4) PC_CASE(5) PC_CASE(6) PC_CASE(7)
           PC_CASE(8)
@@ -628,7 +629,7 @@ void decode_attention(const typename S::T* q, int64_t q_stride, const typename S
         }
       }
 #endif
-      if (!done) attend_head_any<S>(f, keys, values, srow, mrow, s, a, G, KVH, kh, D, W, scale);
+      if (!done) attend_head_any<S, K>(f, keys, values, srow, mrow, s, a, G, KVH, kh, D, W, scale);
       for (int64_t g = 0; g < G; ++g) {
         T* op = out + (b * H + kh * G + g) * D;
         store_row<S>(acc.data() + g * D, D, op);

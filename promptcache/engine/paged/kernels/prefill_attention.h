@@ -488,11 +488,16 @@ inline int64_t pf32_unit_groups(int64_t blocks, int64_t KVH, int64_t threads) {
   return best;
 }
 
-// D a multiple of 16 (any H / KVH: a unit is rows, not tokens).
+// D a multiple of 16 (any H / KVH: a unit is rows, not tokens). K: the pool's storage type,
+// F32 or F16 (a float16 pool under a float32 model): F16 keys are converted to a float32 copy
+// of the chunk's L keys first (once, where the units would each convert the keys they read),
+// the values as they are copied anyway; the arithmetic after is the float32 pool's.
+template <class K = F32>
 void prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t H, int64_t KVH,
-                           int64_t D, const float* keys, const float* values,
+                           int64_t D, const typename K::T* keys, const typename K::T* values,
                            const int64_t* slots, int64_t L, int64_t k0, int64_t q0,
                            int64_t window, float scale, float* out, int64_t out_stride) {
+  constexpr bool f32 = std::is_same_v<K, F32>;
   const int64_t G = H / KVH;
   const int64_t R = n * G;  // a key head's rows, token-major
   const int64_t blocks = (R + PF32_LANES - 1) / PF32_LANES;  // groups of rows a key head
@@ -505,7 +510,18 @@ void prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t 
   const int64_t pa0 = k0 & ~int64_t{1}, vkeys = (k0 + L + 1 - pa0) & ~int64_t{1};
   const int64_t vblocks = (D + PF32_BLOCK - 1) / PF32_BLOCK;
   const int64_t per_head = vblocks * vkeys * PF32_BLOCK;
-  thread_local Scratch<float> vcopy_s, qf_s, sc_s;
+  thread_local Scratch<float> vcopy_s, qf_s, sc_s, kcopy_s;
+  thread_local Scratch<int64_t> order_s;
+  if constexpr (!f32) {
+    kcopy_s.reserve(L * KVH * D);
+    order_s.reserve(L);
+  }
+  // The workers reach the scratch through these pointers (a thread_local name in their code
+  // would be their own).
+  float* const kcopy = kcopy_s.data();
+  int64_t* const order = order_s.data();
+  const float* const kf = f32 ? reinterpret_cast<const float*>(keys) : kcopy;
+  const int64_t* const ks = f32 ? slots : order;
   const int64_t sc_group = (L + 2) * PF32_LANES, unit_size = PF32_GROUPS * PF32_LANES;
   vcopy_s.reserve(KVH * per_head);
   qf_s.reserve(threads * D * unit_size);
@@ -518,15 +534,24 @@ void prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t 
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < KVH * vkeys; ++item) {
       const int64_t kh = item / vkeys, i = item % vkeys, pos = pa0 + i;
-      const float* row = pos >= k0 && pos < k0 + L ? values + (slots[pos - k0] * KVH + kh) * D
-                                                    : nullptr;
+      const typename K::T* row =
+          pos >= k0 && pos < k0 + L ? values + (slots[pos - k0] * KVH + kh) * D : nullptr;
       for (int64_t j = 0; j < D; j += PF32_BLOCK) {
         float* dst = vcopy + kh * per_head + ((j / PF32_BLOCK) * vkeys + i) * PF32_BLOCK;
         const int64_t w = std::min<int64_t>(PF32_BLOCK, D - j);
-        if (row)
+        if (!row)
+          std::memset(dst, 0, sizeof(float) * w);
+        else if constexpr (f32)
           std::memcpy(dst, row + j, sizeof(float) * w);
         else
-          std::memset(dst, 0, sizeof(float) * w);
+          load_row<K>(row + j, w, dst);
+      }
+    }
+    if constexpr (!f32) {
+#pragma omp for schedule(static)
+      for (int64_t l = 0; l < L; ++l) {
+        load_row<K>(keys + slots[l] * KVH * D, KVH * D, kcopy + l * KVH * D);
+        order[l] = l;
       }
     }
     const int t = omp_get_thread_num();
@@ -539,10 +564,10 @@ void prefill_attention_f32(const float* q, int64_t q_stride, int64_t n, int64_t 
       const Pf32Unit u{i % KVH, (i / KVH) * unit_rows, std::min(R, (i / KVH + 1) * unit_rows)};
       const float* kv = vcopy + u.kh * per_head;
       if (PC_AVX512 && u.r1 - u.r0 > 16)
-        pf32_unit<2>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
+        pf32_unit<2>(u, q, q_stride, H, KVH, D, kf, ks, k0, q0, window, scale, kv, pa0,
                      vkeys, qf, sc, sc_group, out, out_stride);
       else
-        pf32_unit<1>(u, q, q_stride, H, KVH, D, keys, slots, k0, q0, window, scale, kv, pa0,
+        pf32_unit<1>(u, q, q_stride, H, KVH, D, kf, ks, k0, q0, window, scale, kv, pa0,
                      vkeys, qf, sc, sc_group, out, out_stride);
     }
   }

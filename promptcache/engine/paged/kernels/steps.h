@@ -62,7 +62,21 @@ struct PcStep {
 
 namespace {
 
-template <class S>
+// Row r of src (the step's keys or values, the model's type S) into the pool's storage type K
+// at slot `slot`: a copy, or converted (F16 under a float32 model).
+template <class S, class K>
+inline void write_slot(const typename S::T* src, int64_t width, int64_t slot, void* pool) {
+  typename K::T* dst = static_cast<typename K::T*>(pool) + slot * width;
+  if constexpr (std::is_same_v<S, K>) {
+    std::memcpy(dst, src, sizeof(typename K::T) * width);
+  } else {
+    static_assert(std::is_same_v<S, F32>, "a converted pool is under a float32 model");
+    store_row<K>(src, width, dst);
+  }
+}
+
+// K: the pool's storage type (S's, or F16 under a float32 model: pc_*_step_f32_kv16).
+template <class S, class K = S>
 void decode_step(const PcModel& m, const PcStep& st) {
   using T = typename S::T;
   const int64_t B = st.rows, E = m.hidden, H = m.heads, KVH = m.kv_heads, D = m.head_dim;
@@ -81,14 +95,15 @@ void decode_step(const PcModel& m, const PcStep& st) {
     const T* sin = L.rope >= 0 ? static_cast<const T*>(st.sin[L.rope]) : nullptr;
     qk_norm_rope<S>(qkv.data(), QKV, B, QK, D, L.head_norm, L.head_eps,
                     L.head_norm ? m.norm_mode : -1, cos, sin, qk.data());
-    T* keys = static_cast<T*>(L.keys);
-    T* values = static_cast<T*>(L.values);
+    using KT = typename K::T;
+    const KT* keys = static_cast<const KT*>(L.keys);
+    const KT* values = static_cast<const KT*>(L.values);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t slot = st.slot_mapping[b];
-      std::memcpy(keys + slot * KVH * D, qk.data() + (b * QK + H) * D, sizeof(T) * KVH * D);
-      std::memcpy(values + slot * KVH * D, qkv.data() + b * QKV + QK * D, sizeof(T) * KVH * D);
+      write_slot<S, K>(qk.data() + (b * QK + H) * D, KVH * D, slot, L.keys);
+      write_slot<S, K>(qkv.data() + b * QKV + QK * D, KVH * D, slot, L.values);
     }
-    decode_attention<S>(qk.data(), QK * D, keys, values, st.slots[L.window],
+    decode_attention<S, K>(qk.data(), QK * D, keys, values, st.slots[L.window],
                         st.masks[L.window], att.data(), B, H, KVH, D, st.widths[L.window],
                         L.scale);
     project<S>(att.data(), xf.data(), B, H * D, L.w[1], L.vnni[1], L.scales[1], L.bias[1], E, proj.data());
@@ -122,14 +137,14 @@ inline void prefill_product(const typename S::T* x, int64_t ldx, int64_t M, int6
   }
 }
 
-template <class S>
+template <class S, class K>
 inline void prefill_attend(const typename S::T* q, int64_t q_stride, int64_t n, int64_t H,
-                           int64_t KVH, int64_t D, const typename S::T* keys,
-                           const typename S::T* values, const int64_t* slots, int64_t L,
+                           int64_t KVH, int64_t D, const typename K::T* keys,
+                           const typename K::T* values, const int64_t* slots, int64_t L,
                            int64_t k0, int64_t q0, int64_t window, float scale,
                            typename S::T* out, int64_t out_stride) {
   if constexpr (std::is_same_v<S, F32>) {
-    prefill_attention_f32(q, q_stride, n, H, KVH, D, keys, values, slots, L, k0, q0, window,
+    prefill_attention_f32<K>(q, q_stride, n, H, KVH, D, keys, values, slots, L, k0, q0, window,
                           scale, out, out_stride);
   } else {
 #if PC_DPBF16
@@ -145,7 +160,7 @@ inline void prefill_attend(const typename S::T* q, int64_t q_stride, int64_t n, 
 // Python-level operations between them. The last layer writes every row's keys and
 // values and finishes the last row alone when it is sampled (st.keep), as the PyTorch
 // forward's `keep` does; it projects that row's queries alone (the same sums, row by row).
-template <class S>
+template <class S, class K = S>
 void prefill_step(const PcModel& m, const PcStep& st) {
   using T = typename S::T;
   const int64_t n = st.rows, E = m.hidden, H = m.heads, KVH = m.kv_heads, D = m.head_dim;
@@ -203,21 +218,22 @@ void prefill_step(const PcModel& m, const PcStep& st) {
                         cos ? cos + r * D : nullptr, sin ? sin + r * D : nullptr, qk + r * QK * D);
       }
     }
-    T* keys = static_cast<T*>(L.keys);
-    T* values = static_cast<T*>(L.values);
+    using KT = typename K::T;
+    const KT* keys = static_cast<const KT*>(L.keys);
+    const KT* values = static_cast<const KT*>(L.values);
     for (int64_t r = 0; r < n; ++r) {
       const int64_t slot = st.slot_mapping[r];
-      std::memcpy(keys + slot * KVH * D, normed_keys + r * key_stride, sizeof(T) * KVH * D);
-      std::memcpy(values + slot * KVH * D, qkv + r * QKV + QK * D, sizeof(T) * KVH * D);
+      write_slot<S, K>(normed_keys + r * key_stride, KVH * D, slot, L.keys);
+      write_slot<S, K>(qkv + r * QKV + QK * D, KVH * D, slot, L.values);
     }
     const int w = L.window;
     int64_t rows = n;
     if (!last) {
-      prefill_attend<S>(qk, QK * D, n, H, KVH, D, keys, values, st.slots[w], st.widths[w],
+      prefill_attend<S, K>(qk, QK * D, n, H, KVH, D, keys, values, st.slots[w], st.widths[w],
                         st.key_pos[w], st.query_pos, st.window_len[w], L.scale, att, AS);
     } else {
       if (!st.keep) return;  // no row sampled: its keys and values were all it needed
-      decode_attention<S>(qk + (n - 1) * QK * D, QK * D, keys, values, st.slots[w], st.masks[w],
+      decode_attention<S, K>(qk + (n - 1) * QK * D, QK * D, keys, values, st.slots[w], st.masks[w],
                           att, 1, H, KVH, D, st.widths[w], L.scale);
       std::memmove(x, x + (n - 1) * E, sizeof(T) * E);
       rows = 1;
