@@ -33,8 +33,8 @@ _HELP = {
     "stream_time_share": "while a long prompt is read beside decoding streams, the share of the "
     "time given to steps of the streams alone (default auto: 0, none), e.g. 0.2",
     "kv_block_tokens": "tokens per KV pool block (default 32)",
-    "kv_dtype": "KV pool dtype: auto (default: the model's) or float16 under a float32 model "
-    "(half the memory a cached token, as llama.cpp stores it)",
+    "kv_dtype": "KV pool dtype: auto (default: float16 under a float32 model on a CPU, as "
+    "llama.cpp stores it, else the model's), float32, bfloat16 or float16",
     "quantize": "auto (default: int8 decode weights on a CPU for models under 4 GiB), int8 or none",
     "compile": "auto (default: compile the decode-only steps of a CPU engine with int8 decode "
     "weights where a C++ compiler is found; eager until compiled, cached in model_cache_dir), "

@@ -61,8 +61,9 @@ class EngineConfig:
     beside them; None: the engine's default (none)."""
     kv_block_tokens: int = 32
     kv_dtype: str = "auto"
-    """The KV pool's dtype: ``auto`` (the model's) or a name; float16 under a float32 model
-    holds twice the cached tokens a byte (``engine.paged.engine.check_kv_dtype``)."""
+    """The KV pool's dtype: ``auto`` (float16 under a float32 model on a CPU, else the
+    model's) or a name; float16 holds twice a float32 pool's cached tokens a byte
+    (``engine.hf.loader.resolve_kv_dtype``)."""
     quantize: str | None = None
     compile: str = "auto"
     """Compile the decode-only steps: ``auto`` (a CPU engine with int8 decode weights and a C++

@@ -111,7 +111,8 @@ def test_revision_is_stable_and_tracks_format_and_dtype(
     assert plain.revision != base.revision
     bf16 = load(model_dirs["gemma"], tmp_path, dtype="bfloat16").info
     assert bf16.dtype == "bfloat16" and bf16.revision != base.revision
-    assert bf16.kv_bytes_per_token * 2 == base.kv_bytes_per_token
+    wide = load(model_dirs["gemma"], tmp_path, dtype="float32", kv_dtype="float32").info
+    assert bf16.kv_bytes_per_token * 2 == wide.kv_bytes_per_token
     assert load(model_dirs["chatml"], tmp_path, dtype="float32").info.revision != base.revision
     auto = load(model_dirs["gemma"], tmp_path).info
     assert auto.dtype == ("bfloat16" if loader.cpu_has_bf16() else "float32")
@@ -120,14 +121,17 @@ def test_revision_is_stable_and_tracks_format_and_dtype(
 def test_a_float16_pool_under_a_float32_model(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     """``--kv-dtype float16``: half the bytes a cached token, another revision (its keys are
     other bits), and the same answers' length of tokens; other pairings are refused."""
-    base = load(model_dirs["gemma"], tmp_path, dtype="float32")
+    base = load(model_dirs["gemma"], tmp_path, dtype="float32", kv_dtype="float32")
     half = load(model_dirs["gemma"], tmp_path, dtype="float32", kv_dtype="float16")
     assert half.pool.dtype == torch.float16 and base.pool.dtype == torch.float32
     assert half.info.kv_bytes_per_token * 2 == base.info.kv_bytes_per_token
     assert half.info.revision != base.info.revision
-    assert load(model_dirs["gemma"], tmp_path, dtype="float32", kv_dtype="auto").pool.dtype == (
-        torch.float32
+    # auto: float16 under float32 on a CPU (llama.cpp's choice), the model's own elsewhere.
+    assert load(model_dirs["gemma"], tmp_path, dtype="float32").info.revision == (
+        half.info.revision
     )
+    assert loader.resolve_kv_dtype("auto", "float32", torch.device("cuda")) == "float32"
+    assert loader.resolve_kv_dtype("auto", "bfloat16", torch.device("cpu")) == "bfloat16"
     tokens = half.tokenizer.encode("<bos>the cat sat on the", allow_special=True)
     events = run_all(half, EngineRequest(tokens, Sampling(max_tokens=4, temperature=0.0)))
     assert len(token_ids(events)) == 4
