@@ -100,9 +100,15 @@ def dashboard_json(service: Service, tenant: TenantId | None) -> dict[str, Any]:
         for entry in reversed(store.entries())
         if entry.is_live(now) and (tenant is None or entry.tenant == tenant)
     ]
+    # What a byte of the tiers holds: the tokens a tier's budget fits (a float16 KV cache fits
+    # twice a float32 one's). None while the model loads.
+    info = service.engine.info if service.is_ready else None
+    per_token = info.kv_bytes_per_token if info else 0
     tiers = []
     for tier in store.tiers:
         row: dict[str, Any] = {"name": tier.name, "capacity_bytes": tier.capacity_bytes}
+        if per_token:
+            row["capacity_tokens"] = tier.capacity_bytes // per_token
         if tenant is None:
             row["used_bytes"] = tier.used_bytes
         else:  # only its own bytes: the others' are not its business
@@ -115,6 +121,14 @@ def dashboard_json(service: Service, tenant: TenantId | None) -> dict[str, Any]:
             "now": now,
             "poll_s": POLL_S,
             "model": service.served_model,
+            "engine": None
+            if info is None
+            else {
+                "device": info.device,
+                "dtype": info.dtype,
+                "kv_dtype": info.kv_dtype or None,
+                "kv_bytes_per_token": info.kv_bytes_per_token,
+            },
             "entries": entries,
             "tiers": tiers,
             "series": service.ledger.series(tenant),

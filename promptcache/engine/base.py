@@ -43,6 +43,9 @@ class EngineInfo:
     device: str
     dtype: str
     kv_bytes_per_token: int
+    kv_dtype: str = ""
+    """The KV cache's element type (the model's ``dtype`` or, under a float32 model on a CPU,
+    float16); empty where the engine keeps no tensors."""
 
 
 @dataclass(frozen=True, slots=True)

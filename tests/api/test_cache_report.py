@@ -189,6 +189,9 @@ def test_dashboard_data_shows_a_tenant_only_its_own(client: TestClient) -> None:
     admin = client.get("/v1/cache/dashboard", headers={"x-api-key": ADMIN}).json()
     assert {e["tenant"] for e in admin["entries"]} == {"alice", "bob"}
     assert admin["tiers"][0]["used_bytes"] > bob["tiers"][0]["used_bytes"] > 0
+    # What the budget holds in tokens, from the engine's bytes a token (the fake's 64).
+    assert admin["engine"]["kv_bytes_per_token"] == 64
+    assert admin["tiers"][0]["capacity_tokens"] == admin["tiers"][0]["capacity_bytes"] // 64
     assert admin["series"] and admin["series"][-1]["tokens_saved"] == 0
 
 

@@ -124,6 +124,7 @@ def test_a_float16_pool_under_a_float32_model(model_dirs: dict[str, Path], tmp_p
     base = load(model_dirs["gemma"], tmp_path, dtype="float32", kv_dtype="float32")
     half = load(model_dirs["gemma"], tmp_path, dtype="float32", kv_dtype="float16")
     assert half.pool.dtype == torch.float16 and base.pool.dtype == torch.float32
+    assert (half.info.kv_dtype, base.info.kv_dtype) == ("float16", "float32")
     assert half.info.kv_bytes_per_token * 2 == base.info.kv_bytes_per_token
     assert half.info.revision != base.info.revision
     # auto: float16 under float32 on a CPU (llama.cpp's choice), the model's own elsewhere.

@@ -76,8 +76,9 @@ function chart(series) {
 function tiers(list) {
   document.getElementById("tiers").replaceChildren(...list.map((t) => {
     const share = t.capacity_bytes ? Math.min(100, 100 * t.used_bytes / t.capacity_bytes) : 0;
+    const fits = t.capacity_tokens ? ` (~${fmt(t.capacity_tokens)} tokens)` : "";
     return el("div", { "data-tier": t.name },
-      el("div", {}, `${t.name}: ${bytes(t.used_bytes)} of ${bytes(t.capacity_bytes)}`),
+      el("div", {}, `${t.name}: ${bytes(t.used_bytes)} of ${bytes(t.capacity_bytes)}${fits}`),
       el("div", { class: "bar" }, el("div", { style: `width:${share.toFixed(1)}%` })));
   }));
 }

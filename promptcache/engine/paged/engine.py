@@ -198,6 +198,7 @@ class PagedEngine:
             device=str(self._device),
             dtype=dtype_name,
             kv_bytes_per_token=per_block // block_tokens,
+            kv_dtype=str(kv_dtype).removeprefix("torch."),
         )
         self._seqs: dict[SeqId, _Seq] = {}
         self._last_id: SeqId = 0
