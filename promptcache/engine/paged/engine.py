@@ -186,7 +186,6 @@ class PagedEngine:
             if decode_switch is None:
                 raise ValueError("the compiled decode step needs the int8 decode switch")
             self.compiled = CompiledDecode(model, decode_switch.max_rows)
-            self.compiled.start(self._pool.kv, self._idle)
         dtype_name = str(dtype).removeprefix("torch.")
         if revision is None:
             kv_part = () if kv_dtype == dtype else (f"kv {kv_dtype}",)
@@ -204,6 +203,9 @@ class PagedEngine:
         self._last_id: SeqId = 0
         self.num_prefill_tokens_total = 0
         """Every token run through the model in prefill, over the engine's lifetime."""
+        if self.compiled is not None:
+            # Last: the compile thread reads the engine's state (``_idle``) from its start.
+            self.compiled.start(self._pool.kv, self._idle)
 
     # -- facts ---------------------------------------------------------------------------------
 

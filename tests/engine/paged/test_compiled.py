@@ -139,6 +139,24 @@ def test_hits_stay_exact(compiled_engine: PagedEngine) -> None:
     assert_hits_exact(compiled_engine)
 
 
+@needs_compiler
+def test_a_float16_pool_compiles_and_keeps_hits_exact() -> None:
+    """The graphs over a float16 pool under the float32 model (the CPU default): the custom
+    attention operator stores the keys rounded and reads them converted, as the eager path."""
+    engine = build_tiny_engine(
+        "gemma3", decode_int8=True, compile_decode=True, kv_dtype=torch.float16
+    )
+    engine.native_decode = None
+    assert engine.compiled is not None
+    assert engine.compiled.ready.wait(timeout=900), "compilation did not finish"
+    assert engine.compiled.failed is None
+    for rows in (1, 3):
+        fast, slow = one_step(engine, rows)
+        assert fast is not None
+        torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    assert_hits_exact(engine)
+
+
 def test_prompt_tokens_run_eagerly() -> None:
     engine = build_tiny_engine("gemma3", decode_int8=True)
     compiled = CompiledDecode(engine._model, narrow_rows=4)
