@@ -38,6 +38,18 @@ void softmax_rows(float* scores, int64_t G, int64_t W) {
 }
 
 #if PC_VEC16
+// Bytes of key (or value) rows ahead of the one in hand that attend_scores and attend_values
+// ask the L2 cache for: a row lies wherever its block of the pool does, and the weights
+// streamed since the last step have evicted it, so without them a long context's keys came
+// from memory one row at a time.
+constexpr int64_t F32_AHEAD_BYTES = 8192;
+
+// Asks the L2 cache for the bytes of one key or value row.
+inline void prefetch_bytes(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+}
+
 // One key head's part of decode_attention, for GQ (a compile-time count) query heads per key
 // head, D a multiple of 32: the accumulators stay in registers. In three parts, which
 // decode_attention_split shares out among the threads: the scores of keys [j0, j1) (each
@@ -48,7 +60,12 @@ void attend_scores(const float* qf, const typename K::T* keys, const int64_t* sr
                    const float* mrow, float* sc, int64_t KVH, int64_t kh, int64_t D, int64_t W,
                    int64_t j0, int64_t j1, float scale) {
   using T = typename K::T;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  const int64_t ahead = std::max<int64_t>(1, F32_AHEAD_BYTES / row_bytes);
+  for (int64_t j = j0; j < std::min(j0 + ahead, j1); ++j)
+    prefetch_bytes(keys + (srow[j] * KVH + kh) * D, row_bytes);
   for (int64_t j = j0; j < j1; ++j) {
+    if (j + ahead < j1) prefetch_bytes(keys + (srow[j + ahead] * KVH + kh) * D, row_bytes);
     const float m = mrow ? mrow[j] : 0.0f;
     if (m == -INFINITY) {
       for (int g = 0; g < GQ; ++g) sc[g * W + j] = -INFINITY;
@@ -70,9 +87,12 @@ void attend_values(const typename K::T* values, const int64_t* srow, const float
                    const float* sc, float* acc, int64_t KVH, int64_t kh, int64_t D, int64_t W,
                    int64_t d0) {
   using T = typename K::T;
+  const int64_t ahead = std::max<int64_t>(1, F32_AHEAD_BYTES / (64 * 2));  // 32 columns a row
   __m512 a0[GQ], a1[GQ];
   for (int g = 0; g < GQ; ++g) a0[g] = a1[g] = _mm512_setzero_ps();
   for (int64_t j = 0; j < W; ++j) {
+    if (j + ahead < W)
+      prefetch_bytes(values + (srow[j + ahead] * KVH + kh) * D + d0, 32 * sizeof(T));
     if (mrow && mrow[j] == -INFINITY) continue;
     const T* vp = values + (srow[j] * KVH + kh) * D + d0;
     const __m512 v0 = K::load16(vp), v1 = K::load16(vp + 16);
