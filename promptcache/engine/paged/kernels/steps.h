@@ -62,8 +62,8 @@ struct PcStep {
 
 namespace {
 
-// Row r of src (the step's keys or values, the model's type S) into the pool's storage type K
-// at slot `slot`: a copy, or converted (F16 under a float32 model).
+// One row of the step's keys or values (src, the model's type S) into the pool's slot `slot`
+// in its storage type K: a copy, or converted (F16 under a float32 model).
 template <class S, class K>
 inline void write_slot(const typename S::T* src, int64_t width, int64_t slot, void* pool) {
   typename K::T* dst = static_cast<typename K::T*>(pool) + slot * width;
@@ -104,8 +104,8 @@ void decode_step(const PcModel& m, const PcStep& st) {
       write_slot<S, K>(qkv.data() + b * QKV + QK * D, KVH * D, slot, L.values);
     }
     decode_attention<S, K>(qk.data(), QK * D, keys, values, st.slots[L.window],
-                        st.masks[L.window], att.data(), B, H, KVH, D, st.widths[L.window],
-                        L.scale);
+                           st.masks[L.window], att.data(), B, H, KVH, D, st.widths[L.window],
+                           L.scale);
     project<S>(att.data(), xf.data(), B, H * D, L.w[1], L.vnni[1], L.scales[1], L.bias[1], E, proj.data());
     residual_norm<S>(x.data(), proj.data(), B, E, gemma ? L.norm_w[1] : nullptr, L.norm_eps[1],
                      L.norm_w[2], L.norm_eps[2], m.norm_mode, x2.data(), h.data());
@@ -145,7 +145,7 @@ inline void prefill_attend(const typename S::T* q, int64_t q_stride, int64_t n, 
                            typename S::T* out, int64_t out_stride) {
   if constexpr (std::is_same_v<S, F32>) {
     prefill_attention_f32<K>(q, q_stride, n, H, KVH, D, keys, values, slots, L, k0, q0, window,
-                          scale, out, out_stride);
+                             scale, out, out_stride);
   } else {
 #if PC_DPBF16
     prefill_attention(q, q_stride, n, H, KVH, D, keys, values, slots, L, k0, q0, window, scale,
@@ -230,11 +230,11 @@ void prefill_step(const PcModel& m, const PcStep& st) {
     int64_t rows = n;
     if (!last) {
       prefill_attend<S, K>(qk, QK * D, n, H, KVH, D, keys, values, st.slots[w], st.widths[w],
-                        st.key_pos[w], st.query_pos, st.window_len[w], L.scale, att, AS);
+                           st.key_pos[w], st.query_pos, st.window_len[w], L.scale, att, AS);
     } else {
       if (!st.keep) return;  // no row sampled: its keys and values were all it needed
-      decode_attention<S, K>(qk + (n - 1) * QK * D, QK * D, keys, values, st.slots[w], st.masks[w],
-                          att, 1, H, KVH, D, st.widths[w], L.scale);
+      decode_attention<S, K>(qk + (n - 1) * QK * D, QK * D, keys, values, st.slots[w],
+                             st.masks[w], att, 1, H, KVH, D, st.widths[w], L.scale);
       std::memmove(x, x + (n - 1) * E, sizeof(T) * E);
       rows = 1;
     }
