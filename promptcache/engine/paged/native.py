@@ -284,8 +284,11 @@ class Kernels:
         return out
 
     def _attention_fn(self, op: str, q: torch.Tensor, keys: torch.Tensor) -> Any:
-        """``op``'s function for ``q``'s dtype over a pool of ``keys``' dtype, or None."""
+        """``op``'s function (``decode_attention`` or ``prefill_attention``) for ``q``'s dtype
+        over a pool of ``keys``' dtype, or None."""
         if keys.dtype == q.dtype:
+            if op == "prefill_attention":
+                return self._prefill_fns.get(q.dtype)
             return self._fns.get((op, q.dtype))
         if q.dtype == torch.float32 and keys.dtype == torch.float16:
             return self._kv16_fns.get(op)
@@ -334,11 +337,7 @@ class Kernels:
         untouched, where the kernel does not run (bfloat16 without AVX512-BF16, another dtype
         or layout). Float32 sums without rounding between the steps, as ``grouped`` does.
         A float16 pool under float32 queries reads as its keys and values converted."""
-        fn = (
-            self._prefill_fns.get(q.dtype)
-            if keys.dtype == q.dtype
-            else self._attention_fn("prefill_attention", q, keys)
-        )
+        fn = self._attention_fn("prefill_attention", q, keys)
         n, h, d = q.shape
         kv = keys.shape[1] if keys.dim() == 3 else 0
         key_pos, query_pos = positions
