@@ -108,7 +108,8 @@ def load_engine(
     the projections for narrow decode steps (``resolve_quantize``). ``compile_mode`` is ``auto``,
     ``on`` or ``off``: compile the decode-only steps (``resolve_compile``), in the background.
     ``stream_time_share``: see ``PagedEngine``; None: none (docs/architecture.md: why).
-    ``kv_dtype``: the KV pool's, ``auto`` (the model's) or a name (``resolve_kv_dtype``).
+    ``kv_dtype``: the KV pool's, ``auto`` (float16 under a float32 model on a CPU, else the
+    model's) or a name (``resolve_kv_dtype``).
     """
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
