@@ -211,13 +211,6 @@ constexpr int64_t KV_AHEAD_BYTES = 8192;
 constexpr int64_t NEXT_UNIT_KEYS = 64;
 // Keys of a thread's next unit that decode_attention_dp asks the cache for ahead.
 
-// Asks the cache for the D bfloat16 of a key or value row (HINT: _MM_HINT_T0 or _T1).
-template <_mm_hint HINT>
-inline void prefetch_row(const uint16_t* row, int64_t D) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(p + b, HINT);
-}
-
 // One block of scores: KB = 16 / GQ keys x GQ query heads, one accumulator each (lane
 // j * GQ + g of sum16), each key row and query row read once per block.
 template <int GQ>
@@ -274,9 +267,9 @@ void dp_scores(const DpUnit& u, const uint16_t* keys, const uint16_t* values, in
     // into L2, 8 x 4,160 3.5 -> 2.6 ms (one row and short rows alike).
     const int64_t ahead = std::min(i + skip + KB, i1);
     for (int64_t j = i == i0 ? i : i + skip; j < ahead; ++j)
-      prefetch_row<_MM_HINT_T1>(keys + (u.slots[u.live[j]] * u.KVH + u.kh) * u.D, u.D);
+      prefetch_bytes(keys + (u.slots[u.live[j]] * u.KVH + u.kh) * u.D, 2 * u.D);
     for (int j = 0; j < kb; ++j)
-      prefetch_row<_MM_HINT_T1>(values + (u.slots[u.live[i + j]] * u.KVH + u.kh) * u.D, u.D);
+      prefetch_bytes(values + (u.slots[u.live[i + j]] * u.KVH + u.kh) * u.D, 2 * u.D);
     const uint16_t* kp[KB];
     for (int j = 0; j < KB; ++j)  // past the last key: the first again, its sums unused
       kp[j] = keys + (u.slots[u.live[i + (j < kb ? j : 0)]] * u.KVH + u.kh) * u.D;
@@ -448,7 +441,7 @@ void decode_attention_dp(const uint16_t* q, int64_t q_stride, const uint16_t* ke
         if (u + 1 < u1) {
           next = prepare(u + 1);
           for (int64_t j = 0; j < std::min<int64_t>(next.n, NEXT_UNIT_KEYS); ++j)
-            prefetch_row<_MM_HINT_T1>(keys + (next.slots[next.live[j]] * KVH + next.kh) * D, D);
+            prefetch_bytes(keys + (next.slots[next.live[j]] * KVH + next.kh) * D, 2 * D);
         }
         const int64_t chunks = (du.n + KEY_CHUNK - 1) / KEY_CHUNK;
         sums.resize(chunks * GQ * 16);
