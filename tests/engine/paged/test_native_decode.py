@@ -156,7 +156,12 @@ def test_a_step_computes_what_the_pytorch_model_does(
     assert engine.native_decode is not None
     fast, slow = one_step(engine, rows)
     assert fast.shape == slow.shape and fast.dtype == dtype
-    torch.testing.assert_close(fast, slow, **tolerance(dtype))
+    close = tolerance(dtype)
+    if kv_dtype == torch.float16:
+        # Keys and values summed in another order (float32 rows where the kernels multiply
+        # them in floats: AVX-512) can round to neighbouring float16 values, 2^-11 apart.
+        close = {"atol": 1e-3, "rtol": 1e-3}
+    torch.testing.assert_close(fast, slow, **close)
 
 
 def test_it_takes_only_narrow_decode_steps() -> None:
