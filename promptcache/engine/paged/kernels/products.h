@@ -375,8 +375,10 @@ void gemv_int8_vnni(const typename S::T* x, int64_t B, int64_t K, const uint8_t*
     // +5-9% tokens/s over static halves; fewer rows measured no faster). Guided, not 4
     // blocks at a time: a thread's first chunks are long runs of the weights, which its
     // prefetches (VNNI_PREFETCH_AHEAD) cover, where every 4-block chunk began with 8 KB not
-    // asked for (the products of a step of 8 rows, weights from memory, in turns: Zen 4
-    // 4.14-4.19 -> 3.62-3.67 ms, memory-bound there; AVX2 on it 10.6 -> 9.7 ms).
+    // asked for. The products of a step of 8 rows, weights from memory, in turns: Zen 4
+    // 4.14-4.19 -> 3.62-3.67 ms (memory-bound there), its AVX2 build 10.6 -> 9.7 ms, and
+    // with a busy loop sharing one of the two cores 11.6-12.7 -> 8.5-8.7 ms. (Each thread
+    // draining its own half, then taking 4 blocks at a time from the other's: no faster.)
     if (bn > 4) {
 #pragma omp parallel for schedule(guided, 4) if (N * K >= PARALLEL_MIN_WORK)
       for (int64_t nb = 0; nb < N / 16; ++nb) block(nb);
