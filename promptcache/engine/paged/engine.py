@@ -171,6 +171,8 @@ class PagedEngine:
         # beside them adds its time * share / (1 - share); each decode-only step pays its own.
         self._stream_ratio = stream_time_share / (1.0 - stream_time_share)
         self._owed_s = 0.0
+        # Whether the last step read none of the long prompts waiting (this one reads them).
+        self._long_skipped = False
         self.clock = time.perf_counter  # replaceable: tests step a clock of their own
         self._decode_switch = decode_switch
         self._last_step = 0.0
@@ -331,27 +333,32 @@ class PagedEngine:
             if seq.seq_id in self._seqs:
                 decode.append(seq)
                 budget -= 1
-        # Prompts whose rest fits in half a step go first (a hit's suffix behind a long cold
-        # prompt waited for all of it), in arrival order, then the others; while a long one
-        # waits, the short ones take at most half the step, so a stream of them never starves it.
-        # Beside decoding streams a step reads fewer prompt tokens, and where the streams are
-        # owed time (``stream_time_share``) no long prompt at all.
+        # Prompts whose rest fits in half a step (a hit's suffix) are short. While a long prompt
+        # is read, the short ones get steps of their own, in turns with it: a hit sent behind
+        # another user's cold prompt is answered after the chunk in flight and its own few
+        # tokens, not after a full step of the long one beside it (~6x sooner on a CPU), and a
+        # stream of short ones never takes more than every other step from the long one. Beside
+        # decoding streams a step reads fewer prompt tokens, and where the streams are owed time
+        # (``stream_time_share``) no long prompt at all (a short prompts' turn).
         if decode:
             budget = min(budget, self._beside_streams)
         reading = [s for s in self._seqs.values() if not s.decoding and s.computed < s.end]
         short = {s.seq_id for s in reading if s.end - s.computed <= self._max_batch // 2}
         long_waiting = len(short) < len(reading)
-        short_budget = max(1, budget // 2) if long_waiting else budget
-        reading.sort(key=lambda s: s.seq_id not in short)  # stable: arrival order within
-        # A step the streams are owed reads no long prompt (short ones still go).
         if not (decode and long_waiting):
             self._owed_s = 0.0
         owed = self._owed_s > 0.0
+        long_turn = long_waiting and not owed and (not short or self._long_skipped)
+        # Stable sorts: arrival order within each group. In the long prompts' turn the short
+        # ones take what the long ones leave (the last chunk of one).
+        reading.sort(key=lambda s: (s.seq_id in short) == long_turn)
         for seq in reading:
-            if budget <= 0 or (owed and seq.seq_id not in short):
+            if budget <= 0:
                 break
+            if seq.seq_id not in short and not long_turn and (owed or prefill):
+                break  # the short prompts' turn (where none could go, the long ones do)
             stop = seq.cuts[0] if seq.cuts else seq.end
-            n = min(stop - seq.computed, short_budget if seq.seq_id in short else budget)
+            n = min(stop - seq.computed, budget)
             if n <= 0:
                 continue
             # As much of the chunk as free blocks allow; none: wait for others to free some.
@@ -363,8 +370,7 @@ class PagedEngine:
             self._reserve(seq, seq.computed + n)
             prefill.append((seq, n))
             budget -= n
-            if seq.seq_id in short:
-                short_budget -= n
+        self._long_skipped = long_waiting and all(seq.seq_id in short for seq, _ in prefill)
         finished = [s for s in self._seqs.values() if not s.decoding and s.computed >= s.end]
         for seq in finished:  # nothing to compute: a prefill-only request restored it all
             out += self._prefilled(seq, None)

@@ -439,29 +439,38 @@ def test_long_prefill_runs_in_steps_that_can_be_cancelled() -> None:
     assert engine.num_prefill_tokens_total - before == 16
 
 
-def test_a_short_prompt_goes_ahead_of_a_long_one_being_read() -> None:
-    """A hit's suffix (a short prompt) arriving while a long prompt is read gets its first
-    token in the next step, not after the whole long prompt; the long one keeps at least half
-    of every step however many short ones arrive."""
+def test_a_short_prompt_gets_a_step_of_its_own_beside_a_long_one_being_read() -> None:
+    """A hit's suffix (a short prompt) arriving while a long prompt is read is answered in the
+    next step, one of its own (none of the long prompt in it: it waits for the chunk in flight
+    and its own tokens only); the long prompt reads a whole step every other step however many
+    short ones arrive, and every step once none waits."""
     engine = build_tiny_engine("llama", max_batch_tokens=32)
     long = engine.add(EngineRequest(random_prompt(400, seed=50), greedy(2)))
     engine.step()
     done = 32
 
-    def step_reading(at_least: int) -> set[int]:
+    def step() -> tuple[int, set[int]]:
+        """The long prompt's tokens read in a step, and the sequences answered in it."""
         nonlocal done
         events = engine.step()
         progress = [e for seq, e in events if seq == long and isinstance(e, PrefillProgress)]
-        assert progress and progress[0].num_done_tokens - done >= at_least
-        done = progress[0].num_done_tokens
-        return {seq for seq, e in events if isinstance(e, TokenOut)}
+        read = progress[0].num_done_tokens - done if progress else 0
+        done += read
+        return read, {seq for seq, e in events if isinstance(e, TokenOut)}
 
-    for i in range(3):  # one at a time: each answered in the step after it came
+    for i in range(3):  # one at a time: each answered alone in the step after it came
         short = engine.add(EngineRequest(random_prompt(9, seed=60 + i), greedy(1)))
-        assert step_reading(at_least=32 - 9) == {short}
+        assert step() == (0, {short})
+        assert step() == (32, set())
     flood = [engine.add(EngineRequest(random_prompt(9, seed=70 + i), greedy(1))) for i in range(6)]
-    answered = [step_reading(at_least=16) for _ in range(4)]  # 54 short tokens, 16 a step
-    assert answered[0] == {flood[0]} and set().union(*answered) == set(flood)
+    # 54 short tokens: 32 in their first turn (the fourth prompt in part), the rest in the next.
+    assert [step() for _ in range(5)] == [
+        (0, set(flood[:3])),
+        (32, set()),
+        (0, set(flood[3:])),
+        (32, set()),
+        (32, set()),
+    ]
     run_all(engine, EngineRequest(random_prompt(9, seed=1), greedy(1)))
     assert engine.num_running == 0
     # The smallest steps too: a stream decoding leaves 1 token of a 2-token step, and it goes
