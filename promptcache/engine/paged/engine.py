@@ -171,8 +171,8 @@ class PagedEngine:
         # beside them adds its time * share / (1 - share); each decode-only step pays its own.
         self._stream_ratio = stream_time_share / (1.0 - stream_time_share)
         self._owed_s = 0.0
-        # Whether the last step read none of the long prompts waiting (this one reads them).
-        self._long_skipped = False
+        # Whether the last step passed over the oldest prompt being read (this one reads it).
+        self._oldest_waited = False
         self.clock = time.perf_counter  # replaceable: tests step a clock of their own
         self._decode_switch = decode_switch
         self._last_step = 0.0
@@ -333,13 +333,15 @@ class PagedEngine:
             if seq.seq_id in self._seqs:
                 decode.append(seq)
                 budget -= 1
-        # Prompts whose rest fits in half a step (a hit's suffix) are short. While a long prompt
-        # is read, the short ones get steps of their own, in turns with it: a hit sent behind
-        # another user's cold prompt is answered after the chunk in flight and its own few
-        # tokens, not after a full step of the long one beside it (~6x sooner on a CPU), and a
-        # stream of short ones never takes more than every other step from the long one. Beside
-        # decoding streams a step reads fewer prompt tokens, and where the streams are owed time
-        # (``stream_time_share``) no long prompt at all (a short prompts' turn).
+        # Prompt chunks in turns: the oldest prompt being read gets every other step (so none
+        # ever starves), and the others go to the prompts with the fewest tokens left: the short
+        # ones (a rest that fits in half a step: a hit's suffix) together, else the shortest
+        # alone, with no longer prompt beside them. A hit sent behind another user's cold prompt
+        # is so answered after the chunk in flight and its own few tokens, not after a full step
+        # of the long one beside it (~6x sooner on a CPU), and one with a longer suffix after a
+        # few steps rather than the whole other prompt. Beside decoding streams a step reads
+        # fewer prompt tokens, and where the streams are owed time (``stream_time_share``) only
+        # short ones.
         if decode:
             budget = min(budget, self._beside_streams)
         reading = [s for s in self._seqs.values() if not s.decoding and s.computed < s.end]
@@ -348,15 +350,17 @@ class PagedEngine:
         if not (decode and long_waiting):
             self._owed_s = 0.0
         owed = self._owed_s > 0.0
-        long_turn = long_waiting and not owed and (not short or self._long_skipped)
-        # Stable sorts: arrival order within each group. In the long prompts' turn the short
-        # ones take what the long ones leave (the last chunk of one).
-        reading.sort(key=lambda s: (s.seq_id in short) == long_turn)
-        for seq in reading:
+        by_rest = sorted(reading, key=lambda s: s.end - s.computed)  # stable: arrival order
+        oldest = reading[0] if reading else None
+        oldest_turn = not owed and (self._oldest_waited or (bool(by_rest) and by_rest[0] is oldest))
+        if oldest_turn:  # the others take what it leaves (the last chunk of it), fewest first
+            assert oldest is not None
+            by_rest = [oldest, *(s for s in by_rest if s is not oldest)]
+        for seq in by_rest:
             if budget <= 0:
                 break
-            if seq.seq_id not in short and not long_turn and (owed or prefill):
-                break  # the short prompts' turn (where none could go, the long ones do)
+            if not oldest_turn and seq.seq_id not in short and (owed or prefill):
+                break  # short ones only; where none could go, the shortest
             stop = seq.cuts[0] if seq.cuts else seq.end
             n = min(stop - seq.computed, budget)
             if n <= 0:
@@ -370,7 +374,7 @@ class PagedEngine:
             self._reserve(seq, seq.computed + n)
             prefill.append((seq, n))
             budget -= n
-        self._long_skipped = long_waiting and all(seq.seq_id in short for seq, _ in prefill)
+        self._oldest_waited = oldest is not None and all(seq is not oldest for seq, _ in prefill)
         finished = [s for s in self._seqs.values() if not s.decoding and s.computed >= s.end]
         for seq in finished:  # nothing to compute: a prefill-only request restored it all
             out += self._prefilled(seq, None)

@@ -484,6 +484,40 @@ def test_a_short_prompt_gets_a_step_of_its_own_beside_a_long_one_being_read() ->
     assert any(seq == short and isinstance(e, TokenOut) for seq, e in tiny.step())
 
 
+def test_prompts_being_read_take_turns_fewest_tokens_left_first() -> None:
+    """A prompt too long to be short (a hit with a long new message) arriving while a longer
+    one is read takes the steps between the oldest one's turns, alone, rather than waiting for
+    all of the other; prompts of the same length go in arrival order, one after the other."""
+    engine = build_tiny_engine("llama", max_batch_tokens=32)
+    long = engine.add(EngineRequest(random_prompt(400, seed=50), greedy(1)))
+    engine.step()
+    medium = engine.add(EngineRequest(random_prompt(40, seed=51), greedy(1)))
+
+    def step() -> tuple[set[int], set[int]]:
+        """The sequences whose prompt a step read, and those it answered."""
+        events = engine.step()
+        read = {seq for seq, e in events if isinstance(e, PrefillProgress | TokenOut)}
+        return read, {seq for seq, e in events if isinstance(e, TokenOut)}
+
+    assert [step() for _ in range(4)] == [
+        ({medium}, set()),  # 32 of its 40 tokens, alone
+        ({long}, set()),  # the oldest's turn
+        ({medium}, {medium}),  # its last 8 (short now): answered
+        ({long}, set()),
+    ]
+    run_all(engine, EngineRequest(random_prompt(9, seed=1), greedy(1)))
+    first, second = (
+        engine.add(EngineRequest(random_prompt(100, seed=s), greedy(1))) for s in (2, 3)
+    )
+    # 100 tokens each: the first in 32 + 32 + 32 + 4, the second from what its last step left.
+    assert [step() for _ in range(7)] == [
+        *[({first}, set())] * 3,
+        ({first, second}, {first}),
+        *[({second}, set())] * 2,
+        ({second}, {second}),
+    ]
+
+
 def test_a_step_beside_streams_carries_fewer_prompt_tokens() -> None:
     """``prompt_tokens_beside_streams``: while a stream decodes, a long prompt is read in
     smaller chunks (shorter waits between the stream's tokens), and in whole steps after."""
