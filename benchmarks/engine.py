@@ -17,7 +17,8 @@ decodes ``--decode-tokens``:
   own, and one compiled badly shows as a dip);
 - ttft: a ``--prefix``-token prefix plus a 64-token suffix, cold (nothing cached) and hit (the
   prefix restored from a snapshot), medians of ``--repeats``; and the hit sent while another
-  user's cold prompt of that length is being read (it has run one step);
+  user's cold prompt of that length is being read (it has run one step); and a hit with a
+  600-token suffix alone and sent the same way;
 - with ``--peer``: llama-cpp-python (``.venv-peers``, ``scripts/setup-peers``) on the same GGUF
   file in a subprocess, the same prompts, one stream: its decode rate and cold TTFT, and
   the ratios against ours. Both sides use every core; run it on an otherwise idle machine.
@@ -44,6 +45,9 @@ from promptcache.engine.base import EngineRequest, Prefilled, TokenOut
 from promptcache.engine.paged.engine import PagedEngine
 
 SUFFIX = 64
+LONG_SUFFIX = 600
+"""A hit's longer suffix (a long new message after the cached prefix), alone and behind a cold
+prompt: more than half a step, so it does not count as a short prompt."""
 PEER_SCRIPT = r"""
 import json, sys, time
 from llama_cpp import Llama
@@ -307,6 +311,17 @@ def main() -> int:
         for i in range(args.repeats)
     ]
     figures["hit_behind_cold_ttft_s"] = statistics.median(behind)
+    # A hit with a longer suffix, from the same snapshot: alone, then behind a cold prompt.
+    longer = EngineRequest(
+        long[: args.prefix] + prompt(LONG_SUFFIX, 4, vocab), greedy(1), payload, args.prefix
+    )
+    figures["long_suffix_hit_ttft_s"] = statistics.median(
+        run(engine, [longer])["first"][0] for _ in range(args.repeats)
+    )
+    figures["long_suffix_hit_behind_cold_ttft_s"] = statistics.median(
+        run_behind(engine, EngineRequest(prompt(len(long), 13 + i, vocab), greedy(1)), longer)
+        for i in range(args.repeats)
+    )
     figures["cold_ttft_s"] = statistics.median(cold)
     figures["cold_write_ttft_s"] = statistics.median(write)
     figures["hit_ttft_s"] = statistics.median(hit)
@@ -373,6 +388,10 @@ def main() -> int:
     print(
         f"  hit beside a cold   {figures['hit_behind_cold_ttft_s'] * 1000:8.0f} ms   "
         f"(sent once another {len(long)}-token prompt had run a step)"
+    )
+    print(
+        f"  hit, {LONG_SUFFIX}-token suffix {figures['long_suffix_hit_ttft_s'] * 1000:6.0f} ms   "
+        f"beside a cold {figures['long_suffix_hit_behind_cold_ttft_s'] * 1000:6.0f} ms"
     )
 
     print(f"fidelity ({info.dtype})")
