@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import random
 
 import pytest
 import torch
@@ -516,6 +517,50 @@ def test_prompts_being_read_take_turns_fewest_tokens_left_first() -> None:
         *[({second}, set())] * 2,
         ({second}, {second}),
     ]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_prompts_arriving_at_random_each_get_their_solo_tokens_and_none_starves(kind: str) -> None:
+    """Prompts of random lengths, some from a cached prefix, arriving at random steps while
+    others are read and answered: each gets its solo tokens, and the oldest prompt being read
+    is never passed over two steps running (its turns: however many prompts with fewer tokens
+    left arrive, it is answered)."""
+    engine = build_tiny_engine(kind, max_batch_tokens=32)
+    rng = random.Random(7)
+    base = random_prompt(90, seed=99)
+    cached = prefilled(run_all(engine, EngineRequest(base, greedy(0), snapshot_at=(64,))))
+    requests = []
+    for i in range(24):
+        tail = random_prompt(rng.randrange(1, 160), seed=100 + i)
+        if i % 3:
+            requests.append(EngineRequest(tail, greedy(rng.randrange(1, 12))))
+        else:
+            sampling = greedy(rng.randrange(1, 12))
+            requests.append(EngineRequest(base[:64] + tail, sampling, cached.snapshots[64], 64))
+    solo = [token_ids(run_all(engine, r)) for r in requests]
+    arrivals = sorted(rng.randrange(60) for _ in requests)
+    index: dict[int, int] = {}  # sequence -> request, in arrival order
+    out: list[list[int]] = [[] for _ in requests]
+    passed_over: int | None = None
+    step = 0
+    while len(index) < len(requests) or engine.num_running:
+        while len(index) < len(requests) and arrivals[len(index)] <= step:
+            index[engine.add(requests[len(index)])] = len(index)
+        reading = [seq for seq, i in index.items() if not out[i]]  # arrival order
+        events = engine.step()
+        if reading:
+            if any(seq == reading[0] for seq, _ in events):
+                passed_over = None
+            else:
+                assert passed_over != reading[0], f"step {step}: the oldest prompt passed over"
+                passed_over = reading[0]
+        for seq, item in events:
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, TokenOut):
+                out[index[seq]].append(item.token_id)
+        step += 1
+    assert out == solo
 
 
 def test_a_step_beside_streams_carries_fewer_prompt_tokens() -> None:
