@@ -29,7 +29,7 @@ _HELP = {
     "bfloat16 or float16",
     "kv_reserve_memory": "KV pool memory for live requests on top of cache_memory (default 1GiB)",
     "max_batch_tokens": "tokens per engine step: decode tokens plus prefill chunks "
-    "(default 512 on CPU, 2048 on CUDA)",
+    "(default 256 on CPU, 2048 on CUDA)",
     "stream_time_share": "while a long prompt is read beside decoding streams, the share of the "
     "time given to steps of the streams alone (default auto: 0, none), e.g. 0.2",
     "kv_block_tokens": "tokens per KV pool block (default 32)",

@@ -387,9 +387,10 @@ def test_real_smollm2(tmp_path_factory: pytest.TempPathFactory) -> None:
     assert stop_reason(events) == "end_turn"
 
 
-def test_a_cpu_step_beside_streams_carries_half_the_prompt_tokens() -> None:
+def test_a_cpu_step_beside_streams_carries_at_most_256_prompt_tokens() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert loader.beside_streams(cpu, None) == loader.default_batch_tokens(cpu) // 2
-    assert loader.beside_streams(cpu, 100) == 50
-    assert loader.beside_streams(cpu, 1) == 1
+    assert loader.default_batch_tokens(cpu) == 256
+    assert loader.beside_streams(cpu, None) == 256  # the whole of a default step
+    assert loader.beside_streams(cpu, 512) == loader.beside_streams(cpu, 2048) == 256
+    assert loader.beside_streams(cpu, 100) == 100
     assert loader.beside_streams(cuda, None) is None

@@ -303,19 +303,26 @@ def cpu_has_bf16() -> bool:
     return False
 
 
+STREAM_STEP_TOKENS = 256
+"""On a CPU, the most prompt tokens of a step that also decodes streams: a 512-token chunk of
+Gemma 3 270M took ~0.75 s on 2 Zen 3 cores (float32), so a stream beside a long prompt got
+~1.4 tok/s; with 256, ~2.6 tok/s for a prompt read within ~0-5% of its time (128: ~4.5 tok/s,
+but the prompt 10-25% later)."""
+
+
 def default_batch_tokens(device: torch.device) -> int:
-    """Tokens per engine step: a CPU saturates with a few hundred, a GPU wants more."""
+    """Tokens per engine step: a CPU saturates with a few hundred (``DEFAULT_MAX_BATCH_TOKENS``,
+    256: a prompt is read as fast in 256-token steps as in 512-token ones, and whatever arrives
+    meanwhile, a hit's suffix, waits for half as long a step), a GPU wants more."""
     return 2048 if device.type == "cuda" else DEFAULT_MAX_BATCH_TOKENS
 
 
 def beside_streams(device: torch.device, max_batch_tokens: int | None) -> int | None:
-    """The most prompt tokens of a step that also decodes streams: on a CPU half the step (a
-    512-token chunk of Gemma 3 270M takes ~0.75 s on 2 cores, so a stream beside a long
-    prompt got ~1.4 tok/s; with 256, ~2.6 tok/s for a prompt read within ~0-5% of its time);
-    on a GPU the whole step (None)."""
+    """The most prompt tokens of a step that also decodes streams: on a CPU at most
+    ``STREAM_STEP_TOKENS`` (the whole of a default step); on a GPU the whole step (None)."""
     if device.type == "cuda":
         return None
-    return max(1, (max_batch_tokens or default_batch_tokens(device)) // 2)
+    return min(max_batch_tokens or default_batch_tokens(device), STREAM_STEP_TOKENS)
 
 
 def load_tokenizer(directory: Path, *, save: bool = False) -> BackendTokenizer | HFTokenizer:

@@ -66,7 +66,7 @@ for this long (``CompiledDecode.start``): requests that come right after the sta
 another, run eagerly at full speed instead of beside the compiler."""
 
 DEFAULT_BLOCK_TOKENS = 32
-DEFAULT_MAX_BATCH_TOKENS = 512
+DEFAULT_MAX_BATCH_TOKENS = 256
 
 
 @dataclass(eq=False)
