@@ -1,13 +1,14 @@
 """``PagedEngine``: continuous batching over one paged KV pool that the cache shares.
 
 Each ``step`` computes every running sequence's next decode token plus prefill chunks, up to
-``max_batch_tokens``: decoding sequences go first (a long prefill never stalls a
-stream), then the prompts whose rest fits in half a step (a hit's suffix), then the longer ones,
-each group in arrival order. Where the model has int8 decode weights, or the engine's prefill
-kernels take each chunk, the step runs in parts: the decode rows, then each chunk, each as a
-step of its own (``_forward_parts``). A chunk ends at the next snapshot offset, so
-every snapshot is taken exactly where the prompt was cut (spec §2.4), and the logits of a
-sequence are computed only for the row that is sampled.
+``max_batch_tokens``: decoding sequences go first (a long prefill never stalls a stream),
+then prompt chunks in turns: the oldest prompt being read every other step, the steps between
+to those with the fewest tokens left (a hit's suffix gets a step of its own). Where the model
+has int8 decode weights, or the engine's prefill kernels take each chunk, the step runs in
+parts: the decode rows, then each chunk, each as a step of its own (``_forward_parts``). A
+chunk ends at the next snapshot offset, so every snapshot is taken exactly where the prompt
+was cut (spec §2.4), and the logits of a sequence are computed only for the row that is
+sampled.
 
 Sequences and cached entries are block lists in the same ``KVPool``::
 
