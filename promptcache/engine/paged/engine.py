@@ -353,9 +353,8 @@ class PagedEngine:
         owed = self._owed_s > 0.0
         by_rest = sorted(reading, key=lambda s: s.end - s.computed)  # stable: arrival order
         oldest = reading[0] if reading else None
-        oldest_turn = not owed and (self._oldest_waited or (bool(by_rest) and by_rest[0] is oldest))
-        if oldest_turn:  # the others take what it leaves (the last chunk of it), fewest first
-            assert oldest is not None
+        oldest_turn = not owed and (self._oldest_waited or by_rest[:1] == [oldest])  # identity
+        if oldest_turn and oldest is not None:  # the others take what it leaves, fewest first
             by_rest = [oldest, *(s for s in by_rest if s is not oldest)]
         for seq in by_rest:
             if budget <= 0:
