@@ -372,6 +372,40 @@ def test_a_float16_pool_attends_as_its_keys_converted(heads: int, kv_heads: int,
         torch.testing.assert_close(got, want, **close(torch.float32))
 
 
+@pytest.mark.skipif(
+    KERNELS is None or KERNELS.prefill is None, reason="no AVX512-BF16 here: PyTorch's path"
+)
+def test_a_subnormal_probability_weighs_what_an_unseen_key_weighs() -> None:
+    """The bfloat16 kernel rounds probabilities by the CPU's conversion, which makes a
+    subnormal 0 where PyTorch keeps it: it multiplies them by vdpbf16ps, which reads a
+    subnormal as 0 all the same. So a key whose probability is a subnormal adds exactly what
+    a key outside the window adds: the same bits."""
+    heads, d = 4, 64
+    gen = torch.Generator().manual_seed(9)
+    keys, values = torch.zeros(3, 1, d), torch.randn(3, 1, d, generator=gen)
+    # Scores -81 (bfloat16), 6.25, 6.25: the first key's exponential a normal number (the
+    # kernels' exp is 0 below -88), its probability half of it, a subnormal.
+    keys[:, 0, 0] = torch.tensor([-12.96, 1.0, 1.0])
+    # Columns where the first key's value alone is not 0: a product the subnormal kept would
+    # show there (~1e-37, a normal number).
+    values[0, 0, :8], values[1:, 0, :8] = 100.0, 0.0
+    keys, values = keys.to(torch.bfloat16), values.to(torch.bfloat16)
+    q = torch.zeros(1, heads, d, dtype=torch.bfloat16)
+    q[..., 0] = 100.0
+    scores = (q[0, 0].float() @ keys[:, 0].float().T).to(torch.bfloat16).float() * 0.0625
+    first = torch.softmax(scores, dim=-1)[0].to(torch.bfloat16)
+    assert 0 < first.abs() < torch.finfo(torch.float32).tiny  # a bfloat16 subnormal
+    out = {}
+    for window, k0 in ((3, 0), (2, 1)):  # the query at position 2 sees keys 0..2, then 1..2
+        out[window] = torch.empty(1, heads, d, dtype=torch.bfloat16)
+        slots = torch.arange(k0, 3)
+        assert kernels().prefill_attention(
+            q, keys, values, slots, (k0, 2), window, 0.0625, out[window]
+        )
+    assert torch.equal(out[3], out[2])
+    assert not out[3][..., :8].any()
+
+
 def test_prefill_attention_declines_what_it_does_not_read() -> None:
     keys, values = pool(64, 1, 64, torch.float32)
     q = torch.randn(4, 2, 64)

@@ -114,11 +114,19 @@ struct BF16 {
 #endif
     return _mm512_cvtepi32_epi16(bits16_long(v));
   }
+#if PC_DPBF16
+  // b's 16 values rounded (low words), then a's: vcvtne2ps2bf16, which reads a subnormal as 0
+  // where float_to_bf16 keeps it. For what only vdpbf16ps reads (attention's probabilities):
+  // it reads subnormal inputs as 0 too, so the sums are the same bits.
+  static __m512i pack32(__m512 a, __m512 b) { return (__m512i)_mm512_cvtne2ps_pbh(a, b); }
+  // round16 by vcvtneps2bf16, a subnormal becoming 0. For attention's scores, used as exp(s -
+  // max) alone: a subnormal and 0 give the same exponentials and the same largest one.
+  static __m512 round16_score(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+#endif
   static void store16(T* p, __m512 v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack16(v));
   }
-  // Rounded in place (the attention kernels' scores and probabilities, whose subnormal tails
-  // would send pack16 the long way often): the integer arithmetic alone.
+  // Rounded in place, subnormals as PyTorch rounds them: the integer arithmetic alone.
   static __m512i bits16(__m512 v) { return bits16_long(v); }
   static __m512 round16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits16(v), 16)); }
   static __m512 load16(__mmask16 k, const T* p) {

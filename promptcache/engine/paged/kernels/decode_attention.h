@@ -274,7 +274,7 @@ void dp_scores(const DpUnit& u, const uint16_t* keys, const uint16_t* values, in
     for (int j = 0; j < KB; ++j)  // past the last key: the first again, its sums unused
       kp[j] = keys + (u.slots[u.live[i + (j < kb ? j : 0)]] * u.KVH + u.kh) * u.D;
     // Lane j * GQ + g: key j, head g, rounded and scaled; then head g's keys in lanes j.
-    const __m512 r = _mm512_mul_ps(BF16::round16(score_block<GQ>(u.qb, kp, u.D)), vscale);
+    const __m512 r = _mm512_mul_ps(BF16::round16_score(score_block<GQ>(u.qb, kp, u.D)), vscale);
     __m512 m = _mm512_setzero_ps();  // added as the scalar + 0.0f is: -0 becomes +0
     if (!u.zero_mask) {
       alignas(64) float mj[16] = {};
@@ -327,10 +327,7 @@ void dp_values(const DpUnit& u, const uint16_t* values, int64_t i0, int64_t i1, 
       const __mmask16 k0 = lanes(i, i1), k1 = i + 16 < i1 ? lanes(i + 16, i1) : 0;
       const __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(k0, s + i), vinv);
       const __m512 b = _mm512_mul_ps(_mm512_maskz_loadu_ps(k1, s + i + 16), vinv);
-      const __m512i both = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm512_cvtepi32_epi16(BF16::bits16(a))),
-          _mm512_cvtepi32_epi16(BF16::bits16(b)), 1);
-      _mm512_store_si512(pairs[g] + p, both);
+      _mm512_store_si512(pairs[g] + p, BF16::pack32(b, a));
     }
   }
   // Lane l of the low (high) interleave holds column 8 (l / 4) + l % 4 (+ 4): back in order.

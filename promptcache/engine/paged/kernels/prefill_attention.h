@@ -42,7 +42,10 @@ inline __m512 pf_exp_in_place(float* s, int64_t lanes, int64_t pairs, __m512 mx)
 // q0 + n), causal and, with a window, each query seeing its last `window` positions. The same
 // roundings as attention.grouped (scores rounded to bfloat16, * scale, softmax in float32,
 // probabilities rounded to bfloat16, their products with the values summed in float32 and
-// rounded once); the additions in an order that depends on the query's own row alone:
+// rounded once; the roundings by the CPU's conversions, which make a subnormal 0 where
+// PyTorch keeps it: the same exponentials from such a score, and such a probability weighs 0
+// in vdpbf16ps either way); the additions in an order that depends on the query's own row
+// alone:
 //
 // - a unit is one key head and the query heads that share it for up to PF_LANES / G tokens,
 //   its rows (token-major) the 16-wide lanes of one or two vectors, so the softmax runs down
@@ -57,6 +60,14 @@ inline __m512 pf_exp_in_place(float* s, int64_t lanes, int64_t pairs, __m512 mx)
 // a cache hit's suffix and the cold prompt's last chunk give the same bits.
 constexpr int PF_KEYS = 12;
 constexpr int PF_ROWS = 12;
+
+// Word 2i from word i, word 2i + 1 from word 16 + i: BF16::pack32's halves as pairs.
+inline __m512i pair_words() {
+  alignas(64) static const uint16_t idx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                               21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26,
+                                               11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_load_si512(idx);
+}
 
 // Scores of NK keys (krow[k]: a key head's row of the pool) for the NV * 16 rows of qp (the
 // unit's query rows as bfloat16 pairs [D / 2][NV * 16]): acc[k * NV + v], lane i the product
@@ -145,7 +156,8 @@ void pf_unit(const PfUnit& u, const uint16_t* q, int64_t q_stride, int64_t H, in
       for (int v = 0; v < NV; ++v) {
         const __mmask16 seen = _mm512_cmple_epi32_mask(vl, qpos[v]) &
                                _mm512_cmpgt_epi32_mask(vl, qlow[v]);
-        const __m512 s = _mm512_mask_mul_ps(none, seen, BF16::round16(acc[k * NV + v]), vscale);
+        const __m512 r = BF16::round16_score(acc[k * NV + v]);
+        const __m512 s = _mm512_mask_mul_ps(none, seen, r, vscale);
         _mm512_storeu_ps(sc + (l0 + k - pa) * lanes + v * 16, s);
         mx[v] = _mm512_max_ps(mx[v], s);
       }
@@ -162,13 +174,13 @@ void pf_unit(const PfUnit& u, const uint16_t* q, int64_t q_stride, int64_t H, in
   __m512 inv[NV];
   for (int v = 0; v < NV; ++v) inv[v] = pf_exp_in_place(sc + v * 16, lanes, pairs, mx[v]);
   uint32_t* pp = reinterpret_cast<uint32_t*>(sc);
+  const __m512i interleave = pair_words();
   for (int64_t p = 0; p < pairs; ++p)
     for (int v = 0; v < NV; ++v) {
-      const __m512 e0 = _mm512_loadu_ps(sc + 2 * p * lanes + v * 16);
-      const __m512 e1 = _mm512_loadu_ps(sc + (2 * p + 1) * lanes + v * 16);
-      const __m512i b0 = BF16::bits16(_mm512_mul_ps(e0, inv[v]));
-      const __m512i b1 = BF16::bits16(_mm512_mul_ps(e1, inv[v]));
-      _mm512_storeu_si512(pp + p * lanes + v * 16, _mm512_or_si512(b0, _mm512_slli_epi32(b1, 16)));
+      const __m512 e0 = _mm512_mul_ps(_mm512_loadu_ps(sc + 2 * p * lanes + v * 16), inv[v]);
+      const __m512 e1 = _mm512_mul_ps(_mm512_loadu_ps(sc + (2 * p + 1) * lanes + v * 16), inv[v]);
+      _mm512_storeu_si512(pp + p * lanes + v * 16,
+                          _mm512_permutexvar_epi16(interleave, BF16::pack32(e1, e0)));
     }
   // The values: pair p of the unit is pair (pa - pa0) / 2 + p of the chunk's interleaved copy
   // (vpairs of them a block of columns).
