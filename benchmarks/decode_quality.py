@@ -7,9 +7,10 @@ Over windows of this repository's docs: a prompt of ``--context`` tokens prefill
 next ``--steps`` tokens of the text fed one decode step at a time (whatever was predicted),
 each step computed three ways over the same KV and the same head:
 
-- the engine's decode step (``NativeDecode``: int8 weights; the rows quantized to int8 where it
-  multiplies in integers, ``native_decode.integer_rows``: bfloat16 rows with AVX512-VNNI,
-  float32 rows on AVX2);
+- the engine's decode step (``NativeDecode``: int8 weights, or the GGUF file's own codes where
+  it reads them, ``paged.codes``; the rows quantized to int8 where it multiplies in integers,
+  ``native_decode.integer_rows``: bfloat16 rows with AVX512-VNNI, float32 rows on AVX2), and
+  where it reads codes the same step on the int8 copies;
 - PyTorch's int8 decode path (the same int8 weights, rows in the model's dtype);
 - the dense weights (what a prompt's tokens are computed with).
 
@@ -26,7 +27,9 @@ from pathlib import Path
 import torch
 
 from promptcache.engine.hf import loader
+from promptcache.engine.paged import codes
 from promptcache.engine.paged.attention import StepSeq
+from promptcache.engine.paged.native_decode import NativeDecode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +63,15 @@ def main() -> int:
         print("the engine's own decode step does not run here (no int8 weights or no kernels)")
         return 1
     model, attn, pool = engine.model, engine._attn, engine._pool
+    # Where the decode step reads the GGUF file's own codes (paged.codes), the same step on
+    # the int8 copies beside it.
+    projections = codes.decode_projections(model) or []
+    kept = [[p.codes for p in layer] for layer in projections]
+    int8_step = None
+    if any(c is not None for layer in kept for c in layer):
+        codes.attach_packed(model, [[None] * len(layer) for layer in kept])
+        int8_step = NativeDecode.build(model, attn, step.max_rows)
+        codes.attach_packed(model, kept)
     plain = f"int8 weights, {'bf16' if model.dtype == torch.bfloat16 else 'f32'} rows"
     n0, n = args.context, args.steps
     loss: dict[str, list[float]] = {}
@@ -85,6 +97,8 @@ def main() -> int:
                     logits["dense"] = model.logits(model(x, pos, attn)).float()
                     switch.on = True
                     logits[plain] = model.logits(model(x, pos, attn)).float()
+                    if int8_step is not None:
+                        logits["engine step, int8 copies"] = model.logits(int8_step(x, pos)).float()
                     logits["engine step"] = model.logits(step(x, pos)).float()
                     dense = int(logits["dense"].argmax())
                     for name, row in logits.items():

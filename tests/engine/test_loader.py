@@ -28,7 +28,9 @@ from promptcache.engine.hf.testing import (
 )
 from promptcache.engine.hf.tokenizer import BACKEND_META, BackendTokenizer, HFTokenizer
 from promptcache.engine.models import EmbeddedModel
+from promptcache.engine.paged import codes, native
 from promptcache.engine.paged.engine import PagedEngine
+from promptcache.engine.paged.native_decode import codes_products
 
 WORDS = ["hello", "world", "the", "cat", "sat", "<", ">", "start_of_turn", "im_start", "|"]
 GEMMA_SPECIALS = ["<start_of_turn>", "<end_of_turn>"]
@@ -361,6 +363,9 @@ def test_real_default_model(tmp_path_factory: pytest.TempPathFactory) -> None:
     snap = events[0].snapshots[4]  # type: ignore[union-attr]
     warm = run_all(engine, EngineRequest(prompt, Sampling(max_tokens=12, temperature=0.0), snap, 4))
     assert token_ids(warm) == token_ids(events)
+    # Its Q5_0 projections (gate/up everywhere; q/k/v where v is Q5_0 too) decode from the
+    # file's codes where the kernels read them.
+    assert coded(engine) == (27 if reads_codes(engine) else 0)
 
 
 @pytest.mark.slow
@@ -385,6 +390,19 @@ def test_real_smollm2(tmp_path_factory: pytest.TempPathFactory) -> None:
     events = run_all(engine, EngineRequest(prompt, Sampling(max_tokens=24, temperature=0.0)))
     assert "Paris" in tok.decode(token_ids(events))
     assert stop_reason(events) == "end_turn"
+    assert coded(engine) == (30 * 4 if reads_codes(engine) else 0)  # every layer Q4_1
+
+
+def coded(engine: PagedEngine) -> int:
+    """How many of the engine's decode projections read the GGUF file's own codes."""
+    layers = codes.decode_projections(engine.model) or []
+    return sum(p.codes is not None for layer in layers for p in layer)
+
+
+def reads_codes(engine: PagedEngine) -> bool:
+    kernels = native.kernels()
+    bf16 = engine.model.dtype == torch.bfloat16
+    return kernels is not None and bf16 and codes_products(kernels.library)
 
 
 def test_a_cpu_step_beside_streams_carries_at_most_256_prompt_tokens() -> None:

@@ -11,6 +11,7 @@ never loaded. Nothing here touches the network (``local_files_only`` everywhere)
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +35,7 @@ from promptcache.engine.hf.checkpoint import Checkpoint, import_transformers, lo
 from promptcache.engine.hf.tokenizer import BackendTokenizer, HFTokenizer
 from promptcache.engine.models import DEFAULT, EmbeddedModel, resolve_model
 from promptcache.engine.paged import native
+from promptcache.engine.paged.codes import attach as attach_codes
 from promptcache.engine.paged.compiled import compiler_available, use_cache_dir
 from promptcache.engine.paged.engine import (
     DEFAULT_BLOCK_TOKENS,
@@ -47,6 +49,7 @@ from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.int8 import add_decode_int8
 from promptcache.engine.paged.models.packed import pack_linears, packing_available
 from promptcache.engine.paged.models.panels import panel_linears, panels_available
+from promptcache.engine.paged.native_decode import codes_products
 
 log = logging.getLogger("promptcache.engine")
 
@@ -79,6 +82,17 @@ def find_model(model: str | None, cache_dir: Path) -> ModelFiles:
         directory, sha = ensure_converted(choice, cache_dir)
         return ModelFiles(directory, sha, choice.stem)
     return ModelFiles(choice, directory_fingerprint(choice), choice.resolve().name)
+
+
+def gguf_finder(model: str | None, cache_dir: Path) -> Callable[[], Path] | None:
+    """What finds the GGUF file ``--model`` was converted from (None: not from one). It may
+    assemble an embedded model's file, so it is called only when that file is needed."""
+    choice = resolve_model(model)
+    if isinstance(choice, EmbeddedModel):
+        return functools.partial(choice.gguf, cache_dir)
+    if choice.suffix == ".gguf" and choice.is_file():
+        return functools.partial(Path, choice)
+    return None
 
 
 def load_engine(
@@ -148,8 +162,6 @@ def load_engine(
     tag += "+panels" * panels
     # A pool of another dtype than the model's stores other bits (an entry's revision says it).
     tag += f"+kv-{kv_name}" * (kv_name != dtype)
-    parts = (KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed, tag)
-    revision = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
     stops = stop_token_ids(fmt, tokenizer, hf_model)
     context = max_context_tokens or int(hf_model.config.max_position_embeddings)
     hf_model = hf_model.to(dev)
@@ -163,6 +175,17 @@ def load_engine(
     del hf_model  # the lean model shares or copied its weights
     head_cache = Path(cache_dir) / "int4"
     switch = add_decode_int8(lean, head_cache=head_cache) if quant == "int8" else None
+    # Decode steps read the GGUF file's own 4/5-bit codes where the engine's kernels do
+    # (bfloat16 rows on AVX512-VNNI): fewer bytes a step than the int8 copies.
+    coded = 0
+    gguf = gguf_finder(model, Path(cache_dir))
+    readable = kernels is not None and codes_products(kernels.library)
+    if switch is not None and gguf is not None and readable and DTYPES[dtype] == torch.bfloat16:
+        coded = attach_codes(lean, gguf, source, Path(cache_dir) / "codes")
+    # Its decode tokens' keys and values are another revision's (see the kernels' above).
+    tag += "+codes" * (coded > 0)
+    parts = (KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed, tag)
+    revision = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
     if packed:  # after the int8 copies, which are made from the plain weights
         pack_linears(lean)
     if panels:
@@ -171,13 +194,14 @@ def load_engine(
     if compiled:
         use_cache_dir(Path(cache_dir))
     log.info(
-        "engine: %s on %s, %s, KV %s, int8 decode weights: %s, CPU kernels: %s, "
-        "compiled decode: %s",
+        "engine: %s on %s, %s, KV %s, int8 decode weights: %s (%d projections from the "
+        "file's codes), CPU kernels: %s, compiled decode: %s",
         model_id,
         dev,
         dtype,
         kv_name,
         quant,
+        coded,
         "yes" if kernels else "no",
         "yes (compiling in the background)" if compiled else "no",
     )

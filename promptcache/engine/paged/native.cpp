@@ -12,6 +12,7 @@
 //
 // The kernels live in kernels/*.h, by what they compute; this file is their C interface.
 
+#include "kernels/codes.h"
 #include "kernels/common.h"
 #include "kernels/decode_attention.h"
 #include "kernels/elementwise.h"
@@ -185,6 +186,19 @@ void pc_gemv_int8_vnni_f32(const float* x, int64_t B, int64_t K, const uint8_t* 
   gemv_int8_vnni<F32>(x, B, K, p, scales, bias, N, y, scratch);
 }
 int64_t pc_vnni_group() { return VNNI_GROUP; }
+#endif
+
+// 1 when decode steps of bfloat16 rows can read a GGUF file's own codes (gemv_codes).
+int pc_codes_products() { return PC_VNNI; }
+#if PC_VNNI
+// y [B, N] = x [B, K] W^T (+ bias) over codes laid out by codes.py; scratch: what gemv_codes
+// asks.
+void pc_gemv_codes_bf16(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p, int64_t bits,
+                        int64_t offset, const uint16_t* bias, int64_t N, uint16_t* y,
+                        void* scratch) {
+  gemv_codes<BF16>(x, B, K, p, static_cast<int>(bits), static_cast<int>(offset), bias, N, y,
+                   scratch);
+}
 #endif
 
 #if PC_DPBF16

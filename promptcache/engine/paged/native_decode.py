@@ -61,6 +61,9 @@ class LayerStruct(ctypes.Structure):
         ("values", _P),
         ("dense", _P * 4),
         ("dense_block", ctypes.c_int64 * 4),
+        ("codes", _P * 4),
+        ("code_bits", ctypes.c_int64 * 4),
+        ("code_offset", ctypes.c_int64 * 4),
     ]
 
 
@@ -292,6 +295,8 @@ class NativeDecode(NativeStep):
             library.pc_vnni_group.restype = ctypes.c_int64
             if library.pc_vnni_group() != VNNI_GROUP:
                 raise RuntimeError("kernels/products.h' VNNI_GROUP and native_decode's disagree")
+        # A GGUF file's own codes (paged.codes, kernels/codes.h): bfloat16 rows on AVX512-VNNI.
+        codes = model.dtype == torch.bfloat16 and codes_products(library)
         act = None
         intermediate = 0
         stack = layers_of(model)
@@ -299,7 +304,7 @@ class NativeDecode(NativeStep):
             return None
         for i, layer in enumerate(stack):
             struct = LayerStruct()
-            layer_act = _fill_layer(struct, layer, norm_mode, keep, vnni=vnni)
+            layer_act = _fill_layer(struct, layer, norm_mode, keep, vnni=vnni, codes=codes)
             if layer_act is None or (act is not None and layer_act != act):
                 return None
             act = layer_act
@@ -330,6 +335,12 @@ class NativeDecode(NativeStep):
         return out
 
 
+def codes_products(library: Any) -> bool:
+    """Whether the library's decode steps read GGUF codes (``gemv_codes``: AVX512-VNNI)."""
+    fn = getattr(library, "pc_codes_products", None)
+    return bool(fn is not None and fn())
+
+
 def vnni_weight(q: torch.Tensor) -> torch.Tensor:
     """``q [N, K]`` (int8, contiguous) laid out as kernels/products.h' ``gemv_int8_vnni`` reads
     it: ``[N / 16, K / 4, 16, 4]`` bytes, 16 output rows side by side, four input columns
@@ -348,9 +359,11 @@ def _fill_layer(
     keep: list[torch.Tensor],
     *,
     vnni: bool,
+    codes: bool = False,
 ) -> int | None:
     """Point ``struct`` at ``layer``'s weights (their tensors appended to ``keep``; with
-    ``vnni``, a copy of each int8 weight laid out by ``vnni_weight`` too); returns the
+    ``vnni``, a copy of each int8 weight laid out by ``vnni_weight`` too; with ``codes``, a
+    projection's GGUF codes where it has them, instead of that copy); returns the
     layer's activation (kernels/elementwise.h's Act), or None when the kernels do not run it."""
     if not fill_norms(struct, layer, norm_mode, keep):
         return None
@@ -363,7 +376,13 @@ def _fill_layer(
             return None
         keep += [t for t in (q, scales, bias) if t is not None]
         struct.w[j], struct.scales[j], struct.bias[j] = _ptr(q), _ptr(scales), _ptr(bias)
-        if vnni and q.shape[0] % 16 == 0 and q.shape[1] % VNNI_GROUP == 0:
+        if codes and proj.codes is not None and q.shape[1] % VNNI_GROUP == 0:
+            # The file's own codes (paged.codes): no vpdpbusd copy of the int8 weight.
+            packed = proj.codes
+            keep.append(packed.data)
+            struct.codes[j], struct.code_bits[j] = packed.data.data_ptr(), packed.bits
+            struct.code_offset[j] = packed.offset
+        elif vnni and q.shape[0] % 16 == 0 and q.shape[1] % VNNI_GROUP == 0:
             twin = vnni_weight(q)
             keep.append(twin)
             struct.vnni[j] = twin.data_ptr()
@@ -407,6 +426,7 @@ __all__ = [
     "NativeDecode",
     "NativeStep",
     "StepStruct",
+    "codes_products",
     "fill_norms",
     "fill_pool",
     "integer_rows",

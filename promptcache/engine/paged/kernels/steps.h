@@ -3,6 +3,7 @@
 
 #pragma once
 
+#include "codes.h"
 #include "common.h"
 #include "decode_attention.h"
 #include "elementwise.h"
@@ -29,6 +30,9 @@ struct PcLayer {
   const void* dense[4];     // prefill_step: the dense weights, bfloat16 laid out for gemm_bf16
                             // or float32 for gemm_f32 (panel_f32)
   int64_t dense_block[4];   // bfloat16: their blocks (pairs) of the inputs, oneDNN's (calibrated)
+  const uint8_t* codes[4];  // decode_step: the GGUF file's own codes for gemv_codes, or null
+  int64_t code_bits[4];     // their width: 4 or 5
+  int64_t code_offset[4];   // w = d (q - offset); 0: w = d q + m
 };
 
 struct PcModel {
@@ -75,6 +79,24 @@ inline void write_slot(const typename S::T* src, int64_t width, int64_t slot, vo
   }
 }
 
+// Projection j of a decode step's layer: from the file's codes where the layer has them
+// (bfloat16 rows), else from its int8 weights. xf: scratch of [B, K] floats.
+template <class S>
+inline void decode_product(const PcLayer& L, int j, const typename S::T* x, float* xf, int64_t B,
+                           int64_t K, int64_t N, typename S::T* y) {
+#if PC_VNNI
+  if constexpr (std::is_same_v<S, BF16>) {
+    if (L.codes[j]) {
+      gemv_codes<S>(x, B, K, L.codes[j], static_cast<int>(L.code_bits[j]),
+                    static_cast<int>(L.code_offset[j]),
+                    static_cast<const typename S::T*>(L.bias[j]), N, y, xf);
+      return;
+    }
+  }
+#endif
+  project<S>(x, xf, B, K, L.w[j], L.vnni[j], L.scales[j], L.bias[j], N, y);
+}
+
 // K: the pool's storage type (S's, or F16 under a float32 model: pc_*_step_f32_kv16).
 template <class S, class K = S>
 void decode_step(const PcModel& m, const PcStep& st) {
@@ -90,7 +112,7 @@ void decode_step(const PcModel& m, const PcStep& st) {
   const bool gemma = m.norm_mode == OFFSET;
   for (int64_t l = 0; l < m.num_layers; ++l) {
     const PcLayer& L = m.layers[l];
-    project<S>(h.data(), xf.data(), B, E, L.w[0], L.vnni[0], L.scales[0], L.bias[0], QKV, qkv.data());
+    decode_product<S>(L, 0, h.data(), xf.data(), B, E, QKV, qkv.data());
     const T* cos = L.rope >= 0 ? static_cast<const T*>(st.cos[L.rope]) : nullptr;
     const T* sin = L.rope >= 0 ? static_cast<const T*>(st.sin[L.rope]) : nullptr;
     qk_norm_rope<S>(qkv.data(), QKV, B, QK, D, L.head_norm, L.head_eps,
@@ -106,12 +128,12 @@ void decode_step(const PcModel& m, const PcStep& st) {
     decode_attention<S, K>(qk.data(), QK * D, keys, values, st.slots[L.window],
                            st.masks[L.window], att.data(), B, H, KVH, D, st.widths[L.window],
                            L.scale);
-    project<S>(att.data(), xf.data(), B, H * D, L.w[1], L.vnni[1], L.scales[1], L.bias[1], E, proj.data());
+    decode_product<S>(L, 1, att.data(), xf.data(), B, H * D, E, proj.data());
     residual_norm<S>(x.data(), proj.data(), B, E, gemma ? L.norm_w[1] : nullptr, L.norm_eps[1],
                      L.norm_w[2], L.norm_eps[2], m.norm_mode, x2.data(), h.data());
-    project<S>(h.data(), xf.data(), B, E, L.w[2], L.vnni[2], L.scales[2], L.bias[2], 2 * I, proj.data());
+    decode_product<S>(L, 2, h.data(), xf.data(), B, E, 2 * I, proj.data());
     gated_act<S>(proj.data(), B, I, m.act, mid.data(), I);
-    project<S>(mid.data(), xf.data(), B, I, L.w[3], L.vnni[3], L.scales[3], L.bias[3], E, proj.data());
+    decode_product<S>(L, 3, mid.data(), xf.data(), B, I, E, proj.data());
     const bool last = l + 1 == m.num_layers;
     const void* next_w = last ? m.final_norm : m.layers[l + 1].norm_w[0];
     const float next_eps = last ? m.final_eps : m.layers[l + 1].norm_eps[0];

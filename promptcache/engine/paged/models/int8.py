@@ -9,6 +9,7 @@ falls back to dequantizing per call, which saves memory but not time.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from torch import nn
 from promptcache.engine.paged.models.base import CausalLM
 from promptcache.engine.paged.models.int4 import RescoredHead, int4_supported
 from promptcache.engine.paged.models.layers import Linear, frozen
+
+if TYPE_CHECKING:
+    from promptcache.engine.paged.codes import Packed
 
 
 def quantize_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +100,10 @@ class DecodeInt8Linear(nn.Module):
         self.int8 = Int8Linear.from_linear(dense)
         self.switch = switch
         self.by_rows = by_rows
+        self.codes: Packed | None = None
+        """The GGUF file's own codes of this weight laid out for the engine's decode step
+        (``paged.codes.Packed``), where they are at hand: it reads them instead of the int8
+        copy."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.by_rows or torch.compiler.is_dynamo_compiling():
