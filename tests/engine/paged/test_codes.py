@@ -14,7 +14,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
 from promptcache.core.request import Sampling
 from promptcache.engine.base import EngineRequest, TokenOut
@@ -181,6 +181,18 @@ def layer_file(
         bf16("ffn_down"),
     ]
     return path, weights
+
+
+def test_a_files_tensors_read_as_ggufs_reader_reads_them(tmp_path: Path) -> None:
+    path, _ = layer_file(tmp_path, (4, 2))
+    mine = codes.gguf_tensors(path)
+    theirs = GGUFReader(path).tensors
+    assert sorted(mine) == sorted(t.name for t in theirs)
+    for t in theirs:
+        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
+        assert mine[t.name].kind == int(t.tensor_type)
+        assert mine[t.name].dims == tuple(int(x) for x in t.shape)
+        assert bytes(mine[t.name].data[: raw.nbytes]) == raw.tobytes()
 
 
 @pytest.mark.parametrize("reorder", [False, True])
