@@ -16,6 +16,8 @@ namespace {
 // no offset, their m. Read where int8 copies of the same weights would be (5-6 bits a weight
 // with the scales, against ~8): a decode step is bound by the weight bytes it streams.
 constexpr int64_t CODES_BLOCK = 32;
+// Four int8 inputs read as one word (the bytes' own type may alias it).
+typedef int32_t __attribute__((may_alias)) aliased_i32;
 constexpr int64_t CODES_LOW = 256;
 constexpr int64_t CODES_HIGH = 64;
 constexpr int64_t codes_stride(int bits, int offset) {
@@ -71,16 +73,13 @@ inline void codes_block(const int8_t* a, const float* alpha, const void* sums, i
       s[b] = OFFSET ? _mm512_set1_epi32(isum[t * BN + b]) : _mm512_setzero_si512();
     const __m512i h = BITS == 5 ? _mm512_loadu_si512(blk + CODES_LOW) : _mm512_setzero_si512();
     // Each vector of codes made once and multiplied by every row's four inputs in turn.
-    const int8_t* words = a + t * CODES_BLOCK / 4 * BN * 4;
+    const aliased_i32* words32 = reinterpret_cast<const aliased_i32*>(a) + t * CODES_BLOCK / 4 * BN;
     const auto step = [&](auto j) {
       constexpr int J = decltype(j)::value;
       const __m512i v = _mm512_loadu_si512(blk + 64 * (J % 4));
       const __m512i c = code_vector<BITS, J>(v, h);
-      for (int b = 0; b < BN; ++b) {
-        int32_t four;
-        std::memcpy(&four, words + (J * BN + b) * 4, sizeof four);
-        s[b] = _mm512_dpbusd_epi32(s[b], c, _mm512_set1_epi32(four));
-      }
+      for (int b = 0; b < BN; ++b)  // four inputs to every lane
+        s[b] = _mm512_dpbusd_epi32(s[b], c, _mm512_set1_epi32(words32[J * BN + b]));
     };
     step(std::integral_constant<int, 0>{});
     step(std::integral_constant<int, 1>{});
@@ -123,21 +122,17 @@ void gemv_codes(const typename S::T* x, int64_t B, int64_t K, const uint8_t* p, 
   int32_t* bias128 = reinterpret_cast<int32_t*>(alpha + B * G);
   int32_t* isum = bias128 + B * G;
   float* msum = reinterpret_cast<float*>(isum);
-  quantize_rows<S>(x, B, K, a, alpha, bias128);
-  // Each row's inputs summed per block (a's layout: quantize_rows'), times -offset, or with
-  // none times the row's alpha: per block of VNNI_ROWS rows, [T][rows].
+  // Each row's inputs summed per block (per block of VNNI_ROWS rows, [T][rows]), then times
+  // -offset, or with none times the row's alpha.
+  quantize_rows<S>(x, B, K, a, alpha, bias128, isum);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t b0 = b / VNNI_ROWS * VNNI_ROWS, rows = std::min(VNNI_ROWS, B - b0);
-    const int8_t* block = a + b0 * K;
     for (int64_t t = 0; t < T; ++t) {
-      int32_t sum = 0;
-      for (int64_t c = t * CODES_BLOCK / 4; c < (t + 1) * CODES_BLOCK / 4; ++c)
-        for (int i = 0; i < 4; ++i) sum += block[(c * rows + b - b0) * 4 + i];
       const int64_t at = b0 * T + t * rows + b - b0;
       if (offset)
-        isum[at] = -offset * sum;
+        isum[at] *= -offset;
       else
-        msum[at] = alpha[b * G + t * CODES_BLOCK / VNNI_GROUP] * static_cast<float>(sum);
+        msum[at] = alpha[b * G + t * CODES_BLOCK / VNNI_GROUP] * static_cast<float>(isum[at]);
     }
   }
   const int64_t stride = codes_stride(bits, offset);

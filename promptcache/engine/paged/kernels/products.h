@@ -210,9 +210,11 @@ constexpr int64_t VNNI_ROWS = 8;
 // four by four in turn: row b's inputs 4 c .. 4 c + 3 at (c * rows + b) * 4, so a block's
 // four-input words for one step lie together and vnni_block reads them from one pointer
 // (8 rows' own pointers took more of AVX2's registers than it has, and spilled).
+// sum32 (gemv_codes'): or null, each row's sums per block of 32 inputs, per block of VNNI_ROWS
+// rows [K / 32][rows] from sum32 + b0 K / 32.
 template <class S>
 void quantize_rows(const typename S::T* x, int64_t B, int64_t K, int8_t* a, float* alpha,
-                   int32_t* bias128) {
+                   int32_t* bias128, int32_t* sum32 = nullptr) {
   const int64_t G = K / VNNI_GROUP;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t b0 = b / VNNI_ROWS * VNNI_ROWS, rows = std::min(VNNI_ROWS, B - b0);
@@ -228,11 +230,18 @@ void quantize_rows(const typename S::T* x, int64_t B, int64_t K, int8_t* a, floa
       }
       const float top = _mm512_reduce_max_ps(big);
       const __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-      __m512i sum = _mm512_setzero_si512();
+      __m512i sum = _mm512_setzero_si512(), half = sum;
       for (int i = 0; i < V; ++i) {
         // Rounded to nearest even (the default rounding mode); |x| * 127 / top <= 127.
         const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));
         sum = _mm512_add_epi32(sum, q);
+        if (sum32) {
+          half = i % 2 == 0 ? q : _mm512_add_epi32(half, q);
+          if (i % 2 == 1) {  // a block of 32 inputs ends here
+            const int64_t t = (g * VNNI_GROUP + 16 * i) / 32;
+            sum32[b0 * (K / 32) + t * rows + b - b0] = _mm512_reduce_add_epi32(half);
+          }
+        }
         alignas(16) int8_t bytes[16];
         _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm512_cvtsepi32_epi8(q));
         for (int m = 0; m < 4; ++m) {
