@@ -16,16 +16,19 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
-from promptcache.core.request import Sampling
-from promptcache.engine.base import EngineRequest, TokenOut
-from promptcache.engine.hf.testing import build_tiny_engine, random_prompt, run_all, token_ids
+from promptcache.engine.hf.testing import build_tiny_engine
 from promptcache.engine.paged import codes, native
 from promptcache.engine.paged.codes import Codes, Packed
 from promptcache.engine.paged.engine import PagedEngine
 from promptcache.engine.paged.models.int8 import DecodeInt8Linear
 from promptcache.engine.paged.native_decode import VNNI_GROUP, codes_products
 from tests.engine.paged.test_int8 import assert_hits_exact
-from tests.engine.paged.test_native_decode import one_step, quantized_rows, tolerance
+from tests.engine.paged.test_native_decode import (
+    alone_and_together,
+    one_step,
+    quantized_rows,
+    tolerance,
+)
 
 Q = GGMLQuantizationType
 READ = [Q.Q4_0, Q.Q4_1, Q.Q5_0]
@@ -313,15 +316,6 @@ def test_an_engine_on_the_codes_keeps_hits_exact(kind: str) -> None:
 
 @needs_kernel
 def test_a_stream_on_the_codes_decodes_the_same_alone_and_beside_others() -> None:
-    engine = coded_engine("gemma3")
-    greedy = Sampling(max_tokens=24, temperature=0.0)
-    prompts = [random_prompt(12 + 6 * i, seed=20 + i) for i in range(3)]
-    alone = [token_ids(run_all(engine, EngineRequest(p, greedy))) for p in prompts]
-    seqs = [engine.add(EngineRequest(p, greedy)) for p in prompts]
-    together: dict[int, list[int]] = {s: [] for s in seqs}
-    while engine.num_running:
-        for seq, item in engine.step():
-            assert not isinstance(item, Exception)
-            if isinstance(item, TokenOut):
-                together[seq].append(item.token_id)
-    assert [together[s] for s in seqs] == alone
+    alone, together = alone_and_together(coded_engine("gemma3"))
+    assert together == alone
+    assert all(len(t) > 1 for t in alone)

@@ -199,12 +199,21 @@ def test_a_stream_decodes_the_same_alone_and_beside_others(
     """Up to the int8 row limit, the step is one call for every row: a row's tokens must not
     depend on the others (each row's products, norms and attention are its own). The prompts
     fit one step together, so that every later step is a narrow decode step."""
+
+    engine = build_tiny_engine("gemma3", dtype=dtype, kv_dtype=kv_dtype, decode_int8=True)
+    assert engine.native_decode is not None
+    alone, together = alone_and_together(engine)
+    assert together == alone
+    assert all(len(t) > 1 for t in alone)
+
+
+def alone_and_together(engine: PagedEngine) -> tuple[list[list[int]], list[list[int]]]:
+    """Three prompts' greedy tokens, each run alone, then all three together (they fit one
+    step, so that every later step is a narrow decode step)."""
     from promptcache.core.request import Sampling
     from promptcache.engine.base import EngineRequest, TokenOut
     from promptcache.engine.hf.testing import run_all, token_ids
 
-    engine = build_tiny_engine("gemma3", dtype=dtype, kv_dtype=kv_dtype, decode_int8=True)
-    assert engine.native_decode is not None
     greedy = Sampling(max_tokens=24, temperature=0.0)
     prompts = [random_prompt(12 + 6 * i, seed=20 + i) for i in range(3)]
     alone = [token_ids(run_all(engine, EngineRequest(p, greedy))) for p in prompts]
@@ -215,8 +224,7 @@ def test_a_stream_decodes_the_same_alone_and_beside_others(
             assert not isinstance(item, Exception)
             if isinstance(item, TokenOut):
                 together[seq].append(item.token_id)
-    assert [together[s] for s in seqs] == alone
-    assert all(len(t) > 1 for t in alone)
+    return alone, [together[s] for s in seqs]
 
 
 @pytest.mark.skipif(

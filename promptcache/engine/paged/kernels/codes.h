@@ -154,14 +154,7 @@ void gemv_codes(const typename S::T* x, int64_t B, int64_t K, const uint8_t* p, 
           codes_block<S, R, 4, 0>(ab, al, sb, K, pb, bias, nb * 16, N, yb);
       });
     };
-    // Shared out as gemv_int8_vnni shares its blocks (see there).
-    if (bn > 4) {
-#pragma omp parallel for schedule(guided, 4) if (N * K >= PARALLEL_MIN_WORK)
-      for (int64_t nb = 0; nb < N / 16; ++nb) block(nb);
-    } else {
-#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
-      for (int64_t nb = 0; nb < N / 16; ++nb) block(nb);
-    }
+    share_row_blocks(bn, N, K, block);
   }
 }
 #endif  // PC_VNNI

@@ -353,6 +353,28 @@ inline void vnni_block(const int8_t* a, const float* alpha, const int32_t*, int6
 }
 #endif
 
+// The N / 16 blocks of 16 output rows of a decode product of bn rows, block(nb) each, shared by
+// the threads.
+template <class F>
+inline void share_row_blocks(int64_t bn, int64_t N, int64_t K, const F& block) {
+  // 5-8 rows: the threads share the blocks as they go, so one that a neighbour slows does
+  // not leave the other waiting (8 streams of Gemma 3 270M on a 2-core Zen 3, in turns:
+  // +5-9% tokens/s over static halves; fewer rows measured no faster). Guided, not 4
+  // blocks at a time: a thread's first chunks are long runs of the weights, which its
+  // prefetches (VNNI_PREFETCH_AHEAD) cover, where every 4-block chunk began with 8 KB not
+  // asked for. The products of a step of 8 rows, weights from memory, in turns: Zen 4
+  // 4.14-4.19 -> 3.62-3.67 ms (memory-bound there), its AVX2 build 10.6 -> 9.7 ms, and
+  // with a busy loop sharing one of the two cores 11.6-12.7 -> 8.5-8.7 ms. (Each thread
+  // draining its own half, then taking 4 blocks at a time from the other's: no faster.)
+  if (bn > 4) {
+#pragma omp parallel for schedule(guided, 4) if (N * K >= PARALLEL_MIN_WORK)
+    for (int64_t nb = 0; nb < N / 16; ++nb) block(nb);
+  } else {
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
+    for (int64_t nb = 0; nb < N / 16; ++nb) block(nb);
+  }
+}
+
 // y [B, N] = x [B, K] (q * scales)^T (+ bias) for rows x of the storage type, over q laid out by
 // native_decode.vnni_weight ([N / 16][K / 4][16][4] bytes, q + 128: 16 output rows side by
 // side, four inputs each, so that four of a row's int8 inputs broadcast to every lane multiply
@@ -379,22 +401,7 @@ void gemv_int8_vnni(const typename S::T* x, int64_t B, int64_t K, const uint8_t*
                                           N, yb);
       });
     };
-    // 5-8 rows: the threads share the blocks as they go, so one that a neighbour slows does
-    // not leave the other waiting (8 streams of Gemma 3 270M on a 2-core Zen 3, in turns:
-    // +5-9% tokens/s over static halves; fewer rows measured no faster). Guided, not 4
-    // blocks at a time: a thread's first chunks are long runs of the weights, which its
-    // prefetches (VNNI_PREFETCH_AHEAD) cover, where every 4-block chunk began with 8 KB not
-    // asked for. The products of a step of 8 rows, weights from memory, in turns: Zen 4
-    // 4.14-4.19 -> 3.62-3.67 ms (memory-bound there), its AVX2 build 10.6 -> 9.7 ms, and
-    // with a busy loop sharing one of the two cores 11.6-12.7 -> 8.5-8.7 ms. (Each thread
-    // draining its own half, then taking 4 blocks at a time from the other's: no faster.)
-    if (bn > 4) {
-#pragma omp parallel for schedule(guided, 4) if (N * K >= PARALLEL_MIN_WORK)
-      for (int64_t nb = 0; nb < N / 16; ++nb) block(nb);
-    } else {
-#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN_WORK)
-      for (int64_t nb = 0; nb < N / 16; ++nb) block(nb);
-    }
+    share_row_blocks(bn, N, K, block);
   }
 }
 #endif  // PC_INT8_ROWS
