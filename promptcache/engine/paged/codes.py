@@ -290,7 +290,16 @@ def packed_layers(
             return _unflatten(safetensors.torch.load_file(path), weights)
         except (OSError, KeyError, ValueError, safetensors.SafetensorError):
             pass  # unreadable: make it again and replace it
-    read = read_layers(gguf(), weights, heads)
+    try:
+        read = read_layers(gguf(), weights, heads)
+    except (OSError, ValueError, KeyError, struct.error) as exc:  # the file gone or not GGUF
+        log.warning("the GGUF file's codes are not read (%s): decode keeps int8 copies", exc)
+        return [[None] * len(layer) for layer in weights]
+    log.info(
+        "decode layers: %d of %d projections read the GGUF file's own codes",
+        sum(c is not None for layer in read for c in layer),
+        sum(len(layer) for layer in read),
+    )
     packed = [
         [None if c is None else Packed(pack(c), c.bits, c.offset) for c in layer] for layer in read
     ]

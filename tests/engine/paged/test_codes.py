@@ -237,6 +237,19 @@ def test_the_layout_is_kept_for_the_next_start(tmp_path: Path) -> None:
     assert all(item is None for item in redone[0])
 
 
+def test_a_file_that_cannot_be_read_leaves_the_int8_copies(tmp_path: Path) -> None:
+    _, weights = layer_file(tmp_path, (4, 2))
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"not a GGUF file at all")
+
+    def missing() -> Path:
+        raise FileNotFoundError("no such file")
+
+    for finder in (missing, lambda: bad):
+        found = codes.packed_layers(finder, "sha", [weights], (4, 2), tmp_path / "cache")
+        assert found == [[None] * 4]
+
+
 WEIGHTS: dict[int, torch.Tensor] = {}
 """The file's weights (float64) of each coded projection of the engines made here, by id."""
 
