@@ -16,10 +16,10 @@ namespace {
 // no offset, their m. Read where int8 copies of the same weights would be (5-6 bits a weight
 // with the scales, against ~8): a decode step is bound by the weight bytes it streams.
 constexpr int64_t CODES_BLOCK = 32;
-// Four int8 inputs read as one word (the bytes' own type may alias it).
-typedef int32_t __attribute__((may_alias)) aliased_i32;
 constexpr int64_t CODES_LOW = 256;
 constexpr int64_t CODES_HIGH = 64;
+// Four int8 inputs read as one word (the bytes' own type may alias it).
+typedef int32_t __attribute__((may_alias)) aliased_i32;
 constexpr int64_t codes_stride(int bits, int offset) {
   return CODES_LOW + (bits == 5 ? CODES_HIGH : 0) + 32 + (offset == 0 ? 32 : 0);
 }
