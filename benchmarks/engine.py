@@ -95,6 +95,7 @@ def build_engine(args: argparse.Namespace) -> tuple[PagedEngine, Path | None]:
         kv_pool_bytes=args.pool_gib << 30,
         quantize=args.quantize,
         compile_mode=args.compile,
+        prompt_products=args.prompt_products,
     )
     # The peer reads the same GGUF: the file given, or the embedded model's (default or named).
     from promptcache.engine.models import EmbeddedModel, resolve_model
@@ -213,6 +214,9 @@ def main() -> int:
     parser.add_argument("--kv-dtype", default="auto", help="the KV pool's: auto or float16")
     parser.add_argument("--quantize", default=None)
     parser.add_argument("--compile", default="auto", help="auto (default), on or off")
+    parser.add_argument(
+        "--prompt-products", default="dense", help="dense (default) or int8 (as serve's flag)"
+    )
     parser.add_argument("--pool-gib", type=int, default=4)
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--prefix", type=int, default=4096)
@@ -243,9 +247,12 @@ def main() -> int:
         engine.compiled.ready.wait(900)
         compiled = engine.compiled.failed or f"yes, {time.perf_counter() - started:.0f} s in"
     info = engine.info
+    natively = engine.native_prefill
+    products = "int8" if natively is not None and natively.integer else "dense"
     print(
         f"engine: {info.model_id} on {info.device}, {info.dtype}, ready in {ready_s:.1f} s, "
-        f"{torch.get_num_threads()} threads, compiled decode: {compiled}"
+        f"{torch.get_num_threads()} threads, compiled decode: {compiled}, "
+        f"prompt products: {products}"
     )
     vocab = engine.model.shape.vocab_size
     greedy = lambda n: Sampling(max_tokens=n, temperature=0.0)  # noqa: E731

@@ -32,6 +32,9 @@ _HELP = {
     "(default 256 on CPU, 2048 on CUDA)",
     "stream_time_share": "while a long prompt is read beside decoding streams, the share of the "
     "time given to steps of the streams alone (default auto: 0, none), e.g. 0.2",
+    "prompt_products": "dense (default: prompts' keys and values as the model's PyTorch forward "
+    "computes them) or int8: on AVX512-VNNI CPUs with int8 decode weights, prompts multiply "
+    "in the decode steps' integers (cold prompts ~1.35x faster, not bit-identical to dense)",
     "kv_block_tokens": "tokens per KV pool block (default 32)",
     "kv_dtype": "KV pool dtype: auto (default: float16 under a float32 model on a CPU, as "
     "llama.cpp stores it, else the model's), float32, bfloat16 or float16",

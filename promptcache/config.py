@@ -59,6 +59,10 @@ class EngineConfig:
     stream_time_share: float | None = None
     """Share of the time decoding streams get steps of their own while a long prompt is read
     beside them; None: the engine's default (none)."""
+    prompt_products: str = "dense"
+    """Prompt chunks' products: ``dense`` (the model's weights) or ``int8`` (the int8 decode
+    copies, in integers, where the CPU's kernels have them: ``PagedEngine``'s
+    ``integer_prompts``)."""
     kv_block_tokens: int = 32
     kv_dtype: str = "auto"
     """The KV pool's dtype: ``auto`` (float16 under a float32 model on a CPU, else the
@@ -281,6 +285,12 @@ def _compile_mode(value: str | bool) -> str:
         raise ConfigError(f"compile: expected auto, on or off, got {value!r}") from None
 
 
+def _prompt_products(value: str) -> str:
+    if value not in ("dense", "int8"):
+        raise ConfigError(f"prompt_products: expected dense or int8, got {value!r}")
+    return value
+
+
 def _redis_url(value: str | None) -> str | None:
     url = _opt_str(value)
     if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
@@ -315,6 +325,7 @@ OPTIONS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "kv_reserve_memory": ("engine", "kv_reserve_bytes", parse_bytes),
     "max_batch_tokens": ("engine", "max_batch_tokens", _opt_int),
     "stream_time_share": ("engine", "stream_time_share", _opt_time_share),
+    "prompt_products": ("engine", "prompt_products", _prompt_products),
     "kv_block_tokens": ("engine", "kv_block_tokens", int),
     "kv_dtype": ("engine", "kv_dtype", str),
     "quantize": ("engine", "quantize", _opt_str),

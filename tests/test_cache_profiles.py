@@ -187,3 +187,12 @@ def test_stream_time_share_option() -> None:
     for bad in ("1", "-0.1", "half"):
         with pytest.raises(ConfigError, match="stream_time_share"):
             load({"stream_time_share": bad}, env={})
+
+
+def test_prompt_products_option() -> None:
+    assert load({}, env={}).engine.prompt_products == "dense"
+    assert load({"prompt_products": "int8"}, env={}).engine.prompt_products == "int8"
+    env = {"PROMPTCACHE_PROMPT_PRODUCTS": "int8"}
+    assert load({}, env=env).engine.prompt_products == "int8"
+    with pytest.raises(ConfigError, match="prompt_products"):
+        load({"prompt_products": "int4"}, env={})

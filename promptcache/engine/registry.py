@@ -28,6 +28,7 @@ def _hf(config: EngineConfig, cache_bytes: int) -> Engine:
         kv_pool_bytes=cache_bytes + config.kv_reserve_bytes,
         max_batch_tokens=config.max_batch_tokens,
         stream_time_share=config.stream_time_share,
+        prompt_products=config.prompt_products,
         kv_block_tokens=config.kv_block_tokens,
         kv_dtype=config.kv_dtype,
         quantize=config.quantize,

@@ -106,6 +106,7 @@ def load_engine(
     kv_pool_bytes: int = 2 << 30,
     max_batch_tokens: int | None = None,
     stream_time_share: float | None = None,
+    prompt_products: str = "dense",
     kv_block_tokens: int = DEFAULT_BLOCK_TOKENS,
     kv_dtype: str = "auto",
     quantize: str | None = None,
@@ -122,6 +123,8 @@ def load_engine(
     the projections for narrow decode steps (``resolve_quantize``). ``compile_mode`` is ``auto``,
     ``on`` or ``off``: compile the decode-only steps (``resolve_compile``), in the background.
     ``stream_time_share``: see ``PagedEngine``; None: none (docs/architecture.md: why).
+    ``prompt_products``: ``dense`` or ``int8`` (``PagedEngine``'s ``integer_prompts``: with
+    int8 decode weights in bfloat16 on a CPU; elsewhere it changes nothing).
     ``kv_dtype``: the KV pool's, ``auto`` (float16 under a float32 model on a CPU, else the
     model's) or a name (``resolve_kv_dtype``).
     """
@@ -130,6 +133,8 @@ def load_engine(
     kv_name = resolve_kv_dtype(kv_dtype, dtype, dev)
     if quantize not in (None, "auto", "none", "int8"):
         raise ValueError(f"unknown quantization {quantize!r}; choose auto, int8 or none")
+    if prompt_products not in ("dense", "int8"):
+        raise ValueError(f"unknown prompt products {prompt_products!r}; choose dense or int8")
     if chat_format is not None and chat_format not in FORMATS:
         raise ValueError(f"unknown chat format {chat_format!r}; choose one of {sorted(FORMATS)}")
     model_dir, source, model_id = find_model(model, Path(cache_dir))
@@ -219,6 +224,7 @@ def load_engine(
         max_batch_tokens=max_batch_tokens or default_batch_tokens(dev),
         prompt_tokens_beside_streams=beside_streams(dev, max_batch_tokens),
         stream_time_share=stream_time_share or 0.0,
+        integer_prompts=prompt_products == "int8" and switch is not None,
         decode_switch=switch,
         compile_decode=compiled,
     )

@@ -125,6 +125,7 @@ def build_tiny_engine(
     panels: bool | None = None,
     prompt_tokens_beside_streams: int | None = None,
     stream_time_share: float = 0.0,
+    integer_prompts: bool = False,
 ) -> PagedEngine:
     """A ``PagedEngine`` over a tiny random model (``kind``: ``"llama"`` or ``"gemma3"``).
 
@@ -162,6 +163,7 @@ def build_tiny_engine(
         compile_decode=compile_decode,
         prompt_tokens_beside_streams=prompt_tokens_beside_streams,
         stream_time_share=stream_time_share,
+        integer_prompts=integer_prompts,
     )
 
 

@@ -128,6 +128,7 @@ class PagedEngine:
         compile_decode: bool = False,
         prompt_tokens_beside_streams: int | None = None,
         stream_time_share: float = 0.0,
+        integer_prompts: bool = False,
     ) -> None:
         """``pool_bytes`` sizes the KV pool (cached entries plus live sequences); the model
         must already sit on its device in its compute dtype. ``kv_dtype``: the pool's (None:
@@ -139,7 +140,10 @@ class PagedEngine:
         (default ``max_batch_tokens``): a smaller chunk is a shorter wait between the streams'
         tokens while a long prompt is read. ``stream_time_share``: the share of the time, while
         a long prompt is read beside decoding streams, that goes to steps of the streams alone
-        (0: none; each such step then carries the streams' rows and a chunk)."""
+        (0: none; each such step then carries the streams' rows and a chunk).
+        ``integer_prompts``: prompt chunks' products in the decode step's integers over the
+        int8 decode copies, every chunk (``native_prefill.integer_ready`` says where they run;
+        elsewhere the dense weights, as without it; the revision says which)."""
         if not 0.0 <= stream_time_share < 1.0:
             raise ValueError("stream_time_share must be in [0, 1)")
         if max_batch_tokens < 1:
@@ -183,7 +187,16 @@ class PagedEngine:
         if decode_switch is not None:
             self.native_decode = NativeDecode.build(model, self._attn, MAX_ROWS)
         # Steps of one short prompt chunk (a hit's suffix) likewise, where the model allows.
-        self.native_prefill = NativePrefill.build(model, self._attn, PREFILL_ROWS)
+        # In integers, every chunk a step can carry: through PyTorch's dense forward one would
+        # be another computation of its tokens' keys and values than a hit's suffix here.
+        self.native_prefill = NativePrefill.build(
+            model,
+            self._attn,
+            max(PREFILL_ROWS, max_batch_tokens) if integer_prompts else PREFILL_ROWS,
+            integer=integer_prompts,
+        )
+        if integer_prompts and self.native_prefill is None:
+            self.native_prefill = NativePrefill.build(model, self._attn, PREFILL_ROWS)
         self.compiled: CompiledDecode | None = None
         if compile_decode:
             if decode_switch is None:
@@ -193,6 +206,9 @@ class PagedEngine:
         if revision is None:
             kv_part = () if kv_dtype == dtype else (f"kv {kv_dtype}",)
             revision = parameter_revision(model, chat_format.name, dtype_name, *kv_part)
+        if self.native_prefill is not None and self.native_prefill.integer:
+            # Prompts' keys and values in integers are other bits than the dense weights give.
+            revision = hashlib.sha256(f"{revision}\0int8-prompts".encode()).hexdigest()[:32]
         self._info = EngineInfo(
             model_id=model_id,
             revision=revision,

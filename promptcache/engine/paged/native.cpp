@@ -180,10 +180,19 @@ void pc_gemv_int8_vnni_bf16(const uint16_t* x, int64_t B, int64_t K, const uint8
                             void* scratch) {
   gemv_int8_vnni<BF16>(x, B, K, p, scales, bias, N, y, scratch);
 }
+void pc_gemm_int8_vnni_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K,
+                            const uint8_t* p, const uint16_t* scales, int64_t N, uint16_t* y,
+                            int64_t ldy, void* scratch) {
+  gemm_int8_vnni<BF16>(x, ldx, M, K, p, scales, N, y, ldy, scratch);
+}
 void pc_gemv_int8_vnni_f32(const float* x, int64_t B, int64_t K, const uint8_t* p,
                            const float* scales, const float* bias, int64_t N, float* y,
                            void* scratch) {
   gemv_int8_vnni<F32>(x, B, K, p, scales, bias, N, y, scratch);
+}
+void pc_gemm_int8_vnni_f32(const float* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* p,
+                           const float* scales, int64_t N, float* y, int64_t ldy, void* scratch) {
+  gemm_int8_vnni<F32>(x, ldx, M, K, p, scales, N, y, ldy, scratch);
 }
 int64_t pc_vnni_group() { return VNNI_GROUP; }
 #endif

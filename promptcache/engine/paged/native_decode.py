@@ -352,6 +352,14 @@ def vnni_weight(q: torch.Tensor) -> torch.Tensor:
     return biased.view(n // 16, 16, k // 4).transpose(1, 2).contiguous().view(torch.uint8)
 
 
+def vnni_twin(proj: DecodeInt8Linear) -> torch.Tensor:
+    """``proj``'s int8 weight laid out by ``vnni_weight``, made once and kept on it: the decode
+    step and the integer prompt step read the same copy."""
+    if proj.vnni is None:
+        proj.vnni = vnni_weight(proj.int8.q)
+    return proj.vnni
+
+
 def _fill_layer(
     struct: LayerStruct,
     layer: Gemma3Layer | LlamaLayer,
@@ -383,7 +391,7 @@ def _fill_layer(
             struct.codes[j], struct.code_bits[j] = packed.data.data_ptr(), packed.bits
             struct.code_offset[j] = packed.offset
         elif vnni and q.shape[0] % 16 == 0 and q.shape[1] % VNNI_GROUP == 0:
-            twin = vnni_weight(q)
+            twin = vnni_twin(proj)
             keep.append(twin)
             struct.vnni[j] = twin.data_ptr()
     return kernel_act(mlp.act)

@@ -40,15 +40,18 @@ from promptcache.engine.paged.models.llama import LlamaLayer
 from promptcache.engine.paged.models.packed import PackedLinear
 from promptcache.engine.paged.models.panels import PanelLinear
 from promptcache.engine.paged.native_decode import (
+    VNNI_GROUP,
     LayerStruct,
     NativeStep,
     StepStruct,
+    codes_products,
     fill_norms,
     fill_pool,
     layers_of,
     model_struct,
     norm_mode_of,
     step_function,
+    vnni_twin,
     windows_of,
 )
 
@@ -75,9 +78,16 @@ class NativePrefill(NativeStep):
     """``model``'s forward for steps of one prefill chunk, over the pool ``attn`` reads. Build
     it with ``NativePrefill.build``, which says None where the model is not one it runs."""
 
+    integer = False
+    """Whether the products are the decode step's integers (``build``'s ``integer``)."""
+
     @classmethod
-    def build(cls, model: CausalLM, attn: PagedAttention, max_rows: int) -> NativePrefill | None:
-        """A ``NativePrefill`` for ``model`` where it runs (see the module's docstring)."""
+    def build(
+        cls, model: CausalLM, attn: PagedAttention, max_rows: int, *, integer: bool = False
+    ) -> NativePrefill | None:
+        """A ``NativePrefill`` for ``model`` where it runs (see the module's docstring). With
+        ``integer``, a bfloat16 model's products are ``gemm_int8_vnni`` over its int8 decode
+        copies, where ``integer_ready`` says they can be, else None."""
         norm_mode = norm_mode_of(model)
         kernels = native.kernels()
         if norm_mode is None or kernels is None:
@@ -96,6 +106,8 @@ class NativePrefill(NativeStep):
         stack = layers_of(model)
         if stack is None:
             return None
+        if integer:
+            return cls._build_integer(model, attn, max_rows, norm_mode, fn, stack)
         shapes = [_shape(p) for layer in stack for p in _projections(layer)]
         if any(s is None for s in shapes):
             return None
@@ -133,6 +145,45 @@ class NativePrefill(NativeStep):
         assert down is not None
         head = model_struct(model, layers, down[1], norm_mode, act, keep)
         return cls(model, attn, fn, max_rows, layers, head, keep)
+
+    @classmethod
+    def _build_integer(
+        cls,
+        model: CausalLM,
+        attn: PagedAttention,
+        max_rows: int,
+        norm_mode: int,
+        fn: Any,
+        stack: list[Gemma3Layer | LlamaLayer],
+    ) -> NativePrefill | None:
+        """A bfloat16 model's, its products in integers over the int8 decode copies (shared
+        with the decode step, ``vnni_twin``): no dense copy, no calibration."""
+        if not integer_ready(model):
+            return None
+        windows = windows_of(model)
+        keep: list[torch.Tensor] = []
+        layers: list[LayerStruct] = []
+        act: int | None = None
+        for i, layer in enumerate(stack):
+            started = _layer_struct(layer, norm_mode, keep, act)
+            if started is None:
+                return None
+            struct, act = started
+            for j, proj in enumerate(_projections(layer)):
+                assert isinstance(proj, DecodeInt8Linear)  # integer_ready
+                twin, scales = vnni_twin(proj), proj.int8.scales
+                keep += [twin, scales]
+                struct.vnni[j], struct.scales[j] = twin.data_ptr(), scales.data_ptr()
+            fill_pool(struct, model, attn, i, windows)
+            layers.append(struct)
+        if act is None or not layers:
+            return None
+        down = _projections(stack[0])[3]
+        assert isinstance(down, DecodeInt8Linear)
+        head = model_struct(model, layers, down.int8.q.shape[1], norm_mode, act, keep)
+        built = cls(model, attn, fn, max_rows, layers, head, keep)
+        built.integer = True
+        return built
 
     @classmethod
     def _build_f32(
@@ -196,6 +247,29 @@ class NativePrefill(NativeStep):
             step.query_pos = query_pos
         self._run(input_ids, positions, step)
         return out
+
+
+def integer_ready(model: CausalLM) -> bool:
+    """Whether ``NativePrefill.build(..., integer=True)`` computes ``model``'s prompts in the
+    decode step's integers: a bfloat16 model whose projections all have int8 decode copies the
+    kernels take (no bias; outputs a multiple of 16, inputs of ``VNNI_GROUP``), on a CPU whose
+    kernels have the bfloat16 prompt step and AVX512-VNNI."""
+    kernels = native.kernels()
+    if kernels is None or kernels.prefill is None or model.dtype != torch.bfloat16:
+        return False
+    if not codes_products(kernels.library) or norm_mode_of(model) is None:
+        return False
+    stack = layers_of(model)
+    if stack is None:
+        return False
+    for layer in stack:
+        for proj in _projections(layer):
+            if not isinstance(proj, DecodeInt8Linear) or proj.int8.bias is not None:
+                return False
+            q = proj.int8.q
+            if q.dtype != torch.int8 or q.shape[0] % 16 or q.shape[1] % VNNI_GROUP:
+                return False
+    return True
 
 
 def pair_dense(weight: torch.Tensor) -> torch.Tensor:

@@ -212,15 +212,19 @@ constexpr int64_t VNNI_ROWS = 8;
 // (8 rows' own pointers took more of AVX2's registers than it has, and spilled).
 // sum32 (gemv_codes'): or null, each row's sums per block of 32 inputs, per block of VNNI_ROWS
 // rows [K / 32][rows] from sum32 + b0 K / 32.
+// ldx: x's row stride (0: K). A prompt's many rows are shared by the threads, a block of
+// VNNI_ROWS at a time.
 template <class S>
 void quantize_rows(const typename S::T* x, int64_t B, int64_t K, int8_t* a, float* alpha,
-                   int32_t* bias128, int32_t* sum32 = nullptr) {
+                   int32_t* bias128, int32_t* sum32 = nullptr, int64_t ldx = 0) {
   const int64_t G = K / VNNI_GROUP;
+  if (ldx == 0) ldx = K;
+#pragma omp parallel for schedule(static) if (B > 2 * VNNI_ROWS && B * K >= PARALLEL_MIN_WORK)
   for (int64_t b = 0; b < B; ++b) {
     const int64_t b0 = b / VNNI_ROWS * VNNI_ROWS, rows = std::min(VNNI_ROWS, B - b0);
     int8_t* block = a + b0 * K;
     for (int64_t g = 0; g < G; ++g) {
-      const typename S::T* xg = x + b * K + g * VNNI_GROUP;
+      const typename S::T* xg = x + b * ldx + g * VNNI_GROUP;
       constexpr int V = VNNI_GROUP / 16;
       __m512 v[V];
       __m512 big = _mm512_setzero_ps();
@@ -402,6 +406,36 @@ void gemv_int8_vnni(const typename S::T* x, int64_t B, int64_t K, const uint8_t*
       });
     };
     share_row_blocks(bn, N, K, block);
+  }
+}
+
+// A prompt chunk's product in gemv_int8_vnni's integers: y [M, N] (row stride ldy) = x [M, K]
+// (row stride ldx) (q * scales)^T, each row the same bits as gemv_int8_vnni gives it (the same
+// quantized groups, integer sums and float operations, in the same order), so a prompt's token
+// is projected as a decode step projects it. The loops turned inside out for many rows: the
+// threads share the blocks of 16 output rows, and each block (16 K bytes, in L1) meets every
+// block of VNNI_ROWS activation rows in turn, where gemv_int8_vnni streams all of the weights
+// once per 8 rows. scratch: M * K bytes and 8 M K / VNNI_GROUP more (64-byte aligned).
+template <class S>
+void gemm_int8_vnni(const typename S::T* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* p,
+                    const typename S::T* scales, int64_t N, typename S::T* y, int64_t ldy,
+                    void* scratch) {
+  const int64_t G = K / VNNI_GROUP;
+  int8_t* a = static_cast<int8_t*>(scratch);
+  float* alpha = reinterpret_cast<float*>(a + ((M * K + 63) & ~int64_t{63}));
+  int32_t* bias128 = reinterpret_cast<int32_t*>(alpha + M * G);
+  quantize_rows<S>(x, M, K, a, alpha, bias128, nullptr, ldx);
+#pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_WORK)
+  for (int64_t nb = 0; nb < N / 16; ++nb) {
+    const uint8_t* pb = p + nb * 16 * K;
+    for (int64_t b0 = 0; b0 < M; b0 += VNNI_ROWS) {
+      const int64_t bn = std::min(VNNI_ROWS, M - b0);
+      with_rows(bn, [&](auto r) {
+        // vnni_store's N is y's row stride.
+        vnni_block<S, decltype(r)::value>(a + b0 * K, alpha + b0 * G, bias128 + b0 * G, K, pb,
+                                          scales, nullptr, nb * 16, ldy, y + b0 * ldy);
+      });
+    }
   }
 }
 #endif  // PC_INT8_ROWS

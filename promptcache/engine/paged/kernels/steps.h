@@ -144,17 +144,29 @@ void decode_step(const PcModel& m, const PcStep& st) {
 }
 
 #if PC_VEC16
-// A prompt step's product: x [M, K] W^T into y, by the kernel the PyTorch forward's projection
-// calls (gemm_bf16 with oneDNN's blocks; gemm_f32 for models.panels' layers).
+// A prompt step's product: x [M, K] times the rows row0 .. row0 + N of the layer's weight j,
+// into y: by the kernel the PyTorch forward's projection calls (gemm_bf16 with oneDNN's blocks;
+// gemm_f32 for models.panels' layers), or where the layer has no dense copy, in the decode
+// step's integers (gemm_int8_vnni over its vnni copy: a prompt's row then projected as a decode
+// row is, ~1.7x the bfloat16 products' rate). scratch: gemm_int8_vnni's.
 template <class S>
 inline void prefill_product(const typename S::T* x, int64_t ldx, int64_t M, int64_t K,
-                            const void* w, int64_t offset, int64_t N, int64_t block,
-                            typename S::T* y, int64_t ldy) {
+                            const PcLayer& L, int j, int64_t row0, int64_t N, typename S::T* y,
+                            int64_t ldy, void* scratch) {
   if constexpr (std::is_same_v<S, F32>) {
-    gemm_f32(x, ldx, M, K, static_cast<const float*>(w) + offset, N, nullptr, y, ldy);
+    gemm_f32(x, ldx, M, K, static_cast<const float*>(L.dense[j]) + row0 * K, N, nullptr, y, ldy);
   } else {
+#if PC_VNNI
+    if (!L.dense[j]) {
+      gemm_int8_vnni<S>(x, ldx, M, K, L.vnni[j] + row0 * K,
+                        static_cast<const typename S::T*>(L.scales[j]) + row0, N, y, ldy,
+                        scratch);
+      return;
+    }
+#endif
 #if PC_DPBF16
-    gemm_bf16(x, ldx, M, K, static_cast<const uint16_t*>(w) + offset, N, block, y, ldy);
+    gemm_bf16(x, ldx, M, K, static_cast<const uint16_t*>(L.dense[j]) + row0 * K, N,
+              L.dense_block[j], y, ldy);
 #endif
   }
 }
@@ -195,6 +207,11 @@ void prefill_step(const PcModel& m, const PcStep& st) {
   };
   const int64_t AS = spread(H * D), MS = spread(I);
   thread_local Scratch<T> x_s, h_s, x2_s, qkv_s, qk_s, att_s, proj_s, mid_s;
+  // gemm_int8_vnni's: the rows' int8 groups, alphas and sums for the widest input.
+  thread_local Scratch<int64_t> ints_s;
+  const int64_t widest = std::max({E, H * D, I});
+  ints_s.reserve((n * widest + 64) / 8 + n * (widest / 64) + 8);
+  void* ints = ints_s.data();
   x_s.reserve(n * E);
   h_s.reserve(n * E);
   x2_s.reserve(n * E);
@@ -218,14 +235,13 @@ void prefill_step(const PcModel& m, const PcStep& st) {
     const T* normed_keys = qk + H * D;  // row r's key heads at r * key_stride
     int64_t key_stride = QK * D;
     if (!last || (H * D) % 32 != 0) {
-      prefill_product<S>(h, E, n, E, L.dense[0], 0, QKV, L.dense_block[0], qkv, QKV);
+      prefill_product<S>(h, E, n, E, L, 0, 0, QKV, qkv, QKV, ints);
       qk_norm_rope<S>(qkv, QKV, n, QK, D, L.head_norm, L.head_eps, mode, cos, sin, qk);
     } else {
       // The last layer: every row's keys and values, the sampled row's queries alone (none
       // where no row is sampled); the same sums row by row. The keys go through att, free
       // until the attention.
-      prefill_product<S>(h, E, n, E, L.dense[0], H * D * E, 2 * KVH * D, L.dense_block[0],
-                         qkv + H * D, QKV);
+      prefill_product<S>(h, E, n, E, L, 0, H * D, 2 * KVH * D, qkv + H * D, QKV, ints);
       const size_t w_size = m.norm_mode == OFFSET ? sizeof(float) : sizeof(T);
       const void* key_table =
           L.head_norm ? static_cast<const char*>(L.head_norm) + H * D * w_size : nullptr;
@@ -234,8 +250,7 @@ void prefill_step(const PcModel& m, const PcStep& st) {
       key_stride = KVH * D;
       if (st.keep) {
         const int64_t r = n - 1;
-        prefill_product<S>(h + r * E, E, 1, E, L.dense[0], 0, H * D, L.dense_block[0],
-                           qkv + r * QKV, QKV);
+        prefill_product<S>(h + r * E, E, 1, E, L, 0, 0, H * D, qkv + r * QKV, QKV, ints);
         qk_norm_rope<S>(qkv + r * QKV, QKV, 1, H, D, L.head_norm, L.head_eps, mode,
                         cos ? cos + r * D : nullptr, sin ? sin + r * D : nullptr, qk + r * QK * D);
       }
@@ -260,12 +275,12 @@ void prefill_step(const PcModel& m, const PcStep& st) {
       std::memmove(x, x + (n - 1) * E, sizeof(T) * E);
       rows = 1;
     }
-    prefill_product<S>(att, AS, rows, H * D, L.dense[1], 0, E, L.dense_block[1], proj, E);
+    prefill_product<S>(att, AS, rows, H * D, L, 1, 0, E, proj, E, ints);
     residual_norm<S>(x, proj, rows, E, gemma ? L.norm_w[1] : nullptr, L.norm_eps[1],
                      L.norm_w[2], L.norm_eps[2], m.norm_mode, x2, h);
-    prefill_product<S>(h, E, rows, E, L.dense[2], 0, 2 * I, L.dense_block[2], proj, 2 * I);
+    prefill_product<S>(h, E, rows, E, L, 2, 0, 2 * I, proj, 2 * I, ints);
     gated_act<S>(proj, rows, I, m.act, mid, MS);
-    prefill_product<S>(mid, MS, rows, I, L.dense[3], 0, E, L.dense_block[3], proj, E);
+    prefill_product<S>(mid, MS, rows, I, L, 3, 0, E, proj, E, ints);
     const void* next_w = last ? m.final_norm : m.layers[l + 1].norm_w[0];
     const float next_eps = last ? m.final_eps : m.layers[l + 1].norm_eps[0];
     residual_norm<S>(x2, proj, rows, E, gemma ? L.norm_w[3] : nullptr, L.norm_eps[3], next_w,

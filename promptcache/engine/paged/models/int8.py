@@ -104,6 +104,9 @@ class DecodeInt8Linear(nn.Module):
         """The GGUF file's own codes of this weight laid out for the engine's decode step
         (``paged.codes.Packed``), where they are at hand: it reads them instead of the int8
         copy."""
+        self.vnni: torch.Tensor | None = None
+        """The int8 weight laid out for the engine's integer products (``native_decode.
+        vnni_twin``, made once for the decode and prompt steps that read it)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.by_rows or torch.compiler.is_dynamo_compiling():
