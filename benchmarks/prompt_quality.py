@@ -19,21 +19,10 @@ import statistics
 from pathlib import Path
 
 import torch
+from decode_quality import texts  # the sibling script: windows of the repository's docs
 
 from promptcache.engine.hf import loader
 from promptcache.engine.paged.attention import StepSeq
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def texts(chars: int, per_file: int) -> list[str]:
-    """Windows of ``chars`` characters of the repository's README and docs."""
-    out = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        text = path.read_text()
-        starts = range(2000, max(2001, len(text) - chars), 12000)
-        out += [text[i : i + chars] for i in starts][:per_file]
-    return out
 
 
 def main() -> int:
@@ -41,6 +30,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--model", help="model name, GGUF or HF directory (default: embedded)")
+    parser.add_argument("--dtype", default="auto", help="auto (default), bfloat16 or float32")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--steps", type=int, default=64)
@@ -52,14 +42,14 @@ def main() -> int:
         args.model,
         cache_dir=cache,
         device="cpu",
-        dtype="auto",
+        dtype=args.dtype,
         kv_pool_bytes=1 << 30,
         max_batch_tokens=args.chunk,
         prompt_products="int8",
     )
     integer, step, switch = engine.native_prefill, engine.native_decode, engine._decode_switch
     if integer is None or not integer.integer or step is None or switch is None:
-        print("integer prompts do not run here (no int8 weights, AVX512-BF16 or AVX512-VNNI)")
+        print("integer prompts do not run here (no int8 weights, or kernels without int8 rows)")
         return 1
     model, attn, pool = engine.model, engine._attn, engine._pool
     n0, n, c = args.context, args.steps, args.chunk

@@ -124,7 +124,8 @@ def load_engine(
     ``on`` or ``off``: compile the decode-only steps (``resolve_compile``), in the background.
     ``stream_time_share``: see ``PagedEngine``; None: none (docs/architecture.md: why).
     ``prompt_products``: ``dense`` or ``int8`` (``PagedEngine``'s ``integer_prompts``: with
-    int8 decode weights in bfloat16 on a CPU; elsewhere it changes nothing).
+    int8 decode weights on a CPU whose kernels multiply int8 rows; elsewhere it changes
+    nothing).
     ``kv_dtype``: the KV pool's, ``auto`` (float16 under a float32 model on a CPU, else the
     model's) or a name (``resolve_kv_dtype``).
     """

@@ -25,6 +25,7 @@ place, and ``prefill_attention_f32``), so the same bits by construction, no cali
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,7 +45,6 @@ from promptcache.engine.paged.native_decode import (
     LayerStruct,
     NativeStep,
     StepStruct,
-    codes_products,
     fill_norms,
     fill_pool,
     layers_of,
@@ -86,8 +86,8 @@ class NativePrefill(NativeStep):
         cls, model: CausalLM, attn: PagedAttention, max_rows: int, *, integer: bool = False
     ) -> NativePrefill | None:
         """A ``NativePrefill`` for ``model`` where it runs (see the module's docstring). With
-        ``integer``, a bfloat16 model's products are ``gemm_int8_vnni`` over its int8 decode
-        copies, where ``integer_ready`` says they can be, else None."""
+        ``integer``, its products are ``gemm_int8_vnni`` over its int8 decode copies, where
+        ``integer_ready`` says they can be, else None."""
         norm_mode = norm_mode_of(model)
         kernels = native.kernels()
         if norm_mode is None or kernels is None:
@@ -95,19 +95,22 @@ class NativePrefill(NativeStep):
         fn = step_function(kernels.library, "prefill", model, attn)
         if fn is None:
             return None
-        if model.dtype == torch.float32:
+        if model.dtype == torch.float32 and not integer:
             return cls._build_f32(model, attn, max_rows, norm_mode, fn)
-        if kernels.prefill is None or model.dtype != torch.bfloat16:
+        if model.dtype == torch.bfloat16 and kernels.prefill is None:
             return None
         shape = model.shape
         groups, rest = divmod(shape.num_heads, shape.num_kv_heads)
-        if rest or groups > 32 or shape.head_dim % 16:  # prefill_attention's limits
+        # prefill_attention's limits, and the last layer's query rows (multiples of 16).
+        if rest or groups > 32 or shape.head_dim % 16 or (shape.num_heads * shape.head_dim) % 16:
             return None
         stack = layers_of(model)
         if stack is None:
             return None
         if integer:
             return cls._build_integer(model, attn, max_rows, norm_mode, fn, stack)
+        if model.dtype != torch.bfloat16:
+            return None
         shapes = [_shape(p) for layer in stack for p in _projections(layer)]
         if any(s is None for s in shapes):
             return None
@@ -118,29 +121,24 @@ class NativePrefill(NativeStep):
         gemm.restype = None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]
-        windows = windows_of(model)
         keep: list[torch.Tensor] = []
-        layers: list[LayerStruct] = []
-        act: int | None = None
         found: dict[tuple[int, int], tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
-        for i, layer in enumerate(stack):
-            started = _layer_struct(layer, norm_mode, keep, act)
-            if started is None:
-                return None
-            struct, act = started
-            for j, proj in enumerate(_projections(layer)):
-                # Each dense copy dropped once paired: the next one reuses its memory, and the
-                # start pays for ~200 MB of fresh pages rather than ~400 (~0.3 s).
-                paired = pair_dense(_dense(proj))
-                block = _calibrate(gemm, _module(proj), paired, found)
-                if block is None:
-                    return None
-                keep.append(paired)
-                struct.dense[j], struct.dense_block[j] = paired.data_ptr(), block
-            fill_pool(struct, model, attn, i, windows)
-            layers.append(struct)
-        if act is None or not layers:
+
+        def paired(struct: LayerStruct, j: int, proj: nn.Module) -> bool:
+            # Each dense copy dropped once paired: the next one reuses its memory, and the
+            # start pays for ~200 MB of fresh pages rather than ~400 (~0.3 s).
+            pairs = pair_dense(_dense(proj))
+            block = _calibrate(gemm, _module(proj), pairs, found)
+            if block is None:
+                return False
+            keep.append(pairs)
+            struct.dense[j], struct.dense_block[j] = pairs.data_ptr(), block
+            return True
+
+        filled = _fill_layers(model, attn, stack, norm_mode, keep, paired)
+        if filled is None:
             return None
+        layers, act = filled
         down = shapes[3]
         assert down is not None
         head = model_struct(model, layers, down[1], norm_mode, act, keep)
@@ -156,28 +154,23 @@ class NativePrefill(NativeStep):
         fn: Any,
         stack: list[Gemma3Layer | LlamaLayer],
     ) -> NativePrefill | None:
-        """A bfloat16 model's, its products in integers over the int8 decode copies (shared
-        with the decode step, ``vnni_twin``): no dense copy, no calibration."""
+        """A bfloat16 or float32 model's, its products in integers over the int8 decode
+        copies (shared with the decode step, ``vnni_twin``): no dense copy, no calibration."""
         if not integer_ready(model):
             return None
-        windows = windows_of(model)
         keep: list[torch.Tensor] = []
-        layers: list[LayerStruct] = []
-        act: int | None = None
-        for i, layer in enumerate(stack):
-            started = _layer_struct(layer, norm_mode, keep, act)
-            if started is None:
-                return None
-            struct, act = started
-            for j, proj in enumerate(_projections(layer)):
-                assert isinstance(proj, DecodeInt8Linear)  # integer_ready
-                twin, scales = vnni_twin(proj), proj.int8.scales
-                keep += [twin, scales]
-                struct.vnni[j], struct.scales[j] = twin.data_ptr(), scales.data_ptr()
-            fill_pool(struct, model, attn, i, windows)
-            layers.append(struct)
-        if act is None or not layers:
+
+        def twin(struct: LayerStruct, j: int, proj: nn.Module) -> bool:
+            assert isinstance(proj, DecodeInt8Linear)  # integer_ready
+            vnni, scales = vnni_twin(proj), proj.int8.scales
+            keep.extend((vnni, scales))
+            struct.vnni[j], struct.scales[j] = vnni.data_ptr(), scales.data_ptr()
+            return True
+
+        filled = _fill_layers(model, attn, stack, norm_mode, keep, twin)
+        if filled is None:
             return None
+        layers, act = filled
         down = _projections(stack[0])[3]
         assert isinstance(down, DecodeInt8Linear)
         head = model_struct(model, layers, down.int8.q.shape[1], norm_mode, act, keep)
@@ -200,28 +193,23 @@ class NativePrefill(NativeStep):
         stack = layers_of(model)
         if stack is None:
             return None
-        windows = windows_of(model)
         keep: list[torch.Tensor] = []
-        layers: list[LayerStruct] = []
-        act: int | None = None
-        intermediate = 0
-        for i, layer in enumerate(stack):
-            started = _layer_struct(layer, norm_mode, keep, act)
-            if started is None:
-                return None
-            struct, act = started
-            for j, proj in enumerate(_projections(layer)):
-                module = _module(proj)
-                if not isinstance(module, PanelLinear) or module.bias is not None:
-                    return None
-                keep.append(module.panels)
-                struct.dense[j], struct.dense_block[j] = module.panels.data_ptr(), 0
-                intermediate = module.in_features  # the last, down's: the MLP's width
-            fill_pool(struct, model, attn, i, windows)
-            layers.append(struct)
-        if act is None or not layers:
+        widths: list[int] = []
+
+        def panels(struct: LayerStruct, j: int, proj: nn.Module) -> bool:
+            module = _module(proj)
+            if not isinstance(module, PanelLinear) or module.bias is not None:
+                return False
+            keep.append(module.panels)
+            struct.dense[j], struct.dense_block[j] = module.panels.data_ptr(), 0
+            widths.append(module.in_features)  # the last, down's: the MLP's width
+            return True
+
+        filled = _fill_layers(model, attn, stack, norm_mode, keep, panels)
+        if filled is None:
             return None
-        head = model_struct(model, layers, intermediate, norm_mode, act, keep)
+        layers, act = filled
+        head = model_struct(model, layers, widths[-1], norm_mode, act, keep)
         return cls(model, attn, fn, max_rows, layers, head, keep)
 
     def covers(self, num_decode: int, chunks: list[int]) -> bool:
@@ -251,13 +239,19 @@ class NativePrefill(NativeStep):
 
 def integer_ready(model: CausalLM) -> bool:
     """Whether ``NativePrefill.build(..., integer=True)`` computes ``model``'s prompts in the
-    decode step's integers: a bfloat16 model whose projections all have int8 decode copies the
-    kernels take (no bias; outputs a multiple of 16, inputs of ``VNNI_GROUP``), on a CPU whose
-    kernels have the bfloat16 prompt step and AVX512-VNNI."""
+    decode step's integers: a model whose projections all have int8 decode copies the kernels
+    take (no bias; outputs a multiple of 16, inputs of ``VNNI_GROUP``), on a CPU whose kernels
+    multiply int8 rows (AVX512-VNNI or AVX2) and have its dtype's prompt step (bfloat16:
+    AVX512-BF16; float32: AVX2 or AVX-512)."""
     kernels = native.kernels()
-    if kernels is None or kernels.prefill is None or model.dtype != torch.bfloat16:
+    if kernels is None or not kernels.library.pc_vnni_products():
         return False
-    if not codes_products(kernels.library) or norm_mode_of(model) is None:
+    if model.dtype == torch.bfloat16:
+        if kernels.prefill is None:
+            return False
+    elif model.dtype != torch.float32:
+        return False
+    if norm_mode_of(model) is None:
         return False
     stack = layers_of(model)
     if stack is None:
@@ -286,6 +280,35 @@ def pair_dense(weight: torch.Tensor) -> torch.Tensor:
         fn(weight.data_ptr(), n, k // 2, out.data_ptr())
         return out
     return weight.view(n // 32, 32, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def _fill_layers(
+    model: CausalLM,
+    attn: PagedAttention,
+    stack: list[Gemma3Layer | LlamaLayer],
+    norm_mode: int,
+    keep: list[torch.Tensor],
+    fill: Callable[[LayerStruct, int, nn.Module], bool],
+) -> tuple[list[LayerStruct], int] | None:
+    """Every layer's struct (norms, activation, pool) with its projection ``j`` put in by
+    ``fill`` (which keeps what it points at in ``keep``, and says False for one the step does
+    not take), and the layers' activation; None where the step does not run the model."""
+    windows = windows_of(model)
+    layers: list[LayerStruct] = []
+    act: int | None = None
+    for i, layer in enumerate(stack):
+        started = _layer_struct(layer, norm_mode, keep, act)
+        if started is None:
+            return None
+        struct, act = started
+        for j, proj in enumerate(_projections(layer)):
+            if not fill(struct, j, proj):
+                return None
+        fill_pool(struct, model, attn, i, windows)
+        layers.append(struct)
+    if act is None or not layers:
+        return None
+    return layers, act
 
 
 def _layer_struct(

@@ -19,7 +19,7 @@ from promptcache.engine.paged.models.int8 import quantize_weight
 from promptcache.engine.paged.models.layers import Linear
 from promptcache.engine.paged.models.packed import PackedLinear, packing_available
 from promptcache.engine.paged.models.panels import PanelLinear
-from promptcache.engine.paged.native_decode import codes_products, vnni_weight
+from promptcache.engine.paged.native_decode import vnni_weight
 from promptcache.engine.paged.native_prefill import NativePrefill, _calibrate, pair_dense
 from promptcache.engine.paged.pool import PoolPayload
 from tests.engine.paged.test_int8 import assert_hits_exact
@@ -193,47 +193,56 @@ def test_the_products_are_onednns_bit_for_bit(n: int, k: int, seed: int) -> None
             assert torch.equal(got, onednn(x))
 
 
-needs_vnni = pytest.mark.skipif(
-    KERNELS is None or KERNELS.prefill is None or not codes_products(KERNELS.library),
-    reason="no AVX512-BF16 and AVX512-VNNI here: prompts keep their dense products",
+needs_int8_rows = pytest.mark.skipif(
+    KERNELS is None or not KERNELS.library.pc_vnni_products(),
+    reason="no AVX512-VNNI or AVX2 here: prompts keep their dense products",
 )
+# Float32 wherever the kernels multiply int8 rows; bfloat16 with AVX512-BF16 as well.
+INT8_DTYPES = [
+    pytest.param(torch.float32, marks=needs_int8_rows),
+    pytest.param(torch.bfloat16, marks=[needs_int8_rows, needs_bf16]),
+]
+_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-@needs_vnni
+@pytest.mark.parametrize("dtype", INT8_DTYPES)
 @pytest.mark.parametrize(("n", "k"), [(48, 64), (640, 1024), (2048, 640)])
-def test_the_integer_prompt_products_are_the_decode_steps_row_for_row(n: int, k: int) -> None:
+def test_the_integer_prompt_products_are_the_decode_steps_row_for_row(
+    n: int, k: int, dtype: torch.dtype
+) -> None:
     """``gemm_int8_vnni`` (a prompt chunk's rows, every count, read from and written into
     wider rows) gives each row the bits ``gemv_int8_vnni`` (a decode step's) gives it."""
     assert KERNELS is not None
     lib = KERNELS.library
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    gemv, gemm = lib.pc_gemv_int8_vnni_bf16, lib.pc_gemm_int8_vnni_bf16
+    gemv = getattr(lib, f"pc_gemv_int8_vnni_{_NAMES[dtype]}")
+    gemm = getattr(lib, f"pc_gemm_int8_vnni_{_NAMES[dtype]}")
     gemv.restype, gemv.argtypes = None, [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     gemm.restype, gemm.argtypes = None, [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr]
     gen = torch.Generator().manual_seed(n + k)
-    q, scales = quantize_weight(torch.randn(n, k, generator=gen), torch.bfloat16)
+    q, scales = quantize_weight(torch.randn(n, k, generator=gen), dtype)
     packed = vnni_weight(q)
     for rows in (1, 7, 8, 9, 17, 64, 100):
-        wide = torch.randn(rows, k + 64, generator=gen).to(torch.bfloat16)
+        wide = torch.randn(rows, k + 64, generator=gen).to(dtype)
         x = wide[:, 32 : 32 + k]  # a row stride of k + 64
-        y = torch.full((rows, n + 16), 7.0, dtype=torch.bfloat16)
+        y = torch.full((rows, n + 16), 7.0, dtype=dtype)
         scratch = torch.empty(rows * k * 2 + 128, dtype=torch.uint8)
         gemm(x.data_ptr(), k + 64, rows, k, packed.data_ptr(), scales.data_ptr(), n,
              y.data_ptr(), n + 16, scratch.data_ptr())  # fmt: skip
         for r in range(rows):
             row = x[r : r + 1].contiguous()
-            want = torch.empty(1, n, dtype=torch.bfloat16)
+            want = torch.empty(1, n, dtype=dtype)
             gemv(row.data_ptr(), 1, k, packed.data_ptr(), scales.data_ptr(), None, n,
                  want.data_ptr(), scratch.data_ptr())  # fmt: skip
             assert torch.equal(y[r, :n], want[0]), (rows, r)
         assert bool((y[:, n:] == 7.0).all())  # past each row's n outputs: untouched
 
 
-def integer_engine(kind: str, step_tokens: int = 64) -> PagedEngine:
+def integer_engine(kind: str, dtype: torch.dtype, step_tokens: int = 64) -> PagedEngine:
     engine = build_tiny_engine(
         kind,
-        dtype=torch.bfloat16,
-        packed=True,
+        dtype=dtype,
+        packed=dtype == torch.bfloat16,
         decode_int8=True,
         max_batch_tokens=step_tokens,
         integer_prompts=True,
@@ -242,29 +251,31 @@ def integer_engine(kind: str, step_tokens: int = 64) -> PagedEngine:
     return engine
 
 
-@needs_vnni
+@pytest.mark.parametrize("dtype", INT8_DTYPES)
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_integer_prompts_keep_hits_exact_whatever_the_chunks(kind: str) -> None:
+def test_integer_prompts_keep_hits_exact_whatever_the_chunks(kind: str, dtype: torch.dtype) -> None:
     """Every chunk of a prompt goes through the integer step (not PyTorch's dense forward, which
     would compute other bits), so a hit's suffix is what the cold prompt computed, and a prompt
     cut into other chunks writes the same keys and values."""
-    engine = integer_engine(kind)
+    engine = integer_engine(kind, dtype)
     assert_hits_exact(engine)
     tokens = random_prompt(150, seed=7)
     kv, logits = written(engine, tokens)
     assert engine.native_prefill is not None and engine.native_prefill.num_steps >= 3
-    kv_small, logits_small = written(integer_engine(kind, step_tokens=24), tokens)
+    kv_small, logits_small = written(integer_engine(kind, dtype, step_tokens=24), tokens)
     assert torch.equal(kv, kv_small)
     assert torch.equal(logits, logits_small)
 
 
-@needs_vnni
+@pytest.mark.parametrize("dtype", INT8_DTYPES)
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_integer_prompts_are_another_revision_close_to_the_dense_one(kind: str) -> None:
+def test_integer_prompts_are_another_revision_close_to_the_dense_one(
+    kind: str, dtype: torch.dtype
+) -> None:
     """Other bits than the dense weights give (so another revision: a disk entry of one is not
     a hit of the other), but the same computation: the last logits agree to int8's error."""
-    engine = integer_engine(kind)
-    dense = engine_of(kind, packed=True, decode_int8=True)
+    engine = integer_engine(kind, dtype)
+    dense = engine_of(kind, packed=dtype == torch.bfloat16, decode_int8=True, dtype=dtype)
     assert not (dense.native_prefill is not None and dense.native_prefill.integer)
     assert engine.info.revision != dense.info.revision
     tokens = random_prompt(150, seed=9)
