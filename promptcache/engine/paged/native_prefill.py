@@ -95,8 +95,6 @@ class NativePrefill(NativeStep):
         fn = step_function(kernels.library, "prefill", model, attn)
         if fn is None:
             return None
-        if model.dtype == torch.float32 and not integer:
-            return cls._build_f32(model, attn, max_rows, norm_mode, fn)
         if model.dtype == torch.bfloat16 and kernels.prefill is None:
             return None
         shape = model.shape
@@ -109,6 +107,8 @@ class NativePrefill(NativeStep):
             return None
         if integer:
             return cls._build_integer(model, attn, max_rows, norm_mode, fn, stack)
+        if model.dtype == torch.float32:
+            return cls._build_f32(model, attn, max_rows, norm_mode, fn, stack)
         if model.dtype != torch.bfloat16:
             return None
         shapes = [_shape(p) for layer in stack for p in _projections(layer)]
@@ -180,19 +180,16 @@ class NativePrefill(NativeStep):
 
     @classmethod
     def _build_f32(
-        cls, model: CausalLM, attn: PagedAttention, max_rows: int, norm_mode: int, fn: Any
+        cls,
+        model: CausalLM,
+        attn: PagedAttention,
+        max_rows: int,
+        norm_mode: int,
+        fn: Any,
+        stack: list[Gemma3Layer | LlamaLayer],
     ) -> NativePrefill | None:
         """A float32 model's: its layers' projections are ``PanelLinear`` (the products the
         PyTorch forward computes by ``gemm_f32``), read where they are, no copy."""
-        kernels = native.kernels()
-        assert kernels is not None
-        shape = model.shape
-        groups, rest = divmod(shape.num_heads, shape.num_kv_heads)
-        if rest or groups > 32 or shape.head_dim % 16 or (shape.num_heads * shape.head_dim) % 16:
-            return None  # prefill_attention_f32's limits, and the last layer's query rows
-        stack = layers_of(model)
-        if stack is None:
-            return None
         keep: list[torch.Tensor] = []
         widths: list[int] = []
 
