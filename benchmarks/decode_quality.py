@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/decode_quality.py                     # embedded Gemma 3 270M
     .venv/bin/python benchmarks/decode_quality.py --model smollm2-135m-instruct
+    .venv/bin/python benchmarks/decode_quality.py --dtype float32
 
 Over windows of this repository's docs: a prompt of ``--context`` tokens prefilled, then the
 next ``--steps`` tokens of the text fed one decode step at a time (whatever was predicted),
@@ -9,7 +10,7 @@ each step computed three ways over the same KV and the same head:
 
 - the engine's decode step (``NativeDecode``: int8 weights, or the GGUF file's own codes where
   it reads them, ``paged.codes``; the rows quantized to int8 where it multiplies in integers,
-  ``native_decode.integer_rows``: bfloat16 rows with AVX512-VNNI, float32 rows on AVX2), and
+  ``native_decode.integer_rows``: with AVX512-VNNI or AVX2, bfloat16 or float32 rows), and
   where it reads codes the same step on the int8 copies;
 - PyTorch's int8 decode path (the same int8 weights, rows in the model's dtype);
 - the dense weights (what a prompt's tokens are computed with).
@@ -52,11 +53,12 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=96)
     parser.add_argument("--per-file", type=int, default=3)
+    parser.add_argument("--dtype", default="auto", help="auto (default), bfloat16 or float32")
     args = parser.parse_args()
 
     cache = Path.home() / ".cache" / "promptcache"
     engine = loader.load_engine(
-        args.model, cache_dir=cache, device="cpu", dtype="auto", kv_pool_bytes=1 << 30
+        args.model, cache_dir=cache, device="cpu", dtype=args.dtype, kv_pool_bytes=1 << 30
     )
     step, switch = engine.native_decode, engine._decode_switch
     if step is None or switch is None:

@@ -107,13 +107,14 @@ VNNI_GROUP = 64
 
 def integer_rows(library: Any, dtype: torch.dtype) -> bool:
     """Whether a decode step of a ``dtype`` model multiplies its rows in integers here
-    (``gemv_int8_vnni``): bfloat16 rows where the library has the integer products, and
-    float32 rows on AVX2 (``pc_vector_isa`` 2), where float32 is the default for want of
-    bfloat16 arithmetic and the integer sums take ~half the time of float products at 8 rows.
-    On AVX-512 a float32 model is a choice (``--dtype float32``): its products stay float."""
+    (``gemv_int8_vnni``): bfloat16 or float32 rows wherever the library has the integer
+    products (AVX512-VNNI, AVX2). Float32 is the default on CPUs without bfloat16 arithmetic:
+    AVX2, and AVX-512 with VNNI but no BF16 (Intel's Cascade Lake and Ice Lake servers), where
+    8 rows' float products of the int8 weights took ~4x as long as the integer sums (Gemma 3
+    270M, 8 streams on that instruction set: 276 -> 698 tok/s, docs/benchmarks.md)."""
     if not library.pc_vnni_products():
         return False
-    return dtype == torch.bfloat16 or (dtype == torch.float32 and library.pc_vector_isa() == 2)
+    return dtype in (torch.bfloat16, torch.float32)
 
 
 def step_function(library: Any, kind: str, model: CausalLM, attn: PagedAttention) -> Any:

@@ -173,6 +173,33 @@ def test_it_takes_only_narrow_decode_steps() -> None:
     assert not step.covers(1, 5) and not step.covers(0, 5)  # prompt tokens: dense weights
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_multiply_in_integers_wherever_the_kernels_do(dtype: torch.dtype) -> None:
+    """Both dtypes' decode rows are quantized and multiplied in integers wherever the library
+    has the integer products (AVX512-VNNI, AVX2): float32 is the default dtype on AVX-512
+    CPUs without BF16 too, where float rows over the int8 weights were ~4x slower at 8 rows.
+    Every projection the kernel can take then has its vnni copy."""
+    from promptcache.engine.paged.models.int8 import DecodeInt8Linear
+    from promptcache.engine.paged.native_decode import VNNI_GROUP, integer_rows
+
+    kernels = native.kernels()
+    assert kernels is not None
+    integer = bool(kernels.library.pc_vnni_products())
+    assert integer_rows(kernels.library, dtype) == integer
+    assert not integer_rows(kernels.library, torch.float16)
+    engine = engine_of("gemma3", dtype)
+    assert engine.native_decode is not None
+    taken = [
+        m
+        for m in engine.model.modules()
+        if isinstance(m, DecodeInt8Linear)
+        and m.int8.q.shape[0] % 16 == 0
+        and m.int8.q.shape[1] % VNNI_GROUP == 0
+    ]
+    assert taken
+    assert all((m.vnni is not None) == integer for m in taken)
+
+
 def test_models_it_does_not_run_keep_pytorch() -> None:
     assert engine_of("llama", torch.float32, int8=False).native_decode is None  # no int8
     engine = engine_of("gemma3", torch.float16)
