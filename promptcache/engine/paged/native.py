@@ -536,7 +536,7 @@ class Kernels:
     ) -> torch.Tensor | None:
         """Approximate ``x W^T`` as float32 ``[rows, N]`` (N: ``packed``'s output rows, a
         multiple of 16) from ``int4.pack_int4_native``'s copy of W; None where it does not run
-        (no VNNI, another dtype or device). ``block_max``: a float32 ``[rows, N /
+        (no AVX2 or AVX-512, another dtype or device). ``block_max``: a float32 ``[rows, N /
         INT4_TOP_BLOCK]`` to fill with each row's largest score of each block of
         ``INT4_TOP_BLOCK`` columns (N must be a multiple of it), found as the scores are made."""
         fn = self._fns.get(("int4_logits", x.dtype))

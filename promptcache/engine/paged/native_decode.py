@@ -108,10 +108,11 @@ VNNI_GROUP = 64
 def integer_rows(library: Any, dtype: torch.dtype) -> bool:
     """Whether a decode step of a ``dtype`` model multiplies its rows in integers here
     (``gemv_int8_vnni``): bfloat16 or float32 rows wherever the library has the integer
-    products (AVX512-VNNI, AVX2). Float32 is the default on CPUs without bfloat16 arithmetic:
-    AVX2, and AVX-512 with VNNI but no BF16 (Intel's Cascade Lake and Ice Lake servers), where
-    8 rows' float products of the int8 weights took ~4x as long as the integer sums (Gemma 3
-    270M, 8 streams on that instruction set: 276 -> 698 tok/s, docs/benchmarks.md)."""
+    products (AVX512-VNNI's ``vpdpbusd``, else AVX2's ``vpmaddubsw``, on AVX-512 too). Float32
+    is the default on CPUs without bfloat16 arithmetic: AVX2, and AVX-512 without BF16 (Intel's
+    Skylake, Cascade Lake and Ice Lake servers), where 8 rows' float products of the int8
+    weights took ~4x as long as the integer sums (Gemma 3 270M, 8 streams on Ice Lake's
+    instruction set: 276 -> 698 tok/s, docs/benchmarks.md)."""
     if not library.pc_vnni_products():
         return False
     return dtype in (torch.bfloat16, torch.float32)

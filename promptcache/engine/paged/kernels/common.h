@@ -43,8 +43,9 @@
 #else
 #define PC_VNNI 0
 #endif
-// Decode rows multiplied in integers (gemv_int8_vnni): by vpdpbusd, or on AVX2 by vpmaddubsw.
-#define PC_INT8_ROWS (PC_VNNI || PC_AVX2)
+// Decode rows multiplied in integers (gemv_int8_vnni): by vpdpbusd, else by AVX2's vpmaddubsw
+// (on AVX-512 without VNNI too: Skylake's servers).
+#define PC_INT8_ROWS PC_VEC16
 // A float16 KV pool under float32 compute (F16): vcvtph2ps / vcvtps2ph, AVX-512's or F16C's.
 #if PC_AVX512 || (PC_AVX2 && defined(__F16C__))
 #define PC_F16 1

@@ -8,7 +8,7 @@
 
 namespace {
 
-#if PC_VNNI || PC_AVX2
+#if PC_INT8_ROWS
 #define PC_INT4_HEAD 1
 // Scores of a vocabulary projection from 4-bit weights, for RescoredHead (models/int4.py) to
 // pick the candidates it then scores exactly: logits [B, N] float32 ~= x [B, K] W^T.
