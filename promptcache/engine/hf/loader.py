@@ -182,11 +182,11 @@ def load_engine(
     head_cache = Path(cache_dir) / "int4"
     switch = add_decode_int8(lean, head_cache=head_cache) if quant == "int8" else None
     # Decode steps read the GGUF file's own 4/5-bit codes where the engine's kernels do
-    # (bfloat16 rows on AVX512-VNNI): fewer bytes a step than the int8 copies.
+    # (AVX512-VNNI, bfloat16 or float32 rows): fewer bytes a step than the int8 copies.
     coded = 0
     gguf = gguf_finder(model, Path(cache_dir))
     readable = kernels is not None and codes_products(kernels.library)
-    if switch is not None and gguf is not None and readable and DTYPES[dtype] == torch.bfloat16:
+    if switch is not None and gguf is not None and readable:
         coded = attach_codes(lean, gguf, source, Path(cache_dir) / "codes")
     # Its decode tokens' keys and values are another revision's (see the kernels' above).
     tag += "+codes" * (coded > 0)

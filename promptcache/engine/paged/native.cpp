@@ -197,7 +197,7 @@ void pc_gemm_int8_vnni_f32(const float* x, int64_t ldx, int64_t M, int64_t K, co
 int64_t pc_vnni_group() { return VNNI_GROUP; }
 #endif
 
-// 1 when decode steps of bfloat16 rows can read a GGUF file's own codes (gemv_codes).
+// 1 when decode steps (bfloat16 or float32 rows) can read a GGUF file's own codes (gemv_codes).
 int pc_codes_products() { return PC_VNNI; }
 #if PC_VNNI
 // y [B, N] = x [B, K] W^T (+ bias) over codes laid out by codes.py; scratch: what gemv_codes
@@ -207,6 +207,11 @@ void pc_gemv_codes_bf16(const uint16_t* x, int64_t B, int64_t K, const uint8_t* 
                         void* scratch) {
   gemv_codes<BF16>(x, B, K, p, static_cast<int>(bits), static_cast<int>(offset), bias, N, y,
                    scratch);
+}
+void pc_gemv_codes_f32(const float* x, int64_t B, int64_t K, const uint8_t* p, int64_t bits,
+                       int64_t offset, const float* bias, int64_t N, float* y, void* scratch) {
+  gemv_codes<F32>(x, B, K, p, static_cast<int>(bits), static_cast<int>(offset), bias, N, y,
+                  scratch);
 }
 #endif
 

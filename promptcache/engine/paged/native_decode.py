@@ -297,8 +297,8 @@ class NativeDecode(NativeStep):
             library.pc_vnni_group.restype = ctypes.c_int64
             if library.pc_vnni_group() != VNNI_GROUP:
                 raise RuntimeError("kernels/products.h' VNNI_GROUP and native_decode's disagree")
-        # A GGUF file's own codes (paged.codes, kernels/codes.h): bfloat16 rows on AVX512-VNNI.
-        codes = model.dtype == torch.bfloat16 and codes_products(library)
+        # A GGUF file's own codes (paged.codes, kernels/codes.h): rows in integers by vpdpbusd.
+        codes = vnni and codes_products(library)
         act = None
         intermediate = 0
         stack = layers_of(model)
@@ -338,7 +338,8 @@ class NativeDecode(NativeStep):
 
 
 def codes_products(library: Any) -> bool:
-    """Whether the library's decode steps read GGUF codes (``gemv_codes``: AVX512-VNNI)."""
+    """Whether the library's decode steps read GGUF codes (``gemv_codes``: AVX512-VNNI, both
+    dtypes' rows)."""
     fn = getattr(library, "pc_codes_products", None)
     return bool(fn is not None and fn())
 

@@ -78,10 +78,11 @@ def test_parts_fuse_in_one_form_or_not_at_all() -> None:
 
 def gemv(packed: Packed, x: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
     assert KERNELS is not None
-    fn = KERNELS.library.pc_gemv_codes_bf16
+    name = "bf16" if x.dtype == torch.bfloat16 else "f32"
+    fn = getattr(KERNELS.library, f"pc_gemv_codes_{name}")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.restype, fn.argtypes = None, [ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr]
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
     scratch = torch.empty(x.numel() * 2 + 64, dtype=torch.uint8)
     fn(
         x.data_ptr(),
@@ -102,27 +103,31 @@ def gemv(packed: Packed, x: torch.Tensor, n: int, bias: torch.Tensor | None) -> 
 @pytest.mark.parametrize("kind", READ)
 @pytest.mark.parametrize(("n", "k"), [(16, 64), (48, 576), (96, 640)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_the_kernel_multiplies_the_files_weights(kind: Q, n: int, k: int, with_bias: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_kernel_multiplies_the_files_weights(
+    kind: Q, n: int, k: int, with_bias: bool, dtype: torch.dtype
+) -> None:
     """Rows quantized as the int8 products quantize them (per group of 64) times the file's
-    weights: against the same product in float64, to a bfloat16 rounding; each row's outputs
-    the same bits alone as beside up to 8 others."""
+    weights: against the same product in float64, to a rounding of the rows' dtype; each row's
+    outputs the same bits alone as beside up to 8 others."""
     rng = np.random.default_rng(n + k)
     weight = coded(rng.standard_normal((n, k)).astype(np.float32) * 0.05, kind)
     packed = Packed(codes.pack(weight), weight.bits, weight.offset)
     assert packed.data.numel() == n // 16 * (k // 32) * codes.stride(weight.bits, weight.offset)
     gen = torch.Generator().manual_seed(k)
-    x = torch.randn(9, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(9, k, generator=gen).to(dtype)
     x[1, :VNNI_GROUP] = 0  # alpha 0
     x[2, 3] = 300.0  # the rest of its group rounds to a few levels
-    bias = torch.randn(n, generator=gen).to(torch.bfloat16) if with_bias else None
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
     got = gemv(packed, x, n, bias)
     a, alpha = quantized_rows(x, VNNI_GROUP)
     rows = (a.double() * alpha.double()[..., None]).view(9, k)
     want = rows @ torch.from_numpy(weight.dequantize()).double().T
     if bias is not None:
-        want = want.to(torch.bfloat16).double() + bias.double()
+        want = want.to(dtype).double() + bias.double()
     scale = want.abs().max().item()
-    torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-4 * scale)
+    rtol = 8e-3 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-4 * scale * rtol / 8e-3)
     for b in range(1, 9):
         assert torch.equal(gemv(packed, x[:b], n, bias), got[:b])
     for i in range(9):
@@ -278,10 +283,11 @@ def codes_reference() -> Iterator[None]:
         yield
 
 
-def coded_engine(kind: str) -> PagedEngine:
-    """A tiny bfloat16 engine whose weights are those of a file's blocks (q, k, v and down
-    Q5_0, o Q4_0, gate and up Q4_1) and whose decode projections read those blocks."""
-    engine = build_tiny_engine(kind, dtype=torch.bfloat16, decode_int8=True)
+def coded_engine(kind: str, dtype: torch.dtype = torch.bfloat16) -> PagedEngine:
+    """A tiny engine whose weights are those of a file's blocks (q, k, v and down Q5_0, o
+    Q4_0, gate and up Q4_1) and whose decode projections read those blocks."""
+    # Plain float32 Linears (no panels): their weights are replaced below.
+    engine = build_tiny_engine(kind, dtype=dtype, decode_int8=True, panels=False)
     projections = codes.decode_projections(engine._model)
     assert projections is not None
     forms = (Q.Q5_0, Q.Q4_0, Q.Q4_1, Q.Q5_0)
@@ -291,7 +297,7 @@ def coded_engine(kind: str) -> PagedEngine:
         for proj, kind_ in zip(layer, forms, strict=True):
             c = coded(proj.dense.weight.float().numpy(), kind_)
             # The model's weights become the file's: dense (prompts) and int8 copy alike.
-            proj.dense.weight.data.copy_(torch.from_numpy(c.dequantize()).to(torch.bfloat16))
+            proj.dense.weight.data.copy_(torch.from_numpy(c.dequantize()).to(dtype))
             proj.int8 = type(proj.int8).from_linear(proj.dense)
             row.append(Packed(codes.pack(c), c.bits, c.offset))
             WEIGHTS[id(proj)] = torch.from_numpy(c.dequantize()).double()
@@ -309,19 +315,23 @@ def coded_engine(kind: str) -> PagedEngine:
 @needs_kernel
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 @pytest.mark.parametrize("rows", [1, 8])
-def test_a_step_on_the_codes_computes_what_the_model_does(kind: str, rows: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_step_on_the_codes_computes_what_the_model_does(
+    kind: str, rows: int, dtype: torch.dtype
+) -> None:
     """Against the PyTorch model's step computing the same products (``codes_reference``);
     the keys and values both write alike too (``one_step``)."""
-    engine = coded_engine(kind)
+    engine = coded_engine(kind, dtype)
     with codes_reference():
         fast, slow = one_step(engine, rows)
-    torch.testing.assert_close(fast, slow, **tolerance(torch.bfloat16))
+    torch.testing.assert_close(fast, slow, **tolerance(dtype))
 
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_an_engine_on_the_codes_keeps_hits_exact(kind: str) -> None:
-    engine = coded_engine(kind)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_engine_on_the_codes_keeps_hits_exact(kind: str, dtype: torch.dtype) -> None:
+    engine = coded_engine(kind, dtype)
     assert engine.native_decode is not None
     assert_hits_exact(engine)
     assert engine.native_decode.num_steps > 0

@@ -85,13 +85,11 @@ template <class S>
 inline void decode_product(const PcLayer& L, int j, const typename S::T* x, float* xf, int64_t B,
                            int64_t K, int64_t N, typename S::T* y) {
 #if PC_VNNI
-  if constexpr (std::is_same_v<S, BF16>) {
-    if (L.codes[j]) {
-      gemv_codes<S>(x, B, K, L.codes[j], static_cast<int>(L.code_bits[j]),
-                    static_cast<int>(L.code_offset[j]),
-                    static_cast<const typename S::T*>(L.bias[j]), N, y, xf);
-      return;
-    }
+  if (L.codes[j]) {
+    gemv_codes<S>(x, B, K, L.codes[j], static_cast<int>(L.code_bits[j]),
+                  static_cast<int>(L.code_offset[j]),
+                  static_cast<const typename S::T*>(L.bias[j]), N, y, xf);
+    return;
   }
 #endif
   project<S>(x, xf, B, K, L.w[j], L.vnni[j], L.scales[j], L.bias[j], N, y);
