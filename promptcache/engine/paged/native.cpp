@@ -198,8 +198,8 @@ int64_t pc_vnni_group() { return VNNI_GROUP; }
 #endif
 
 // 1 when decode steps (bfloat16 or float32 rows) can read a GGUF file's own codes (gemv_codes).
-int pc_codes_products() { return PC_VNNI; }
-#if PC_VNNI
+int pc_codes_products() { return PC_CODES; }
+#if PC_CODES
 // y [B, N] = x [B, K] W^T (+ bias) over codes laid out by codes.py; scratch: what gemv_codes
 // asks.
 void pc_gemv_codes_bf16(const uint16_t* x, int64_t B, int64_t K, const uint8_t* p, int64_t bits,

@@ -1,7 +1,8 @@
 """The kernels built for other x86 instruction sets than this CPU's best (``-march=native``):
-each build compiles, has the integer decode products and the int4 head, and where this CPU
-runs its instructions, computes the same bits as the native build. So the paths that only
-other machines take (AVX2 alone, AVX-512 without VNNI or without BF16) are exercised here too.
+each build compiles, has the integer decode products (over int8 weights and over a GGUF file's
+codes) and the int4 head, and where this CPU runs its instructions, computes the same bits as
+the native build. So the paths that only other machines take (AVX2 alone, AVX-512 without
+VNNI or without BF16) are exercised here too.
 
 The builds are cached beside the native one (``native.directory()``), by source and target."""
 
@@ -11,13 +12,16 @@ import ctypes
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from promptcache.engine.paged import native
+from promptcache.engine.paged import codes, native
+from promptcache.engine.paged.codes import Packed
 from promptcache.engine.paged.models.int4 import pack_int4_native
 from promptcache.engine.paged.models.int8 import quantize_weight
 from promptcache.engine.paged.native_decode import vnni_weight
+from tests.engine.paged.test_codes import READ, coded
 
 # Each target and the CPU flags (/proc/cpuinfo's names) its code may use: the vector
 # extensions GCC emits for it, and the scalar ones it may pick.
@@ -80,6 +84,7 @@ def test_a_build_for_another_instruction_set_computes_the_same_bits(target: str)
     assert NATIVE is not None
     library = other.library
     assert library.pc_vnni_products() == 1 and library.pc_int4_head() == 1
+    assert library.pc_codes_products() == 1
     gen = torch.Generator().manual_seed(3)
 
     # The int4 head's scores and block maxima (1, 3 and 8 rows: each kernel shape).
@@ -123,3 +128,34 @@ def test_a_build_for_another_instruction_set_computes_the_same_bits(target: str)
                 )
                 outs.append(y)
             assert torch.equal(outs[1], outs[0])
+
+    # The decode rows' products over a GGUF file's codes (gemv_codes): each form, 1-8 rows.
+    for form in READ:
+        c = coded(np.random.default_rng(7).standard_normal((n, k)).astype(np.float32) * 0.05, form)
+        packed = Packed(codes.pack(c), c.bits, c.offset)
+        for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+            x = torch.randn(8, k, generator=gen).to(dtype)
+            bias = torch.randn(n, generator=gen).to(dtype)
+            for rows in (1, 5, 8):
+                outs = []
+                for lib in (NATIVE.library, library):
+                    fn = getattr(lib, f"pc_gemv_codes_{name}")
+                    fn.restype = None
+                    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr]
+                    y = torch.empty(rows, n, dtype=dtype)
+                    scratch = torch.empty(rows * k * 4 + 64, dtype=torch.uint8)
+                    part = x[:rows].contiguous()
+                    fn(
+                        part.data_ptr(),
+                        rows,
+                        k,
+                        packed.data.data_ptr(),
+                        packed.bits,
+                        packed.offset,
+                        bias.data_ptr(),
+                        n,
+                        y.data_ptr(),
+                        scratch.data_ptr(),
+                    )
+                    outs.append(y)
+                assert torch.equal(outs[1], outs[0])

@@ -7,7 +7,7 @@
 
 namespace {
 
-#if PC_VNNI
+#if PC_CODES
 // The file's blocks of 32 inputs (Q4_0, Q4_1, Q5_0: w = d (q - offset), or d q + m for Q4_1;
 // q of 4 or 5 bits, d and m float16 per row and block) as codes.py lays them out: per 16
 // output rows, per block, CODES_LOW bytes of low nibbles (vector j of four, byte (r, i): row
@@ -24,6 +24,7 @@ constexpr int64_t codes_stride(int bits, int offset) {
   return CODES_LOW + (bits == 5 ? CODES_HIGH : 0) + 32 + (offset == 0 ? 32 : 0);
 }
 
+#if PC_VNNI
 // Bit j of every byte of h moved to bit 4 (16-bit shifts: what crosses a byte lands outside
 // bit 4, which is all that is kept).
 template <int J>
@@ -107,6 +108,84 @@ inline void codes_block(const int8_t* a, const float* alpha, const void* sums, i
     S::store16(y + b * N + n0, v);
   }
 }
+#else
+// codes_block without vpdpbusd (AVX2; AVX-512 without VNNI): the same integer sums and the
+// same float operations per lane. vpmaddubsw multiplies the codes (unsigned, at most 31) by a
+// (signed) and adds pairs in 16 bits (at most 2 * 31 * 127), and 4 of those add in 16 bits too
+// (|sum| <= 31,496 < 32,768) before vpmaddwd takes them to 32: no sign to move, unlike the int8
+// weights' products. Each 8-output half of a block in turn, as the int4 head's AVX2 form.
+template <class S, int BN, int BITS, int OFFSET>
+inline void codes_block(const int8_t* a, const float* alpha, const void* sums, int64_t K,
+                        const uint8_t* p, const typename S::T* bias, int64_t n0, int64_t N,
+                        typename S::T* y) {
+  constexpr int64_t stride = codes_stride(BITS, OFFSET);
+  const int64_t T = K / CODES_BLOCK, G = K / VNNI_GROUP;
+  const int32_t* isum = static_cast<const int32_t*>(sums);
+  const float* msum = static_cast<const float*>(sums);
+  const __m256i low = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(64) float acc[BN][16] = {};
+  for (int64_t t = 0; t < T; ++t) {
+    const uint8_t* blk = p + t * stride;
+    for (int64_t o = 0; o < stride; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(blk + o + VNNI_PREFETCH_AHEAD), _MM_HINT_T1);
+    const uint8_t* dm = blk + CODES_LOW + (BITS == 5 ? CODES_HIGH : 0);
+    const int64_t g = t * CODES_BLOCK / VNNI_GROUP;
+    const int8_t* words = a + t * CODES_BLOCK * BN;  // the block's four-input words, row by row
+    for (int h = 0; h < 2; ++h) {
+      asm("" : "+r"(words));  // each word read as words plus a constant (as vnni_block's)
+      __m256i s[BN], e[BN];
+      for (int b = 0; b < BN; ++b) {
+        s[b] = OFFSET ? _mm256_set1_epi32(isum[t * BN + b]) : _mm256_setzero_si256();
+        e[b] = _mm256_setzero_si256();
+      }
+      const __m256i hv =
+          BITS == 5 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + CODES_LOW + 32 * h))
+                    : _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        const __m256i v =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * (j % 4) + 32 * h));
+        __m256i c = _mm256_and_si256(j < 4 ? v : _mm256_srli_epi16(v, 4), low);
+        if constexpr (BITS == 5) {  // bit j of hv's bytes to bit 4 (code_vector's fifth bit)
+          const __m256i f = j <= 4 ? _mm256_sll_epi16(hv, _mm_cvtsi32_si128(4 - j))
+                                   : _mm256_srl_epi16(hv, _mm_cvtsi32_si128(j - 4));
+          c = _mm256_or_si256(c, _mm256_and_si256(f, bit4));
+        }
+        for (int b = 0; b < BN; ++b) {
+          const __m256i four = _mm256_castps_si256(
+              _mm256_broadcast_ss(reinterpret_cast<const float*>(words + (j * BN + b) * 4)));
+          e[b] = _mm256_add_epi16(e[b], _mm256_maddubs_epi16(c, four));
+        }
+        if (j % 4 == 3)
+          for (int b = 0; b < BN; ++b) {
+            s[b] = _mm256_add_epi32(s[b], _mm256_madd_epi16(e[b], ones));
+            e[b] = _mm256_setzero_si256();
+          }
+      }
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 16 * h)));
+      for (int b = 0; b < BN; ++b) {
+        float* fb = acc[b] + 8 * h;
+        const __m256 da = _mm256_mul_ps(d, _mm256_set1_ps(alpha[b * G + g]));
+        _mm256_store_ps(fb, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[b]), da, _mm256_load_ps(fb)));
+      }
+      if constexpr (OFFSET == 0) {
+        const __m256 m =
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 32 + 16 * h)));
+        for (int b = 0; b < BN; ++b) {
+          float* fb = acc[b] + 8 * h;
+          _mm256_store_ps(fb, _mm256_fmadd_ps(m, _mm256_set1_ps(msum[t * BN + b]),
+                                              _mm256_load_ps(fb)));
+        }
+      }
+    }
+  }
+  for (int b = 0; b < BN; ++b) {
+    __m512 v = _mm512_load_ps(acc[b]);
+    if (bias) v = S::round16(_mm512_add_ps(S::round16(v), S::load16(bias + n0)));
+    S::store16(y + b * N + n0, v);
+  }
+}
+#endif
 
 // y [B, N] = x [B, K] W^T (+ bias), W the file's codes laid out by codes.py (bits 4 and
 // offset 8 or none, or bits 5 and offset 16): each row of x quantized as gemv_int8_vnni
@@ -157,6 +236,6 @@ void gemv_codes(const typename S::T* x, int64_t B, int64_t K, const uint8_t* p, 
     share_row_blocks(bn, N, K, block);
   }
 }
-#endif  // PC_VNNI
+#endif  // PC_CODES
 
 }  // namespace

@@ -52,6 +52,9 @@
 #else
 #define PC_F16 0
 #endif
+// Decode rows' products over a GGUF file's own codes (gemv_codes): by vpdpbusd, else by
+// vpmaddubsw; their scales are float16.
+#define PC_CODES (PC_INT8_ROWS && PC_F16)
 
 namespace {
 

@@ -84,7 +84,7 @@ inline void write_slot(const typename S::T* src, int64_t width, int64_t slot, vo
 template <class S>
 inline void decode_product(const PcLayer& L, int j, const typename S::T* x, float* xf, int64_t B,
                            int64_t K, int64_t N, typename S::T* y) {
-#if PC_VNNI
+#if PC_CODES
   if (L.codes[j]) {
     gemv_codes<S>(x, B, K, L.codes[j], static_cast<int>(L.code_bits[j]),
                   static_cast<int>(L.code_offset[j]),
