@@ -35,6 +35,8 @@ TARGETS = {
                        "avx512ifma", "gfni", "vaes", "vpclmulqdq"},
 }  # fmt: skip
 
+I64, PTR = ctypes.c_int64, ctypes.c_void_p
+
 NATIVE = native.kernels()
 COMPILER = native._compiler()
 pytestmark = pytest.mark.skipif(
@@ -100,62 +102,57 @@ def test_a_build_for_another_instruction_set_computes_the_same_bits(target: str)
             assert torch.equal(got, want) and torch.equal(maxima[1], maxima[0])
 
     # The decode rows' integer products (gemv_int8_vnni), both storage types, 1-8 rows.
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
     n, k = 96, 640
-    for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+    for dtype in (torch.float32, torch.bfloat16):
         q, scales = quantize_weight(torch.randn(n, k, generator=gen), dtype)
-        bias = torch.randn(n, generator=gen).to(dtype)
-        weights = vnni_weight(q)
-        x = torch.randn(8, k, generator=gen).to(dtype)
-        for rows in (1, 5, 8):
-            outs = []
-            for lib in (NATIVE.library, library):
-                gemv = getattr(lib, f"pc_gemv_int8_vnni_{name}")
-                gemv.restype, gemv.argtypes = None, [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
-                y = torch.empty(rows, n, dtype=dtype)
-                scratch = torch.empty(rows * k * 2 + 64, dtype=torch.uint8)
-                part = x[:rows].contiguous()
-                gemv(
-                    part.data_ptr(),
-                    rows,
-                    k,
-                    weights.data_ptr(),
-                    scales.data_ptr(),
-                    bias.data_ptr(),
-                    n,
-                    y.data_ptr(),
-                    scratch.data_ptr(),
-                )
-                outs.append(y)
-            assert torch.equal(outs[1], outs[0])
+        weights = [(PTR, vnni_weight(q).data_ptr()), (PTR, scales.data_ptr())]
+        assert_rows_alike("pc_gemv_int8_vnni", weights, dtype, n, k, gen, library)
 
     # The decode rows' products over a GGUF file's codes (gemv_codes): each form, 1-8 rows.
     for form in READ:
         c = coded(np.random.default_rng(7).standard_normal((n, k)).astype(np.float32) * 0.05, form)
         packed = Packed(codes.pack(c), c.bits, c.offset)
-        for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
-            x = torch.randn(8, k, generator=gen).to(dtype)
-            bias = torch.randn(n, generator=gen).to(dtype)
-            for rows in (1, 5, 8):
-                outs = []
-                for lib in (NATIVE.library, library):
-                    fn = getattr(lib, f"pc_gemv_codes_{name}")
-                    fn.restype = None
-                    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, ptr, ptr]
-                    y = torch.empty(rows, n, dtype=dtype)
-                    scratch = torch.empty(rows * k * 4 + 64, dtype=torch.uint8)
-                    part = x[:rows].contiguous()
-                    fn(
-                        part.data_ptr(),
-                        rows,
-                        k,
-                        packed.data.data_ptr(),
-                        packed.bits,
-                        packed.offset,
-                        bias.data_ptr(),
-                        n,
-                        y.data_ptr(),
-                        scratch.data_ptr(),
-                    )
-                    outs.append(y)
-                assert torch.equal(outs[1], outs[0])
+        for dtype in (torch.float32, torch.bfloat16):
+            file = [(PTR, packed.data.data_ptr()), (I64, packed.bits), (I64, packed.offset)]
+            assert_rows_alike("pc_gemv_codes", file, dtype, n, k, gen, library)
+
+
+def assert_rows_alike(
+    kind: str,
+    weights: list[tuple[type[ctypes.c_int64] | type[ctypes.c_void_p], int]],
+    dtype: torch.dtype,
+    n: int,
+    k: int,
+    gen: torch.Generator,
+    other: ctypes.CDLL,
+) -> None:
+    """``{kind}_{f32,bf16}(x, rows, k, *weights, bias, n, y, scratch)`` of 1, 5 and 8 rows (the
+    weights' arguments as (ctypes type, value)): the same bits from the native library and from
+    ``other``."""
+    assert NATIVE is not None
+    name = "f32" if dtype == torch.float32 else "bf16"
+    x = torch.randn(8, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    for rows in (1, 5, 8):
+        outs = []
+        for lib in (NATIVE.library, other):
+            fn = getattr(lib, f"{kind}_{name}")
+            fn.restype = None
+            types = [t for t, _ in weights]
+            fn.argtypes = [PTR, I64, I64, *types, PTR, I64, PTR, PTR]
+            y = torch.empty(rows, n, dtype=dtype)
+            scratch = torch.empty(rows * k * 4 + 64, dtype=torch.uint8)
+            part = x[:rows].contiguous()
+            values = [v for _, v in weights]
+            fn(
+                part.data_ptr(),
+                rows,
+                k,
+                *values,
+                bias.data_ptr(),
+                n,
+                y.data_ptr(),
+                scratch.data_ptr(),
+            )
+            outs.append(y)
+        assert torch.equal(outs[1], outs[0])
