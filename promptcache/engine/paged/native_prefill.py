@@ -105,109 +105,25 @@ class NativePrefill(NativeStep):
         stack = layers_of(model)
         if stack is None:
             return None
+        keep: list[torch.Tensor] = []
+        fill: Fill | None = None
         if integer:
-            return cls._build_integer(model, attn, max_rows, norm_mode, fn, stack)
-        if model.dtype == torch.float32:
-            return cls._build_f32(model, attn, max_rows, norm_mode, fn, stack)
-        if model.dtype != torch.bfloat16:
+            fill = _twins(model, keep)
+        elif model.dtype == torch.float32:
+            fill = _panels(keep)
+        elif model.dtype == torch.bfloat16:
+            fill = _pairs(kernels.library, stack, keep)
+        if fill is None:
             return None
-        shapes = [_shape(p) for layer in stack for p in _projections(layer)]
-        if any(s is None for s in shapes):
-            return None
-        if sum(n * k * 2 for n, k in (s for s in shapes if s is not None)) > MAX_BYTES:
-            return None
-        library = kernels.library
-        gemm = library.pc_gemm_bf16
-        gemm.restype = None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]
-        keep: list[torch.Tensor] = []
-        found: dict[tuple[int, int], tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
-
-        def paired(struct: LayerStruct, j: int, proj: nn.Module) -> bool:
-            # Each dense copy dropped once paired: the next one reuses its memory, and the
-            # start pays for ~200 MB of fresh pages rather than ~400 (~0.3 s).
-            pairs = pair_dense(_dense(proj))
-            block = _calibrate(gemm, _module(proj), pairs, found)
-            if block is None:
-                return False
-            keep.append(pairs)
-            struct.dense[j], struct.dense_block[j] = pairs.data_ptr(), block
-            return True
-
-        filled = _fill_layers(model, attn, stack, norm_mode, keep, paired)
+        filled = _fill_layers(model, attn, stack, norm_mode, keep, fill)
         if filled is None:
             return None
         layers, act = filled
-        down = shapes[3]
-        assert down is not None
-        head = model_struct(model, layers, down[1], norm_mode, act, keep)
-        return cls(model, attn, fn, max_rows, layers, head, keep)
-
-    @classmethod
-    def _build_integer(
-        cls,
-        model: CausalLM,
-        attn: PagedAttention,
-        max_rows: int,
-        norm_mode: int,
-        fn: Any,
-        stack: list[Gemma3Layer | LlamaLayer],
-    ) -> NativePrefill | None:
-        """A bfloat16 or float32 model's, its products in integers over the int8 decode
-        copies (shared with the decode step, ``vnni_twin``): no dense copy, no calibration."""
-        if not integer_ready(model):
-            return None
-        keep: list[torch.Tensor] = []
-
-        def twin(struct: LayerStruct, j: int, proj: nn.Module) -> bool:
-            assert isinstance(proj, DecodeInt8Linear)  # integer_ready
-            vnni, scales = vnni_twin(proj), proj.int8.scales
-            keep.extend((vnni, scales))
-            struct.vnni[j], struct.scales[j] = vnni.data_ptr(), scales.data_ptr()
-            return True
-
-        filled = _fill_layers(model, attn, stack, norm_mode, keep, twin)
-        if filled is None:
-            return None
-        layers, act = filled
-        down = _projections(stack[0])[3]
-        assert isinstance(down, DecodeInt8Linear)
-        head = model_struct(model, layers, down.int8.q.shape[1], norm_mode, act, keep)
+        width = _inputs(_projections(stack[0])[3])  # down's: the MLP's
+        head = model_struct(model, layers, width, norm_mode, act, keep)
         built = cls(model, attn, fn, max_rows, layers, head, keep)
-        built.integer = True
+        built.integer = integer
         return built
-
-    @classmethod
-    def _build_f32(
-        cls,
-        model: CausalLM,
-        attn: PagedAttention,
-        max_rows: int,
-        norm_mode: int,
-        fn: Any,
-        stack: list[Gemma3Layer | LlamaLayer],
-    ) -> NativePrefill | None:
-        """A float32 model's: its layers' projections are ``PanelLinear`` (the products the
-        PyTorch forward computes by ``gemm_f32``), read where they are, no copy."""
-        keep: list[torch.Tensor] = []
-        widths: list[int] = []
-
-        def panels(struct: LayerStruct, j: int, proj: nn.Module) -> bool:
-            module = _module(proj)
-            if not isinstance(module, PanelLinear) or module.bias is not None:
-                return False
-            keep.append(module.panels)
-            struct.dense[j], struct.dense_block[j] = module.panels.data_ptr(), 0
-            widths.append(module.in_features)  # the last, down's: the MLP's width
-            return True
-
-        filled = _fill_layers(model, attn, stack, norm_mode, keep, panels)
-        if filled is None:
-            return None
-        layers, act = filled
-        head = model_struct(model, layers, widths[-1], norm_mode, act, keep)
-        return cls(model, attn, fn, max_rows, layers, head, keep)
 
     def covers(self, num_decode: int, chunks: list[int]) -> bool:
         """Whether a step of this kind runs here: one prefill chunk of at most ``max_rows``
@@ -279,13 +195,81 @@ def pair_dense(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(n // 32, 32, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
+Fill = Callable[[LayerStruct, int, nn.Module], bool]
+"""Puts projection ``j`` of a layer in its struct (keeping what it points at), or says False
+for one the prompt step does not take (``_fill_layers``)."""
+
+
+def _pairs(
+    library: Any, stack: list[Gemma3Layer | LlamaLayer], keep: list[torch.Tensor]
+) -> Fill | None:
+    """A bfloat16 model's: each projection's dense weight paired for ``gemm_bf16``, with the
+    block that gives oneDNN's bits (``_calibrate``); None where a layer's is not one it
+    computes or the copies would pass ``MAX_BYTES``."""
+    shapes = [_shape(p) for layer in stack for p in _projections(layer)]
+    if any(s is None for s in shapes):
+        return None
+    if sum(n * k * 2 for n, k in (s for s in shapes if s is not None)) > MAX_BYTES:
+        return None
+    gemm = library.pc_gemm_bf16
+    gemm.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]
+    found: dict[tuple[int, int], tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def paired(struct: LayerStruct, j: int, proj: nn.Module) -> bool:
+        # Each dense copy dropped once paired: the next one reuses its memory, and the
+        # start pays for ~200 MB of fresh pages rather than ~400 (~0.3 s).
+        pairs = pair_dense(_dense(proj))
+        block = _calibrate(gemm, _module(proj), pairs, found)
+        if block is None:
+            return False
+        keep.append(pairs)
+        struct.dense[j], struct.dense_block[j] = pairs.data_ptr(), block
+        return True
+
+    return paired
+
+
+def _twins(model: CausalLM, keep: list[torch.Tensor]) -> Fill | None:
+    """Integer products (a bfloat16 or float32 model's), over the int8 decode copies shared
+    with the decode step (``vnni_twin``): no dense copy, no calibration; None where
+    ``integer_ready`` says they cannot be."""
+    if not integer_ready(model):
+        return None
+
+    def twin(struct: LayerStruct, j: int, proj: nn.Module) -> bool:
+        assert isinstance(proj, DecodeInt8Linear)  # integer_ready
+        vnni, scales = vnni_twin(proj), proj.int8.scales
+        keep.extend((vnni, scales))
+        struct.vnni[j], struct.scales[j] = vnni.data_ptr(), scales.data_ptr()
+        return True
+
+    return twin
+
+
+def _panels(keep: list[torch.Tensor]) -> Fill:
+    """A float32 model's: its layers' projections are ``PanelLinear`` (the products the
+    PyTorch forward computes by ``gemm_f32``), read where they are, no copy."""
+
+    def panels(struct: LayerStruct, j: int, proj: nn.Module) -> bool:
+        module = _module(proj)
+        if not isinstance(module, PanelLinear) or module.bias is not None:
+            return False
+        keep.append(module.panels)
+        struct.dense[j], struct.dense_block[j] = module.panels.data_ptr(), 0
+        return True
+
+    return panels
+
+
 def _fill_layers(
     model: CausalLM,
     attn: PagedAttention,
     stack: list[Gemma3Layer | LlamaLayer],
     norm_mode: int,
     keep: list[torch.Tensor],
-    fill: Callable[[LayerStruct, int, nn.Module], bool],
+    fill: Fill,
 ) -> tuple[list[LayerStruct], int] | None:
     """Every layer's struct (norms, activation, pool) with its projection ``j`` put in by
     ``fill`` (which keeps what it points at in ``keep``, and says False for one the step does
@@ -330,6 +314,15 @@ def _projections(layer: Gemma3Layer | LlamaLayer) -> tuple[nn.Module, ...]:
 def _module(proj: nn.Module) -> nn.Module:
     """What computes ``proj`` for prompt tokens (an int8 decode copy's dense twin)."""
     return proj.dense if isinstance(proj, DecodeInt8Linear) else proj
+
+
+def _inputs(proj: nn.Module) -> int:
+    """``proj``'s input width."""
+    module = _module(proj)
+    if isinstance(module, (PackedLinear, PanelLinear)):
+        return module.in_features
+    assert isinstance(module, Linear)
+    return int(module.weight.shape[1])
 
 
 def _shape(proj: nn.Module) -> tuple[int, int] | None:
