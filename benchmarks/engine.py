@@ -239,12 +239,12 @@ def main() -> int:
 
     for module in engine.model.modules():
         if isinstance(module, RescoredHead):
-            module.int8_done.wait(300)
+            module.ready.wait(300)
     ready_s = time.perf_counter() - started
     # Likewise the compiled decode step (engine/paged/compiled.py): compiled in the background.
     compiled = "no"
     if engine.compiled is not None:
-        engine.compiled.ready.wait(900)
+        engine.compiled.done.wait(900)
         compiled = engine.compiled.failed or f"yes, {time.perf_counter() - started:.0f} s in"
     info = engine.info
     natively = engine.native_prefill

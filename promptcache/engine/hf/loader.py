@@ -46,7 +46,7 @@ from promptcache.engine.paged.engine import (
 )
 from promptcache.engine.paged.models import from_hf
 from promptcache.engine.paged.models.base import CausalLM
-from promptcache.engine.paged.models.int8 import add_decode_int8
+from promptcache.engine.paged.models.int8 import add_decode_int8, kernel_dtype
 from promptcache.engine.paged.models.packed import pack_linears, packing_available
 from promptcache.engine.paged.models.panels import panel_linears, panels_available
 from promptcache.engine.paged.native_decode import codes_products
@@ -188,8 +188,10 @@ def load_engine(
     readable = kernels is not None and codes_products(kernels.library)
     if switch is not None and gguf is not None and readable:
         coded = attach_codes(lean, gguf, source, Path(cache_dir) / "codes")
-    # Its decode tokens' keys and values are another revision's (see the kernels' above).
+    # Its decode tokens' keys and values are another revision's (see the kernels' above), and
+    # so are those of float32 rows PyTorch's int8 kernel multiplies as bfloat16.
     tag += "+codes" * (coded > 0)
+    tag += "+int8-rows-bf16" * (switch is not None and kernel_dtype(DTYPES[dtype]) != DTYPES[dtype])
     parts = (KV_FORMAT, source, fmt.name, dtype, dev.type, quant, "packed" * packed, tag)
     revision = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
     if packed:  # after the int8 copies, which are made from the plain weights

@@ -136,6 +136,8 @@ class CompiledDecode:
         self._compiled = torch.compile(self._body, dynamic=True, fullgraph=True)
         self.ready = threading.Event()
         """Set once all three graphs are compiled."""
+        self.done = threading.Event()
+        """Set once compilation has ended, compiled (``ready``) or ``failed``."""
         self.failed: str | None = None
         """Why compilation failed, if it did (the engine then stays eager)."""
         self.num_steps = 0
@@ -238,14 +240,14 @@ class CompiledDecode:
             sys.setswitchinterval(COMPILE_SWITCH_INTERVAL_S)
             try:
                 self.warm(kv, idle)
+                log.info("compiled decode step ready in %.1f s", time.monotonic() - started)
+                self.ready.set()
             except Exception as exc:  # a missing or failing compiler: stay eager
                 self.failed = f"{type(exc).__name__}: {exc}"
                 log.warning("compiled decode unavailable, decoding eagerly: %s", self.failed)
-                return
             finally:
                 sys.setswitchinterval(interval)
-            log.info("compiled decode step ready in %.1f s", time.monotonic() - started)
-            self.ready.set()
+                self.done.set()  # after ``ready``: a waiter on ``done`` sees which it was
 
         thread = threading.Thread(target=run, name="promptcache-compile", daemon=True)
         thread.start()

@@ -45,7 +45,7 @@ def compiled_engine() -> Iterator[PagedEngine]:
     # run in the engine's own kernels (``NativeDecode``), which take them first.
     engine.native_decode = None
     assert engine.compiled is not None
-    assert engine.compiled.ready.wait(timeout=900), "compilation did not finish"
+    assert engine.compiled.done.wait(timeout=900), "compilation did not finish"
     assert engine.compiled.failed is None
     yield engine
 
@@ -148,7 +148,7 @@ def test_a_float16_pool_compiles_and_keeps_hits_exact() -> None:
     )
     engine.native_decode = None
     assert engine.compiled is not None
-    assert engine.compiled.ready.wait(timeout=900), "compilation did not finish"
+    assert engine.compiled.done.wait(timeout=900), "compilation did not finish"
     assert engine.compiled.failed is None
     for rows in (1, 3):
         fast, slow = one_step(engine, rows)
@@ -222,3 +222,19 @@ def test_graphs_compile_only_while_the_engine_is_idle(monkeypatch: pytest.Monkey
     with pytest.raises(Busy):
         compiled.warm(engine._pool.kv, idle)
     assert calls == 3 and not compiled.ready.is_set()
+
+
+def test_a_failed_compilation_ends_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compilation that fails leaves the engine eager and says why, and ``done`` is set so
+    whoever waits for it stops waiting (a failure once left ``ready`` unset and the waiter
+    hanging for its whole timeout)."""
+    engine = build_tiny_engine("gemma3", decode_int8=True)
+    compiled = CompiledDecode(engine._model, 4)
+
+    def warm(*args: object) -> None:
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(compiled, "warm", warm)
+    compiled.start(engine._pool.kv).join(timeout=60)
+    assert compiled.done.is_set() and not compiled.ready.is_set()
+    assert compiled.failed == "RuntimeError: no compiler today"

@@ -96,20 +96,31 @@ def test_the_native_kernel_multiplies_by_its_dequantized_weight(dtype: torch.dty
     assert torch.equal(alone, out)
 
 
-@pytest.mark.parametrize(
-    ("int4_rows", "native_kernel"),
-    [(0, False), (1000, False), (0, True)],
-    ids=["int8-candidates", "int4-candidates", "native-candidates"],
-)
-def test_candidates_carry_the_dense_logits_and_the_winner_is_the_dense_winner(
-    int4_rows: int, native_kernel: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if native_kernel and not native_int4():
+COPIES = ["int8", "int4", "native"]
+"""The head's cheaper copies: PyTorch's quantized engine's int8, PyTorch's int4, the engine's
+own int4 kernel."""
+
+
+def rescored_head(dense: Linear, copy: str) -> RescoredHead:
+    """``RescoredHead`` reading ``copy`` (skipped where this machine lacks it)."""
+    if copy == "native" and not native_int4():
         pytest.skip("no native int4 kernel here")
-    monkeypatch.setattr(int4, "INT4_MAX_ROWS", int4_rows)
+    if copy == "int8" and not int4.quantized_engine():
+        pytest.skip("no quantized engine in this PyTorch")
+    head = RescoredHead(dense, native_kernel=copy == "native", int8=copy == "int8")
+    assert head.ready.wait(60)
+    assert (head.native is not None, head.int8 is not None, head.int4 is not None) == (
+        copy == "native",
+        copy == "int8",
+        copy == "int4",
+    )
+    return head
+
+
+@pytest.mark.parametrize("copy", COPIES)
+def test_candidates_carry_the_dense_logits_and_the_winner_is_the_dense_winner(copy: str) -> None:
     dense = head()
-    rescored = RescoredHead(dense, native_kernel=native_kernel)
-    assert (rescored.native is not None) == native_kernel
+    rescored = rescored_head(dense, copy)
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     ref = F.linear(x, dense.weight).float()
     out = rescored(x)
@@ -127,7 +138,7 @@ def test_the_native_head_scores_a_row_the_same_alone_and_in_a_batch() -> None:
     """One kernel for every row count: a row's every logit is the same alone as in a batch,
     and no int8 copy is made."""
     rescored = RescoredHead(head(), int8_in_background=True)
-    assert rescored.native is not None and rescored.int8_done.is_set() and rescored.int8 is None
+    assert rescored.native is not None and rescored.ready.is_set() and rescored.int8 is None
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     batch = rescored(x)
     for i in range(8):
@@ -144,18 +155,41 @@ def test_the_native_head_scores_exactly_with_the_kernels_off() -> None:
     assert torch.equal(out, F.linear(x, dense.weight).float())
 
 
-def test_a_row_scores_the_same_alone_and_in_a_batch() -> None:
-    """PyTorch's kernels: one row is scored by the int4 copy, eight by the int8 one: the winner
-    and its logit are the same."""
-    rescored = RescoredHead(head(), native_kernel=False)
-    assert rescored.int8 is not None  # this PyTorch has fbgemm
-    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+@pytest.mark.parametrize("copy", COPIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_row_scores_the_same_alone_and_in_a_batch(copy: str, dtype: torch.dtype) -> None:
+    """One copy for every row count, each row computed on its own: a row's every logit is the
+    same alone as beside others, rows of very different magnitudes included (PyTorch's int8
+    kernel rounds a batch's activations over one range, ``int8_logits``)."""
+    dense = head()
+    rescored = rescored_head(Linear(dense.weight.to(dtype)), copy)
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(2))
+    x[3] *= 50.0
+    x[5] *= 0.01
+    x = x.to(dtype)
     batch = rescored(x)
     for i in range(8):
-        alone = rescored(x[i : i + 1])
-        assert int(alone.argmax()) == int(batch[i].argmax())
-        winner = int(alone.argmax())
-        assert float(alone[0, winner]) == float(batch[i, winner])
+        assert torch.equal(rescored(x[i : i + 1])[0], batch[i])
+
+
+def test_int8_logits_round_each_row_over_its_own_range() -> None:
+    """Each row's inputs are rounded to 8 bits over that row's own largest magnitude: a row's
+    error is a fraction of its own scale, however large its neighbours, and a batch's scores
+    are its rows' scores."""
+    if not int4.quantized_engine():
+        pytest.skip("no quantized engine in this PyTorch")
+    weight = head(vocab=1024).weight
+    packed = int4.pack_int8_fbgemm(weight)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3))
+    x[0] *= 1000.0
+    x[2] = 0.0  # a row of zeros scores zero, without dividing by zero
+    out = int4.int8_logits(x, packed)
+    assert out.shape == (4, 1024) and out.dtype == torch.float32
+    exact = x @ weight.float().t()
+    for row in (0, 1, 3):
+        assert (out[row] - exact[row]).abs().max() <= 0.03 * exact[row].abs().max()
+    assert torch.equal(out[2], torch.zeros(1024))
+    assert torch.equal(torch.cat([int4.int8_logits(x[i : i + 1], packed) for i in range(4)]), out)
 
 
 def test_add_decode_int8_gives_the_head_int4_rescoring() -> None:
@@ -170,29 +204,29 @@ def test_add_decode_int8_gives_the_head_int4_rescoring() -> None:
     assert isinstance(model.layers[0].mlp.down, DecodeInt8Linear)
 
 
-def test_the_int8_copy_packed_in_the_background_takes_over_when_ready() -> None:
+def test_a_head_packed_in_the_background_scores_with_its_copy_from_the_first_row() -> None:
+    """The int8 copy is packed on a thread of its own; a row scored before it is ready waits
+    for it rather than taking another copy: its logits never depend on when it came."""
+    if not int4.quantized_engine():
+        pytest.skip("no quantized engine in this PyTorch")
     dense = head(seed=4)
-    rescored = RescoredHead(dense, int8_in_background=True, native_kernel=False)
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    before = rescored(x)  # int4 until the int8 copy is packed: the same winners either way
-    assert rescored.int8_done.wait(60)
-    assert rescored.int8 is not None
-    after = rescored(x)
-    assert torch.equal(before.argmax(-1), after.argmax(-1))
-    assert torch.equal(after.argmax(-1), F.linear(x, dense.weight).float().argmax(-1))
+    rescored = RescoredHead(dense, int8_in_background=True, native_kernel=False)
+    first = rescored(x)  # at once: most likely before the copy is packed
+    assert rescored.ready.is_set() and rescored.int8 is not None and rescored.int4 is None
+    assert torch.equal(rescored(x), first)
+    assert torch.equal(first.argmax(-1), F.linear(x, dense.weight).float().argmax(-1))
 
 
-@pytest.mark.parametrize("native_kernel", [False, True], ids=["pytorch", "native"])
-def test_a_head_with_a_bias_ranks_and_scores_with_it(native_kernel: bool) -> None:
-    if native_kernel and not native_int4():
-        pytest.skip("no native int4 kernel here")
+@pytest.mark.parametrize("copy", COPIES)
+def test_a_head_with_a_bias_ranks_and_scores_with_it(copy: str) -> None:
     dense = head(vocab=4096, seed=6)
     bias = torch.zeros(4096)
     bias[123] = 50.0  # far above every product: the winner whatever the row
     biased = Linear(dense.weight, bias.to(torch.bfloat16))
-    rescored = RescoredHead(biased, native_kernel=native_kernel)
+    rescored = rescored_head(biased, copy)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    for rows in (x[:1], x):  # the int4 copy, then the int8 one
+    for rows in (x[:1], x):
         out = rescored(rows)
         ref = F.linear(rows, biased.weight, biased.bias).float()
         assert (out.argmax(-1) == 123).all()
@@ -220,18 +254,16 @@ def test_the_native_kernel_takes_its_block_maxima() -> None:
         kernels.int4_logits(x, packed, scale_low, block_max=torch.empty(11, 15))
 
 
-@pytest.mark.parametrize("native_kernel", [False, True], ids=["pytorch", "native"])
+@pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
-def test_the_heads_greedy_is_the_argmax_of_its_logits(native_kernel: bool, bias: bool) -> None:
+def test_the_heads_greedy_is_the_argmax_of_its_logits(copy: str, bias: bool) -> None:
     """``scores_and_greedy``'s argmax, found from block maxima and the rescored blocks where
     the engine's kernel runs, is torch.argmax of the logits it returns, ties included."""
-    if native_kernel and not native_int4():
-        pytest.skip("no native int4 kernel here")
     dense = head(vocab=64 * int4.TOP_BLOCK, seed=12)
     weight = dense.weight.clone()
     weight[5000] = weight[77]  # two tokens alike: their logits tie wherever they win
     bias_t = torch.zeros(64 * int4.TOP_BLOCK, dtype=torch.bfloat16) if bias else None
-    rescored = RescoredHead(Linear(weight, bias_t), native_kernel=native_kernel)
+    rescored = rescored_head(Linear(weight, bias_t), copy)
     x = torch.randn(9, 256, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
     x[0] = weight[77] * 40  # a row that both tied tokens win
     for rows in (x[:1], x):

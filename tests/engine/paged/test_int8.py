@@ -9,7 +9,12 @@ import torch.nn.functional as F
 
 from promptcache.engine.paged.engine import PagedEngine
 from promptcache.engine.paged.models import Gemma3, Llama, from_hf
-from promptcache.engine.paged.models.int8 import Int8Linear, quantize_int8, quantize_weight
+from promptcache.engine.paged.models.int8 import (
+    Int8Linear,
+    kernel_dtype,
+    quantize_int8,
+    quantize_weight,
+)
 from promptcache.engine.paged.models.layers import Linear
 from promptcache.engine.paged.models.reference import ContiguousAttention
 from tests.engine.paged.tiny_models import build
@@ -39,17 +44,52 @@ def test_layer_multiplies_by_its_dequantized_weight(dtype: torch.dtype) -> None:
     weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
     layer = Int8Linear.from_linear(Linear(weight.to(dtype), bias.to(dtype)))
     deq, b = layer.dequantized().float(), bias.to(dtype).float()
+    rows = kernel_dtype(dtype)
+    assert layer.kernel_scales.dtype == rows
     # 3-D and strided activations reach the kernel as 2-D rows, contiguous.
     strided = torch.randn(2, 64, 3, generator=gen).transpose(1, 2)
     for x in (torch.randn(5, 64, generator=gen), strided):
         x = x.to(dtype)
-        expected = F.linear(x.float(), deq, b)
+        expected = F.linear(x.to(rows).float(), deq, b)
         out = layer(x)
         assert out.dtype == dtype and out.shape == expected.shape
-        # fp32: summation order only. bf16: the kernel's output and the bias add each round
-        # to 8 bits, so two half-ulps of the largest output.
-        tol = 1e-4 if dtype == torch.float32 else 2**-7 * float(expected.abs().max())
+        # float32 rows: summation order only. bfloat16 rows (or float32 rows the kernel takes
+        # as bfloat16): its output and the bias add each round to 8 bits, so two half-ulps of
+        # the largest output.
+        tol = 1e-4 if rows == torch.float32 else 2**-7 * float(expected.abs().max())
         assert (out.float() - expected).abs().max() <= tol
+
+
+def test_float32_rows_take_the_kernels_vector_code() -> None:
+    """On x86 PyTorch's int8 kernel has vector code for bfloat16 rows only: float32 rows go
+    through it as bfloat16 there, as they are elsewhere."""
+    x86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert kernel_dtype(torch.float32) == (torch.bfloat16 if x86 else torch.float32)
+    assert kernel_dtype(torch.bfloat16) == torch.bfloat16
+
+
+def test_float32_models_take_the_int8_copies_in_wider_steps_where_rows_go_as_bfloat16() -> None:
+    from promptcache.engine.paged.models.int8 import (
+        NARROW_ROWS,
+        NARROW_ROWS_AS_BF16,
+        add_decode_int8,
+        narrow_rows,
+    )
+
+    assert narrow_rows(torch.bfloat16) == NARROW_ROWS
+    as_bf16 = kernel_dtype(torch.float32) == torch.bfloat16
+    assert narrow_rows(torch.float32) == (NARROW_ROWS_AS_BF16 if as_bf16 else NARROW_ROWS)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = from_hf(build("llama"), dtype)
+        assert add_decode_int8(model).max_rows == narrow_rows(dtype)
+
+
+def test_a_row_is_multiplied_alike_alone_and_in_a_batch() -> None:
+    gen = torch.Generator().manual_seed(1)
+    layer = Int8Linear.from_linear(Linear(torch.randn(160, 128, generator=gen)))
+    x = torch.randn(9, 128, generator=gen)
+    batch = layer(x)
+    assert torch.equal(torch.cat([layer(x[i : i + 1]) for i in range(9)]), batch)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])

@@ -105,7 +105,8 @@ def test_a_build_for_another_instruction_set_computes_the_same_bits(target: str)
     n, k = 96, 640
     for dtype in (torch.float32, torch.bfloat16):
         q, scales = quantize_weight(torch.randn(n, k, generator=gen), dtype)
-        weights = [(PTR, vnni_weight(q).data_ptr()), (PTR, scales.data_ptr())]
+        vnni = vnni_weight(q)  # held: the call reads it by address
+        weights = [(PTR, vnni.data_ptr()), (PTR, scales.data_ptr())]
         assert_rows_alike("pc_gemv_int8_vnni", weights, dtype, n, k, gen, library)
 
     # The decode rows' products over a GGUF file's codes (gemv_codes): each form, 1-8 rows.

@@ -14,13 +14,14 @@ Each row is computed on its own, with the same weights whatever else is in the b
 whether its step was a prefill or a decode: a cache hit and a cold run score their first token
 alike, and so do a sequence alone and one in a batch.
 
-Two ways to compute the int4 scores. Where the engine's own kernels run with AVX512-VNNI
-(``kernels/head.h``' ``int4_logits``): one kernel for every row count, the activations quantized
-to int8 per group of 64 and multiplied by the 4-bit weights in integers (``vpdpbusd``) from a
-layout of its own (``pack_int4_native``), prefetched as it streams; Gemma 3's head on 2 cores:
-one row 2.7 ms, 8 rows 4.0 ms (PyTorch's: 4.5 and 7.6 ms). Elsewhere PyTorch's:
-``_weight_int4pack_mm_for_cpu`` for one or two rows, and for more an int8 copy through fbgemm
-(``INT4_MAX_ROWS``).
+Two ways to compute the approximate scores, each one kernel for every row count. Where the
+engine's own kernels run with AVX512-VNNI or AVX2 (``kernels/head.h``' ``int4_logits``): the
+activations quantized to int8 per group of 64 and multiplied by the 4-bit weights in integers
+(``vpdpbusd``) from a layout of its own (``pack_int4_native``), prefetched as it streams; Gemma
+3's head on 2 cores: one row 2.7 ms, 8 rows 4.0 ms. Elsewhere an int8 copy through PyTorch's
+quantized engine (``quantized.linear_dynamic``: fbgemm on x86, qnnpack on ARM; one row 4.6 ms,
+8 rows 6.6 ms), each row scaled to one fixed range first (``int8_logits``), else PyTorch's
+``_weight_int4pack_mm_for_cpu`` (one row 4.5 ms, 8 rows 16 ms).
 """
 
 from __future__ import annotations
@@ -167,29 +168,59 @@ def int4_supported(linear: Linear) -> bool:
     return linear.weight.device.type == "cpu" and linear.weight.shape[1] % GROUP_SIZE == 0
 
 
-INT4_MAX_ROWS = 2
-"""Rows up to which the int4 kernel scores; it reads the fewest bytes, but its cost grows with
-every row (4.7 ms for one row of Gemma 3's head, 16 ms for 8), where fbgemm's int8 kernel
-(``quantized.linear_dynamic``) stays near its one-row cost (6.2 ms for one, 7.6 ms for 8)."""
+def int8_width(in_features: int) -> int:
+    """The input width of ``pack_int8_fbgemm``'s copy: two more columns (``int8_logits``'
+    range markers), rounded up to a multiple of 8 (fbgemm's kernels took ~2x as long at 642)."""
+    return (in_features + 2 + 7) // 8 * 8
+
+
+def quantized_engine() -> bool:
+    """Whether this PyTorch has a quantized engine for ``quantized.linear_dynamic`` (fbgemm on
+    x86, qnnpack on ARM)."""
+    return any(
+        e in ("fbgemm", "x86", "qnnpack") for e in torch.backends.quantized.supported_engines
+    )
 
 
 def pack_int8_fbgemm(weight: torch.Tensor) -> Any | None:
-    """``weight`` packed for ``quantized.linear_dynamic`` (int8, one scale per output row), or
-    None where this PyTorch has no fbgemm kernels. PyTorch deprecates its quantized tensor type
-    (it warns on creating one); the packed weight is all this keeps of it."""
+    """``weight`` packed for ``quantized.linear_dynamic`` (int8, one scale per output row),
+    with zero columns up to ``int8_width`` for ``int8_logits``' range markers, or None where
+    this PyTorch has no quantized engine. PyTorch deprecates its quantized tensor type (it
+    warns on creating one); the packed weight is all this keeps of it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             w = weight.detach()
             scales = (w.abs().amax(dim=1).float() / 127.0).clamp(min=1e-12)
+            q = torch.zeros(w.shape[0], int8_width(w.shape[1]), dtype=torch.int8)
             # Out of place: for a float32 weight ``float()`` is the weight itself (the model's
             # embedding table, when the head is tied to it).
-            q = torch.round(w.float() / scales[:, None]).clamp_(-128, 127).to(torch.int8)
+            q[:, : w.shape[1]] = torch.round(w.float() / scales[:, None]).clamp_(-128, 127)
             zeros = torch.zeros(w.shape[0], dtype=torch.long)
             qt = torch._make_per_channel_quantized_tensor(q, scales.double(), zeros, 0)
             return torch.ops.quantized.linear_prepack(qt, None)
     except (RuntimeError, AttributeError, NotImplementedError):
         return None
+
+
+def int8_logits(flat: torch.Tensor, packed: Any) -> torch.Tensor:
+    """``flat [rows, in] @ weight^T`` in float32 through ``pack_int8_fbgemm``'s copy, each row
+    the same whatever the others.
+
+    ``linear_dynamic`` rounds its activations to 8 bits over one range for the whole batch
+    (its minimum and maximum), so a row alone and the same row beside others rounded
+    differently (logits 2.1 apart on Gemma 3's head). Here every row is divided by its largest
+    magnitude and carries two more inputs, -1 and +1, against zero weights: every batch's range
+    is then exactly [-1, 1], each row rounds alone, and its products are multiplied back."""
+    rows, width = flat.shape
+    x = flat.float()
+    peak = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+    wide = x.new_zeros(rows, int8_width(width))
+    torch.div(x, peak, out=wide[:, :width])
+    wide[:, width] = -1.0
+    wide[:, width + 1] = 1.0
+    out: torch.Tensor = torch.ops.quantized.linear_dynamic(wide, packed)
+    return out.mul_(peak)
 
 
 TOP_BLOCK = native.INT4_TOP_BLOCK
@@ -221,10 +252,9 @@ def top_indices(
 class RescoredHead(nn.Module):
     """``dense(x)`` for the ``candidates`` highest logits of each row, approximate values
     elsewhere; float32 out. Keeps the dense weight (tied to the embedding, it costs nothing
-    more) and adds an int4 copy: the engine's own kernel's for every row count where it runs,
-    else PyTorch's for one or two rows and an int8 one for more (``INT4_MAX_ROWS``). Which copy
-    chose a row's candidates never changes its winner's logit, only (rarely) which other tokens
-    were rescored."""
+    more) and adds one cheaper copy, read for every row count: the engine's own int4 kernel's
+    where it runs, else an int8 one through PyTorch's quantized engine (``int8_logits``), else
+    PyTorch's int4 kernel. So a row's every logit is the same alone and in a batch."""
 
     def __init__(
         self,
@@ -234,49 +264,54 @@ class RescoredHead(nn.Module):
         int8_in_background: bool = False,
         cache: Path | None = None,
         native_kernel: bool = True,
+        int8: bool = True,
     ) -> None:
-        """``int8_in_background``: pack the int8 copy on a thread of its own (2 s for Gemma 3's
-        head, which would otherwise delay the server's start); until it is done, every row
-        count uses int4. ``cache``: a directory that keeps the int4 copy between starts
+        """``int8_in_background``: pack the int8 copy on a thread of its own (3.5 s for Gemma
+        3's head, which would otherwise delay the server's start); a step that needs it before
+        waits for it. ``cache``: a directory that keeps an int4 copy between starts
         (``pack_int4_cached``). ``native_kernel``: use the engine's own int4 kernel where it
-        runs (False: PyTorch's kernels, as where it does not)."""
+        runs; ``int8``: else the int8 copy where PyTorch has a quantized engine (False:
+        PyTorch's int4 kernel)."""
         super().__init__()
         if not int4_supported(dense):
             raise ValueError("the int4 head needs a CPU weight with a multiple of 32 columns")
         self.dense = dense
         self.candidates = min(candidates, dense.out_features)
+        self._cache = cache
         self.int8: Any | None = None
-        self.int8_done = threading.Event()
-        """Set once the int8 copy is packed (or known not to be needed, or unavailable)."""
+        self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        """PyTorch's int4 copy (``pack_int4``), where neither kernel above is at hand."""
+        self.ready = threading.Event()
+        """Set once the copy this head reads is packed."""
         kernels = native.kernels() if native_kernel else None
         self.native: tuple[torch.Tensor, torch.Tensor] | None = None
         """The copy the engine's kernel reads (``pack_int4_native``), where it runs."""
         if kernels is not None and kernels.int4_head:
             packed, scale_low = pack_int4_cached(dense.weight, cache, layout="native")
             self.native = (frozen(packed), frozen(scale_low))
-            self.int8_done.set()
-            return
-        packed, scales_and_zeros = pack_int4_cached(dense.weight, cache)
-        self.packed = frozen(packed)
-        self.scales_and_zeros = frozen(scales_and_zeros)
-        if int8_in_background:
+            self.ready.set()
+        elif int8 and quantized_engine() and int8_in_background:
             threading.Thread(
-                target=self._pack_int8, args=(True,), name="promptcache-pack", daemon=True
+                target=self._pack, args=(True,), name="promptcache-pack", daemon=True
             ).start()
         else:
-            self._pack_int8(False)
+            self._pack(False, int8=int8)
 
-    def _pack_int8(self, aside: bool) -> None:
+    def _pack(self, aside: bool, *, int8: bool = True) -> None:
+        """The int8 copy where PyTorch can make one, else the int4 copy."""
         try:
             if aside:
                 # One PyTorch thread: no thread team beside the engine's (engine/threads.py).
                 threads.confine()
-            self.int8 = pack_int8_fbgemm(self.dense.weight)
+            self.int8 = pack_int8_fbgemm(self.dense.weight) if int8 else None
+            if self.int8 is None:
+                packed, scales_and_zeros = pack_int4_cached(self.dense.weight, self._cache)
+                self.int4 = (frozen(packed), frozen(scales_and_zeros))
         finally:
-            self.int8_done.set()
+            self.ready.set()
 
     def approximate(self, flat: torch.Tensor) -> torch.Tensor:
-        """Every logit of the rows of ``flat``, float32, from the cheaper copy for that many."""
+        """Every logit of the rows of ``flat``, float32, from the cheaper copy."""
         return self._approximate(flat)[0]
 
     def _approximate(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -296,17 +331,17 @@ class RescoredHead(nn.Module):
             if found.shape[1] != vocab:
                 return found[:, :vocab].contiguous(), None
             return found, block_max
-        if self.int8 is not None and flat.shape[0] > INT4_MAX_ROWS:
-            out: torch.Tensor = torch.ops.quantized.linear_dynamic(
-                flat.float().contiguous(), self.int8
-            )
-            return out, None
+        # Scored by the copy, never by whichever was ready: a row's scores do not depend on
+        # when it came (the first request after a start may wait for the packing).
+        self.ready.wait()
+        if self.int8 is not None:
+            return int8_logits(flat, self.int8), None
+        if self.int4 is None:  # packing failed: exact scores, slower
+            return F.linear(flat, self.dense.weight).float(), None
         # The int4 kernel takes bfloat16 activations contiguous in their last dim.
         act = flat.to(torch.bfloat16).contiguous()
-        out = torch._weight_int4pack_mm_for_cpu(
-            act, self.packed, GROUP_SIZE, self.scales_and_zeros
-        )[:, :vocab].float()
-        return out, None
+        out = torch._weight_int4pack_mm_for_cpu(act, self.int4[0], GROUP_SIZE, self.int4[1])
+        return out[:, :vocab].float(), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scores_and_greedy(x)[0]
@@ -333,8 +368,11 @@ class RescoredHead(nn.Module):
                 return approx.view(*x.shape[:-1], -1), found
         top = top_indices(approx, self.candidates, block_max)  # [rows, k]
         # Exact logits of the candidates: each row against its own k rows of the weight, in the
-        # weight's dtype, rounded as the dense matmul rounds its output.
-        exact = torch.bmm(weight[top], flat.to(weight.dtype)[:, :, None]).squeeze(-1)
+        # weight's dtype, rounded as the dense matmul rounds its output; one product a row, so
+        # a row's are the same bits in any batch (a float32 ``bmm`` of 8 rows summed in
+        # another order than one row's).
+        rows = flat.to(weight.dtype)
+        exact = torch.stack([torch.mv(weight[t], r) for t, r in zip(top, rows, strict=True)])
         if bias is not None:
             exact = exact + bias[top]
         approx.scatter_(1, top, exact.float())
@@ -352,11 +390,13 @@ class RescoredHead(nn.Module):
 __all__ = [
     "CANDIDATES",
     "GROUP_SIZE",
-    "INT4_MAX_ROWS",
     "RescoredHead",
     "int4_supported",
+    "int8_logits",
+    "int8_width",
     "pack_int4",
     "pack_int4_cached",
     "pack_int8_fbgemm",
+    "quantized_engine",
     "top_indices",
 ]

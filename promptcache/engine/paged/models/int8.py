@@ -1,8 +1,9 @@
 """Weight-only int8 quantization of a lean model's projections (``quantize_int8``).
 
 Symmetric, one scale per output channel: ``W ≈ q * s`` with ``q`` int8 and ``s`` in the model
-dtype. On CPU the matmul is PyTorch's own ``torch._weight_int8pack_mm`` (bf16 or fp32
-activations, int8 weights read directly, so decode moves half the bytes of bf16). Elsewhere it
+dtype. On CPU the matmul is PyTorch's own ``torch._weight_int8pack_mm`` (int8 weights read directly,
+so decode moves half the bytes of bf16; float32 rows as bfloat16 where its kernels want them,
+``kernel_dtype``). Elsewhere it
 falls back to dequantizing per call, which saves memory but not time.
 """
 
@@ -35,14 +36,34 @@ def quantize_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
     return q, scales
 
 
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype rows of ``dtype`` are multiplied in by ``torch._weight_int8pack_mm`` on a CPU:
+    bfloat16 for float32 rows where PyTorch runs its x86 kernels (AVX2, AVX-512: vector code
+    for bfloat16 and half rows only; float32 rows take a scalar loop, 5x slower than the dense
+    float32 matmul the copy stands in for: Gemma 3 270M decoded 15 tok/s with it, 43 with the
+    rows rounded to bfloat16), else ``dtype`` (its ARM kernel is vector code for all three)."""
+    if dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return torch.bfloat16
+    return dtype
+
+
 class Int8Linear(nn.Module):
-    """``y = x (q * s)^T + b`` with int8 ``q`` and per-output-channel ``s``."""
+    """``y = x (q * s)^T + b`` with int8 ``q`` and per-output-channel ``s``. On a CPU float32
+    rows may be multiplied as bfloat16 (``kernel_dtype``): their inputs and outputs rounded to
+    8 bits of mantissa, an error of the order of the int8 weight's own (per-channel: up to
+    1/254 of the channel's largest weight)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.q = frozen(q)
         self.scales = frozen(scales)
         self.bias = None if bias is None else frozen(bias)
+        dtype = kernel_dtype(scales.dtype)
+        self.kernel_scales: torch.Tensor = (
+            self.scales if dtype == scales.dtype else scales.to(dtype)
+        )
+        """The scales in the dtype the CPU kernel multiplies this layer's rows in (a CPU
+        kernel's: not a parameter, never moved to another device)."""
 
     @classmethod
     def from_linear(cls, linear: Linear) -> Int8Linear:
@@ -58,11 +79,15 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu":
             # The kernel takes a 2-D activation, contiguous in its last dim, and scales of the
             # activation's dtype.
-            flat = x.reshape(-1, x.shape[-1])
+            # (Chosen at construction for the model's own dtype: a compiled graph traces this.)
+            scales = self.kernel_scales
+            if x.dtype != self.scales.dtype:
+                scales = self.scales.to(kernel_dtype(x.dtype))
+            flat = x.reshape(-1, x.shape[-1]).to(scales.dtype)
             if flat.stride(-1) != 1:
                 flat = flat.contiguous()
-            scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
             out = torch._weight_int8pack_mm(flat, self.q, scales).view(*x.shape[:-1], -1)
+            out = out.to(x.dtype)
         else:
             out = F.linear(x, self.q.to(x.dtype)) * self.scales.to(x.dtype)
         return out if self.bias is None else out + self.bias
@@ -122,16 +147,37 @@ class DecodeInt8Linear(nn.Module):
         return out
 
 
+NARROW_ROWS = 4
+"""Decode rows up to which PyTorch's int8 kernel multiplies a step's projections: past ~8
+bfloat16 rows it is slower than the dense matmul (Gemma 3 270M's projections on 2 cores: 8 rows
+27 vs 29 ms, 16 rows 44 vs 32 ms). The engine's own decode step (``native_decode``) has its own
+bound."""
+
+NARROW_ROWS_AS_BF16 = 64
+"""The same for a float32 model whose rows the kernel takes as bfloat16 (``kernel_dtype``): the
+dense float32 matmul reads twice the bytes of bfloat16 weights and four times int8's, and at 64
+rows it is still the slower (168 vs 123 ms)."""
+
+
+def narrow_rows(dtype: torch.dtype) -> int:
+    """``NARROW_ROWS`` for a model of ``dtype``, or ``NARROW_ROWS_AS_BF16``."""
+    if dtype == torch.float32 and kernel_dtype(dtype) != dtype:
+        return NARROW_ROWS_AS_BF16
+    return NARROW_ROWS
+
+
 def add_decode_int8(
-    model: CausalLM, *, max_rows: int = 4, head_cache: Path | None = None
+    model: CausalLM, *, max_rows: int | None = None, head_cache: Path | None = None
 ) -> DecodeSwitch:
     """Give every projection an int8 copy for narrow decode steps of at most ``max_rows`` tokens
-    (``DecodeInt8Linear``), in place, and the lm_head int4 weights with exact rescoring of its
-    best rows (``RescoredHead``, on a CPU, its int4 copy kept in ``head_cache`` between
-    starts; an int8 copy by row count elsewhere). Returns the switch the engine sets before each
-    step."""
-    switch = DecodeSwitch(max_rows)
+    (``DecodeInt8Linear``; None: ``narrow_rows`` of the model's dtype), in place, and the
+    lm_head a cheaper copy with exact rescoring of its best rows (``RescoredHead``, on a CPU,
+    an int4 copy kept in ``head_cache`` between starts). Returns the switch the engine sets
+    before each step."""
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
+    if max_rows is None:
+        max_rows = narrow_rows(targets[0][1].weight.dtype) if targets else NARROW_ROWS
+    switch = DecodeSwitch(max_rows)
     for name, module in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
