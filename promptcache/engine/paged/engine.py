@@ -5,7 +5,8 @@ Each ``step`` computes every running sequence's next decode token plus prefill c
 then prompt chunks in turns: the oldest prompt being read every other step, the steps between
 to those with the fewest tokens left (a hit's suffix gets a step of its own). Where the model
 has int8 decode weights, or the engine's prefill kernels take each chunk, the step runs in
-parts: the decode rows, then each chunk, each as a step of its own (``_forward_parts``). A
+parts: the decode rows, then each chunk, each as a step of its own (``_forward_parts``; with
+int8 decode weights the rows then take nothing from the chunks' ``max_batch_tokens``). A
 chunk ends at the next snapshot offset, so every snapshot is taken exactly where the prompt
 was cut (spec §2.4), and the logits of a sequence are computed only for the row that is
 sampled.
@@ -349,7 +350,11 @@ class PagedEngine:
                         break
             if seq.seq_id in self._seqs:
                 decode.append(seq)
-                budget -= 1
+                # Where decode rows run as a forward of their own beside the chunks (int8
+                # decode weights, ``_in_parts``) they take nothing from a chunk: a prompt is
+                # cut into the same chunks beside streams as alone, and so computes the same
+                # bits through PyTorch's matmuls too, which block by the chunk's shape.
+                budget -= self._decode_switch is None
         # Prompt chunks in turns: the oldest prompt being read gets every other step (so none
         # ever starves), and the others go to the prompts with the fewest tokens left: the short
         # ones (a rest that fits in half a step: a hit's suffix) together, else the shortest

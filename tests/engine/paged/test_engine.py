@@ -231,6 +231,26 @@ def test_batched_logits_stay_close_to_solo(engine: PagedEngine) -> None:
     torch.testing.assert_close(batched, solo, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_beside_streams_computes_as_alone_through_pytorch_too(
+    kind: str, dtype: torch.dtype
+) -> None:
+    """With int8 decode weights the streams' rows are a forward of their own, so they take
+    nothing from a chunk: a prompt read beside them is cut into the chunks it is cut into
+    alone, and even through PyTorch's matmuls (no engine kernels: they block by the chunk's
+    shape) its logits are the same bits."""
+    from promptcache.engine.paged import native
+
+    with native.disabled():
+        engine = build_tiny_engine(kind, decode_int8=True, dtype=dtype, max_batch_tokens=48)
+        tokens = random_prompt(150, seed=41)
+        solo = engine.prompt_logits(EngineRequest(tokens, greedy(1)))
+        others = [EngineRequest(random_prompt(20, seed=s), greedy(60)) for s in (1, 2, 3)]
+        batched = engine.prompt_logits(EngineRequest(tokens, greedy(1)), batch_with=others)
+    assert torch.equal(batched, solo)
+
+
 def test_blocks_return_to_the_pool(engine: PagedEngine) -> None:
     gc.collect()
     free = engine.pool.num_free
