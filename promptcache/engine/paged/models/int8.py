@@ -1,10 +1,10 @@
 """Weight-only int8 quantization of a lean model's projections (``quantize_int8``).
 
 Symmetric, one scale per output channel: ``W ≈ q * s`` with ``q`` int8 and ``s`` in the model
-dtype. On CPU the matmul is PyTorch's own ``torch._weight_int8pack_mm`` (int8 weights read directly,
-so decode moves half the bytes of bf16; float32 rows as bfloat16 where its kernels want them,
-``kernel_dtype``). Elsewhere it
-falls back to dequantizing per call, which saves memory but not time.
+dtype. On CPU the matmul is PyTorch's own ``torch._weight_int8pack_mm`` (int8 weights read
+directly, so decode moves half the bytes of bf16; float32 rows as bfloat16 where its kernels
+want them, ``kernel_dtype``). Elsewhere it falls back to dequantizing per call, which saves
+memory but not time.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             # The kernel takes a 2-D activation, contiguous in its last dim, and scales of the
-            # activation's dtype.
-            # (Chosen at construction for the model's own dtype: a compiled graph traces this.)
+            # activation's dtype: for the model's own dtype chosen at construction (a compiled
+            # graph traces this, and ``kernel_dtype``'s CPU query does not trace).
             scales = self.kernel_scales
             if x.dtype != self.scales.dtype:
                 scales = self.scales.to(kernel_dtype(x.dtype))
